@@ -1,0 +1,203 @@
+"""The ``bucketsync`` command line. Thin: parses arguments, loads settings, dispatches.
+
+Each command's implementation lives with the part it belongs to and is imported
+lazily, so ``bucketsync --help`` stays fast and a broken optional part does not
+break unrelated commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from bucketsync.config import ConfigError, Settings, load_settings
+from bucketsync.errors import UserError
+
+Handler = Callable[[Settings, argparse.Namespace], int]
+
+
+def _parse_claim(text: str) -> tuple[str, Any]:
+    import json
+
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"claim '{text}' must look like key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value: Any = json.loads(raw)
+    except ValueError:
+        value = raw
+    return key, value
+
+
+def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
+    from bucketsync.tokens import make_dev_token
+
+    claims = dict(args.claim or [])
+    print(make_dev_token(settings, sub=args.sub, claims=claims, ttl_s=args.ttl))
+    return 0
+
+
+def cmd_stack(settings: Settings, args: argparse.Namespace) -> int:
+    from bucketsync import stack
+
+    return stack.main(settings, args)
+
+
+def cmd_processor(settings: Settings, args: argparse.Namespace) -> int:
+    from pipeline.processor import main as processor_main
+
+    return processor_main(settings, args)
+
+
+def cmd_gateway(settings: Settings, args: argparse.Namespace) -> int:
+    from gateway.server import main as gateway_main
+
+    return gateway_main(settings, args)
+
+
+def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    from bucketsync.run import main as run_main
+
+    return run_main(settings, args)
+
+
+def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
+    from bucketsync.demo import main as demo_main
+
+    return demo_main(settings, args)
+
+
+def cmd_compact(settings: Settings, args: argparse.Namespace) -> int:
+    from pipeline.compaction import main as compact_main
+
+    return compact_main(settings, args)
+
+
+def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
+    from pipeline.compaction import verify_main
+
+    return verify_main(settings, args)
+
+
+def cmd_inspect(settings: Settings, args: argparse.Namespace) -> int:
+    from bucketsync.inspect import main as inspect_main
+
+    return inspect_main(settings, args)
+
+
+def cmd_loadgen(settings: Settings, args: argparse.Namespace) -> int:
+    from bucketsync.loadgen import main as loadgen_main
+
+    return loadgen_main(settings, args)
+
+
+def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
+    from bucketsync.bench import main as bench_main
+
+    return bench_main(settings, args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bucketsync",
+        description="CDC (Debezium on Kafka) to per-bucket op logs in Redis, "
+        "served to PowerSync clients.",
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        metavar="PATH",
+        help="config file (YAML); default ./bucketsync.yaml, env BUCKETSYNC_* overrides it",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def add(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH", help="config file")
+        p.set_defaults(handler=handler)
+        return p
+
+    p = add("stack", cmd_stack, "Local dev stack: a real Kafka (KRaft) broker and Redis.")
+    p.add_argument("action", choices=["up", "down", "status", "reset"], help="what to do")
+    p.add_argument(
+        "--source",
+        choices=["none", "postgres"],
+        default="none",
+        help="also run a CDC source (PostgreSQL + Kafka Connect with Debezium)",
+    )
+    p.add_argument("--json", action="store_true", help="status as JSON")
+
+    p = add("token", cmd_token, "Print a development JWT the gateway accepts (HS256).")
+    p.add_argument("--sub", required=True, help="user id (the token's sub claim)")
+    p.add_argument(
+        "--claim",
+        action="append",
+        type=_parse_claim,
+        metavar="KEY=VALUE",
+        help="extra claim; VALUE parsed as JSON when it is valid JSON (repeatable)",
+    )
+    p.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
+
+    p = add("processor", cmd_processor, "Run the stream processor (CDC topics -> Redis op logs).")
+    p.add_argument("--driver", choices=["faust", "kafka"], default=None, help="consumer driver")
+
+    p = add("gateway", cmd_gateway, "Run the sync gateway (PowerSync protocol over HTTP).")
+    p.add_argument("--port", type=int, default=None, help="listen port (overrides gateway.port)")
+    p.add_argument("--host", default=None, help="listen address (overrides gateway.host)")
+    p.add_argument("--workers", type=int, default=None, help="processes sharing the port")
+
+    p = add("run", cmd_run, "Run processor, gateway and compaction schedule together (dev).")
+    p.add_argument("--port", type=int, default=None, help="gateway port")
+
+    p = add("demo", cmd_demo, "The main job: stack up, pipeline, demo feed and a live demo client.")
+    p.add_argument("--source", choices=["feed", "postgres"], default="feed", help="demo data source")
+    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--no-stack", action="store_true", help="do not start the local stack")
+
+    p = add("compact", cmd_compact, "Compact bucket op logs (MOVE/REMOVE/CLEAR prefix -> CLEAR).")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--bucket", help="compact only this bucket")
+    g.add_argument("--all", action="store_true", help="compact every bucket, not just marked ones")
+    p.add_argument("--defragment", action="store_true", help="also defragment (clients re-download)")
+
+    p = add("verify", cmd_verify, "Recompute bucket checksums and counts from the logs and compare.")
+    p.add_argument("--bucket", help="verify only this bucket")
+
+    p = add("inspect", cmd_inspect, "Show store state: checkpoint, offsets, a bucket's ops.")
+    p.add_argument("--bucket", help="print this bucket's ops")
+    p.add_argument("--limit", type=int, default=50, help="ops to print")
+
+    p = add("loadgen", cmd_loadgen, "Produce synthetic Debezium events to a topic.")
+    p.add_argument("--topic", default=None, help="topic (default: first configured topic)")
+    p.add_argument("--events", type=int, default=10_000, help="number of events")
+    p.add_argument("--users", type=int, default=100, help="distinct owners")
+    p.add_argument("--rows", type=int, default=1_000, help="distinct rows")
+    p.add_argument("--rate", type=float, default=0, help="events/s, 0 = as fast as possible")
+
+    p = add("bench", cmd_bench, "Benchmarks; results as JSON plus a short table.")
+    p.add_argument("which", choices=["ingest", "fanout", "compact"], help="benchmark")
+    p.add_argument("--events", type=int, default=None, help="events (ingest)")
+    p.add_argument("--out", default=None, help="write the JSON result here")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+        return int(args.handler(settings, args) or 0)
+    except (ConfigError, UserError) as exc:
+        print(f"bucketsync: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        time.sleep(0)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

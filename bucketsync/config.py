@@ -1,0 +1,260 @@
+"""Typed settings: one YAML file plus ``BUCKETSYNC_`` environment overrides.
+
+Every public config key lives here and nowhere else. Unknown keys are refused
+with a message naming them, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+DEFAULT_CONFIG_PATH = "bucketsync.yaml"
+ENV_PREFIX = "BUCKETSYNC_"
+
+
+class ConfigError(Exception):
+    """A configuration problem, phrased for the person who has to fix it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class KafkaSettings(_Section):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topics: list[str] = Field(default_factory=list)
+    topic_pattern: str | None = None
+    group_id: str = "bucketsync"
+    dead_letter_topic: str = "bucketsync.dead-letter"
+    #: Records whose key + value exceed this are dead-lettered before decoding.
+    max_record_bytes: int = Field(default=1_048_576, gt=0)
+    #: Confluent schema registry for Avro topics (optional).
+    schema_registry_url: str | None = None
+    #: Local folder of ``<id>.avsc`` writer schemas (alternative to a registry).
+    avro_schemas_dir: str | None = None
+    #: ``event``: every batch is a checkpoint; ``transaction``: checkpoints never
+    #: expose part of a source transaction (needs Debezium transaction metadata).
+    consistency: Literal["event", "transaction"] = "event"
+
+    @field_validator("topic_pattern")
+    @classmethod
+    def _pattern_compiles(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from exc
+        return v
+
+    @model_validator(mode="after")
+    def _topics_or_pattern(self) -> KafkaSettings:
+        if self.topics and self.topic_pattern:
+            raise ValueError("set either kafka.topics or kafka.topic_pattern, not both")
+        return self
+
+
+class RedisSettings(_Section):
+    url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = "bs"
+    #: Length the change-notification stream is trimmed to (approximate).
+    changes_maxlen: int = Field(default=10_000, gt=0)
+
+
+class AuthSettings(_Section):
+    audience: list[str] = Field(default_factory=lambda: ["bucketsync"])
+    hs256_secret: str | None = "change-me"
+    jwks_file: str | None = None
+    jwks_url: str | None = None
+    #: Longest accepted ``exp - iat`` in seconds (PSYNC_S2104 beyond it).
+    max_lifetime_s: int = Field(default=86_400, gt=0)
+    #: Clock tolerance for ``exp``/``iat`` checks, in seconds.
+    leeway_s: int = Field(default=60, ge=0)
+
+    @field_validator("audience", mode="before")
+    @classmethod
+    def _audience_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+class GatewaySettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    workers: int = Field(default=1, ge=1)
+    #: Interval between ``token_expires_in`` keepalive lines, seconds.
+    keepalive_s: float = Field(default=20.0, gt=0)
+    #: At most this many ops per ``data`` line.
+    max_ops_per_line: int = Field(default=1000, gt=0)
+    #: A ``data`` line is closed once its payload reaches this many bytes.
+    max_line_bytes: int = Field(default=1_048_576, gt=0)
+    #: Most buckets one connection may hold (the stream ends beyond it).
+    max_buckets_per_connection: int = Field(default=1000, gt=0)
+    #: Bytes a connection may have queued but unsent before it is dropped.
+    max_buffered_bytes: int = Field(default=4 * 1_048_576, gt=0)
+    #: Seconds a write may stay blocked on a slow client before it is dropped.
+    slow_client_timeout_s: float = Field(default=30.0, gt=0)
+
+
+class ProcessorSettings(_Section):
+    #: Most events applied in one atomic Redis step.
+    batch_max_events: int = Field(default=2000, gt=0)
+    #: Longest wait to fill a batch, milliseconds.
+    batch_max_wait_ms: int = Field(default=50, ge=0)
+    #: ``faust`` (the design's driver) or ``kafka`` (a plain confluent-kafka loop).
+    driver: Literal["faust", "kafka"] = "faust"
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+
+
+class CompactionSettings(_Section):
+    #: Seconds between scheduled compaction runs inside processor/run; 0 disables.
+    interval_s: float = Field(default=300.0, ge=0)
+    #: Ops folded per Redis step (bounds how long one step blocks Redis).
+    chunk_ops: int = Field(default=500, gt=0)
+    #: Opt-in defragmentation: re-append live rows when at least this fraction of a
+    #: bucket's ops are MOVEs stuck behind them. ``null`` disables it.
+    defragment_threshold: float | None = Field(default=None, gt=0, le=1)
+
+
+class StackSettings(_Section):
+    state_dir: str = ".stack"
+    kafka_port: int = Field(default=9092, ge=1, le=65535)
+    kafka_controller_port: int = Field(default=9093, ge=1, le=65535)
+    kafka_version: str = "4.1.1"
+    kafka_heap: str = "512m"
+    redis_port: int = Field(default=6379, ge=1, le=65535)
+    redis_appendfsync: Literal["always", "everysec", "no"] = "everysec"
+    postgres_port: int = Field(default=5432, ge=1, le=65535)
+    connect_port: int = Field(default=8083, ge=1, le=65535)
+    start_timeout_s: float = Field(default=90.0, gt=0)
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """Feeds the YAML file's mapping to pydantic-settings (lowest precedence after env)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._data = data
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+_yaml_data: dict[str, Any] = {}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    sync_rules: str = "sync-rules.yaml"
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    processor: ProcessorSettings = Field(default_factory=ProcessorSettings)
+    compaction: CompactionSettings = Field(default_factory=CompactionSettings)
+    stack: StackSettings = Field(default_factory=StackSettings)
+
+    #: Directory of the config file; relative paths in the config resolve against it.
+    config_dir: Path = Field(default_factory=Path.cwd, exclude=True)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlSource(settings_cls, _yaml_data))
+
+    def resolve_path(self, value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (self.config_dir / p)
+
+    @property
+    def sync_rules_path(self) -> Path:
+        return self.resolve_path(self.sync_rules)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.resolve_path(self.stack.state_dir)
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown config key '{loc}' in {source}")
+        else:
+            lines.append(f"invalid config key '{loc}' in {source}: {e['msg']}")
+    return "; ".join(lines)
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, *, required: bool = False) -> Settings:
+    """Read the YAML file at ``path`` (default ``./bucketsync.yaml``) plus env overrides.
+
+    A missing default file is fine (defaults apply); a missing explicit file is an error.
+    """
+    global _yaml_data
+    explicit = path is not None
+    cfg_path = Path(path if path is not None else DEFAULT_CONFIG_PATH)
+    data: dict[str, Any] = {}
+    if cfg_path.exists():
+        try:
+            loaded = yaml.safe_load(cfg_path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {cfg_path} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {cfg_path} must hold a mapping at the top level")
+        data = loaded
+    elif explicit or required:
+        raise ConfigError(
+            f"config file {cfg_path} not found; pass --config PATH or copy bucketsync.example.yaml"
+        )
+    if "config_dir" in data:
+        raise ConfigError(f"unknown config key 'config_dir' in {cfg_path}")
+    unknown_env = _unknown_env_keys()
+    if unknown_env:
+        raise ConfigError(
+            f"unknown config key in environment variable {unknown_env[0]} "
+            f"(known sections: {', '.join(sorted(set(Settings.model_fields) - {'config_dir'}))})"
+        )
+    _yaml_data = data
+    try:
+        return Settings(config_dir=cfg_path.resolve().parent)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, str(cfg_path))) from None
+    finally:
+        _yaml_data = {}
+
+
+def _unknown_env_keys() -> list[str]:
+    known = set(Settings.model_fields) - {"config_dir"}
+    bad = []
+    for name in os.environ:
+        if not name.startswith(ENV_PREFIX):
+            continue
+        top = name[len(ENV_PREFIX) :].split("__", 1)[0].lower()
+        if top not in known:
+            bad.append(name)
+    return bad

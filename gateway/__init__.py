@@ -1,0 +1,1 @@
+"""The read side: auth, PowerSync sync streams, notification hub, probes, metrics."""

@@ -1,0 +1,1 @@
+"""The write side: CDC decoding, sync rules, the Redis op-log store, processor, compaction."""
