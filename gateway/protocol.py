@@ -1,0 +1,138 @@
+"""Line shapes of the PowerSync sync stream (sync-protocol.md §3). The only module
+that knows them. Every line is one JSON object with exactly one key; op ids and
+write checkpoints are strings; op ``data`` arrives pre-encoded from the store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+_dumps = orjson.dumps
+
+
+@dataclass(frozen=True, slots=True)
+class BucketChecksum:
+    bucket: str
+    checksum: int  # unsigned 32-bit
+    count: int
+    priority: int = 3
+    subscription: int = 0  # index into the checkpoint's streams list
+
+    def wire(self) -> dict[str, Any]:
+        return {
+            "bucket": self.bucket,
+            "checksum": self.checksum,
+            "count": self.count,
+            "priority": self.priority,
+            "subscriptions": [{"default": self.subscription}],
+        }
+
+
+def _line(obj: Any) -> bytes:
+    return _dumps(obj) + b"\n"
+
+
+def checkpoint(
+    last_op_id: int,
+    buckets: Iterable[BucketChecksum],
+    write_checkpoint: int | None,
+    streams: Sequence[str],
+) -> bytes:
+    body: dict[str, Any] = {
+        "last_op_id": str(last_op_id),
+        "buckets": [b.wire() for b in buckets],
+        "streams": [{"name": s, "is_default": True, "errors": []} for s in streams],
+    }
+    if write_checkpoint is not None:
+        body["write_checkpoint"] = str(write_checkpoint)
+    return _line({"checkpoint": body})
+
+
+def checkpoint_diff(
+    last_op_id: int,
+    updated: Iterable[BucketChecksum],
+    removed: Iterable[str],
+    write_checkpoint: int | None,
+) -> bytes:
+    body: dict[str, Any] = {
+        "last_op_id": str(last_op_id),
+        "write_checkpoint": str(write_checkpoint) if write_checkpoint is not None else None,
+        "updated_buckets": [b.wire() for b in updated],
+        "removed_buckets": list(removed),
+    }
+    return _line({"checkpoint_diff": body})
+
+
+def data(bucket: str, after: int, next_after: int, has_more: bool, ops: Sequence[bytes]) -> bytes:
+    """A ``data`` line around ops already encoded as wire JSON by the store."""
+    head = _dumps(
+        {"bucket": bucket, "after": str(after), "next_after": str(next_after), "has_more": has_more}
+    )
+    return b'{"data":' + head[:-1] + b',"data":[' + b",".join(ops) + b"]}}\n"
+
+
+def checkpoint_complete(last_op_id: int) -> bytes:
+    return _line({"checkpoint_complete": {"last_op_id": str(last_op_id)}})
+
+
+def partial_checkpoint_complete(last_op_id: int, priority: int) -> bytes:
+    return _line({"partial_checkpoint_complete": {"last_op_id": str(last_op_id), "priority": priority}})
+
+
+def token_expires_in(seconds: int) -> bytes:
+    return _line({"token_expires_in": max(0, seconds)})
+
+
+@dataclass(frozen=True, slots=True)
+class StreamRequest:
+    """The validated body of ``POST /sync/stream``; unknown fields are ignored."""
+
+    after: dict[str, int]
+    client_id: str | None
+    parameters: dict[str, Any]
+    include_defaults: bool
+    raw_data: bool
+
+
+class BadRequest(ValueError):
+    pass
+
+
+def parse_stream_request(body: Any) -> StreamRequest:
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    after: dict[str, int] = {}
+    buckets = body.get("buckets", [])
+    if buckets is None:
+        buckets = []
+    if not isinstance(buckets, list):
+        raise BadRequest("'buckets' must be an array of {name, after}")
+    for i, b in enumerate(buckets):
+        if not isinstance(b, dict) or not isinstance(b.get("name"), str):
+            raise BadRequest(f"buckets[{i}] must be an object with a string 'name'")
+        raw = b.get("after", "0")
+        if not isinstance(raw, str | int) or isinstance(raw, bool):
+            raise BadRequest(f"buckets[{i}].after must be a string op id")
+        try:
+            pos = int(raw)
+        except ValueError:
+            raise BadRequest(f"buckets[{i}].after is not an integer: {raw!r}") from None
+        after[b["name"]] = max(0, pos)
+    client_id = body.get("client_id")
+    if client_id is not None and not isinstance(client_id, str):
+        raise BadRequest("'client_id' must be a string")
+    params = body.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise BadRequest("'parameters' must be an object")
+    streams = body.get("streams") or {}
+    if not isinstance(streams, dict):
+        raise BadRequest("'streams' must be an object")
+    include_defaults = streams.get("include_defaults", True)
+    if not isinstance(include_defaults, bool):
+        raise BadRequest("'streams.include_defaults' must be a boolean")
+    raw_data = body.get("raw_data", True)
+    return StreamRequest(after, client_id, params, include_defaults, bool(raw_data))

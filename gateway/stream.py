@@ -1,0 +1,276 @@
+"""One sync stream: checkpoint -> data -> checkpoint_complete, then diffs as things change.
+
+Follows sync-protocol.md §4: a full checkpoint first, data bounded by the
+checkpoint, ``checkpoint_complete`` only when every bucket is caught up and no
+MOVE/CLEAR sent for the checkpoint points past it (invariant 6), write
+checkpoints echoed once the pipeline has applied the position they are bound
+to, ``token_expires_in`` keepalives and the end of the stream at expiry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from prometheus_client import Counter, Gauge
+
+from gateway import protocol
+from gateway.hub import CheckpointHub, Subscriber
+from pipeline.store import BucketState, Store
+
+log = logging.getLogger("bucketsync.gateway.stream")
+
+OPEN_STREAMS = Gauge("bucketsync_gateway_open_streams", "Open sync streams")
+LINES = Counter("bucketsync_gateway_lines_total", "Lines sent", ["type"])
+OPS_SENT = Counter("bucketsync_gateway_ops_sent_total", "Ops sent in data lines")
+BYTES_SENT = Counter("bucketsync_gateway_bytes_sent_total", "Bytes sent on sync streams")
+CHECKPOINT_LAG = Gauge(
+    "bucketsync_gateway_checkpoint_lag_seconds", "Time from notification to checkpoint_complete"
+)
+SLOW_CLIENTS = Counter("bucketsync_gateway_slow_clients_total", "Streams dropped for not reading")
+INVALIDATED = Counter(
+    "bucketsync_gateway_invalidated_checkpoints_total",
+    "Checkpoints not completed because a MOVE/CLEAR target lay beyond them",
+)
+
+
+class SlowClient(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class StreamLimits:
+    keepalive_s: float
+    max_ops_per_line: int
+    max_line_bytes: int
+    slow_client_timeout_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class BucketGrant:
+    bucket: str
+    priority: int
+    stream: int  # index into the checkpoint's ``streams``
+
+
+class SyncStream:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        hub: CheckpointHub,
+        grants: Sequence[BucketGrant],
+        stream_names: Sequence[str],
+        after: dict[str, int],
+        wcp_key: str,
+        exp: int,
+        limits: StreamLimits,
+        write: Callable[[bytes], Awaitable[None]],
+        closing: asyncio.Event,
+        describe: str,
+    ):
+        self.store = store
+        self.hub = hub
+        self.grants = {g.bucket: g for g in grants}
+        self.stream_names = list(stream_names)
+        self.positions = {g.bucket: after.get(g.bucket, 0) for g in grants}
+        self.wcp_key = wcp_key
+        self.exp = exp
+        self.limits = limits
+        self._write = write
+        self.closing = closing
+        self.describe = describe
+        self.cp = 0
+        self.sent: dict[str, tuple[int, int]] = {}
+        self.write_checkpoints: dict[int, dict[str, int]] = {}
+        self.sent_wcp: int | None = None
+        self.next_keepalive = time.monotonic() + limits.keepalive_s
+        self.sub: Subscriber | None = None
+
+    # ---- output -------------------------------------------------------------
+
+    async def send(self, line: bytes, kind: str) -> None:
+        try:
+            await asyncio.wait_for(self._write(line), self.limits.slow_client_timeout_s)
+        except TimeoutError:
+            SLOW_CLIENTS.inc()
+            raise SlowClient(
+                f"{self.describe}: client did not read for {self.limits.slow_client_timeout_s:.0f}s; "
+                "closing the stream (gateway.slow_client_timeout_s)"
+            ) from None
+        LINES.labels(kind).inc()
+        BYTES_SENT.inc(len(line))
+
+    def _checksums(self, states: dict[str, BucketState], names: Sequence[str]) -> list[protocol.BucketChecksum]:
+        out = []
+        for b in names:
+            g = self.grants[b]
+            st = states[b]
+            out.append(protocol.BucketChecksum(b, st.checksum, st.count, g.priority, g.stream))
+        return out
+
+    # ---- write checkpoints --------------------------------------------------
+
+    async def _reload_write_checkpoints(self) -> None:
+        self.write_checkpoints = await self.store.write_checkpoints(self.wcp_key)
+
+    def _current_wcp(self) -> int | None:
+        best = self.sent_wcp
+        waiting = False
+        for wid, pos in self.write_checkpoints.items():
+            if best is not None and wid <= best:
+                continue
+            if self.hub.position_reached(pos):
+                best = wid if best is None else max(best, wid)
+            else:
+                waiting = True
+        if self.sub is not None:
+            self.hub.await_position(self.sub, waiting)
+        return best
+
+    # ---- the loop -----------------------------------------------------------
+
+    async def run(self) -> None:
+        buckets = list(self.grants)
+        self.sub = sub = self.hub.subscribe(buckets, self.wcp_key)
+        OPEN_STREAMS.inc()
+        try:
+            await self._reload_write_checkpoints()
+            wcp = self._current_wcp()
+            cp, states = await self.store.read_checkpoint(buckets)
+            self.cp = cp
+            self.sent = {b: (s.checksum, s.count) for b, s in states.items()}
+            self.sent_wcp = wcp
+            await self.send(
+                protocol.checkpoint(cp, self._checksums(states, buckets), wcp, self.stream_names),
+                "checkpoint",
+            )
+            await self._serve(states)
+            while True:
+                woke = await self._wait(sub)
+                if woke is None:
+                    return
+                if woke:
+                    await self._on_change(sub)
+        finally:
+            self.hub.unsubscribe(sub)
+            OPEN_STREAMS.dec()
+
+    async def _wait(self, sub: Subscriber) -> bool | None:
+        """Wait for a change, a keepalive tick or the end. True = changed, None = end."""
+        while True:
+            if self.closing.is_set():
+                return None
+            if sub.wake.is_set():
+                sub.wake.clear()
+                return True
+            now = time.monotonic()
+            left_token = self.exp - time.time()
+            if left_token <= 0:
+                await self.send(protocol.token_expires_in(0), "token_expires_in")
+                return None
+            if now >= self.next_keepalive:
+                self.next_keepalive = now + self.limits.keepalive_s
+                await self.send(protocol.token_expires_in(math.ceil(left_token)), "token_expires_in")
+                continue
+            timeout = min(self.next_keepalive - now, left_token)
+            try:
+                await asyncio.wait_for(sub.wake.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    async def _on_change(self, sub: Subscriber) -> None:
+        buckets = list(self.grants)
+        if sub.resync:
+            sub.resync = False
+            sub.pending.clear()
+            await self._reload_write_checkpoints()
+            cp, states = await self.store.read_checkpoint(buckets)
+        else:
+            pending, sub.pending = sub.pending, {}
+            cp = max(self.cp, self.hub.checkpoint)
+            states = {}
+            for b, (c, st) in pending.items():
+                if c > self.cp and b in self.grants:
+                    states[b] = st
+        if sub.write_checkpoint_dirty:
+            sub.write_checkpoint_dirty = False
+            await self._reload_write_checkpoints()
+        wcp = self._current_wcp()
+        updated = [b for b, st in states.items() if self.sent.get(b) != (st.checksum, st.count)]
+        if not updated and wcp == self.sent_wcp:
+            return
+        await self._diff(cp, states, updated, wcp)
+
+    async def _diff(
+        self, cp: int, states: dict[str, BucketState], updated: Sequence[str], wcp: int | None
+    ) -> None:
+        self.cp = max(self.cp, cp)
+        for b in updated:
+            self.sent[b] = (states[b].checksum, states[b].count)
+        self.sent_wcp = wcp
+        await self.send(
+            protocol.checkpoint_diff(self.cp, self._checksums(states, updated), (), wcp),
+            "checkpoint_diff",
+        )
+        await self._serve(states)
+
+    async def _serve(self, states: dict[str, BucketState]) -> None:
+        """Send every missing op up to ``self.cp``; complete unless invalidated (§4.5)."""
+        while True:
+            target = await self._send_data()
+            if target <= self.cp:
+                await self.send(protocol.checkpoint_complete(self.cp), "checkpoint_complete")
+                return
+            # a MOVE/CLEAR points past this checkpoint: move on to a newer one first
+            INVALIDATED.inc()
+            buckets = list(self.grants)
+            cp, fresh = await self.store.read_checkpoint(buckets)
+            changed = [
+                b for b, st in fresh.items() if self.sent.get(b) != (st.checksum, st.count)
+            ]
+            self.cp = max(self.cp, cp)
+            for b in changed:
+                self.sent[b] = (fresh[b].checksum, fresh[b].count)
+            await self.send(
+                protocol.checkpoint_diff(self.cp, self._checksums(fresh, changed), (), self.sent_wcp),
+                "checkpoint_diff",
+            )
+
+    async def _send_data(self) -> int:
+        """Send ops in ``(position, cp]`` for every bucket, by priority. Returns the largest
+        MOVE/CLEAR target sent (0 if none)."""
+        cp = self.cp
+        max_target = 0
+        by_prio = sorted(self.grants.values(), key=lambda g: (g.priority, g.bucket))
+        levels = sorted({g.priority for g in by_prio})
+        for level in levels:
+            for g in by_prio:
+                if g.priority != level:
+                    continue
+                b = g.bucket
+                while self.positions[b] < cp:
+                    page = await self.hub.pages.get(
+                        b,
+                        self.positions[b],
+                        cp,
+                        self.limits.max_ops_per_line,
+                        self.limits.max_line_bytes,
+                    )
+                    for line in page.lines:
+                        await self.send(line, "data")
+                    OPS_SENT.inc(page.ops)
+                    max_target = max(max_target, page.max_target)
+                    if page.has_more:
+                        self.positions[b] = page.next_after
+                    else:
+                        self.positions[b] = cp
+            if level != levels[-1] and max_target <= cp:
+                await self.send(
+                    protocol.partial_checkpoint_complete(cp, level), "partial_checkpoint_complete"
+                )
+        return max_target

@@ -1,0 +1,170 @@
+-- Apply one planned batch of row changes atomically (architecture invariants 1-4).
+--
+-- KEYS: none are passed: every key derives from the prefix in ARGV[1], because the
+-- buckets a batch touches are only known once the row index is read. This script is
+-- therefore not cluster-safe; bucketsync runs on one primary (docs/store.md).
+--
+-- ARGV[1] prefix
+-- ARGV[2] batch JSON:
+--   {"guard": {"<topic>/<partition>": <lowest offset in batch>, ...},
+--    "offsets": {"<topic>/<partition>": <highest offset in batch>, ...},
+--    "events": [ {"k": "<row key>", "t": "<table>",
+--                 "o": [[bucket, object_type, object_id, put_checksum, remove_checksum, tail], ...] | false,
+--                 "s": "<source row json>" | false} |
+--                {"truncate": "<table>"}, ... ],
+--    "maxlen": <changes stream maxlen> }
+--   "o" = false means the row is deleted; a list (maybe empty) is the row's complete
+--   set of outputs after the event. "tail" is the op's wire JSON after the op_id field.
+-- Returns {"ok", checkpoint, n_ops} or {"stale", "<tp>", stored_offset}.
+
+local P = ARGV[1]
+local batch = cjson.decode(ARGV[2])
+local SEP = "\31"
+
+local offsets_key = P .. ":offsets"
+for tp, low in pairs(batch.guard) do
+  local stored = redis.call("HGET", offsets_key, tp)
+  if stored and tonumber(stored) >= low then
+    return {"stale", tp, stored}
+  end
+end
+
+local seq_key = P .. ":seq"
+local dirty_key = P .. ":dirty"
+local n_ops = 0
+local buckets = {}   -- bucket -> {cs=, n=, last=, moved=}
+
+local function bstate(b)
+  local s = buckets[b]
+  if not s then
+    local v = redis.call("HMGET", P .. ":bucket:" .. b, "checksum", "count", "last_op", "moved")
+    s = {cs = tonumber(v[1]) or 0, n = tonumber(v[2]) or 0, last = tonumber(v[3]) or 0,
+         moved = tonumber(v[4]) or 0}
+    buckets[b] = s
+  end
+  return s
+end
+
+local function next_op()
+  n_ops = n_ops + 1
+  return redis.call("INCR", seq_key)
+end
+
+-- Rewrite the op at old_id as MOVE (same op_id and checksum), remembering its target.
+local function to_move(b, old_id, old_cs, target)
+  local k = P .. ":ops:" .. b
+  redis.call("ZREMRANGEBYSCORE", k, old_id, old_id)
+  redis.call("ZADD", k, old_id,
+    "T" .. target .. "|{\"op_id\":\"" .. old_id .. "\",\"op\":\"MOVE\",\"checksum\":" .. old_cs .. "}")
+  local s = bstate(b)
+  s.moved = s.moved + 1
+end
+
+local function add_op(b, op_id, cs, member)
+  redis.call("ZADD", P .. ":ops:" .. b, op_id, member)
+  local s = bstate(b)
+  s.cs = (s.cs + cs) % 4294967296
+  s.n = s.n + 1
+  s.last = op_id
+end
+
+-- Current index entries of a row: field -> {op_id, checksum, remove_checksum}.
+local function read_row(rk)
+  local flat = redis.call("HGETALL", rk)
+  local cur = {}
+  for i = 1, #flat, 2 do
+    local f = flat[i]
+    if f ~= "" then
+      local a, c, r = string.match(flat[i + 1], "^(%d+):(%d+):(%d+)$")
+      cur[f] = {tonumber(a), tonumber(c), tonumber(r)}
+    end
+  end
+  return cur
+end
+
+local function remove_entry(rk, f, e)
+  local b, ot, oid = string.match(f, "^(.-)" .. SEP .. "(.-)" .. SEP .. "(.*)$")
+  local op_id = next_op()
+  add_op(b, op_id, e[3], "{\"op_id\":\"" .. op_id .. "\",\"op\":\"REMOVE\",\"object_type\":"
+    .. cjson.encode(ot) .. ",\"object_id\":" .. cjson.encode(oid) .. ",\"checksum\":" .. e[3] .. "}")
+  to_move(b, e[1], e[2], op_id)
+  redis.call("HDEL", rk, f)
+end
+
+local function apply_row(ev)
+  local rk = P .. ":row:" .. ev.k
+  local cur = read_row(rk)
+  local outs = ev.o
+  if outs then
+    for _, o in ipairs(outs) do
+      local b, ot, oid, cs, rcs, tail = o[1], o[2], o[3], o[4], o[5], o[6]
+      local f = b .. SEP .. ot .. SEP .. oid
+      local e = cur[f]
+      if e and e[2] == cs then
+        cur[f] = nil          -- unchanged data: no new op (invariant: skip identical PUT)
+      else
+        local op_id = next_op()
+        add_op(b, op_id, cs, "{\"op_id\":\"" .. op_id .. "\"," .. tail)
+        if e then
+          to_move(b, e[1], e[2], op_id)
+          cur[f] = nil
+        end
+        redis.call("HSET", rk, f, op_id .. ":" .. cs .. ":" .. rcs)
+      end
+    end
+  end
+  -- whatever the row no longer produces leaves its bucket
+  for f, e in pairs(cur) do
+    remove_entry(rk, f, e)
+  end
+  local tk = P .. ":table:" .. ev.t
+  if outs then
+    if ev.s then
+      redis.call("HSET", rk, "", ev.s)
+    end
+    redis.call("SADD", tk, ev.k)
+  else
+    redis.call("DEL", rk)
+    redis.call("SREM", tk, ev.k)
+  end
+end
+
+for _, ev in ipairs(batch.events) do
+  if ev.truncate then
+    local tk = P .. ":table:" .. ev.truncate
+    for _, k in ipairs(redis.call("SMEMBERS", tk)) do
+      apply_row({k = k, t = ev.truncate, o = false})
+    end
+    redis.call("DEL", tk)
+  else
+    apply_row(ev)
+  end
+end
+
+local changed = {}
+local any = false
+for b, s in pairs(buckets) do
+  redis.call("HSET", P .. ":bucket:" .. b, "checksum", s.cs, "count", s.n, "last_op", s.last,
+    "moved", s.moved)
+  if s.moved > 0 then
+    redis.call("SADD", dirty_key, b)
+  end
+  changed[b] = {s.cs, s.n}
+  any = true
+end
+
+for tp, high in pairs(batch.offsets) do
+  redis.call("HSET", offsets_key, tp, high)
+end
+
+local cp = tonumber(redis.call("GET", seq_key) or "0")
+redis.call("SET", P .. ":checkpoint", cp)
+local note = {"n", redis.call("INCR", P .. ":changes:n"), "cp", cp}
+if any then
+  table.insert(note, "b")
+  table.insert(note, cjson.encode(changed))
+end
+table.insert(note, "o")
+table.insert(note, cjson.encode(batch.offsets))
+redis.call("XADD", P .. ":changes", "MAXLEN", "~", batch.maxlen, "*", unpack(note))
+return {"ok", cp, n_ops}

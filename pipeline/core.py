@@ -1,0 +1,174 @@
+"""The pure core of the processor: decoded CDC events in, one planned atomic batch out.
+
+No Kafka, no Redis: the driver (Faust agent or a plain confluent-kafka loop) feeds
+records in, fetches the few stored source rows a merge needs, and hands the plan
+to :meth:`pipeline.store.Store.apply`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+
+from pipeline.cdc import KafkaRecord
+from pipeline.store import SEP, PlannedBatch
+
+_unpack = struct.Struct("<I").unpack_from
+
+
+def op_checksum(text: str) -> int:
+    """First four bytes of SHA-256, little-endian (sync-protocol.md §5.1)."""
+    return int(_unpack(hashlib.sha256(text.encode("utf-8")).digest())[0])
+
+
+def put_checksum(object_type: str, object_id: str, data: str) -> int:
+    return op_checksum(f"put.{object_type}.{object_id}.{data}")
+
+
+def remove_checksum(object_type: str, object_id: str) -> int:
+    """REMOVE is hashed over ``delete.<object_type>/<object_id>`` (documented, never changed)."""
+    return op_checksum(f"delete.{object_type}/{object_id}")
+
+
+class RowOutputLike(Protocol):
+    bucket: str
+    object_type: str
+    object_id: str
+    data: str
+
+
+class RulesLike(Protocol):
+    def evaluate_row(
+        self, table: str, row: Mapping[str, Any], *, schema: str | None = None
+    ) -> Sequence[RowOutputLike]: ...
+
+    def tables(self) -> set[str]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    record: KafkaRecord
+    reason: str
+    message: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Plan:
+    batch: PlannedBatch
+    dead_letters: list[DeadLetter]
+    #: row keys whose stored source row a merge needed but did not find
+    merges_without_base: int = 0
+    events: int = 0
+
+
+def tp_of(record: KafkaRecord) -> str:
+    return f"{record.topic}/{record.partition}"
+
+
+def row_key(table: str, key: Mapping[str, Any]) -> str:
+    return table + SEP + orjson.dumps(key, option=orjson.OPT_SORT_KEYS).decode()
+
+
+def needs_base(ev: Mapping[str, Any]) -> bool:
+    """Does this decoded upsert need the stored row to be complete?"""
+    return ev.get("action") == "upsert" and bool(ev.get("keep_columns") or ev.get("partial"))
+
+
+def output_entry(out: RowOutputLike) -> list[Any]:
+    ot, oid, data = out.object_type, out.object_id, out.data
+    cs = put_checksum(ot, oid, data)
+    dumps = orjson.dumps
+    tail = (
+        b'"op":"PUT","object_type":'
+        + dumps(ot)
+        + b',"object_id":'
+        + dumps(oid)
+        + b',"checksum":'
+        + str(cs).encode()
+        + b',"data":'
+        + dumps(data)
+        + b"}"
+    )
+    return [out.bucket, ot, oid, cs, remove_checksum(ot, oid), tail.decode()]
+
+
+def plan_batch(
+    items: Iterable[tuple[KafkaRecord, Mapping[str, Any]]],
+    rules: RulesLike,
+    stored_rows: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    on_unknown_table: Callable[[str], None] | None = None,
+) -> Plan:
+    """Turn decoded events (in consumption order) into one atomic batch.
+
+    ``stored_rows`` holds the source rows the store has for the row keys of events
+    that :func:`needs_base`; later events in the batch see earlier ones' results.
+    """
+    batch = PlannedBatch()
+    dls: list[DeadLetter] = []
+    plan = Plan(batch, dls)
+    known_rows: dict[str, dict[str, Any] | None] = dict(stored_rows or {})
+    relevant = rules.tables()
+    for rec, ev in items:
+        plan.events += 1
+        tp = tp_of(rec)
+        if tp not in batch.guard:
+            batch.guard[tp] = rec.offset
+        batch.offsets[tp] = rec.offset
+        action = ev.get("action")
+        if action == "dead_letter":
+            details = {k: v for k, v in ev.items() if k not in ("action", "reason", "message")}
+            dls.append(
+                DeadLetter(rec, str(ev.get("reason")), str(ev.get("message") or ""), details)
+            )
+            continue
+        if action not in ("upsert", "delete", "truncate"):
+            continue  # tx markers, heartbeats, ignored records: the offset still advances
+        table = str(ev["table"])
+        src_table = str(ev.get("source_table") or table.rsplit(".", 1)[-1])
+        if src_table not in relevant:
+            if on_unknown_table:
+                on_unknown_table(src_table)
+            continue
+        if action == "truncate":
+            batch.events.append({"truncate": table})
+            for rk in [k for k in known_rows if k.startswith(table + SEP)]:
+                known_rows[rk] = None
+            continue
+        rk = row_key(table, ev["key"])
+        if action == "delete":
+            batch.events.append({"k": rk, "t": table, "o": False, "s": False})
+            known_rows[rk] = None
+            continue
+        row: dict[str, Any] = dict(ev["row"])
+        if needs_base(ev):
+            base = known_rows.get(rk)
+            if base is None:
+                plan.merges_without_base += 1
+            else:
+                merged = dict(base)
+                merged.update(row)
+                for col in ev.get("null_columns") or ():
+                    merged[col] = None
+                row = merged
+        try:
+            outs = rules.evaluate_row(src_table, row, schema=ev.get("source_schema"))
+        except Exception as exc:  # a rule that cannot be evaluated on this row
+            dls.append(DeadLetter(rec, "rule_evaluation_error", str(exc), {"table": table}))
+            continue
+        known_rows[rk] = row
+        batch.events.append(
+            {
+                "k": rk,
+                "t": table,
+                "o": [output_entry(o) for o in outs],
+                "s": orjson.dumps(row).decode(),
+            }
+        )
+    return plan

@@ -1,0 +1,417 @@
+"""The stream processor: CDC topics in, one atomic Redis step per batch out.
+
+Two drivers run the same :class:`BatchApplier`:
+
+- ``faust`` (the design's choice): a faust-streaming agent, concurrency 1, batches
+  through ``stream.take_events``. Faust's own exactly-once mode is not used.
+- ``kafka``: a plain confluent-kafka consumer loop (seeks each assigned partition
+  to the offset after the last applied one, so a restart reads nothing twice).
+
+Exactly-once effect comes from the store: applied offsets are recorded inside the
+same atomic step as the ops, and anything at or below them is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import re
+import signal
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from bucketsync.config import Settings
+from bucketsync.errors import UserError
+from pipeline import core
+from pipeline.cdc import (
+    HttpSchemaRegistry,
+    KafkaRecord,
+    LocalSchemaDir,
+    RegistryUnavailable,
+    SchemaResolver,
+    decode_record,
+)
+from pipeline.rules import SyncRules, load_rules
+from pipeline.store import Store
+
+log = logging.getLogger("bucketsync.processor")
+
+EVENTS = Counter("bucketsync_processor_events_total", "CDC records consumed", ["topic"])
+OPS = Counter("bucketsync_processor_ops_total", "Bucket ops written")
+DEAD = Counter("bucketsync_processor_dead_letters_total", "Records dead-lettered", ["topic", "reason"])
+BATCH = Histogram(
+    "bucketsync_processor_batch_events",
+    "Events per applied batch",
+    buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000),
+)
+APPLY_SECONDS = Histogram("bucketsync_processor_apply_seconds", "Time of one atomic Redis step")
+LAG = Gauge("bucketsync_processor_lag", "High watermark minus next offset", ["tp"])
+OPS_RATE = Gauge("bucketsync_processor_ops_per_second", "Ops written per second (last batch)")
+DUPLICATES = Counter(
+    "bucketsync_processor_skipped_total", "Records at or below the applied offset (replays)"
+)
+
+PIPELINE_VERSION = "bucketsync-0.1.0"
+
+
+def make_schema_resolver(settings: Settings) -> SchemaResolver | None:
+    k = settings.kafka
+    if k.schema_registry_url:
+        return HttpSchemaRegistry(k.schema_registry_url)
+    if k.avro_schemas_dir:
+        return LocalSchemaDir(settings.resolve_path(k.avro_schemas_dir))
+    return None
+
+
+def load_sync_rules(settings: Settings) -> SyncRules:
+    path = settings.sync_rules_path
+    if not path.exists():
+        raise UserError(f"sync rules file {path} not found (config key sync_rules)")
+    return load_rules(path)
+
+
+class DeadLetterSink:
+    """Writes dead letters to the configured topic: original bytes plus reason headers."""
+
+    def __init__(self, settings: Settings):
+        self.topic = settings.kafka.dead_letter_topic
+        self._producer = Producer(
+            {
+                "bootstrap.servers": settings.kafka.bootstrap_servers,
+                "enable.idempotence": True,
+                "linger.ms": 5,
+                "message.max.bytes": 16 * 1_048_576,
+            }
+        )
+        self._errors: list[str] = []
+
+    def _on_delivery(self, err: Any, _msg: Any) -> None:
+        if err is not None:
+            self._errors.append(str(err))
+
+    def send(self, dl: core.DeadLetter) -> None:
+        r = dl.record
+        headers = [
+            ("bucketsync.reason", dl.reason.encode()),
+            ("bucketsync.message", dl.message.encode()[:4000]),
+            ("bucketsync.source.topic", r.topic.encode()),
+            ("bucketsync.source.partition", str(r.partition).encode()),
+            ("bucketsync.source.offset", str(r.offset).encode()),
+            ("bucketsync.pipeline.version", PIPELINE_VERSION.encode()),
+            ("bucketsync.time", str(int(time.time() * 1000)).encode()),
+        ]
+        if r.timestamp_ms is not None:
+            headers.append(("bucketsync.source.timestamp", str(r.timestamp_ms).encode()))
+        if dl.details:
+            headers.append(("bucketsync.details", orjson.dumps(dl.details, default=str)))
+        headers.extend((k, v if v is not None else b"") for k, v in r.headers)
+        self._producer.produce(
+            self.topic, key=r.key, value=r.value, headers=headers, on_delivery=self._on_delivery
+        )
+        self._producer.poll(0)
+
+    def flush(self, timeout: float = 30.0) -> None:
+        left = self._producer.flush(timeout)
+        if left or self._errors:
+            errs, self._errors = self._errors, []
+            raise RuntimeError(f"dead-letter topic {self.topic}: delivery failed: {errs or left}")
+
+
+class BatchApplier:
+    """Decode -> plan -> dead letters -> one atomic apply. Shared by both drivers."""
+
+    def __init__(self, settings: Settings, store: Store, rules: SyncRules):
+        self.settings = settings
+        self.store = store
+        self.rules = rules
+        self.schemas = make_schema_resolver(settings)
+        self.dead_letters = DeadLetterSink(settings)
+        self.applied: dict[str, int] = {}
+        self._unknown_tables: set[str] = set()
+
+    async def load_offsets(self) -> dict[str, int]:
+        self.applied = await self.store.applied_offsets()
+        return self.applied
+
+    def _decode(self, rec: KafkaRecord) -> dict[str, Any]:
+        return decode_record(
+            rec, schemas=self.schemas, max_record_bytes=self.settings.kafka.max_record_bytes
+        )
+
+    async def _decode_all(self, records: Sequence[KafkaRecord]) -> list[dict[str, Any]]:
+        delay = 0.5
+        while True:
+            try:
+                return [self._decode(r) for r in records]
+            except RegistryUnavailable as exc:
+                # never dead-letter a registry outage: wait and retry the whole batch
+                log.warning("schema registry unavailable, retrying in %.1fs: %s", delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    def _note_unknown(self, table: str) -> None:
+        if table not in self._unknown_tables:
+            self._unknown_tables.add(table)
+            log.info("table %s is not used by any sync rule; its events are skipped", table)
+
+    async def handle(self, records: Sequence[KafkaRecord]) -> int:
+        """Apply one batch; returns the number of ops written."""
+        for _attempt in range(5):
+            fresh = [r for r in records if r.offset > self.applied.get(core.tp_of(r), -1)]
+            skipped = len(records) - len(fresh)
+            if skipped:
+                DUPLICATES.inc(skipped)
+            if not fresh:
+                return 0
+            decoded = await self._decode_all(fresh)
+            base_keys = sorted(
+                {core.row_key(ev["table"], ev["key"]) for ev in decoded if core.needs_base(ev)}
+            )
+            stored = await self.store.source_rows(base_keys)
+            plan = core.plan_batch(
+                zip(fresh, decoded, strict=True),
+                self.rules,
+                stored,
+                on_unknown_table=self._note_unknown,
+            )
+            for dl in plan.dead_letters:
+                self.dead_letters.send(dl)
+                DEAD.labels(dl.record.topic, dl.reason).inc()
+                log.warning(
+                    "dead letter %s/%s@%s: %s: %s",
+                    dl.record.topic,
+                    dl.record.partition,
+                    dl.record.offset,
+                    dl.reason,
+                    dl.message,
+                )
+            if plan.dead_letters:
+                await asyncio.get_running_loop().run_in_executor(None, self.dead_letters.flush)
+            t0 = time.perf_counter()
+            res = await self.store.apply(plan.batch)
+            dt = time.perf_counter() - t0
+            if res.status == "stale":
+                log.info(
+                    "partition %s already applied up to %s elsewhere; re-reading offsets",
+                    res.stale_partition,
+                    res.stored_offset,
+                )
+                await self.load_offsets()
+                continue
+            self.applied.update(plan.batch.offsets)
+            APPLY_SECONDS.observe(dt)
+            BATCH.observe(len(fresh))
+            OPS.inc(res.ops)
+            if dt > 0:
+                OPS_RATE.set(res.ops / dt)
+            for r in fresh:
+                EVENTS.labels(r.topic).inc()
+            return res.ops
+        raise RuntimeError("batch kept colliding with another processor's offsets")
+
+
+def _topic_matcher(settings: Settings) -> tuple[list[str], re.Pattern[str] | None]:
+    k = settings.kafka
+    if k.topic_pattern:
+        return [], re.compile(k.topic_pattern)
+    if not k.topics:
+        raise UserError("no CDC topics configured: set kafka.topics or kafka.topic_pattern")
+    return list(k.topics), None
+
+
+# ---------------------------------------------------------------- kafka driver
+
+
+class KafkaLoopDriver:
+    """A plain confluent-kafka consumer loop around :class:`BatchApplier`."""
+
+    def __init__(self, settings: Settings, applier: BatchApplier):
+        self.settings = settings
+        self.applier = applier
+        self._stop = asyncio.Event()
+        k = settings.kafka
+        self.consumer = Consumer(
+            {
+                "bootstrap.servers": k.bootstrap_servers,
+                "group.id": k.group_id,
+                "enable.auto.commit": True,
+                "auto.offset.reset": "earliest",
+                "fetch.message.max.bytes": 16 * 1_048_576,
+                "max.partition.fetch.bytes": 16 * 1_048_576,
+                "topic.metadata.refresh.interval.ms": 5000,
+            }
+        )
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        # resume right after the last applied offset: replays cost nothing
+        for tp in partitions:
+            applied = self.applier.applied.get(f"{tp.topic}/{tp.partition}")
+            if applied is not None:
+                tp.offset = applied + 1
+        consumer.assign(partitions)
+
+    async def run(self, max_events: int | None = None, idle_exit_s: float | None = None) -> int:
+        topics, pattern = _topic_matcher(self.settings)
+        await self.applier.load_offsets()
+        subs = topics if not pattern else ["^" + pattern.pattern.lstrip("^")]
+        self.consumer.subscribe(subs, on_assign=self._on_assign)
+        p = self.settings.processor
+        loop = asyncio.get_running_loop()
+        total = 0
+        last_data = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                msgs = await loop.run_in_executor(
+                    None, self.consumer.consume, p.batch_max_events, p.batch_max_wait_ms / 1000 or 0.05
+                )
+                records = []
+                for m in msgs:
+                    if m.error():
+                        if m.error().code() != KafkaError._PARTITION_EOF:
+                            log.warning("consumer error: %s", m.error())
+                        continue
+                    ts_type, ts = m.timestamp()
+                    records.append(
+                        KafkaRecord(
+                            topic=m.topic(),
+                            partition=m.partition(),
+                            offset=m.offset(),
+                            key=m.key(),
+                            value=m.value(),
+                            headers=tuple(m.headers() or ()),
+                            timestamp_ms=ts if ts_type else None,
+                        )
+                    )
+                if records:
+                    await self.applier.handle(records)
+                    total += len(records)
+                    last_data = time.monotonic()
+                    if max_events is not None and total >= max_events:
+                        break
+                elif idle_exit_s is not None and time.monotonic() - last_data > idle_exit_s:
+                    break
+        finally:
+            await loop.run_in_executor(None, self.consumer.close)
+        return total
+
+
+# ---------------------------------------------------------------- faust driver
+
+
+def build_faust_app(settings: Settings, applier_factory: Any) -> Any:
+    import faust
+
+    k = settings.kafka
+    p = settings.processor
+    app = faust.App(
+        k.group_id,
+        broker="kafka://" + ",".join(k.bootstrap_servers.split(",")),
+        store="memory://",
+        web_enabled=False,
+        topic_disable_leader=True,
+        consumer_auto_offset_reset="earliest",
+        stream_buffer_maxsize=max(4 * p.batch_max_events, 4096),
+        broker_max_poll_records=p.batch_max_events,
+        consumer_max_fetch_size=16 * 1_048_576,
+        topic_allow_declare=False,
+        value_serializer="raw",
+        key_serializer="raw",
+        producer_max_request_size=16 * 1_048_576,
+    )
+    topics, pattern = _topic_matcher(settings)
+    if pattern is not None:
+        source = app.topic(pattern=pattern, value_type=bytes, key_type=bytes)
+    else:
+        source = app.topic(*topics, value_type=bytes, key_type=bytes)
+    state: dict[str, BatchApplier] = {}
+
+    @app.agent(source, concurrency=1)  # type: ignore[misc]
+    async def apply_cdc(stream: Any) -> Any:
+        applier = state.get("a")
+        if applier is None:
+            applier = state["a"] = await applier_factory()
+            await applier.load_offsets()
+        async for events in stream.take_events(p.batch_max_events, within=p.batch_max_wait_ms / 1000):
+            records = []
+            for ev in events:
+                m = ev.message
+                records.append(
+                    KafkaRecord(
+                        topic=m.topic,
+                        partition=m.partition,
+                        offset=m.offset,
+                        key=m.key,
+                        value=m.value,
+                        headers=tuple((hk, hv) for hk, hv in (m.headers or ())),
+                        timestamp_ms=int(m.timestamp * 1000) if m.timestamp else None,
+                    )
+                )
+            await applier.handle(records)
+            yield len(records)
+
+    @app.on_partitions_assigned.connect  # type: ignore[misc]
+    async def _reload_offsets(app_: Any, assigned: Any, **kw: Any) -> None:
+        a = state.get("a")
+        if a is not None:
+            await a.load_offsets()
+
+    return app
+
+
+# ---------------------------------------------------------------- entry point
+
+
+async def _make_applier(settings: Settings) -> BatchApplier:
+    rules = load_sync_rules(settings)
+    store = Store.from_url(
+        settings.redis.url, settings.redis.prefix, changes_maxlen=settings.redis.changes_maxlen
+    )
+    return BatchApplier(settings, store, rules)
+
+
+def run_kafka_driver(settings: Settings) -> int:
+    async def go() -> int:
+        applier = await _make_applier(settings)
+        driver = KafkaLoopDriver(settings, applier)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, driver.stop)
+        log.info("processor (kafka driver) consuming %s", settings.kafka.topics or settings.kafka.topic_pattern)
+        await driver.run()
+        await applier.store.close()
+        return 0
+
+    return asyncio.run(go())
+
+
+def run_faust_driver(settings: Settings) -> int:
+    import faust
+
+    async def factory() -> BatchApplier:
+        return await _make_applier(settings)
+
+    app = build_faust_app(settings, factory)
+    worker = faust.Worker(app, loglevel="WARNING", quiet=True)
+    worker.execute_from_commandline()
+    return 0
+
+
+def main(settings: Settings, args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    load_sync_rules(settings)  # fail fast on bad rules, before any consumer starts
+    _topic_matcher(settings)
+    if settings.processor.metrics_port is not None:
+        start_http_server(settings.processor.metrics_port, addr="127.0.0.1")
+    driver = getattr(args, "driver", None) or settings.processor.driver
+    if driver == "kafka":
+        return run_kafka_driver(settings)
+    return run_faust_driver(settings)

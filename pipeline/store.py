@@ -1,0 +1,254 @@
+"""The Redis op-log store. The only module that knows Redis key names and Lua scripts.
+
+Layout under the configured prefix ``P`` (docs/store.md has the long form):
+
+- ``P:ops:{bucket}``     sorted set, score = op_id, member = the op's wire JSON, or
+                         ``T<target>|<wire JSON>`` for MOVE/CLEAR (target = the op that
+                         superseded it; never sent to clients).
+- ``P:bucket:{bucket}``  hash: checksum (unsigned running total), count, last_op, moved.
+- ``P:row:{row key}``    hash: ``bucket\\x1fobject_type\\x1fobject_id`` -> ``op_id:checksum:
+                         remove_checksum`` of the row's current op there; field ``""`` holds
+                         the source row JSON (for TOAST / partial-update merges).
+- ``P:table:{table}``    set of row keys of a source table (TRUNCATE).
+- ``P:seq``              op_id sequence.   ``P:checkpoint``  current checkpoint.
+- ``P:offsets``          hash ``topic/partition`` -> last applied offset.
+- ``P:changes``          stream: one entry per applied batch (cp, changed buckets, offsets).
+- ``P:dirty``            set of buckets with MOVEs since their last compaction.
+- ``P:wcp:{user/client}`` hash: write-checkpoint ``id`` and ``pos:<id>`` -> position JSON.
+- ``P:dl:count``         hash ``reason`` -> dead letters (informational).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+SEP = "\x1f"
+
+
+# Every change entry carries a gap-free sequence number "n", so a reader can tell
+# that entries it never saw were trimmed away.
+_NOTIFY_LUA = """
+local n = redis.call("INCR", ARGV[1] .. ":changes:n")
+redis.call("XADD", ARGV[1] .. ":changes", "MAXLEN", "~", ARGV[2], "*", "n", n, ARGV[3], ARGV[4])
+return n
+"""
+
+
+def _lua(name: str) -> str:
+    return resources.files("pipeline").joinpath(name).read_text()
+
+
+@dataclass(frozen=True, slots=True)
+class StoredOp:
+    op_id: int
+    target: int  # 0 for PUT / REMOVE
+    wire: bytes  # the op's JSON as sent to clients
+
+    @property
+    def kind(self) -> str:
+        i = self.wire.find(b'"op":"') + 6
+        return self.wire[i : self.wire.index(b'"', i)].decode()
+
+
+@dataclass(frozen=True, slots=True)
+class BucketState:
+    checksum: int  # unsigned 32-bit
+    count: int
+    last_op: int
+
+
+@dataclass(slots=True)
+class ApplyResult:
+    status: str  # "ok" or "stale"
+    checkpoint: int = 0
+    ops: int = 0
+    stale_partition: str | None = None
+    stored_offset: int | None = None
+
+
+@dataclass(slots=True)
+class PlannedBatch:
+    """What one atomic apply needs; built by :mod:`pipeline.core` (pure)."""
+
+    events: list[dict[str, Any]] = field(default_factory=list)
+    guard: dict[str, int] = field(default_factory=dict)  # tp -> lowest offset
+    offsets: dict[str, int] = field(default_factory=dict)  # tp -> highest offset
+
+
+def parse_member(member: bytes, score: float) -> StoredOp:
+    if member[:1] == b"T":
+        bar = member.index(b"|")
+        return StoredOp(int(score), int(member[1:bar]), member[bar + 1 :])
+    return StoredOp(int(score), 0, member)
+
+
+class Store:
+    """Async access to one deployment's keys (prefix)."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str, *, changes_maxlen: int = 10_000):
+        self.r = client
+        self.prefix = prefix
+        self.changes_maxlen = changes_maxlen
+        self._apply = client.register_script(_lua("apply_batch.lua"))
+        self._compact = client.register_script(_lua("compact_step.lua"))
+        self._notify = client.register_script(_NOTIFY_LUA)
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str, **kw: Any) -> Store:
+        return cls(aioredis.Redis.from_url(url, decode_responses=False), prefix, **kw)
+
+    async def close(self) -> None:
+        await self.r.aclose()
+
+    def k(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    # ---- write side -------------------------------------------------------
+
+    async def apply(self, batch: PlannedBatch) -> ApplyResult:
+        payload = orjson.dumps(
+            {
+                "guard": batch.guard,
+                "offsets": batch.offsets,
+                "events": batch.events,
+                "maxlen": self.changes_maxlen,
+            }
+        )
+        res = await self._apply(args=[self.prefix, payload])
+        status = res[0].decode() if isinstance(res[0], bytes) else res[0]
+        if status == "stale":
+            return ApplyResult("stale", stale_partition=res[1].decode(), stored_offset=int(res[2]))
+        return ApplyResult("ok", checkpoint=int(res[1]), ops=int(res[2]))
+
+    async def applied_offsets(self) -> dict[str, int]:
+        raw = await self.r.hgetall(self.k("offsets"))
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+    async def source_rows(self, row_keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Stored source rows (for merging TOAST placeholders and partial updates)."""
+        if not row_keys:
+            return {}
+        pipe = self.r.pipeline(transaction=False)
+        for rk in row_keys:
+            pipe.hget(self.k("row", rk), "")
+        out: dict[str, dict[str, Any]] = {}
+        for rk, val in zip(row_keys, await pipe.execute(), strict=True):
+            if val is not None:
+                out[rk] = orjson.loads(val)
+        return out
+
+    async def count_dead_letter(self, reason: str) -> None:
+        await self.r.hincrby(self.k("dl", "count"), reason, 1)
+
+    # ---- read side (gateway) ---------------------------------------------
+
+    async def checkpoint(self) -> int:
+        v = await self.r.get(self.k("checkpoint"))
+        return int(v) if v else 0
+
+    async def read_checkpoint(self, buckets: Sequence[str]) -> tuple[int, dict[str, BucketState]]:
+        """The checkpoint and the state of ``buckets`` in one atomic step (invariant 5)."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.get(self.k("checkpoint"))
+        for b in buckets:
+            pipe.hmget(self.k("bucket", b), "checksum", "count", "last_op")
+        res = await pipe.execute()
+        cp = int(res[0]) if res[0] else 0
+        states = {}
+        for b, (cs, n, last) in zip(buckets, res[1:], strict=True):
+            states[b] = BucketState(int(cs or 0), int(n or 0), int(last or 0))
+        return cp, states
+
+    async def read_ops(
+        self, bucket: str, after: int, upto: int, limit: int
+    ) -> list[StoredOp]:
+        """Ops with ``after < op_id <= upto``, ascending, at most ``limit``."""
+        rows = await self.r.zrangebyscore(
+            self.k("ops", bucket), f"({after}", upto, start=0, num=limit, withscores=True
+        )
+        return [parse_member(m, s) for m, s in rows]
+
+    async def all_ops(self, bucket: str) -> list[StoredOp]:
+        rows = await self.r.zrange(self.k("ops", bucket), 0, -1, withscores=True)
+        return [parse_member(m, s) for m, s in rows]
+
+    async def bucket_state(self, bucket: str) -> BucketState:
+        _, states = await self.read_checkpoint([bucket])
+        return states[bucket]
+
+    async def changes_tail(self) -> tuple[bytes, int]:
+        """Id and sequence number of the newest change entry (start reading after it)."""
+        res = await self.r.xrevrange(self.k("changes"), count=1)
+        if not res:
+            return b"0-0", 0
+        return res[0][0], int(res[0][1].get(b"n", 0))
+
+    async def read_changes(
+        self, last_id: bytes, block_ms: int, count: int = 500
+    ) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        res = await self.r.xread({self.k("changes"): last_id}, count=count, block=block_ms)
+        if not res:
+            return []
+        return list(res[0][1])
+
+    async def changes_first_id(self) -> bytes | None:
+        res = await self.r.xrange(self.k("changes"), count=1)
+        return res[0][0] if res else None
+
+    # ---- write checkpoints --------------------------------------------------
+
+    async def issue_write_checkpoint(self, key: str, position: Mapping[str, int]) -> int:
+        hk = self.k("wcp", key)
+        wid = int(await self.r.hincrby(hk, "id", 1))
+        await self.r.hset(hk, f"pos:{wid}", orjson.dumps(dict(position)))
+        await self._notify(args=[self.prefix, self.changes_maxlen, "w", key])
+        return wid
+
+    async def write_checkpoints(self, key: str) -> dict[int, dict[str, int]]:
+        raw = await self.r.hgetall(self.k("wcp", key))
+        out = {}
+        for f, v in raw.items():
+            if f.startswith(b"pos:"):
+                out[int(f[4:])] = orjson.loads(v)
+        return out
+
+    async def forget_write_checkpoints(self, key: str, upto: int) -> None:
+        fields = [f"pos:{i}" for i in (await self.write_checkpoints(key)) if i < upto]
+        if fields:
+            await self.r.hdel(self.k("wcp", key), *fields)
+
+    # ---- compaction ---------------------------------------------------------
+
+    async def dirty_buckets(self) -> list[str]:
+        return sorted(m.decode() for m in await self.r.smembers(self.k("dirty")))
+
+    async def take_dirty(self, bucket: str) -> None:
+        await self.r.srem(self.k("dirty"), bucket)
+
+    async def compact_step(self, bucket: str, chunk: int) -> tuple[int, int, bool, float]:
+        t0 = time.perf_counter()
+        folded, freed, more = await self._compact(args=[self.prefix, bucket, chunk])
+        return int(folded), int(freed), bool(more), time.perf_counter() - t0
+
+    async def all_buckets(self) -> list[str]:
+        pat = self.k("bucket", "*")
+        cut = len(self.k("bucket", ""))
+        out = []
+        async for key in self.r.scan_iter(match=pat, count=1000):
+            out.append(key.decode()[cut:])
+        return sorted(out)
+
+    async def stored_totals(self, buckets: Iterable[str]) -> dict[str, BucketState]:
+        blist = list(buckets)
+        _, states = await self.read_checkpoint(blist)
+        return states
+
+    async def ping(self) -> bool:
+        return bool(await self.r.ping())
