@@ -113,9 +113,15 @@ local function apply_row(ev)
       end
     end
   end
-  -- whatever the row no longer produces leaves its bucket
+  -- whatever the row no longer produces leaves its bucket; in op_id order, so the
+  -- result never depends on hash iteration order (replays must be byte-identical)
+  local gone = {}
   for f, e in pairs(cur) do
-    remove_entry(rk, f, e)
+    table.insert(gone, {f, e})
+  end
+  table.sort(gone, function(x, y) return x[2][1] < y[2][1] end)
+  for _, g in ipairs(gone) do
+    remove_entry(rk, g[1], g[2])
   end
   local tk = P .. ":table:" .. ev.t
   if outs then
@@ -132,7 +138,9 @@ end
 for _, ev in ipairs(batch.events) do
   if ev.truncate then
     local tk = P .. ":table:" .. ev.truncate
-    for _, k in ipairs(redis.call("SMEMBERS", tk)) do
+    local members = redis.call("SMEMBERS", tk)
+    table.sort(members)
+    for _, k in ipairs(members) do
       apply_row({k = k, t = ev.truncate, o = false})
     end
     redis.call("DEL", tk)

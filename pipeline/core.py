@@ -11,12 +11,14 @@ import hashlib
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
-from pipeline.cdc import KafkaRecord
 from pipeline.store import SEP, PlannedBatch
+
+if TYPE_CHECKING:
+    from pipeline.cdc import KafkaRecord
 
 _unpack = struct.Struct("<I").unpack_from
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -42,7 +42,7 @@ return n
 
 
 def _lua(name: str) -> str:
-    return resources.files("pipeline").joinpath(name).read_text()
+    return (Path(__file__).parent / name).read_text()
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +178,15 @@ class Store:
     async def all_ops(self, bucket: str) -> list[StoredOp]:
         rows = await self.r.zrange(self.k("ops", bucket), 0, -1, withscores=True)
         return [parse_member(m, s) for m, s in rows]
+
+    async def snapshot_bucket(self, bucket: str) -> tuple[list[StoredOp], BucketState]:
+        """A bucket's whole log and its running totals, read in one atomic step."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.zrange(self.k("ops", bucket), 0, -1, withscores=True)
+        pipe.hmget(self.k("bucket", bucket), "checksum", "count", "last_op")
+        rows, (cs, n, last) = await pipe.execute()
+        ops = [parse_member(m, s) for m, s in rows]
+        return ops, BucketState(int(cs or 0), int(n or 0), int(last or 0))
 
     async def bucket_state(self, bucket: str) -> BucketState:
         _, states = await self.read_checkpoint([bucket])

@@ -1,0 +1,127 @@
+"""The store's atomic batch step, against the real Redis (no Kafka needed)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import pytest
+
+from pipeline import core
+from pipeline.compaction import compact, verify
+from pipeline.store import PlannedBatch, Store
+
+pytestmark = pytest.mark.stack
+
+
+@dataclass
+class Out:
+    bucket: str
+    object_type: str
+    object_id: str
+    data: str
+
+
+V1 = '{"id":"t1","description":"Buy milk","completed":0}'
+V2 = '{"id":"t1","description":"Buy oat milk","completed":1}'
+
+
+def upsert(key: str, *outs: Out) -> dict:
+    return {"k": key, "t": "todos", "o": [core.output_entry(o) for o in outs], "s": "{}"}
+
+
+def delete(key: str) -> dict:
+    return {"k": key, "t": "todos", "o": False, "s": False}
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def _with_store(stack, ns, fn):
+    store = Store.from_url(stack.redis_url, ns.prefix)
+    try:
+        return await fn(store)
+    finally:
+        await store.close()
+
+
+def test_worked_example_checksums_move_and_remove(stack, ns) -> None:
+    """sync-protocol.md §5.3: PUT, PUT, REMOVE of one row; then compaction to one CLEAR."""
+
+    async def go(store: Store) -> None:
+        b = PlannedBatch(
+            events=[
+                upsert("r1", Out("by_user[\"u1\"]", "todos", "t1", V1)),
+                upsert("r1", Out("by_user[\"u1\"]", "todos", "t1", V2)),
+                upsert("r1", Out("by_user[\"u1\"]", "todos", "t1", V2)),  # unchanged: no op
+                delete("r1"),
+            ],
+            guard={"t/0": 0},
+            offsets={"t/0": 3},
+        )
+        res = await store.apply(b)
+        assert res.status == "ok" and res.ops == 3 and res.checkpoint == 3
+        ops = await store.all_ops('by_user["u1"]')
+        assert [(o.op_id, o.kind, o.target) for o in ops] == [(1, "MOVE", 2), (2, "MOVE", 3), (3, "REMOVE", 0)]
+        assert b'"checksum":903225261' in ops[0].wire
+        assert b'"checksum":3323683603' in ops[1].wire
+        assert b'"checksum":2191439428' in ops[2].wire
+        st = await store.bucket_state('by_user["u1"]')
+        assert (st.checksum, st.count, st.last_op) == (2123380996, 3, 3)
+        assert await store.dirty_buckets() == ['by_user["u1"]']
+
+        stats = await compact(store, chunk=2)
+        assert stats.ops_removed == 2
+        ops = await store.all_ops('by_user["u1"]')
+        assert [(o.op_id, o.kind, o.target) for o in ops] == [(3, "CLEAR", 3)]
+        assert b'"checksum":2123380996' in ops[0].wire
+        st = await store.bucket_state('by_user["u1"]')
+        assert (st.checksum, st.count) == (2123380996, 1)
+        assert (await verify(store)).differences == []
+        assert await store.dirty_buckets() == []
+
+    run(_with_store(stack, ns, go))
+
+
+def test_stale_batch_is_refused_whole(stack, ns) -> None:
+    async def go(store: Store) -> None:
+        ok = await store.apply(
+            PlannedBatch([upsert("r1", Out("g[]", "todos", "t1", V1))], {"t/0": 10}, {"t/0": 10})
+        )
+        assert ok.status == "ok"
+        again = await store.apply(
+            PlannedBatch(
+                [upsert("r2", Out("g[]", "todos", "t2", V1))], {"t/0": 10, "t/1": 0}, {"t/0": 11, "t/1": 0}
+            )
+        )
+        assert again.status == "stale" and again.stale_partition == "t/0" and again.stored_offset == 10
+        # nothing of the refused batch landed
+        assert [o.op_id for o in await store.all_ops("g[]")] == [1]
+        assert await store.applied_offsets() == {"t/0": 10}
+
+    run(_with_store(stack, ns, go))
+
+
+def test_row_moves_between_buckets_and_truncate(stack, ns) -> None:
+    async def go(store: Store) -> None:
+        await store.apply(
+            PlannedBatch(
+                [
+                    upsert("r1", Out("u[\"a\"]", "todos", "1", '{"id":1,"o":"a"}')),
+                    upsert("r2", Out("u[\"a\"]", "todos", "2", '{"id":2,"o":"a"}')),
+                    upsert("r1", Out("u[\"b\"]", "todos", "1", '{"id":1,"o":"b"}')),
+                    {"truncate": "todos"},
+                ],
+                {"t/0": 0},
+                {"t/0": 3},
+            )
+        )
+        a = [(o.op_id, o.kind) for o in await store.all_ops('u["a"]')]
+        b = [(o.op_id, o.kind) for o in await store.all_ops('u["b"]')]
+        # r1 leaves a (REMOVE 4, its PUT 1 -> MOVE); truncate removes r1 from b and r2 from a
+        assert a == [(1, "MOVE"), (2, "MOVE"), (4, "REMOVE"), (6, "REMOVE")]
+        assert b == [(3, "MOVE"), (5, "REMOVE")]
+        assert (await verify(store)).differences == []
+
+    run(_with_store(stack, ns, go))
