@@ -28,7 +28,7 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from bucketsync.config import Settings
 from bucketsync.errors import UserError
-from pipeline import core
+from pipeline import compaction, core
 from pipeline.cdc import (
     HttpSchemaRegistry,
     KafkaRecord,
@@ -358,6 +358,16 @@ def build_faust_app(settings: Settings, applier_factory: Any) -> Any:
             await applier.handle(records)
             yield len(records)
 
+    if settings.compaction.interval_s > 0:
+
+        @app.timer(interval=settings.compaction.interval_s)  # type: ignore[misc]
+        async def compact_marked() -> None:
+            a = state.get("a")
+            if a is not None:
+                st = await compaction.compact(a.store, settings.compaction.chunk_ops)
+                if st.ops_removed:
+                    log.info("compaction: %d buckets, %d ops removed", st.buckets, st.ops_removed)
+
     @app.on_partitions_assigned.connect  # type: ignore[misc]
     async def _reload_offsets(app_: Any, assigned: Any, **kw: Any) -> None:
         a = state.get("a")
@@ -383,11 +393,22 @@ def run_kafka_driver(settings: Settings) -> int:
         applier = await _make_applier(settings)
         driver = KafkaLoopDriver(settings, applier)
         loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+
+        def on_signal() -> None:
+            driver.stop()
+            stop.set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, driver.stop)
+            loop.add_signal_handler(sig, on_signal)
         log.info("processor (kafka driver) consuming %s", settings.kafka.topics or settings.kafka.topic_pattern)
-        await driver.run()
-        await applier.store.close()
+        compactor = asyncio.create_task(compaction.schedule(settings, applier.store, stop))
+        try:
+            await driver.run()
+        finally:
+            stop.set()
+            await compactor
+            await applier.store.close()
         return 0
 
     return asyncio.run(go())
