@@ -89,7 +89,7 @@ def cmd_inspect(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_loadgen(settings: Settings, args: argparse.Namespace) -> int:
-    from bucketsync.loadgen import main as loadgen_main
+    from bucketsync.feed import loadgen_main
 
     return loadgen_main(settings, args)
 

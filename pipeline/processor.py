@@ -134,6 +134,8 @@ class BatchApplier:
         self.dead_letters = DeadLetterSink(settings)
         self.applied: dict[str, int] = {}
         self._unknown_tables: set[str] = set()
+        #: seconds spent per stage, for ``bucketsync bench`` and profiling
+        self.timings: dict[str, float] = {"decode": 0.0, "read": 0.0, "plan": 0.0, "apply": 0.0}
 
     async def load_offsets(self) -> dict[str, int]:
         self.applied = await self.store.applied_offsets()
@@ -169,17 +171,24 @@ class BatchApplier:
                 DUPLICATES.inc(skipped)
             if not fresh:
                 return 0
+            t = time.perf_counter()
             decoded = await self._decode_all(fresh)
+            t1 = time.perf_counter()
             base_keys = sorted(
                 {core.row_key(ev["table"], ev["key"]) for ev in decoded if core.needs_base(ev)}
             )
             stored = await self.store.source_rows(base_keys)
+            t2 = time.perf_counter()
             plan = core.plan_batch(
                 zip(fresh, decoded, strict=True),
                 self.rules,
                 stored,
                 on_unknown_table=self._note_unknown,
             )
+            t3 = time.perf_counter()
+            self.timings["decode"] += t1 - t
+            self.timings["read"] += t2 - t1
+            self.timings["plan"] += t3 - t2
             for dl in plan.dead_letters:
                 self.dead_letters.send(dl)
                 DEAD.labels(dl.record.topic, dl.reason).inc()
@@ -205,6 +214,7 @@ class BatchApplier:
                 await self.load_offsets()
                 continue
             self.applied.update(plan.batch.offsets)
+            self.timings["apply"] += dt
             APPLY_SECONDS.observe(dt)
             BATCH.observe(len(fresh))
             OPS.inc(res.ops)

@@ -1,0 +1,39 @@
+"""``bucketsync inspect``: the store's checkpoint, offsets, buckets, and one bucket's ops."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from bucketsync.config import Settings
+from pipeline.store import Store
+
+
+async def _inspect(settings: Settings, bucket: str | None, limit: int) -> None:
+    store = Store.from_url(settings.redis.url, settings.redis.prefix)
+    try:
+        print(f"prefix      {settings.redis.prefix}")
+        print(f"checkpoint  {await store.checkpoint()}")
+        for tp, off in sorted((await store.applied_offsets()).items()):
+            print(f"offset      {tp} = {off}")
+        if bucket is None:
+            buckets = await store.all_buckets()
+            print(f"buckets     {len(buckets)}")
+            for b in buckets[:limit]:
+                st = await store.bucket_state(b)
+                print(f"  {b}  checksum={st.checksum} count={st.count} last_op={st.last_op}")
+            if len(buckets) > limit:
+                print(f"  ... {len(buckets) - limit} more (--limit)")
+            return
+        st = await store.bucket_state(bucket)
+        print(f"bucket      {bucket} checksum={st.checksum} count={st.count} last_op={st.last_op}")
+        for op in (await store.all_ops(bucket))[:limit]:
+            target = f"  (target {op.target})" if op.target else ""
+            print(f"  {op.wire.decode()}{target}")
+    finally:
+        await store.close()
+
+
+def main(settings: Settings, args: argparse.Namespace) -> int:
+    asyncio.run(_inspect(settings, args.bucket, args.limit))
+    return 0
