@@ -159,6 +159,13 @@ async def sync_stream(request: web.Request) -> web.StreamResponse:
     resp.enable_chunked_encoding()
     await resp.prepare(request)
     describe = f"stream sub={token.sub!r} client={req.client_id} remote={request.remote}"
+    log.info(
+        "stream opened: sub=%s client=%s buckets=%d after=%s",
+        token.sub,
+        req.client_id,
+        len(grants),
+        orjson.dumps(req.after).decode(),
+    )
     stream = SyncStream(
         store=gw.store,
         hub=gw.hub,
@@ -261,7 +268,8 @@ async def build_app(settings: Settings, *, with_position: bool = True) -> web.Ap
     app.router.add_get("/probes/readiness", readiness)
     app.router.add_get("/probes/startup", readiness)
     app.router.add_get("/metrics", metrics)
-    app.router.add_route("OPTIONS", "/{tail:.*}", options)
+    for path in ("/sync/stream", "/write-checkpoint2.json"):
+        app.router.add_route("OPTIONS", path, options)  # CORS preflight for browser SDKs
 
     async def on_startup(app: web.Application) -> None:
         await hub.start()
