@@ -132,8 +132,10 @@ def plan_batch(
             continue
         if action not in ("upsert", "delete", "truncate"):
             continue  # tx markers, heartbeats, ignored records: the offset still advances
-        table = str(ev["table"])
-        src_table = str(ev.get("source_table") or table.rsplit(".", 1)[-1])
+        # Rows are identified by topic + key, not by the envelope's table id: a tombstone
+        # carries no envelope, so only the topic ties it to the row it deletes.
+        table = rec.topic
+        src_table = str(ev.get("source_table") or str(ev["table"]).rsplit(".", 1)[-1])
         if src_table not in relevant:
             if on_unknown_table:
                 on_unknown_table(src_table)

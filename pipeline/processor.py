@@ -175,7 +175,11 @@ class BatchApplier:
             decoded = await self._decode_all(fresh)
             t1 = time.perf_counter()
             base_keys = sorted(
-                {core.row_key(ev["table"], ev["key"]) for ev in decoded if core.needs_base(ev)}
+                {
+                    core.row_key(r.topic, ev["key"])
+                    for r, ev in zip(fresh, decoded, strict=True)
+                    if core.needs_base(ev)
+                }
             )
             stored = await self.store.source_rows(base_keys)
             t2 = time.perf_counter()

@@ -66,20 +66,20 @@ def build_history(raw: list[tuple[str, int, Any]]) -> tuple[list[tuple[bytes, by
     return msgs, events
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=int(__import__("os").environ.get("BUCKETSYNC_TEST_EXAMPLES", "8")), deadline=None, suppress_health_check=list(HealthCheck))
 @given(raw=steps, batch=st.sampled_from([1, 3, 1000]))
-def test_random_histories_match_model(raw, batch, stack, make_settings, create_topic, tmp_path_factory) -> None:
+def test_random_histories_match_model(raw, batch, stack, ns, make_settings, create_topic, tmp_path_factory) -> None:
+    import uuid
+
     msgs, events = build_history(raw)
     tmp = tmp_path_factory.mktemp("rules")
-    topic = create_topic(f"hist-{len(msgs)}-{batch}")
+    topic = create_topic(ns.topic(f"hist-{uuid.uuid4().hex[:8]}.public.todos"))
     s = make_settings(
         kafka={"topics": [topic]},
         sync_rules=write_rules(tmp),
         processor={"batch_max_events": batch, "batch_max_wait_ms": 20},
     )
     # every example gets a fresh key prefix, so examples never see each other's state
-    import uuid
-
     s.redis.prefix = s.redis.prefix + "-" + uuid.uuid4().hex[:6]
     produce(s.kafka.bootstrap_servers, topic, msgs)
     model = BucketModel(model_rules)

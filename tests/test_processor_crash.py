@@ -22,7 +22,7 @@ from tests.pipeline_helpers import produce, write_rules
 
 pytestmark = pytest.mark.stack
 
-N_EVENTS = 12_000
+N_EVENTS = 6_000
 
 
 def _config(tmp: Path, s: Settings, name: str, **over: Any) -> Path:

@@ -1,0 +1,307 @@
+"""``SyncRules``: the compiled rules, evaluated per CDC row and per sync request."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.rules.bucket_id import serialize_values
+from pipeline.rules.errors import RequestEvaluationError, RowEvaluationError, SqlEvalError
+from pipeline.rules.expr import RequestContext
+from pipeline.rules.model import (
+    BucketDescription,
+    LookupEntry,
+    LookupReader,
+    LookupResults,
+    RowOutput,
+)
+from pipeline.rules.queries import DataQuery, ParameterQuery, TableParameterQuery
+
+
+@dataclass(frozen=True, eq=False)
+class BucketDefinition:
+    """One entry of ``bucket_definitions``."""
+
+    name: str
+    priority: int
+    parameter_names: tuple[str, ...]  # bucket parameters, in bucket id order
+    parameter_queries: tuple[ParameterQuery, ...]
+    data_queries: tuple[DataQuery, ...]
+    accept_potentially_dangerous_queries: bool = False
+
+    @property
+    def is_global(self) -> bool:
+        """No parameter queries: every client gets the single bucket ``<name>[]``."""
+        return not self.parameter_queries
+
+
+def _describe_error(e: BaseException) -> str:
+    if isinstance(e, SqlEvalError):
+        return str(e)
+    return f"{type(e).__name__}: {e}"
+
+
+class SyncRules:
+    """Compiled sync rules. Immutable and safe to share between threads and tasks.
+
+    Build with :func:`pipeline.rules.load_rules` / :func:`pipeline.rules.parse_rules`.
+    """
+
+    def __init__(
+        self,
+        definitions: Sequence[BucketDefinition],
+        *,
+        warnings: Sequence[str] = (),
+        source: str = "<rules>",
+        content_hash: str = "",
+    ) -> None:
+        self.definitions: tuple[BucketDefinition, ...] = tuple(definitions)
+        self.warnings: tuple[str, ...] = tuple(warnings)
+        self.source = source
+        self.content_hash = content_hash
+        self._by_name = {d.name: d for d in self.definitions}
+
+        self._data_queries: tuple[DataQuery, ...] = tuple(
+            q for d in self.definitions for q in d.data_queries
+        )
+        self._lookup_queries: tuple[TableParameterQuery, ...] = tuple(
+            q
+            for d in self.definitions
+            for q in d.parameter_queries
+            if isinstance(q, TableParameterQuery)
+        )
+        self._data_wildcards = tuple(q for q in self._data_queries if q.table.wildcard)
+        self._data_by_table: dict[str, tuple[tuple[DataQuery, ...], bool]] = {}
+        for name in {q.table.name for q in self._data_queries if not q.table.wildcard}:
+            self._data_by_table[name] = self._index_data(name)
+        self._params_by_table: dict[str, tuple[TableParameterQuery, ...]] = {}
+        for q in self._lookup_queries:
+            assert q.table is not None
+            self._params_by_table[q.table.name] = (*self._params_by_table.get(q.table.name, ()), q)
+
+    def _index_data(self, table: str) -> tuple[tuple[DataQuery, ...], bool]:
+        queries = tuple(
+            q
+            for q in self._data_queries
+            if (table.startswith(q.table.prefix) if q.table.wildcard else q.table.name == table)
+        )
+        per_definition: dict[str, int] = {}
+        for q in queries:
+            per_definition[q.definition] = per_definition.get(q.definition, 0) + 1
+        dedupe = any(n > 1 for n in per_definition.values())
+        return queries, dedupe
+
+    # ----------------------------------------------------------------- introspection
+
+    def definition(self, name: str) -> BucketDefinition:
+        return self._by_name[name]
+
+    def tables(self) -> set[str]:
+        """Source table names the rules read (data and parameter queries).
+
+        Wildcard patterns appear as written (``todos_%``); use :meth:`is_relevant` to test a
+        concrete table.
+        """
+        return self.data_tables() | self.parameter_tables()
+
+    def data_tables(self) -> set[str]:
+        return {q.table.name for q in self._data_queries}
+
+    def parameter_tables(self) -> set[str]:
+        """Tables read by parameter queries (lookups); feed their rows to
+        :meth:`evaluate_parameter_row`."""
+        return set(self._params_by_table)
+
+    def is_relevant(self, table: str, schema: str | None = None) -> bool:
+        for q in self._data_queries:
+            if q.table.matches(table, schema):
+                return True
+        return any(
+            q.table is not None and q.table.matches(table, schema) for q in self._lookup_queries
+        )
+
+    @property
+    def has_lookups(self) -> bool:
+        """Whether some parameter query reads a table (``buckets_for_request`` needs lookups)."""
+        return bool(self._lookup_queries)
+
+    # ----------------------------------------------------------------- rows
+
+    def evaluate_row(
+        self, table: str, row: Mapping[str, Any], *, schema: str | None = None
+    ) -> list[RowOutput]:
+        """The buckets a source row lands in, with its object type, id and data.
+
+        One entry per (bucket, data query); when two data queries of one definition give
+        the same bucket, object type and object id, the first is kept. Raises
+        :class:`RowEvaluationError` for a row that cannot be evaluated.
+        """
+        entry = self._data_by_table.get(table)
+        if entry is None:
+            if not self._data_wildcards:
+                return []
+            entry = self._index_data(table)
+            self._data_by_table[table] = entry
+        queries, dedupe = entry
+        out: list[RowOutput] = []
+        last_projection: Any = None
+        projected: tuple[str, str] = ("", "")
+        cache: dict[Any, tuple[str, str]] | None = None
+        for q in queries:
+            q_schema = q.schema
+            if q_schema is not None and q_schema != schema:
+                continue
+            try:
+                ids = q.buckets(row)
+                if not ids:
+                    continue
+                projection = q.projection
+                if projection is not last_projection:
+                    if last_projection is None:
+                        projected = projection.project(row)
+                    else:
+                        if cache is None:
+                            cache = {last_projection: projected}
+                        found = cache.get(projection)
+                        if found is None:
+                            found = cache[projection] = projection.project(row)
+                        projected = found
+                    last_projection = projection
+            except Exception as e:
+                raise RowEvaluationError(
+                    f"sync rules: definition '{q.definition}', data query {q.number} \"{q.sql}\": "
+                    f"{_describe_error(e)} (table {table!r})",
+                    definition=q.definition,
+                    query=q.sql,
+                ) from e
+            object_id, data = projected
+            object_type = q.object_type or table
+            for bucket in ids:
+                out.append(RowOutput(bucket, object_type, object_id, data))
+        if dedupe and len(out) > 1:
+            seen: set[tuple[str, str, str]] = set()
+            unique: list[RowOutput] = []
+            for o in out:
+                k = (o.bucket, o.object_type, o.object_id)
+                if k not in seen:
+                    seen.add(k)
+                    unique.append(o)
+            out = unique
+        return out
+
+    def evaluate_parameter_row(
+        self, table: str, row: Mapping[str, Any], schema: str | None = None
+    ) -> list[LookupEntry]:
+        """Lookup entries a source row contributes to parameter queries over ``table``.
+
+        The processor keeps, per source row, the entries it last contributed; on a change it
+        removes the old entries and adds the new ones (a deleted row contributes none).
+        """
+        queries = self._params_by_table.get(table)
+        if not queries:
+            return []
+        out: list[LookupEntry] = []
+        for q in queries:
+            assert q.table is not None
+            if q.table.schema is not None and q.table.schema != schema:
+                continue
+            try:
+                out.extend(q.evaluate_row(row))
+            except Exception as e:
+                raise RowEvaluationError(
+                    f"sync rules: definition '{q.definition}', parameter query {q.number} \"{q.sql}\": "
+                    f"{_describe_error(e)} (table {table!r})",
+                    definition=q.definition,
+                    query=q.sql,
+                ) from e
+        return out
+
+    # ----------------------------------------------------------------- requests
+
+    def _request(
+        self, payload: Mapping[str, Any], client_parameters: Mapping[str, Any] | None
+    ) -> RequestContext:
+        try:
+            return RequestContext(payload, client_parameters)
+        except Exception as e:
+            raise RequestEvaluationError(
+                f"sync rules: cannot evaluate request: {_describe_error(e)}"
+            ) from e
+
+    def _request_keys(self, req: RequestContext) -> dict[int, list[str]]:
+        keys: dict[int, list[str]] = {}
+        for q in self._lookup_queries:
+            try:
+                keys[id(q)] = q.request_keys(req)
+            except Exception as e:
+                raise RequestEvaluationError(
+                    f"sync rules: definition '{q.definition}', parameter query {q.number} \"{q.sql}\": "
+                    f"{_describe_error(e)}",
+                    definition=q.definition,
+                    query=q.sql,
+                ) from e
+        return keys
+
+    def lookup_keys_for_request(
+        self, payload: Mapping[str, Any], client_parameters: Mapping[str, Any] | None = None
+    ) -> list[str]:
+        """The lookup keys a request needs (to prefetch them, e.g. asynchronously, and pass
+        the result to :meth:`buckets_for_request` as a mapping)."""
+        req = self._request(payload, client_parameters)
+        return list(dict.fromkeys(k for keys in self._request_keys(req).values() for k in keys))
+
+    def buckets_for_request(
+        self,
+        payload: Mapping[str, Any],
+        client_parameters: Mapping[str, Any] | None = None,
+        lookups: LookupReader | None = None,
+    ) -> list[BucketDescription]:
+        """The buckets a verified token payload (and client parameters) may see.
+
+        ``lookups`` is needed when the rules have parameter queries over tables
+        (:attr:`has_lookups`): a callable ``reader(keys) -> {key: [values, ...]}`` called
+        once with all keys, or a mapping prefetched for :meth:`lookup_keys_for_request`.
+        Buckets come in definition order, without duplicates.
+        """
+        req = self._request(payload, client_parameters)
+        keys_by_query: dict[int, list[str]] = {}
+        results: LookupResults = {}
+        if self._lookup_queries:
+            keys_by_query = self._request_keys(req)
+            all_keys = list(dict.fromkeys(k for keys in keys_by_query.values() for k in keys))
+            if all_keys:
+                if lookups is None:
+                    raise ValueError(
+                        "these sync rules have parameter queries over tables; pass lookups= to "
+                        "buckets_for_request (see SyncRules.lookup_keys_for_request)"
+                    )
+                results = lookups(all_keys) if callable(lookups) else lookups
+        buckets: dict[str, BucketDescription] = {}
+        for d in self.definitions:
+            if not d.parameter_queries:
+                bid = d.name + "[]"
+                if bid not in buckets:
+                    buckets[bid] = BucketDescription(bid, d.name, d.priority)
+                continue
+            for q in d.parameter_queries:
+                try:
+                    rows = q.resolve(req, keys_by_query.get(id(q), []), results)
+                except Exception as e:
+                    raise RequestEvaluationError(
+                        f"sync rules: definition '{q.definition}', parameter query {q.number} "
+                        f'"{q.sql}": {_describe_error(e)}',
+                        definition=q.definition,
+                        query=q.sql,
+                    ) from e
+                for values in rows:
+                    if any(type(v) is bytes for v in values):
+                        continue
+                    bid = d.name + serialize_values(values)
+                    if bid not in buckets:
+                        buckets[bid] = BucketDescription(bid, d.name, d.priority)
+        return list(buckets.values())
+
+    def __repr__(self) -> str:
+        names = ", ".join(d.name for d in self.definitions)
+        return f"SyncRules({self.source!r}: {names})"

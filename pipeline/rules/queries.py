@@ -1,0 +1,812 @@
+"""Compiled data queries and parameter queries of one bucket definition."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import orjson
+from sqlglot import exp
+
+from pipeline.rules import functions as fns
+from pipeline.rules import values as sv
+from pipeline.rules.bucket_id import json_string, lookup_key, serialize_value
+from pipeline.rules.errors import RulesError, SqlEvalError
+from pipeline.rules.expr import (
+    NO_MATCH,
+    Compiler,
+    InputParam,
+    MatchClause,
+    Mode,
+    ParamValue,
+    RequestContext,
+    Row,
+    RowValue,
+    Scope,
+    Static,
+    ValueFn,
+    _sql,
+)
+from pipeline.rules.model import LookupEntry, LookupResults
+from pipeline.rules.sql import (
+    SqlSyntaxError,
+    identifier_name,
+    locate,
+    node_offset,
+    node_text,
+    parse_select,
+    position_of,
+)
+from pipeline.rules.values import SqliteValue
+
+EMPTY: Final[tuple[str, ...]] = ()
+
+
+# --------------------------------------------------------------------------- context / errors
+
+
+@dataclass
+class QueryContext:
+    """Where a query comes from, for messages."""
+
+    source: str
+    definition: str
+    kind: str  # "data" | "parameter"
+    number: int  # 1-based
+    sql: str
+
+    @property
+    def multiline(self) -> bool:
+        return "\n" in self.sql
+
+    @property
+    def label(self) -> str:
+        return f"definition '{self.definition}', {self.kind} query {self.number} \"{self.sql}\""
+
+    def error(self, message: str, offset: int | None) -> RulesError:
+        prefix = "sync rules: " if self.source == "<rules>" else f"sync rules: {self.source}: "
+        line = column = None
+        where = ""
+        if offset is not None:
+            pos = position_of(self.sql, offset)
+            line, column = pos.line, pos.column
+            where = f" at {pos.describe(self.multiline)}"
+        return RulesError(
+            f"{prefix}{self.label}: {message}{where}",
+            source=self.source,
+            definition=self.definition,
+            query=self.sql,
+            line=line,
+            column=column,
+        )
+
+    def warning(self, message: str, offset: int | None) -> str:
+        where = ""
+        if offset is not None:
+            where = f" at {position_of(self.sql, offset).describe(self.multiline)}"
+        return f"sync rules: {self.label}: {message}{where}"
+
+
+# --------------------------------------------------------------------------- shared parsing
+
+
+_CLAUSE_NAMES: Final = {
+    "joins": "joins are not supported",
+    "laterals": "joins are not supported",
+    "group": "GROUP BY is not supported",
+    "having": "HAVING is not supported",
+    "order": "ORDER BY is not supported",
+    "limit": "LIMIT is not supported",
+    "offset": "OFFSET is not supported",
+    "distinct": "DISTINCT is not supported",
+    "with": "WITH (common table expressions) is not supported",
+    "with_": "WITH (common table expressions) is not supported",
+    "qualify": "QUALIFY is not supported",
+    "windows": "window definitions are not supported",
+}
+_ALLOWED_SELECT_ARGS: Final = frozenset({"expressions", "from", "from_", "where"})
+
+
+def _parse(ctx: QueryContext) -> exp.Select:
+    try:
+        stmt = parse_select(ctx.sql)
+    except SqlSyntaxError as e:
+        raise ctx.error(e.message, e.offset) from None
+    assert isinstance(stmt, exp.Select)
+    for key, value in stmt.args.items():
+        if key in _ALLOWED_SELECT_ARGS or not value:
+            continue
+        node = value[0] if isinstance(value, list) else value
+        raise ctx.error(
+            _CLAUSE_NAMES.get(key, f"{key.upper()} is not supported"),
+            locate(ctx.sql, node) if isinstance(node, exp.Expr) else None,
+        )
+    if not stmt.expressions:
+        raise ctx.error("syntax error: no columns selected", 0)
+    return stmt
+
+
+def _from(stmt: exp.Select) -> exp.Expr | None:
+    f = stmt.args.get("from_") or stmt.args.get("from")
+    return f.this if isinstance(f, exp.From) else None
+
+
+@dataclass(frozen=True)
+class TableRef:
+    name: str  # as written (case folded unless quoted); may end with % (wildcard)
+    schema: str | None
+    alias: str | None
+
+    @property
+    def wildcard(self) -> bool:
+        return self.name.endswith("%")
+
+    @property
+    def prefix(self) -> str:
+        return self.name[:-1]
+
+    @property
+    def sql_name(self) -> str:
+        return self.alias or self.name
+
+    def matches(self, table: str, schema: str | None) -> bool:
+        if self.schema is not None and self.schema != schema:
+            return False
+        return table.startswith(self.prefix) if self.wildcard else table == self.name
+
+
+def _table_ref(node: exp.Table, ctx: QueryContext, warnings: list[str]) -> TableRef:
+    if node.args.get("catalog") is not None:
+        raise ctx.error(
+            "table names may have at most one qualifier (schema.table)", node_offset(node)
+        )
+    if not isinstance(node.this, exp.Identifier):
+        raise ctx.error(f"unsupported FROM {_sql(node)!r}", node_offset(node))
+    name, quoted = identifier_name(node.this)
+    if not quoted and node.this.this != name:
+        warnings.append(
+            ctx.warning(
+                f'unquoted table name {node.this.this} is converted to lower case; use "{node.this.this}"',
+                node_offset(node.this),
+            )
+        )
+    db = node.args.get("db")
+    schema = identifier_name(db)[0] if db is not None else None
+    alias_node = node.args.get("alias")
+    alias = identifier_name(alias_node.this)[0] if isinstance(alias_node, exp.TableAlias) else None
+    if alias_node is not None and isinstance(alias_node, exp.TableAlias) and alias_node.columns:
+        raise ctx.error("column aliases on tables are not supported", node_offset(alias_node))
+    return TableRef(name=name, schema=schema, alias=alias)
+
+
+@dataclass
+class _Output:
+    name: str | None  # None: '*'
+    node: exp.Expr | None
+
+
+def _outputs(
+    stmt: exp.Select, ctx: QueryContext, table_names: frozenset[str], allow_star: bool
+) -> list[_Output]:
+    outputs: list[_Output] = []
+    seen: set[str] = set()
+    for e in stmt.expressions:
+        if isinstance(e, exp.Star) or (isinstance(e, exp.Column) and isinstance(e.this, exp.Star)):
+            if not allow_star:
+                raise ctx.error(
+                    "'*' is not supported here; select explicit columns with names", node_offset(e)
+                )
+            if isinstance(e, exp.Column):
+                qualifier, _ = identifier_name(e.args.get("table"))
+                if qualifier not in table_names:
+                    raise ctx.error(f"unknown table '{qualifier}' in {qualifier}.*", node_offset(e))
+            outputs.append(_Output(None, None))
+            continue
+        if isinstance(e, exp.Alias):
+            name, _ = identifier_name(e.args.get("alias"))
+            node = e.this
+        elif isinstance(e, exp.Column) and isinstance(e.this, exp.Identifier):
+            name, _ = identifier_name(e.this)
+            node = e
+        else:
+            raise ctx.error(
+                f"alias is required, e.g. {node_text(ctx.sql, e)} AS name", node_offset(e)
+            )
+        if not name:
+            raise ctx.error("empty column name", node_offset(e))
+        if name in seen and not allow_star:
+            raise ctx.error(f"duplicate output column '{name}'", node_offset(e))
+        seen.add(name)
+        outputs.append(_Output(name, node))
+    return outputs
+
+
+def _compile_err(ctx: QueryContext, e: SqlSyntaxError) -> RulesError:
+    return ctx.error(e.message, e.offset_in(ctx.sql))
+
+
+def _flush_warnings(ctx: QueryContext, scope: Scope, warnings: list[str]) -> None:
+    for message, offset in scope.warnings:
+        w = ctx.warning(message, offset)
+        if w not in warnings:
+            warnings.append(w)
+
+
+# --------------------------------------------------------------------------- data queries
+
+
+def _object_id(v: SqliteValue) -> str:
+    if v is None:
+        return ""
+    if type(v) is str:
+        return v
+    return sv.to_text(v) or ""
+
+
+class Projection:
+    """The output columns of a data query: computes ``(object_id, data)`` for a row."""
+
+    __slots__ = ("_columns", "key", "project")
+
+    def __init__(
+        self,
+        star: bool,
+        columns: list[tuple[str, ValueFn]],
+        key: tuple[Any, ...],
+        plain: list[tuple[str, str]] | None = None,
+    ) -> None:
+        self.key = key
+        self._columns = columns
+        if star and not columns:
+            self.project: Callable[[Row], tuple[str, str]] = _project_star
+        elif not star and plain is not None:
+            self.project = self._make_plain(plain)
+        else:
+            self.project = self._make_general(star, columns)
+
+    @staticmethod
+    def _make_plain(plain: list[tuple[str, str]]) -> Callable[[Row], tuple[str, str]]:
+        """Only plain column references (``SELECT id, a, b AS c``): no closures per column."""
+        to_sqlite = sv.to_sqlite
+        dumps = sv.dumps_flat_object
+        orjson_dumps = orjson.dumps
+
+        def project(row: Row) -> tuple[str, str]:
+            d: dict[str, SqliteValue] = {}
+            simple = True
+            get = row.get
+            for name, col in plain:
+                v = get(col)
+                t = type(v)
+                if t is not str and t is not int and v is not None:
+                    v = to_sqlite(v)
+                    t = type(v)
+                    if t is bytes:  # binary values are dropped (§8.3)
+                        d.pop(name, None)
+                        continue
+                    if t is float:
+                        simple = False
+                d[name] = v
+            if simple:
+                try:
+                    data = orjson_dumps(d).decode()
+                except TypeError:
+                    data = sv.json_dumps(d)
+            else:
+                data = dumps(d)
+            oid = d.get("id")
+            return (oid if type(oid) is str else _object_id(oid)), data
+
+        return project
+
+    @staticmethod
+    def _make_general(
+        star: bool, columns: list[tuple[str, ValueFn]]
+    ) -> Callable[[Row], tuple[str, str]]:
+        dumps = sv.dumps_flat_object
+
+        def project(row: Row) -> tuple[str, str]:
+            d: dict[str, SqliteValue] = _star_dict(row) if star else {}
+            for name, fn in columns:
+                v = fn(row, None)
+                if type(v) is bytes:  # binary values are dropped (§8.3)
+                    d.pop(name, None)
+                    continue
+                d[name] = v
+            oid = d.get("id")
+            return (oid if type(oid) is str else _object_id(oid)), dumps(d)
+
+        return project
+
+
+def _star_dict(row: Row) -> dict[str, SqliteValue]:
+    d: dict[str, SqliteValue] = {}
+    to_sqlite = sv.to_sqlite
+    for k, v in row.items():
+        t = type(v)
+        if t is not str and t is not int and v is not None:
+            v = to_sqlite(v)
+            if type(v) is bytes:
+                continue
+        d[k] = v
+    return d
+
+
+def _project_star(row: Row) -> tuple[str, str]:
+    simple = True
+    for v in row.values():
+        t = type(v)
+        if t is not str and t is not int and v is not None:
+            simple = False
+            break
+    if simple:
+        try:
+            data = orjson.dumps(row if type(row) is dict else dict(row)).decode()
+        except TypeError:
+            data = sv.json_dumps(dict(row))
+        oid = row.get("id")
+    else:
+        d = _star_dict(row)
+        data = sv.dumps_flat_object(d)
+        oid = d.get("id")
+    return (oid if type(oid) is str else _object_id(oid)), data
+
+
+@dataclass(eq=False)
+class DataQuery:
+    definition: str
+    number: int
+    sql: str
+    table: TableRef
+    projection: Projection
+    buckets: Callable[[Row], Sequence[str]]
+    # the alias or table name; None for a wildcard table without alias (source table name)
+    object_type: str | None
+    schema: str | None  # required source schema (FROM schema.table), else None
+
+
+def _bucket_fn(
+    name: str, params: tuple[str, ...], match: MatchClause, has_where: bool
+) -> Callable[[Row], Sequence[str]]:
+    prefix = name + "["
+    f = match.filter
+    if not params:
+        ids = (name + "[]",)
+        if not has_where:
+            return lambda row: ids
+        return lambda row: ids if f(row, None) else EMPTY
+    if len(params) == 1 and match.simple is not None:
+        col = match.simple[0]
+        to_sqlite = sv.to_sqlite
+        null_bucket = (prefix + "null]",)  # NULL column: `name[null]` (§8.5)
+
+        def simple(row: Row) -> Sequence[str]:
+            v = row.get(col)
+            t = type(v)
+            if t is str:
+                return (prefix + json_string(v) + "]",)  # type: ignore[arg-type]
+            if t is int:
+                return (prefix + str(v) + "]",)
+            if v is None:
+                return null_bucket
+            v = to_sqlite(v)
+            if type(v) is bytes:
+                return EMPTY
+            return (prefix + serialize_value(v) + "]",)
+
+        return simple
+
+    def general(row: Row) -> Sequence[str]:
+        assignments = f(row, None)
+        if not assignments:
+            return EMPTY
+        if len(assignments) == 1:
+            a = assignments[0]
+            return (prefix + ",".join([serialize_value(a[p]) for p in params]) + "]",)
+        out = dict.fromkeys(
+            prefix + ",".join([serialize_value(a[p]) for p in params]) + "]" for a in assignments
+        )
+        return tuple(out)
+
+    return general
+
+
+def compile_data_query(
+    ctx: QueryContext,
+    params: tuple[str, ...],
+    projections: dict[tuple[Any, ...], Projection],
+    warnings: list[str],
+) -> DataQuery:
+    stmt = _parse(ctx)
+    src = _from(stmt)
+    if src is None:
+        raise ctx.error("a data query needs FROM <table>", len(ctx.sql))
+    if isinstance(src, exp.Subquery):
+        raise ctx.error("subqueries are not supported", locate(ctx.sql, src))
+    if not isinstance(src, exp.Table) or isinstance(src.this, exp.Anonymous):
+        what = "table-valued functions" if isinstance(src, exp.Table) else f"FROM {_sql(src)!r}"
+        raise ctx.error(f"{what} are not supported in data queries", node_offset(src))
+    table = _table_ref(src, ctx, warnings)
+    names = frozenset({table.sql_name})
+    scope = Scope(Mode.DATA, table_names=names, row_kind="table", bucket_params=params)
+    compiler = Compiler(scope)
+    try:
+        outputs = _outputs(stmt, ctx, names, allow_star=True)
+        star = False
+        columns: list[tuple[str, ValueFn]] = []
+        plain: list[tuple[str, str]] = []
+        all_plain = True
+        key_parts: list[Any] = []
+        for out in outputs:
+            if out.name is None:
+                if columns:
+                    # '*' after explicit columns: PowerSync keeps select order; we keep it simple
+                    raise SqlSyntaxError(
+                        "'*' must come first in the select list",
+                        node_offset(stmt.expressions[len(columns)]),
+                    )
+                star = True
+                key_parts.append("*")
+                continue
+            assert out.node is not None
+            clause = compiler.compile_value(out.node, "select columns")
+            columns.append((out.name, clause.fn))
+            if isinstance(clause, RowValue) and clause.column is not None:
+                plain.append((out.name, clause.column))
+            else:
+                all_plain = False
+            key_parts.append((out.name, _sql(out.node)))
+        where_node = stmt.args.get("where")
+        match = compiler.compile_where(where_node.this if where_node is not None else None)
+    except SqlSyntaxError as e:
+        raise _compile_err(ctx, e) from None
+    _flush_warnings(ctx, scope, warnings)
+
+    covered = {i.bucket_param for i in match.inputs}
+    for p in params:
+        if p not in covered:
+            offset = node_offset(where_node) if where_node is not None else len(ctx.sql)
+            raise ctx.error(
+                f"does not tie bucket parameter '{p}' to the row; add `<column> = bucket.{p}` "
+                f"or `bucket.{p} IN <column>` to the WHERE clause",
+                offset,
+            )
+    key = (star, *key_parts)
+    projection = projections.get(key)
+    if projection is None:
+        projection = projections[key] = Projection(star, columns, key, plain if all_plain else None)
+    return DataQuery(
+        definition=ctx.definition,
+        number=ctx.number,
+        sql=ctx.sql,
+        table=table,
+        projection=projection,
+        buckets=_bucket_fn(ctx.definition, params, match, where_node is not None),
+        object_type=table.alias or (None if table.wildcard else table.name),
+        schema=table.schema,
+    )
+
+
+# --------------------------------------------------------------------------- parameter queries
+
+
+@dataclass(eq=False)
+class ParameterQuery:
+    definition: str
+    number: int
+    sql: str
+    output_names: tuple[str, ...]
+    uses_client: bool
+
+    def reorder(self, names: tuple[str, ...]) -> None:
+        """Arrange outputs in the definition's bucket parameter order."""
+        raise NotImplementedError
+
+    def request_keys(self, req: RequestContext) -> list[str]:
+        return []
+
+    def resolve(
+        self, req: RequestContext, keys: list[str], results: LookupResults
+    ) -> list[tuple[SqliteValue, ...]]:
+        raise NotImplementedError
+
+
+@dataclass(eq=False)
+class StaticParameterQuery(ParameterQuery):
+    """``SELECT request.user_id() AS user_id [WHERE ...]``: computed from the request."""
+
+    outputs: list[ValueFn] = field(default_factory=list)
+    where: ValueFn | None = None
+
+    def reorder(self, names: tuple[str, ...]) -> None:
+        idx = [self.output_names.index(n) for n in names]
+        self.outputs = [self.outputs[i] for i in idx]
+        self.output_names = names
+
+    def resolve(
+        self, req: RequestContext, keys: list[str], results: LookupResults
+    ) -> list[tuple[SqliteValue, ...]]:
+        if self.where is not None and sv.truth(self.where(None, req)) != 1:
+            return []
+        return [tuple(f(None, req) for f in self.outputs)]
+
+
+@dataclass(eq=False)
+class JsonEachParameterQuery(ParameterQuery):
+    """``SELECT value AS p FROM json_each(<request value>) [WHERE ...]``: one row per element."""
+
+    source: ValueFn | None = None
+    outputs: list[ValueFn] = field(default_factory=list)
+    where: ValueFn | None = None
+
+    def reorder(self, names: tuple[str, ...]) -> None:
+        idx = [self.output_names.index(n) for n in names]
+        self.outputs = [self.outputs[i] for i in idx]
+        self.output_names = names
+
+    def resolve(
+        self, req: RequestContext, keys: list[str], results: LookupResults
+    ) -> list[tuple[SqliteValue, ...]]:
+        assert self.source is not None
+        rows = fns.json_each(self.source(None, req))
+        out: list[tuple[SqliteValue, ...]] = []
+        where = self.where
+        for row in rows:
+            if where is not None and sv.truth(where(row, req)) != 1:
+                continue
+            out.append(tuple(f(row, req) for f in self.outputs))
+        return out
+
+
+@dataclass(eq=False)
+class TableParameterQuery(ParameterQuery):
+    """``SELECT list_id FROM list_members WHERE user_id = request.user_id()``: a lookup.
+
+    The processor feeds source rows to :meth:`evaluate_row` and stores the resulting
+    :class:`LookupEntry` values under their keys; the gateway computes the keys of a request
+    with :meth:`request_keys` and reads the stored values back.
+    """
+
+    table: TableRef | None = None
+    match: MatchClause | None = None
+    row_outputs: list[ValueFn] = field(default_factory=list)  # stored in LookupEntry.values
+    # per output (query order): ("row", index into row_outputs) or ("req", fn)
+    plan: list[tuple[str, Any]] = field(default_factory=list)
+
+    def reorder(self, names: tuple[str, ...]) -> None:
+        idx = [self.output_names.index(n) for n in names]
+        self.plan = [self.plan[i] for i in idx]
+        self.output_names = names
+
+    @property
+    def inputs(self) -> tuple[InputParam, ...]:
+        assert self.match is not None
+        return self.match.inputs
+
+    def evaluate_row(self, row: Row) -> list[LookupEntry]:
+        assert self.match is not None
+        assignments = self.match.filter(row, None)
+        if not assignments:
+            return []
+        values = tuple(f(row, None) for f in self.row_outputs)
+        if any(type(v) is bytes for v in values):
+            return []
+        inputs = self.match.inputs
+        keys = dict.fromkeys(
+            lookup_key(self.definition, self.number, [a[i.key] for i in inputs])
+            for a in assignments
+        )
+        return [LookupEntry(k, values) for k in keys]
+
+    def request_keys(self, req: RequestContext) -> list[str]:
+        per_input: list[list[SqliteValue]] = []
+        for inp in self.inputs:
+            v = inp.fn(None, req)
+            if inp.is_bool:
+                if v != 1:
+                    return []
+                per_input.append([1])
+            elif inp.expands:
+                items = sv.json_array_items(v) if v is not None else None
+                vals: list[SqliteValue] = list(
+                    dict.fromkeys(x for x in items or () if x is not None and type(x) is not bytes)
+                )
+                if not vals:
+                    return []
+                per_input.append(vals)
+            else:
+                if v is None or type(v) is bytes:
+                    return []
+                per_input.append([v])
+        return list(
+            dict.fromkeys(
+                lookup_key(self.definition, self.number, combo)
+                for combo in itertools.product(*per_input)
+            )
+        )
+
+    def resolve(
+        self, req: RequestContext, keys: list[str], results: LookupResults
+    ) -> list[tuple[SqliteValue, ...]]:
+        out: list[tuple[SqliteValue, ...]] = []
+        req_values = {i: fn(None, req) for i, (kind, fn) in enumerate(self.plan) if kind == "req"}
+        for key in keys:
+            for stored in results.get(key, ()):
+                vals: list[SqliteValue] = []
+                for i, (kind, arg) in enumerate(self.plan):
+                    vals.append(stored[arg] if kind == "row" else req_values[i])
+                out.append(tuple(vals))
+        return out
+
+
+def compile_parameter_query(ctx: QueryContext, warnings: list[str]) -> ParameterQuery:
+    stmt = _parse(ctx)
+    src = _from(stmt)
+    where_node = stmt.args.get("where")
+    where_expr = where_node.this if where_node is not None else None
+    try:
+        if src is None:
+            return _static_query(ctx, stmt, where_expr, warnings)
+        if isinstance(src, exp.Subquery):
+            raise SqlSyntaxError("subqueries are not supported", node_offset(src), src)
+        if isinstance(src, exp.Table) and isinstance(src.this, exp.Anonymous):
+            return _json_each_query(ctx, stmt, src, where_expr, warnings)
+        if isinstance(src, exp.Table):
+            return _table_query(ctx, stmt, src, where_expr, warnings)
+        raise SqlSyntaxError(f"unsupported FROM {_sql(src)!r}", node_offset(src))
+    except SqlSyntaxError as e:
+        raise _compile_err(ctx, e) from None
+
+
+def _request_outputs(
+    ctx: QueryContext, stmt: exp.Select, compiler: Compiler, names: frozenset[str]
+) -> tuple[tuple[str, ...], list[ValueFn]]:
+    outs = _outputs(stmt, ctx, names, allow_star=False)
+    fns_: list[ValueFn] = []
+    for out in outs:
+        assert out.node is not None
+        clause = compiler.compile_value(out.node, "select columns")
+        fns_.append(clause.fn)
+    return tuple(o.name for o in outs if o.name is not None), fns_
+
+
+def _static_query(
+    ctx: QueryContext, stmt: exp.Select, where: exp.Expr | None, warnings: list[str]
+) -> StaticParameterQuery:
+    scope = Scope(Mode.REQUEST, row_kind="none")
+    compiler = Compiler(scope)
+    names, outputs = _request_outputs(ctx, stmt, compiler, frozenset())
+    where_fn = compiler.compile_value(where, "WHERE").fn if where is not None else None
+    _flush_warnings(ctx, scope, warnings)
+    return StaticParameterQuery(
+        definition=ctx.definition,
+        number=ctx.number,
+        sql=ctx.sql,
+        output_names=names,
+        uses_client=scope.uses_client,
+        outputs=outputs,
+        where=where_fn,
+    )
+
+
+def _json_each_query(
+    ctx: QueryContext, stmt: exp.Select, src: exp.Table, where: exp.Expr | None, warnings: list[str]
+) -> JsonEachParameterQuery:
+    call = src.this
+    assert isinstance(call, exp.Anonymous)
+    fname = str(call.this).lower()
+    if fname != "json_each":
+        raise SqlSyntaxError(
+            f"unknown table-valued function '{fname}()' (only json_each is supported)",
+            node_offset(src),
+        )
+    if len(call.expressions) != 1:
+        raise SqlSyntaxError("json_each() takes exactly 1 argument", node_offset(call))
+    arg_scope = Scope(Mode.REQUEST, row_kind="none")
+    source = Compiler(arg_scope).compile_value(call.expressions[0], "the json_each argument")
+    if isinstance(source, Static):
+        try:
+            fns.json_each(source.value)
+        except SqlEvalError as e:
+            raise SqlSyntaxError(str(e), node_offset(call)) from None
+    alias_node = src.args.get("alias")
+    alias = (
+        identifier_name(alias_node.this)[0]
+        if isinstance(alias_node, exp.TableAlias)
+        else "json_each"
+    )
+    names = frozenset({alias, "json_each"})
+    scope = Scope(Mode.REQUEST, table_names=names, row_kind="json_each")
+    compiler = Compiler(scope)
+    out_names, outputs = _request_outputs(ctx, stmt, compiler, names)
+    where_fn = compiler.compile_value(where, "WHERE").fn if where is not None else None
+    _flush_warnings(ctx, arg_scope, warnings)
+    _flush_warnings(ctx, scope, warnings)
+    return JsonEachParameterQuery(
+        definition=ctx.definition,
+        number=ctx.number,
+        sql=ctx.sql,
+        output_names=out_names,
+        uses_client=arg_scope.uses_client or scope.uses_client,
+        source=source.fn,
+        outputs=outputs,
+        where=where_fn,
+    )
+
+
+def _table_query(
+    ctx: QueryContext, stmt: exp.Select, src: exp.Table, where: exp.Expr | None, warnings: list[str]
+) -> TableParameterQuery:
+    table = _table_ref(src, ctx, warnings)
+    if table.wildcard:
+        raise SqlSyntaxError(
+            "wildcard tables are not supported in parameter queries", node_offset(src)
+        )
+    names = frozenset({table.sql_name})
+    scope = Scope(Mode.LOOKUP, table_names=names, row_kind="table")
+    compiler = Compiler(scope)
+    outs = _outputs(stmt, ctx, names, allow_star=False)
+    row_outputs: list[ValueFn] = []
+    plan: list[tuple[str, Any]] = []
+    for out in outs:
+        assert out.node is not None
+        clause = compiler.compile_output(out.node)
+        if isinstance(clause, (ParamValue, Static)):
+            plan.append(("req", clause.fn))
+        else:
+            assert isinstance(clause, RowValue)
+            plan.append(("row", len(row_outputs)))
+            row_outputs.append(clause.fn)
+    match = compiler.compile_where(where)
+    expanding = [i for i in match.inputs if i.expands]
+    if len(expanding) > 1:
+        raise SqlSyntaxError(
+            "only one `column IN <request array>` filter is supported per query", node_offset(where)
+        )
+    _flush_warnings(ctx, scope, warnings)
+    return TableParameterQuery(
+        definition=ctx.definition,
+        number=ctx.number,
+        sql=ctx.sql,
+        output_names=tuple(o.name for o in outs if o.name is not None),
+        uses_client=scope.uses_client,
+        table=table,
+        match=match,
+        row_outputs=row_outputs,
+        plan=plan,
+    )
+
+
+__all__ = [
+    "NO_MATCH",
+    "DataQuery",
+    "JsonEachParameterQuery",
+    "ParameterQuery",
+    "Projection",
+    "QueryContext",
+    "StaticParameterQuery",
+    "TableParameterQuery",
+    "TableRef",
+    "compile_data_query",
+    "compile_parameter_query",
+]
+
+
+def compile_expression(expr_sql: str, *, table: str = "t") -> Callable[[Row], SqliteValue]:
+    """Compile one SQL expression over a row, e.g. ``compile_expression("upper(name)")``.
+
+    For tests and debugging; raises :class:`RulesError` on invalid expressions.
+    """
+    ctx = QueryContext(
+        "<expression>", "<expression>", "data", 1, f"SELECT {expr_sql} AS v FROM {table}"
+    )
+    stmt = _parse(ctx)
+    scope = Scope(Mode.DATA, table_names=frozenset({table}), row_kind="table")
+    try:
+        clause = Compiler(scope).compile_value(stmt.expressions[0].this, "the expression")
+    except SqlSyntaxError as e:
+        raise _compile_err(ctx, e) from None
+    fn = clause.fn
+    return lambda row: fn(row, None)
