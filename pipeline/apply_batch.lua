@@ -104,7 +104,9 @@ local function apply_row(ev)
         cur[f] = nil          -- unchanged data: no new op (invariant: skip identical PUT)
       else
         local op_id = next_op()
-        add_op(b, op_id, cs, "{\"op_id\":\"" .. op_id .. "\"," .. tail)
+        -- PUT members carry their row key ("R<len>:<row key>") so defragmentation can
+        -- find the row index entry to move along with the op
+        add_op(b, op_id, cs, "R" .. #ev.k .. ":" .. ev.k .. "{\"op_id\":\"" .. op_id .. "\"," .. tail)
         if e then
           to_move(b, e[1], e[2], op_id)
           cur[f] = nil

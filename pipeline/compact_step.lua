@@ -19,6 +19,10 @@ local last_id = nil
 local bytes = 0
 for i = 1, #rows, 2 do
   local m = rows[i]
+  local first = string.sub(m, 1, 1)
+  if first == "R" then
+    break  -- a PUT (tagged with its row key): the foldable run ends here
+  end
   local kind = string.match(m, '"op":"(%u+)"')
   if kind ~= "MOVE" and kind ~= "REMOVE" and kind ~= "CLEAR" then
     break

@@ -39,6 +39,7 @@ class CompactionStats:
     steps: int = 0
     longest_step_s: float = 0.0
     duration_s: float = 0.0
+    rows_reappended: int = 0
 
     def add(self, folded: int, freed: int, step_s: float) -> None:
         self.ops_removed += folded
@@ -58,6 +59,21 @@ async def compact_bucket(store: Store, bucket: str, chunk: int, stats: Compactio
             return
 
 
+async def defragment_bucket(store: Store, bucket: str, chunk: int, stats: CompactionStats) -> int:
+    """Re-append the bucket's live PUTs at its end so compaction can fold what was before."""
+    cutoff = (await store.bucket_state(bucket)).last_op
+    cursor, moved = 0, 0
+    while True:
+        n, cursor, done, step_s = await store.defrag_step(bucket, chunk, cursor, cutoff)
+        moved += n
+        stats.steps += 1
+        stats.longest_step_s = max(stats.longest_step_s, step_s)
+        STEP_SECONDS.observe(step_s)
+        if done:
+            stats.rows_reappended += moved
+            return moved
+
+
 async def compact(
     store: Store,
     chunk: int,
@@ -65,6 +81,8 @@ async def compact(
     bucket: str | None = None,
     every_bucket: bool = False,
     progress: bool = False,
+    defragment: bool = False,
+    defragment_threshold: float | None = None,
 ) -> CompactionStats:
     """Compact one bucket, every bucket, or (default) the buckets marked since last time."""
     t0 = time.perf_counter()
@@ -81,20 +99,34 @@ async def compact(
         with Progress(transient=False) as bar:
             task = bar.add_task("compacting", total=len(targets))
             for b in targets:
-                await _one(store, b, chunk, stats)
+                await _one(store, b, chunk, stats, defragment, defragment_threshold)
                 bar.advance(task)
     else:
         for b in targets:
-            await _one(store, b, chunk, stats)
+            await _one(store, b, chunk, stats, defragment, defragment_threshold)
     stats.duration_s = time.perf_counter() - t0
     RUN_SECONDS.observe(stats.duration_s)
     return stats
 
 
-async def _one(store: Store, bucket: str, chunk: int, stats: CompactionStats) -> None:
+async def _one(
+    store: Store,
+    bucket: str,
+    chunk: int,
+    stats: CompactionStats,
+    defragment: bool,
+    threshold: float | None,
+) -> None:
     # unmark first: MOVEs written while we work mark the bucket again
     await store.take_dirty(bucket)
     await compact_bucket(store, bucket, chunk, stats)
+    if not defragment and threshold is not None:
+        puts, total = await store.live_share(bucket)
+        defragment = total > 1 and (total - puts) / total >= threshold
+    if defragment:
+        await defragment_bucket(store, bucket, chunk, stats)
+        await store.take_dirty(bucket)
+        await compact_bucket(store, bucket, chunk, stats)
     stats.buckets += 1
 
 
@@ -141,7 +173,11 @@ async def schedule(settings: Settings, store: Store, stop: asyncio.Event) -> Non
         except TimeoutError:
             pass
         try:
-            st = await compact(store, settings.compaction.chunk_ops)
+            st = await compact(
+                store,
+                settings.compaction.chunk_ops,
+                defragment_threshold=settings.compaction.defragment_threshold,
+            )
             if st.ops_removed:
                 log.info(
                     "compaction: %d buckets, %d ops removed, %d bytes freed, longest step %.1f ms",
@@ -168,12 +204,15 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
                 bucket=args.bucket,
                 every_bucket=bool(args.all),
                 progress=True,
+                defragment=bool(args.defragment),
+                defragment_threshold=settings.compaction.defragment_threshold,
             )
         finally:
             await store.close()
         print(
             f"compacted {st.buckets} bucket(s): {st.ops_removed} ops removed, "
-            f"{st.bytes_freed} bytes freed, {st.steps} steps, longest step "
+            f"{st.bytes_freed} bytes freed, {st.rows_reappended} rows re-appended, "
+            f"{st.steps} steps, longest step "
             f"{st.longest_step_s * 1000:.2f} ms, {st.duration_s:.2f} s"
         )
         return 0

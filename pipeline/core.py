@@ -49,7 +49,7 @@ class RulesLike(Protocol):
         self, table: str, row: Mapping[str, Any], *, schema: str | None = None
     ) -> Sequence[RowOutputLike]: ...
 
-    def tables(self) -> set[str]: ...
+    def is_relevant(self, table: str, schema: str | None = None) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +116,6 @@ def plan_batch(
     dls: list[DeadLetter] = []
     plan = Plan(batch, dls)
     known_rows: dict[str, dict[str, Any] | None] = dict(stored_rows or {})
-    relevant = rules.tables()
     for rec, ev in items:
         plan.events += 1
         tp = tp_of(rec)
@@ -136,7 +135,7 @@ def plan_batch(
         # carries no envelope, so only the topic ties it to the row it deletes.
         table = rec.topic
         src_table = str(ev.get("source_table") or str(ev["table"]).rsplit(".", 1)[-1])
-        if src_table not in relevant:
+        if not rules.is_relevant(src_table, ev.get("source_schema")):
             if on_unknown_table:
                 on_unknown_table(src_table)
             continue

@@ -2,9 +2,10 @@
 
 Layout under the configured prefix ``P`` (docs/store.md has the long form):
 
-- ``P:ops:{bucket}``     sorted set, score = op_id, member = the op's wire JSON, or
-                         ``T<target>|<wire JSON>`` for MOVE/CLEAR (target = the op that
-                         superseded it; never sent to clients).
+- ``P:ops:{bucket}``     sorted set, score = op_id, member = the op's wire JSON behind a
+                         tag: ``R<len>:<row key>`` for PUT (defragmentation needs the row),
+                         ``T<target>|`` for MOVE/CLEAR (target = the op that superseded it),
+                         none for REMOVE. Tags are never sent to clients.
 - ``P:bucket:{bucket}``  hash: checksum (unsigned running total), count, last_op, moved.
 - ``P:row:{row key}``    hash: ``bucket\\x1fobject_type\\x1fobject_id`` -> ``op_id:checksum:
                          remove_checksum`` of the row's current op there; field ``""`` holds
@@ -83,9 +84,13 @@ class PlannedBatch:
 
 
 def parse_member(member: bytes, score: float) -> StoredOp:
-    if member[:1] == b"T":
+    first = member[:1]
+    if first == b"T":  # MOVE / CLEAR: T<target>|<wire>
         bar = member.index(b"|")
         return StoredOp(int(score), int(member[1:bar]), member[bar + 1 :])
+    if first == b"R":  # PUT: R<len>:<row key><wire>
+        colon = member.index(b":")
+        return StoredOp(int(score), 0, member[colon + 1 + int(member[1:colon]) :])
     return StoredOp(int(score), 0, member)
 
 
@@ -99,6 +104,7 @@ class Store:
         self._apply = client.register_script(_lua("apply_batch.lua"))
         self._compact = client.register_script(_lua("compact_step.lua"))
         self._notify = client.register_script(_NOTIFY_LUA)
+        self._defrag = client.register_script(_lua("defrag_step.lua"))
 
     @classmethod
     def from_url(cls, url: str, prefix: str, **kw: Any) -> Store:
@@ -245,6 +251,27 @@ class Store:
         t0 = time.perf_counter()
         folded, freed, more = await self._compact(args=[self.prefix, bucket, chunk])
         return int(folded), int(freed), bool(more), time.perf_counter() - t0
+
+    async def defrag_step(
+        self, bucket: str, chunk: int, cursor: int, cutoff: int
+    ) -> tuple[int, int, bool, float]:
+        t0 = time.perf_counter()
+        moved, new_cursor, done = await self._defrag(
+            args=[self.prefix, bucket, chunk, cursor, cutoff, self.changes_maxlen]
+        )
+        return int(moved), int(new_cursor), bool(done), time.perf_counter() - t0
+
+    async def live_share(self, bucket: str, chunk: int = 5000) -> tuple[int, int]:
+        """(PUT ops, all ops) of a bucket, counted in bounded reads."""
+        k = self.k("ops", bucket)
+        start, puts, total = 0, 0, 0
+        while True:
+            rows = await self.r.zrange(k, start, start + chunk - 1)
+            if not rows:
+                return puts, total
+            puts += sum(1 for m in rows if m[:1] == b"R")
+            total += len(rows)
+            start += chunk
 
     async def all_buckets(self) -> list[str]:
         pat = self.k("bucket", "*")
