@@ -112,7 +112,8 @@ class ProcessorSettings(_Section):
     batch_max_wait_ms: int = Field(default=50, ge=0)
     #: ``faust`` (the design's driver) or ``kafka`` (a plain confluent-kafka loop).
     driver: Literal["faust", "kafka"] = "faust"
-    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    #: Prometheus endpoint of the processor on 127.0.0.1; 0 or null disables it.
+    metrics_port: int | None = Field(default=9108, ge=0, le=65535)
 
 
 class CompactionSettings(_Section):

@@ -137,6 +137,23 @@ class BatchApplier:
         #: seconds spent per stage, for ``bucketsync bench`` and profiling
         self.timings: dict[str, float] = {"decode": 0.0, "read": 0.0, "plan": 0.0, "apply": 0.0}
 
+    #: the driver's view of partition end offsets, for the lag gauge: (topic, partition) -> high
+    highwater: Any = None
+
+    def _observe_lag(self, records: Sequence[KafkaRecord]) -> None:
+        if self.highwater is None:
+            return
+        last: dict[tuple[str, int], int] = {}
+        for r in records:
+            last[(r.topic, r.partition)] = r.offset
+        for (topic, part), off in last.items():
+            try:
+                high = self.highwater(topic, part)
+            except Exception:
+                continue
+            if high is not None and high >= 0:
+                LAG.labels(f"{topic}/{part}").set(max(0, high - off - 1))
+
     async def load_offsets(self) -> dict[str, int]:
         self.applied = await self.store.applied_offsets()
         return self.applied
@@ -226,6 +243,7 @@ class BatchApplier:
                 OPS_RATE.set(res.ops / dt)
             for r in fresh:
                 EVENTS.labels(r.topic).inc()
+            self._observe_lag(fresh)
             return res.ops
         raise RuntimeError("batch kept colliding with another processor's offsets")
 
@@ -273,9 +291,16 @@ class KafkaLoopDriver:
                 tp.offset = applied + 1
         consumer.assign(partitions)
 
+    def _highwater(self, topic: str, partition: int) -> int | None:
+        _low, high = self.consumer.get_watermark_offsets(
+            TopicPartition(topic, partition), timeout=0.5, cached=True
+        )
+        return int(high) if high is not None else None
+
     async def run(self, max_events: int | None = None, idle_exit_s: float | None = None) -> int:
         topics, pattern = _topic_matcher(self.settings)
         await self.applier.load_offsets()
+        self.applier.highwater = self._highwater
         subs = topics if not pattern else ["^" + pattern.pattern.lstrip("^")]
         self.consumer.subscribe(subs, on_assign=self._on_assign)
         p = self.settings.processor
@@ -354,6 +379,13 @@ def build_faust_app(settings: Settings, applier_factory: Any) -> Any:
         if applier is None:
             applier = state["a"] = await applier_factory()
             await applier.load_offsets()
+
+            def highwater(topic: str, partition: int) -> int | None:
+                from faust.types import TP
+
+                return int(app.consumer.highwater(TP(topic, partition)))
+
+            applier.highwater = highwater
         async for events in stream.take_events(p.batch_max_events, within=p.batch_max_wait_ms / 1000):
             records = []
             for ev in events:
@@ -444,8 +476,13 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     load_sync_rules(settings)  # fail fast on bad rules, before any consumer starts
     _topic_matcher(settings)
-    if settings.processor.metrics_port is not None:
-        start_http_server(settings.processor.metrics_port, addr="127.0.0.1")
+    port = settings.processor.metrics_port
+    if port:
+        try:
+            start_http_server(port, addr="127.0.0.1")
+            log.info("processor metrics at http://127.0.0.1:%d/metrics", port)
+        except OSError as exc:
+            log.warning("metrics port %d unavailable (%s); set processor.metrics_port", port, exc)
     driver = getattr(args, "driver", None) or settings.processor.driver
     if driver == "kafka":
         return run_kafka_driver(settings)

@@ -108,6 +108,31 @@ async def test_official_client_syncs_live_changes_and_resumes(make_settings, cre
             assert afters[0] == {}
             assert int(afters[-1]['by_user["u1"]']) > 0
             assert ops_sent() - before == 1
+
+            # history grows, compaction folds a prefix the client already holds part of,
+            # and the client resumes from an op id inside the folded range
+            send("u", "t0", "u1", "edit 1")
+            send("u", "t0", "u1", "edit 2")
+            send("d", "t1")
+            send("u", "t4", "u1", "edit 3")
+            await asyncio.sleep(2)
+            out = subprocess.run(
+                [sys.executable, "-m", "bucketsync.cli", "--config", str(cfg), "compact", "--all"],
+                env=env, capture_output=True, text=True, timeout=60,
+            )
+            assert out.returncode == 0, out.stderr
+            assert re.search(r"[1-9]\d* ops removed", out.stdout), out.stdout
+            async with PowerSyncNodeClient(url, SCHEMA, db_path=str(db)) as c3:
+                await c3.connect(token)
+                await c3.wait_for(select, expected_rows(model, "u1"), timeout=60)
+                await asyncio.sleep(1)
+                assert c3.checksum_mismatches == []
+                await c3.disconnect()
+            verify = subprocess.run(
+                [sys.executable, "-m", "bucketsync.cli", "--config", str(cfg), "verify"],
+                env=env, capture_output=True, text=True, timeout=60,
+            )
+            assert verify.returncode == 0, verify.stdout
     finally:
         proc.terminate()
         proc.wait(30)
