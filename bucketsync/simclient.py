@@ -41,7 +41,7 @@ class ClientState:
     completed: int = 0
     lines: int = 0
     ops: int = 0
-    bytes: int = 0
+    bytes_received: int = 0
     seen_checkpoint: bool = False
     token_expires_in: int | None = None
     protocol_errors: list[str] = field(default_factory=list)
@@ -74,7 +74,7 @@ class ClientState:
 
     def apply_line(self, raw: bytes) -> str:
         self.lines += 1
-        self.bytes += len(raw)
+        self.bytes_received += len(raw)
         obj = orjson.loads(raw)
         if not isinstance(obj, dict) or len(obj) != 1:
             self.protocol_errors.append(f"line must have exactly one key: {raw[:200]!r}")

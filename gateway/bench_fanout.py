@@ -30,7 +30,7 @@ from bucketsync.bench import _print_table, _write
 from bucketsync.config import Settings, load_settings
 from bucketsync.tokens import make_dev_token
 from pipeline import core
-from pipeline.store import PlannedBatch, Store
+from pipeline.store import Store
 
 RULES = """
 bucket_definitions:
@@ -115,7 +115,7 @@ def _todo(user: str, i: int) -> dict[str, Any]:
 
 
 async def run(settings: Settings, levels: list[int]) -> dict[str, Any]:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     tmp = Path(tempfile.mkdtemp(prefix="bucketsync-fanout-"))
     (tmp / "rules.yaml").write_text(RULES)
@@ -154,7 +154,7 @@ async def run(settings: Settings, levels: list[int]) -> dict[str, Any]:
         result["gateway_rss_kb_idle"] = base_rss
         for level in levels:
             while len(streams) < level:
-                batch = []
+                batch: list[Stream] = []
                 for _ in range(min(500, level - len(streams))):
                     u = f"u{len(streams) + len(batch)}"
                     st = Stream(u)

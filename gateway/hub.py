@@ -10,6 +10,7 @@ so a page read for one connection serves every connection needing that range.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -131,10 +132,8 @@ class CheckpointHub:
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
 
     @property
     def connections(self) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -194,10 +195,8 @@ async def sync_stream(request: web.Request) -> web.StreamResponse:
     finally:
         if task is not None:
             gw.streams.discard(task)
-    try:
+    with contextlib.suppress(ConnectionResetError):
         await resp.write_eof()
-    except ConnectionResetError:
-        pass
     return resp
 
 

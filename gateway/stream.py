@@ -10,6 +10,7 @@ to, ``token_expires_in`` keepalives and the end of the stream at expiry.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -178,10 +179,8 @@ class SyncStream:
                 await self.send(protocol.token_expires_in(math.ceil(left_token)), "token_expires_in")
                 continue
             timeout = min(self.next_keepalive - now, left_token)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(sub.wake.wait(), timeout)
-            except TimeoutError:
-                pass
 
     async def _on_change(self, sub: Subscriber) -> None:
         buckets = list(self.grants)

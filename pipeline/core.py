@@ -38,10 +38,14 @@ def remove_checksum(object_type: str, object_id: str) -> int:
 
 
 class RowOutputLike(Protocol):
-    bucket: str
-    object_type: str
-    object_id: str
-    data: str
+    @property
+    def bucket(self) -> str: ...
+    @property
+    def object_type(self) -> str: ...
+    @property
+    def object_id(self) -> str: ...
+    @property
+    def data(self) -> str: ...
 
 
 class RulesLike(Protocol):
@@ -115,7 +119,7 @@ def plan_batch(
     batch = PlannedBatch()
     dls: list[DeadLetter] = []
     plan = Plan(batch, dls)
-    known_rows: dict[str, dict[str, Any] | None] = dict(stored_rows or {})
+    known_rows: dict[str, dict[str, Any] | None] = {k: dict(v) for k, v in (stored_rows or {}).items()}
     for rec, ev in items:
         plan.events += 1
         tp = tp_of(rec)

@@ -97,7 +97,7 @@ class DeadLetterSink:
 
     def send(self, dl: core.DeadLetter) -> None:
         r = dl.record
-        headers = [
+        headers: list[tuple[str, str | bytes | None]] = [
             ("bucketsync.reason", dl.reason.encode()),
             ("bucketsync.message", dl.message.encode()[:4000]),
             ("bucketsync.source.topic", r.topic.encode()),
@@ -314,19 +314,24 @@ class KafkaLoopDriver:
                 )
                 records = []
                 for m in msgs:
-                    if m.error():
-                        if m.error().code() != KafkaError._PARTITION_EOF:
-                            log.warning("consumer error: %s", m.error())
+                    err = m.error()
+                    if err is not None:
+                        if err.code() != KafkaError._PARTITION_EOF:
+                            log.warning("consumer error: %s", err)
                         continue
                     ts_type, ts = m.timestamp()
+                    raw_headers = m.headers() or []
                     records.append(
                         KafkaRecord(
-                            topic=m.topic(),
-                            partition=m.partition(),
-                            offset=m.offset(),
+                            topic=str(m.topic()),
+                            partition=int(m.partition() or 0),
+                            offset=int(m.offset() or 0),
                             key=m.key(),
                             value=m.value(),
-                            headers=tuple(m.headers() or ()),
+                            headers=tuple(
+                                (hk, hv if not isinstance(hv, str) else hv.encode())
+                                for hk, hv in (raw_headers.items() if isinstance(raw_headers, dict) else raw_headers)
+                            ),
                             timestamp_ms=ts if ts_type else None,
                         )
                     )
@@ -373,7 +378,7 @@ def build_faust_app(settings: Settings, applier_factory: Any) -> Any:
         source = app.topic(*topics, value_type=bytes, key_type=bytes)
     state: dict[str, BatchApplier] = {}
 
-    @app.agent(source, concurrency=1)  # type: ignore[misc]
+    @app.agent(source, concurrency=1)
     async def apply_cdc(stream: Any) -> Any:
         applier = state.get("a")
         if applier is None:
@@ -406,7 +411,7 @@ def build_faust_app(settings: Settings, applier_factory: Any) -> Any:
 
     if settings.compaction.interval_s > 0:
 
-        @app.timer(interval=settings.compaction.interval_s)  # type: ignore[misc]
+        @app.timer(interval=settings.compaction.interval_s)
         async def compact_marked() -> None:
             a = state.get("a")
             if a is not None:
@@ -414,7 +419,7 @@ def build_faust_app(settings: Settings, applier_factory: Any) -> Any:
                 if st.ops_removed:
                     log.info("compaction: %d buckets, %d ops removed", st.buckets, st.ops_removed)
 
-    @app.on_partitions_assigned.connect  # type: ignore[misc]
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def _reload_offsets(app_: Any, assigned: Any, **kw: Any) -> None:
         a = state.get("a")
         if a is not None:

@@ -111,7 +111,7 @@ class Store:
         return cls(aioredis.Redis.from_url(url, decode_responses=False), prefix, **kw)
 
     async def close(self) -> None:
-        await self.r.aclose()
+        await self.r.aclose()  # type: ignore[attr-defined]
 
     def k(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
