@@ -112,6 +112,11 @@ class ProcessorSettings(_Section):
     batch_max_wait_ms: int = Field(default=50, ge=0)
     #: ``faust`` (the design's driver) or ``kafka`` (a plain confluent-kafka loop).
     driver: Literal["faust", "kafka"] = "faust"
+    #: With kafka.consistency=transaction: most events held for open transactions;
+    #: beyond it they are applied at once (a checkpoint may then expose part of one).
+    max_staged_events: int = Field(default=100_000, gt=0)
+    #: Seconds an incomplete transaction is held before its events are applied anyway.
+    transaction_grace_s: float = Field(default=60.0, gt=0)
     #: Prometheus endpoint of the processor on 127.0.0.1; 0 or null disables it.
     metrics_port: int | None = Field(default=9108, ge=0, le=65535)
 
@@ -120,7 +125,7 @@ class CompactionSettings(_Section):
     #: Seconds between scheduled compaction runs inside processor/run; 0 disables.
     interval_s: float = Field(default=300.0, ge=0)
     #: Ops folded per Redis step (bounds how long one step blocks Redis).
-    chunk_ops: int = Field(default=500, gt=0)
+    chunk_ops: int = Field(default=200, gt=0)
     #: Opt-in defragmentation: re-append live rows when at least this fraction of a
     #: bucket's ops are MOVEs stuck behind them. ``null`` disables it.
     defragment_threshold: float | None = Field(default=None, gt=0, le=1)

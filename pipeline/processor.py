@@ -19,11 +19,11 @@ import logging
 import re
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from bucketsync.config import Settings
@@ -39,6 +39,7 @@ from pipeline.cdc import (
 )
 from pipeline.rules import SyncRules, load_rules
 from pipeline.store import Store
+from pipeline.transactions import TransactionStager
 
 log = logging.getLogger("bucketsync.processor")
 
@@ -53,6 +54,7 @@ BATCH = Histogram(
 APPLY_SECONDS = Histogram("bucketsync_processor_apply_seconds", "Time of one atomic Redis step")
 LAG = Gauge("bucketsync_processor_lag", "High watermark minus next offset", ["tp"])
 OPS_RATE = Gauge("bucketsync_processor_ops_per_second", "Ops written per second (last batch)")
+STAGED = Gauge("bucketsync_processor_staged_events", "Events held for incomplete transactions")
 DUPLICATES = Counter(
     "bucketsync_processor_skipped_total", "Records at or below the applied offset (replays)"
 )
@@ -134,6 +136,14 @@ class BatchApplier:
         self.dead_letters = DeadLetterSink(settings)
         self.applied: dict[str, int] = {}
         self._unknown_tables: set[str] = set()
+        self._lock = asyncio.Lock()
+        self.stager: TransactionStager | None = None
+        if settings.kafka.consistency == "transaction":
+            self.stager = TransactionStager(
+                subscribed=_subscription_filter(settings),
+                max_staged_events=settings.processor.max_staged_events,
+                grace_s=settings.processor.transaction_grace_s,
+            )
         #: seconds spent per stage, for ``bucketsync bench`` and profiling
         self.timings: dict[str, float] = {"decode": 0.0, "read": 0.0, "plan": 0.0, "apply": 0.0}
 
@@ -180,34 +190,37 @@ class BatchApplier:
             log.info("table %s is not used by any sync rule; its events are skipped", table)
 
     async def handle(self, records: Sequence[KafkaRecord]) -> int:
-        """Apply one batch; returns the number of ops written."""
+        """Apply one batch; returns the number of ops written. An empty batch only
+        releases transactions whose grace period ran out."""
+        async with self._lock:
+            return await self._handle(records)
+
+    async def _handle(self, records: Sequence[KafkaRecord]) -> int:
+        fresh = [r for r in records if r.offset > self.applied.get(core.tp_of(r), -1)]
+        skipped = len(records) - len(fresh)
+        if skipped:
+            DUPLICATES.inc(skipped)
+        t = time.perf_counter()
+        decoded = await self._decode_all(fresh)
+        self.timings["decode"] += time.perf_counter() - t
+        items: list[tuple[KafkaRecord, Any]] = list(zip(fresh, decoded, strict=True))
+        if self.stager is not None:
+            for rec, ev in items:
+                self.stager.push(rec, ev)
+            items = self.stager.release()
+            STAGED.set(self.stager.staged)
         for _attempt in range(5):
-            fresh = [r for r in records if r.offset > self.applied.get(core.tp_of(r), -1)]
-            skipped = len(records) - len(fresh)
-            if skipped:
-                DUPLICATES.inc(skipped)
-            if not fresh:
+            items = [it for it in items if it[0].offset > self.applied.get(core.tp_of(it[0]), -1)]
+            if not items:
                 return 0
-            t = time.perf_counter()
-            decoded = await self._decode_all(fresh)
             t1 = time.perf_counter()
             base_keys = sorted(
-                {
-                    core.row_key(r.topic, ev["key"])
-                    for r, ev in zip(fresh, decoded, strict=True)
-                    if core.needs_base(ev)
-                }
+                {core.row_key(r.topic, ev["key"]) for r, ev in items if core.needs_base(ev)}
             )
             stored = await self.store.source_rows(base_keys)
             t2 = time.perf_counter()
-            plan = core.plan_batch(
-                zip(fresh, decoded, strict=True),
-                self.rules,
-                stored,
-                on_unknown_table=self._note_unknown,
-            )
+            plan = core.plan_batch(items, self.rules, stored, on_unknown_table=self._note_unknown)
             t3 = time.perf_counter()
-            self.timings["decode"] += t1 - t
             self.timings["read"] += t2 - t1
             self.timings["plan"] += t3 - t2
             for dl in plan.dead_letters:
@@ -237,15 +250,24 @@ class BatchApplier:
             self.applied.update(plan.batch.offsets)
             self.timings["apply"] += dt
             APPLY_SECONDS.observe(dt)
-            BATCH.observe(len(fresh))
+            BATCH.observe(len(items))
             OPS.inc(res.ops)
             if dt > 0:
                 OPS_RATE.set(res.ops / dt)
-            for r in fresh:
+            for r, _ev in items:
                 EVENTS.labels(r.topic).inc()
-            self._observe_lag(fresh)
+            self._observe_lag([r for r, _ev in items])
             return res.ops
         raise RuntimeError("batch kept colliding with another processor's offsets")
+
+
+def _subscription_filter(settings: Settings) -> Callable[[str], bool]:
+    """Is a data collection (``prefix.schema.table``) one of our topics? Default naming."""
+    topics, pattern = _topic_matcher(settings)
+    if pattern is not None:
+        return lambda name: pattern.search(name) is not None
+    wanted = set(topics)
+    return lambda name: name in wanted
 
 
 def _topic_matcher(settings: Settings) -> tuple[list[str], re.Pattern[str] | None]:
@@ -285,10 +307,10 @@ class KafkaLoopDriver:
 
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         # resume right after the last applied offset: replays cost nothing
+        # the store's applied offsets are the truth, not the group's committed ones
         for tp in partitions:
             applied = self.applier.applied.get(f"{tp.topic}/{tp.partition}")
-            if applied is not None:
-                tp.offset = applied + 1
+            tp.offset = applied + 1 if applied is not None else OFFSET_BEGINNING
         consumer.assign(partitions)
 
     def _highwater(self, topic: str, partition: int) -> int | None:
@@ -341,8 +363,11 @@ class KafkaLoopDriver:
                     last_data = time.monotonic()
                     if max_events is not None and total >= max_events:
                         break
-                elif idle_exit_s is not None and time.monotonic() - last_data > idle_exit_s:
-                    break
+                else:
+                    if self.applier.stager is not None and self.applier.stager.staged:
+                        await self.applier.handle([])  # transactions past their grace period
+                    if idle_exit_s is not None and time.monotonic() - last_data > idle_exit_s:
+                        break
         finally:
             await loop.run_in_executor(None, self.consumer.close)
         return total
@@ -377,20 +402,26 @@ def build_faust_app(settings: Settings, applier_factory: Any) -> Any:
     else:
         source = app.topic(*topics, value_type=bytes, key_type=bytes)
     state: dict[str, BatchApplier] = {}
+    made = asyncio.Lock()
+
+    async def ensure_applier() -> BatchApplier:
+        async with made:
+            applier = state.get("a")
+            if applier is None:
+                applier = state["a"] = await applier_factory()
+                await applier.load_offsets()
+
+                def highwater(topic: str, partition: int) -> int | None:
+                    from faust.types import TP
+
+                    return int(app.consumer.highwater(TP(topic, partition)))
+
+                applier.highwater = highwater
+            return applier
 
     @app.agent(source, concurrency=1)
     async def apply_cdc(stream: Any) -> Any:
-        applier = state.get("a")
-        if applier is None:
-            applier = state["a"] = await applier_factory()
-            await applier.load_offsets()
-
-            def highwater(topic: str, partition: int) -> int | None:
-                from faust.types import TP
-
-                return int(app.consumer.highwater(TP(topic, partition)))
-
-            applier.highwater = highwater
+        applier = await ensure_applier()
         async for events in stream.take_events(p.batch_max_events, within=p.batch_max_wait_ms / 1000):
             records = []
             for ev in events:
@@ -419,11 +450,24 @@ def build_faust_app(settings: Settings, applier_factory: Any) -> Any:
                 if st.ops_removed:
                     log.info("compaction: %d buckets, %d ops removed", st.buckets, st.ops_removed)
 
+    if settings.kafka.consistency == "transaction":
+
+        @app.timer(interval=1.0)
+        async def release_overdue_transactions() -> None:
+            a = state.get("a")
+            if a is not None and a.stager is not None and a.stager.staged:
+                await a.handle([])
+
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def _reload_offsets(app_: Any, assigned: Any, **kw: Any) -> None:
-        a = state.get("a")
-        if a is not None:
-            await a.load_offsets()
+        # The store's applied offsets are the truth, not the group's committed ones:
+        # events held for open transactions were consumed (and maybe committed) but
+        # not applied. Resume every partition right after its last applied offset.
+        a = await ensure_applier()
+        applied = await a.load_offsets()
+        for tp in assigned:
+            off = applied.get(f"{tp.topic}/{tp.partition}")
+            await app.consumer.seek(tp, off + 1 if off is not None else 0)
 
     return app
 
