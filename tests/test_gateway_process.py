@@ -1,0 +1,88 @@
+"""``bucketsync gateway --workers N`` as a real process: shared port, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+
+from bucketsync.simclient import ClientState, stream_once
+from bucketsync.tokens import make_dev_token
+from tests.gateway_helpers import feed, todo
+from tests.test_gateway_protocol import RULES
+
+pytestmark = pytest.mark.stack
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_workers_share_the_port_and_streams_end_cleanly_on_sigterm(make_settings, tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    port = _free_port()
+    s = make_settings(sync_rules=str(rules), gateway={"port": port})
+    await feed(s, [todo("t1", "u1"), todo("t2", "u2")])
+    cfg = tmp_path / "bucketsync.yaml"
+    cfg.write_text(yaml.safe_dump(s.model_dump(mode="json", exclude={"config_dir"})))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BUCKETSYNC_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bucketsync.cli", "--config", str(cfg), "gateway", "--workers", "2"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(100):
+                try:
+                    async with session.get(url + "/probes/readiness") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.2)
+            states = [ClientState() for _ in range(6)]
+            tokens = [make_dev_token(s, sub=f"u{1 + i % 2}") for i in range(6)]
+            synced = [asyncio.Event() for _ in states]
+
+            def hook_for(i: int):
+                def hook(kind: str, st: ClientState) -> bool:
+                    if kind == "checkpoint_complete":
+                        synced[i].set()
+                    return False
+
+                return hook
+
+            tasks = [
+                asyncio.create_task(stream_once(session, url, tokens[i], states[i], on_line=hook_for(i), timeout_s=60))
+                for i in range(len(states))
+            ]
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in synced)), 30)
+            assert all(st.mismatches == [] for st in states)
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            statuses = await asyncio.wait_for(asyncio.gather(*tasks), 20)
+            assert statuses == [200] * len(states)  # every stream ended, none hung
+            assert time.monotonic() - t0 < 15
+        assert proc.wait(20) == 0
+        err = proc.stderr.read() if proc.stderr else ""
+        pids = {line.split("(pid ")[1].split(")")[0] for line in err.splitlines() if "gateway listening" in line}
+        assert len(pids) == 2, err[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
