@@ -120,6 +120,8 @@ class CheckpointHub:
         self._last_n = 0
         self.pages = PageCache(store)
         self.notifications = 0
+        #: Redis time (ms) of the newest change entry read: the lag gauge's reference
+        self.last_change_ms = 0
 
     # ---- lifecycle ----------------------------------------------------------
 
@@ -189,6 +191,7 @@ class CheckpointHub:
                 continue
             for entry_id, fields in entries:
                 self._last_id = entry_id
+                self.last_change_ms = int(entry_id.split(b"-")[0])
                 n = int(fields.get(b"n", 0))
                 if self._last_n and n != self._last_n + 1:
                     self._resync_all()

@@ -159,6 +159,11 @@ async def sync_stream(request: web.Request) -> web.StreamResponse:
     )
     resp.enable_chunked_encoding()
     await resp.prepare(request)
+    if request.transport is not None:
+        # bound what a connection may have queued: past it writes wait for the client,
+        # and a client that stays behind for slow_client_timeout_s is dropped
+        limit = gw.settings.gateway.max_buffered_bytes
+        request.transport.set_write_buffer_limits(high=limit, low=limit // 4)
     describe = f"stream sub={token.sub!r} client={req.client_id} remote={request.remote}"
     log.info(
         "stream opened: sub=%s client=%s buckets=%d after=%s",

@@ -30,7 +30,8 @@ LINES = Counter("bucketsync_gateway_lines_total", "Lines sent", ["type"])
 OPS_SENT = Counter("bucketsync_gateway_ops_sent_total", "Ops sent in data lines")
 BYTES_SENT = Counter("bucketsync_gateway_bytes_sent_total", "Bytes sent on sync streams")
 CHECKPOINT_LAG = Gauge(
-    "bucketsync_gateway_checkpoint_lag_seconds", "Time from notification to checkpoint_complete"
+    "bucketsync_gateway_checkpoint_lag_seconds",
+    "Time from the newest store change to the last checkpoint_complete sent",
 )
 SLOW_CLIENTS = Counter("bucketsync_gateway_slow_clients_total", "Streams dropped for not reading")
 INVALIDATED = Counter(
@@ -224,6 +225,8 @@ class SyncStream:
             target = await self._send_data()
             if target <= self.cp:
                 await self.send(protocol.checkpoint_complete(self.cp), "checkpoint_complete")
+                if self.hub.last_change_ms:
+                    CHECKPOINT_LAG.set(max(0.0, time.time() - self.hub.last_change_ms / 1000))
                 return
             # a MOVE/CLEAR points past this checkpoint: move on to a newer one first
             INVALIDATED.inc()

@@ -248,3 +248,57 @@ async def test_compaction_mid_download_and_resume_inside_folded_range(gw_setting
             assert c.state.mismatches == []
         assert new.state.ops < 5
     assert isinstance(PlannedBatch(), PlannedBatch)
+
+
+async def test_client_that_stops_reading_is_dropped(gw_settings, caplog) -> None:
+    import logging
+    import socket
+
+    s = gw_settings(max_buffered_bytes=65536, slow_client_timeout_s=1.0)
+    big = "x" * 20_000
+    for start in range(0, 1500, 250):
+        await feed(s, [todo(f"t{i}", "u1", big) for i in range(start, start + 250)])
+    caplog.set_level(logging.WARNING, logger="bucketsync.gateway")
+    async with running_gateway(s) as url:
+        port = int(url.rsplit(":", 1)[1])
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        token = make_dev_token(s, sub="u1")
+        body = b"{}"
+        req = (
+            f"POST /sync/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Token {token}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        await asyncio.get_running_loop().sock_sendall(sock, req)
+        # never read: the gateway must give up on us, say so, and free the connection
+        for _ in range(100):
+            if any("did not read" in r.getMessage() for r in caplog.records):
+                break
+            await asyncio.sleep(0.1)
+        sock.close()
+    assert any("did not read" in r.getMessage() for r in caplog.records)
+
+
+async def test_write_checkpoint_waits_for_the_pipeline_position(gw_settings, create_topic, ns, tmp_path) -> None:
+    """The id is bound to the CDC topics' end offsets; it shows only once they are applied."""
+    from tests.pipeline_helpers import debezium_json, produce, run_processor
+
+    topic = create_topic(ns.topic("app.public.todos"))
+    base = gw_settings()
+    s = base.model_copy(update={"kafka": base.kafka.model_copy(update={"topics": [topic]})})
+    await feed(s, [todo("t0", "u1")])
+    produce(s.kafka.bootstrap_servers, topic, [debezium_json("todos", "c", {"id": "t1"}, {"id": "t1", "owner_id": "u1", "description": "w", "completed": 0})])
+    async with running_gateway(s, with_position=True) as url, Client(url, s, "u1") as c:
+        assert c.session is not None
+        await c.sync_until()
+        async with c.session.get(url + "/write-checkpoint2.json?client_id=sim", headers={"Authorization": f"Token {c.token}"}) as r:
+            wid = int((await r.json())["data"]["write_checkpoint"])
+        # not applied yet: no checkpoint may carry the id
+        await c.sync_until(timeout_s=1.5)
+        assert c.state.write_checkpoint is None or c.state.write_checkpoint < wid
+        await run_processor(s, 1)
+        await c.sync_until(timeout_s=10)
+        assert c.state.applied_write_checkpoint == wid
+        assert "t1" in rows_of(c)
