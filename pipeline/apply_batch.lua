@@ -45,9 +45,12 @@ local function bstate(b)
   return s
 end
 
+-- op ids come from a local counter, written back once: one command less per op
+local seq = tonumber(redis.call("GET", seq_key) or "0")
 local function next_op()
   n_ops = n_ops + 1
-  return redis.call("INCR", seq_key)
+  seq = seq + 1
+  return seq
 end
 
 -- Rewrite the op at old_id as MOVE (same op_id and checksum), remembering its target.
@@ -69,6 +72,7 @@ local function add_op(b, op_id, cs, member)
 end
 
 -- Current index entries of a row: field -> {op_id, checksum, remove_checksum}.
+-- Also says whether the row was known at all (then it is in its table set already).
 local function read_row(rk)
   local flat = redis.call("HGETALL", rk)
   local cur = {}
@@ -79,22 +83,23 @@ local function read_row(rk)
       cur[f] = {tonumber(a), tonumber(c), tonumber(r)}
     end
   end
-  return cur
+  return cur, #flat > 0
 end
 
-local function remove_entry(rk, f, e)
+local function remove_entry(f, e, hdel)
   local b, ot, oid = string.match(f, "^(.-)" .. SEP .. "(.-)" .. SEP .. "(.*)$")
   local op_id = next_op()
   add_op(b, op_id, e[3], "{\"op_id\":\"" .. op_id .. "\",\"op\":\"REMOVE\",\"object_type\":"
     .. cjson.encode(ot) .. ",\"object_id\":" .. cjson.encode(oid) .. ",\"checksum\":" .. e[3] .. "}")
   to_move(b, e[1], e[2], op_id)
-  redis.call("HDEL", rk, f)
+  table.insert(hdel, f)
 end
 
 local function apply_row(ev)
   local rk = P .. ":row:" .. ev.k
-  local cur = read_row(rk)
+  local cur, known = read_row(rk)
   local outs = ev.o
+  local hset, hdel = {}, {}
   if outs then
     for _, o in ipairs(outs) do
       local b, ot, oid, cs, rcs, tail = o[1], o[2], o[3], o[4], o[5], o[6]
@@ -111,7 +116,8 @@ local function apply_row(ev)
           to_move(b, e[1], e[2], op_id)
           cur[f] = nil
         end
-        redis.call("HSET", rk, f, op_id .. ":" .. cs .. ":" .. rcs)
+        table.insert(hset, f)
+        table.insert(hset, op_id .. ":" .. cs .. ":" .. rcs)
       end
     end
   end
@@ -123,17 +129,25 @@ local function apply_row(ev)
   end
   table.sort(gone, function(x, y) return x[2][1] < y[2][1] end)
   for _, g in ipairs(gone) do
-    remove_entry(rk, g[1], g[2])
+    remove_entry(g[1], g[2], hdel)
   end
-  local tk = P .. ":table:" .. ev.t
   if outs then
-    if ev.s then
-      redis.call("HSET", rk, "", ev.s)
+    if #hdel > 0 then
+      redis.call("HDEL", rk, unpack(hdel))
     end
-    redis.call("SADD", tk, ev.k)
-  else
+    if ev.s then
+      table.insert(hset, "")
+      table.insert(hset, ev.s)
+    end
+    if #hset > 0 then
+      redis.call("HSET", rk, unpack(hset))
+    end
+    if not known then
+      redis.call("SADD", P .. ":table:" .. ev.t, ev.k)
+    end
+  elseif known then
     redis.call("DEL", rk)
-    redis.call("SREM", tk, ev.k)
+    redis.call("SREM", P .. ":table:" .. ev.t, ev.k)
   end
 end
 
@@ -167,8 +181,11 @@ for tp, high in pairs(batch.offsets) do
   redis.call("HSET", offsets_key, tp, high)
 end
 
-local cp = tonumber(redis.call("GET", seq_key) or "0")
-redis.call("SET", P .. ":checkpoint", cp)
+if n_ops > 0 then
+  redis.call("SET", seq_key, string.format("%d", seq))
+end
+local cp = seq
+redis.call("SET", P .. ":checkpoint", string.format("%d", cp))
 local note = {"n", redis.call("INCR", P .. ":changes:n"), "cp", cp}
 if any then
   table.insert(note, "b")
