@@ -128,6 +128,22 @@ def _faust_driver_rate(cfg_path: Path, settings: Settings, topic: str, n: int) -
         r.close()
 
 
+def _cleanup(settings: Settings, prefixes: list[str]) -> None:
+    import redis
+
+    r = redis.Redis.from_url(settings.redis.url)
+    for prefix in prefixes:
+        batch = []
+        for key in r.scan_iter(match=f"{prefix}:*", count=5000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                r.unlink(*batch)
+                batch = []
+        if batch:
+            r.unlink(*batch)
+    r.close()
+
+
 def bench_ingest(settings: Settings, events: int, out: str | None) -> int:
     from bucketsync import stack
 
@@ -168,6 +184,7 @@ def bench_ingest(settings: Settings, events: int, out: str | None) -> int:
         cfg2.write_text(yaml.safe_dump(s2))
         faust_rate = _faust_driver_rate(cfg2, load_settings(cfg2), topic, events)
 
+    _cleanup(s, [s.redis.prefix, f"bench-{run_id}-faust"])
     total_stage = sum(timings.values()) or 1.0
     result = {
         "benchmark": "ingest",
