@@ -87,7 +87,9 @@ class Gateway:
     @property
     def limits(self) -> StreamLimits:
         g = self.settings.gateway
-        return StreamLimits(g.keepalive_s, g.max_ops_per_line, g.max_line_bytes, g.slow_client_timeout_s)
+        return StreamLimits(
+            g.keepalive_s, g.max_ops_per_line, g.max_line_bytes, g.slow_client_timeout_s, g.max_buffered_bytes
+        )
 
 
 GATEWAY_KEY = web.AppKey("gateway", Gateway)
@@ -182,6 +184,7 @@ async def sync_stream(request: web.Request) -> web.StreamResponse:
         exp=int(token.exp),
         limits=gw.limits,
         write=resp.write,
+        buffered=lambda: request.transport.get_write_buffer_size() if request.transport else 0,
         closing=gw.closing,
         describe=describe,
     )

@@ -10,7 +10,6 @@ to, ``token_expires_in`` keepalives and the end of the stream at expiry.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -50,6 +49,7 @@ class StreamLimits:
     max_ops_per_line: int
     max_line_bytes: int
     slow_client_timeout_s: float
+    max_buffered_bytes: int = 4 * 1_048_576
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +72,7 @@ class SyncStream:
         exp: int,
         limits: StreamLimits,
         write: Callable[[bytes], Awaitable[None]],
+        buffered: Callable[[], int] = lambda: 0,
         closing: asyncio.Event,
         describe: str,
     ):
@@ -84,10 +85,13 @@ class SyncStream:
         self.exp = exp
         self.limits = limits
         self._write = write
+        self._buffered = buffered
         self.closing = closing
         self.describe = describe
         self.cp = 0
         self.sent: dict[str, tuple[int, int]] = {}
+        #: newest op id each bucket may hold (upper bound): skip reads of unchanged buckets
+        self.last_op: dict[str, int] = {}
         self.write_checkpoints: dict[int, dict[str, int]] = {}
         self.sent_wcp: int | None = None
         self.next_keepalive = time.monotonic() + limits.keepalive_s
@@ -97,7 +101,10 @@ class SyncStream:
 
     async def send(self, line: bytes, kind: str) -> None:
         try:
-            await asyncio.wait_for(self._write(line), self.limits.slow_client_timeout_s)
+            if self._buffered() + len(line) <= self.limits.max_buffered_bytes:
+                await self._write(line)  # fits the buffer: cannot block, no timer needed
+            else:
+                await asyncio.wait_for(self._write(line), self.limits.slow_client_timeout_s)
         except TimeoutError:
             SLOW_CLIENTS.inc()
             raise SlowClient(
@@ -146,6 +153,7 @@ class SyncStream:
             cp, states = await self.store.read_checkpoint(buckets)
             self.cp = cp
             self.sent = {b: (s.checksum, s.count) for b, s in states.items()}
+            self.last_op = {b: s.last_op for b, s in states.items()}
             self.sent_wcp = wcp
             await self.send(
                 protocol.checkpoint(cp, self._checksums(states, buckets), wcp, self.stream_names),
@@ -179,9 +187,16 @@ class SyncStream:
                 self.next_keepalive = now + self.limits.keepalive_s
                 await self.send(protocol.token_expires_in(math.ceil(left_token)), "token_expires_in")
                 continue
+            # one timer per wait, no task: idle connections must stay cheap
             timeout = min(self.next_keepalive - now, left_token)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(sub.wake.wait(), timeout)
+            timer = asyncio.get_running_loop().call_later(timeout, sub.wake.set)
+            try:
+                await sub.wake.wait()
+            finally:
+                timer.cancel()
+            timer_due = time.monotonic() >= self.next_keepalive or self.exp - time.time() <= 0
+            if timer_due and not (sub.pending or sub.write_checkpoint_dirty or sub.resync):
+                sub.wake.clear()  # only the timer fired
 
     async def _on_change(self, sub: Subscriber) -> None:
         buckets = list(self.grants)
@@ -210,6 +225,8 @@ class SyncStream:
         self, cp: int, states: dict[str, BucketState], updated: Sequence[str], wcp: int | None
     ) -> None:
         self.cp = max(self.cp, cp)
+        for b, st in states.items():
+            self.last_op[b] = max(self.last_op.get(b, 0), st.last_op)
         for b in updated:
             self.sent[b] = (states[b].checksum, states[b].count)
         self.sent_wcp = wcp
@@ -236,6 +253,8 @@ class SyncStream:
                 b for b, st in fresh.items() if self.sent.get(b) != (st.checksum, st.count)
             ]
             self.cp = max(self.cp, cp)
+            for b, st in fresh.items():
+                self.last_op[b] = max(self.last_op.get(b, 0), st.last_op)
             for b in changed:
                 self.sent[b] = (fresh[b].checksum, fresh[b].count)
             await self.send(
@@ -255,6 +274,9 @@ class SyncStream:
                 if g.priority != level:
                     continue
                 b = g.bucket
+                if self.last_op.get(b, cp) <= self.positions[b]:
+                    self.positions[b] = max(self.positions[b], cp)  # nothing new: no read
+                    continue
                 while self.positions[b] < cp:
                     page = await self.hub.pages.get(
                         b,

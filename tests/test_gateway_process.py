@@ -55,6 +55,13 @@ async def test_workers_share_the_port_and_streams_end_cleanly_on_sigterm(make_se
                 except aiohttp.ClientError:
                     pass
                 await asyncio.sleep(0.2)
+            # both workers up (each logs "gateway listening" once it has bound the port)
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+            for _ in range(100):
+                if len(children.read_text().split()) >= 2:
+                    break
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(2.0)
             states = [ClientState() for _ in range(6)]
             tokens = [make_dev_token(s, sub=f"u{1 + i % 2}") for i in range(6)]
             synced = [asyncio.Event() for _ in states]
