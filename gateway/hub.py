@@ -119,6 +119,8 @@ class CheckpointHub:
         self._last_id = b"0-0"
         self._last_n = 0
         self.pages = PageCache(store)
+        #: encoded diff lines shared by connections that need the same one (bounded)
+        self.lines: dict[object, bytes] = {}
         self.notifications = 0
         #: Redis time (ms) of the newest change entry read: the lag gauge's reference
         self.last_change_ms = 0
@@ -136,6 +138,11 @@ class CheckpointHub:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+    def remember_line(self, key: object, line: bytes) -> None:
+        if len(self.lines) >= 256:
+            self.lines.clear()
+        self.lines[key] = line
 
     @property
     def connections(self) -> int:

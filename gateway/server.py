@@ -198,8 +198,9 @@ async def sync_stream(request: web.Request) -> web.StreamResponse:
         if request.transport is not None:
             request.transport.abort()
         return resp
-    except (ConnectionResetError, asyncio.CancelledError):
-        raise
+    except ConnectionResetError:
+        log.info("%s: client went away", describe)
+        return resp
     finally:
         if task is not None:
             gw.streams.discard(task)
@@ -306,7 +307,8 @@ def _serve_worker(settings: Settings, host: str, port: int, reuse_port: bool) ->
 
     async def go() -> None:
         app = await build_app(settings)
-        runner = web.AppRunner(app, shutdown_timeout=5.0, handle_signals=False)
+        # cancel a stream's handler when its client goes away, so idle streams never linger
+        runner = web.AppRunner(app, shutdown_timeout=5.0, handle_signals=False, handler_cancellation=True)
         await runner.setup()
         site = web.TCPSite(runner, host, port, reuse_port=reuse_port, backlog=4096)
         await site.start()

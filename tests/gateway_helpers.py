@@ -62,7 +62,7 @@ def delete_todo(tid: str) -> dict[str, Any]:
 @asynccontextmanager
 async def running_gateway(settings: Settings, *, with_position: bool = False) -> AsyncIterator[str]:
     app = await build_app(settings, with_position=with_position)
-    runner = web.AppRunner(app, shutdown_timeout=2.0)
+    runner = web.AppRunner(app, shutdown_timeout=2.0, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

@@ -13,7 +13,14 @@ import pytest
 from pipeline.processor import BatchApplier, KafkaLoopDriver, load_sync_rules
 from pipeline.store import Store
 from tests.model import BucketModel
-from tests.pipeline_helpers import debezium_json, expected_normalised, model_rules, produce, store_view, write_rules
+from tests.pipeline_helpers import (
+    debezium_json,
+    expected_normalised,
+    model_rules,
+    produce,
+    store_view,
+    write_rules,
+)
 
 pytestmark = pytest.mark.stack
 

@@ -95,6 +95,11 @@ async def test_official_client_syncs_live_changes_and_resumes(make_settings, cre
                 assert len(expected_rows(model, "u1")) == 3
                 assert c.checksum_mismatches == []
                 await c.disconnect()
+            # the server has noticed the disconnect before anything new happens
+            for _ in range(100):
+                if gw_stream.OPEN_STREAMS._value.get() == 0:  # type: ignore[attr-defined]
+                    break
+                await asyncio.sleep(0.1)
             before = ops_sent()
             send("c", "t9", "u1", "while offline")
             async with PowerSyncNodeClient(url, SCHEMA, db_path=str(db)) as c2:
