@@ -383,6 +383,8 @@ def build_faust_app(settings: Settings, applier_factory: Any) -> Any:
     p = settings.processor
     app = faust.App(
         k.group_id,
+        # Faust keeps a data dir per app; keep it in the stack's state dir, not the cwd
+        datadir=str(settings.state_dir / "faust" / k.group_id),
         broker="kafka://" + ",".join(k.bootstrap_servers.split(",")),
         store="memory://",
         web_enabled=False,
