@@ -381,10 +381,12 @@ def build_faust_app(settings: Settings, applier_factory: Any) -> Any:
 
     k = settings.kafka
     p = settings.processor
+    datadir = settings.state_dir / "faust" / k.group_id
+    datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         k.group_id,
         # Faust keeps a data dir per app; keep it in the stack's state dir, not the cwd
-        datadir=str(settings.state_dir / "faust" / k.group_id),
+        datadir=str(datadir),
         broker="kafka://" + ",".join(k.bootstrap_servers.split(",")),
         store="memory://",
         web_enabled=False,

@@ -162,12 +162,6 @@ def test_bad_heap(throwaway: Callable[..., Settings]) -> None:
         stack.ensure_up(throwaway(kafka_heap="lots"))
 
 
-def test_postgres_source_not_built(throwaway: Callable[..., Settings]) -> None:
-    args = argparse.Namespace(action="up", source="postgres", json=False)
-    with pytest.raises(UserError, match=r"--source postgres is not built yet \(issue 6\)"):
-        stack.main(throwaway(), args)
-
-
 # --------------------------------------------------------------------------- maven
 
 

@@ -442,6 +442,11 @@ def op_in_json(a: SqliteValue, array_text: SqliteValue) -> int | None:
 # --------------------------------------------------------------------------- arithmetic
 
 
+def _real(r: float) -> float | None:
+    """SQLite turns a NaN result (inf - inf, 0 * inf) into NULL."""
+    return None if r != r else r
+
+
 def _int_result(r: int, a: int | float, b: int | float, op: str) -> int | float:
     if INT64_MIN <= r <= INT64_MAX:
         return r
@@ -454,7 +459,7 @@ def op_add(a: SqliteValue, b: SqliteValue) -> int | float | None:
         return None
     x, y = to_number(a), to_number(b)
     r = x + y
-    return _int_result(r, x, y, "+") if type(r) is int else r
+    return _int_result(r, x, y, "+") if type(r) is int else _real(r)
 
 
 def op_sub(a: SqliteValue, b: SqliteValue) -> int | float | None:
@@ -462,7 +467,7 @@ def op_sub(a: SqliteValue, b: SqliteValue) -> int | float | None:
         return None
     x, y = to_number(a), to_number(b)
     r = x - y
-    return _int_result(r, x, y, "-") if type(r) is int else r
+    return _int_result(r, x, y, "-") if type(r) is int else _real(r)
 
 
 def op_mul(a: SqliteValue, b: SqliteValue) -> int | float | None:
@@ -470,7 +475,7 @@ def op_mul(a: SqliteValue, b: SqliteValue) -> int | float | None:
         return None
     x, y = to_number(a), to_number(b)
     r = x * y
-    return _int_result(r, x, y, "*") if type(r) is int else r
+    return _int_result(r, x, y, "*") if type(r) is int else _real(r)
 
 
 def op_div(a: SqliteValue, b: SqliteValue) -> int | float | None:
