@@ -537,6 +537,14 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         except OSError as exc:
             log.warning("metrics port %d unavailable (%s); set processor.metrics_port", port, exc)
     driver = getattr(args, "driver", None) or settings.processor.driver
+    if driver == "faust" and settings.kafka.topic_pattern:
+        # faust-streaming's aiokafka driver cannot subscribe by pattern (it subscribes to an
+        # empty topic set and crashes); librdkafka follows new matching topics natively
+        log.warning(
+            "kafka.topic_pattern is set: using the confluent-kafka driver, since Faust "
+            "cannot subscribe by pattern"
+        )
+        driver = "kafka"
     if driver == "kafka":
         return run_kafka_driver(settings)
     return run_faust_driver(settings)

@@ -65,3 +65,16 @@ def test_two_processors_share_a_group(make_settings, create_topic, ns, tmp_path:
         assert got[name]["count"] == b.count, name
         live = {(op[3], op[4]): op[5] for op in got[name]["ops"] if op[1] == "PUT"}
         assert live == b.live_rows(), name
+
+
+def test_topic_pattern_consumes_every_matching_topic(make_settings, create_topic, ns, tmp_path: Path) -> None:
+    a = create_topic(ns.topic("pat.public.todos"))
+    b = create_topic(ns.topic("pat.other.todos"))
+    create_topic(ns.topic("nomatch.public.todos"))
+    pattern = "^" + ns.topic("pat").replace(".", r"\.") + r"\..*"
+    s = make_settings(kafka={"topics": [], "topic_pattern": pattern}, sync_rules=write_rules(tmp_path))
+    produce(s.kafka.bootstrap_servers, a, [debezium_json("todos", "c", {"id": 1}, {"id": 1, "owner_id": "u1", "title": "a", "done": 0})])
+    produce(s.kafka.bootstrap_servers, b, [debezium_json("todos", "c", {"id": 2}, {"id": 2, "owner_id": "u1", "title": "b", "done": 0})])
+    asyncio.run(_one_processor(s))
+    view = asyncio.run(store_view(s, ['by_user["u1"]']))['by_user["u1"]']
+    assert sorted(op[4] for op in view["ops"]) == ["1", "2"]
