@@ -474,7 +474,7 @@ async def test_primary_key_change_of_a_toasted_row(
         stack_mod.psql(pg_settings, f"UPDATE {schema}.docs SET id = 2 WHERE id = 1")
         want = pg_expected(pg_settings, schema, "docs", columns=DOCS_COLUMNS)
         assert [r["id"] for r in want] == ["2"] and len(want[0]["body"]) == 6400
-        await c.wait_for(select, want, timeout=15)
+        await c.wait_for(select, want, timeout=10)
 
 
 def test_connector_file_topics_match_demo_config(pg_settings: Settings) -> None:
