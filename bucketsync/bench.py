@@ -50,7 +50,11 @@ def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
 
 
 def _write(result: dict[str, Any], out: str | None, name: str) -> None:
-    path = Path(out) if out else Path("bench-results") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path = (
+        Path(out)
+        if out
+        else Path("bench-results") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
     print(f"results: {path}")
@@ -96,7 +100,16 @@ def _faust_driver_rate(cfg_path: Path, settings: Settings, topic: str, n: int) -
     r = redis.Redis.from_url(settings.redis.url)
     env = dict(os.environ)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bucketsync.cli", "--config", str(cfg_path), "processor", "--driver", "faust"],
+        [
+            sys.executable,
+            "-m",
+            "bucketsync.cli",
+            "--config",
+            str(cfg_path),
+            "processor",
+            "--driver",
+            "faust",
+        ],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

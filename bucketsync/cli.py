@@ -154,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, help="gateway port")
 
     p = add("demo", cmd_demo, "The main job: stack up, pipeline, demo feed and a live demo client.")
-    p.add_argument("--source", choices=["feed", "postgres"], default="feed", help="demo data source")
+    p.add_argument(
+        "--source", choices=["feed", "postgres"], default="feed", help="demo data source"
+    )
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     p.add_argument("--no-stack", action="store_true", help="do not start the local stack")
 
@@ -162,9 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--bucket", help="compact only this bucket")
     g.add_argument("--all", action="store_true", help="compact every bucket, not just marked ones")
-    p.add_argument("--defragment", action="store_true", help="also defragment (clients re-download)")
+    p.add_argument(
+        "--defragment", action="store_true", help="also defragment (clients re-download)"
+    )
 
-    p = add("verify", cmd_verify, "Recompute bucket checksums and counts from the logs and compare.")
+    p = add(
+        "verify", cmd_verify, "Recompute bucket checksums and counts from the logs and compare."
+    )
     p.add_argument("--bucket", help="verify only this bucket")
 
     p = add("inspect", cmd_inspect, "Show store state: checkpoint, offsets, a bucket's ops.")

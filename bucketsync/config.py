@@ -216,7 +216,9 @@ def _describe(err: ValidationError, source: str) -> str:
     return "; ".join(lines)
 
 
-def load_settings(path: str | os.PathLike[str] | None = None, *, required: bool = False) -> Settings:
+def load_settings(
+    path: str | os.PathLike[str] | None = None, *, required: bool = False
+) -> Settings:
     """Read the YAML file at ``path`` (default ``./bucketsync.yaml``) plus env overrides.
 
     A missing default file is fine (defaults apply); a missing explicit file is an error.

@@ -20,10 +20,25 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from bucketsync.config import Settings
 from bucketsync.errors import UserError
 
-WORDS = ["buy", "milk", "call", "mom", "fix", "bike", "write", "report", "plan", "trip", "read", "book"]
+WORDS = [
+    "buy",
+    "milk",
+    "call",
+    "mom",
+    "fix",
+    "bike",
+    "write",
+    "report",
+    "plan",
+    "trip",
+    "read",
+    "book",
+]
 
 
-def envelope(table: str, op: str, before: dict[str, Any] | None, after: dict[str, Any] | None, *, lsn: int) -> bytes:
+def envelope(
+    table: str, op: str, before: dict[str, Any] | None, after: dict[str, Any] | None, *, lsn: int
+) -> bytes:
     now = int(time.time() * 1000)
     return orjson.dumps(
         {
@@ -105,7 +120,11 @@ class TodoFeed:
 def ensure_topics(settings: Settings, topics: list[str], partitions: int = 1) -> None:
     admin = AdminClient({"bootstrap.servers": settings.kafka.bootstrap_servers})
     existing = set(admin.list_topics(timeout=10).topics)
-    new = [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in topics if t not in existing]
+    new = [
+        NewTopic(t, num_partitions=partitions, replication_factor=1)
+        for t in topics
+        if t not in existing
+    ]
     if not new:
         return
     for t, fut in admin.create_topics(new).items():
@@ -129,7 +148,9 @@ def make_producer(settings: Settings) -> Producer:
     )
 
 
-def produce_events(producer: Producer, topic: str, events: Iterator[tuple[bytes, bytes | None]], rate: float = 0) -> int:
+def produce_events(
+    producer: Producer, topic: str, events: Iterator[tuple[bytes, bytes | None]], rate: float = 0
+) -> int:
     n = 0
     t0 = time.monotonic()
     for key, value in events:

@@ -42,7 +42,10 @@ class Supervisor:
             try:
                 p.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                print(f"bucketsync: {name} did not stop in {timeout:.0f}s; killing it", file=sys.stderr)
+                print(
+                    f"bucketsync: {name} did not stop in {timeout:.0f}s; killing it",
+                    file=sys.stderr,
+                )
                 p.kill()
                 p.wait()
 
@@ -60,7 +63,10 @@ class Supervisor:
                 rc = p.poll()
                 if rc is not None:
                     if not self._stopping:
-                        print(f"bucketsync: {name} exited with code {rc}; stopping the rest", file=sys.stderr)
+                        print(
+                            f"bucketsync: {name} exited with code {rc}; stopping the rest",
+                            file=sys.stderr,
+                        )
                     self.stop()
                     return rc
             if until is not None and time.monotonic() >= until:

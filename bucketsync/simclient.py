@@ -79,7 +79,7 @@ class ClientState:
         if not isinstance(obj, dict) or len(obj) != 1:
             self.protocol_errors.append(f"line must have exactly one key: {raw[:200]!r}")
             return "error"
-        (kind, body), = obj.items()
+        ((kind, body),) = obj.items()
         if kind == "checkpoint":
             self.seen_checkpoint = True
             self._checkpoint(body, full=True)
@@ -150,7 +150,9 @@ class ClientState:
 
     def _complete(self, body: dict[str, Any]) -> None:
         if body.get("last_op_id") != str(self.target_op):
-            self.protocol_errors.append("checkpoint_complete last_op_id differs from the checkpoint")
+            self.protocol_errors.append(
+                "checkpoint_complete last_op_id differs from the checkpoint"
+            )
         bad = []
         for name, expected in self.target.items():
             got = self.buckets.get(name, BucketData()).total

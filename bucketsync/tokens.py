@@ -24,7 +24,9 @@ def make_dev_token(
         "sub": sub,
         "iat": now,
         "exp": now + ttl_s,
-        "aud": settings.auth.audience[0] if len(settings.auth.audience) == 1 else settings.auth.audience,
+        "aud": settings.auth.audience[0]
+        if len(settings.auth.audience) == 1
+        else settings.auth.audience,
     }
     payload.update(claims or {})
     with warnings.catch_warnings():

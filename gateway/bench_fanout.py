@@ -100,18 +100,33 @@ async def _feed(store: Store, events: list[dict[str, Any]], offset: int) -> None
     rules = parse_rules(RULES)
     from pipeline.cdc import KafkaRecord
 
-    plan = core.plan_batch([(KafkaRecord("bench", 0, offset + i, b"", b""), ev) for i, ev in enumerate(events)], rules, {})
+    plan = core.plan_batch(
+        [(KafkaRecord("bench", 0, offset + i, b"", b""), ev) for i, ev in enumerate(events)],
+        rules,
+        {},
+    )
     res = await store.apply(plan.batch)
     assert res.status == "ok", res
 
 
 def _news(i: int) -> dict[str, Any]:
-    return {"action": "upsert", "table": "news", "source_table": "news", "key": {"id": i}, "row": {"id": i, "title": f"news {i} {time.time()}"}}
+    return {
+        "action": "upsert",
+        "table": "news",
+        "source_table": "news",
+        "key": {"id": i},
+        "row": {"id": i, "title": f"news {i} {time.time()}"},
+    }
 
 
 def _todo(user: str, i: int) -> dict[str, Any]:
-    return {"action": "upsert", "table": "todos", "source_table": "todos", "key": {"id": f"{user}-{i}"},
-            "row": {"id": f"{user}-{i}", "owner_id": user, "description": f"todo {time.time()}"}}
+    return {
+        "action": "upsert",
+        "table": "todos",
+        "source_table": "todos",
+        "key": {"id": f"{user}-{i}"},
+        "row": {"id": f"{user}-{i}", "owner_id": user, "description": f"todo {time.time()}"},
+    }
 
 
 async def run(settings: Settings, levels: list[int]) -> dict[str, Any]:
@@ -134,10 +149,16 @@ async def run(settings: Settings, levels: list[int]) -> dict[str, Any]:
     offset += 20
     env = {k: v for k, v in os.environ.items() if not k.startswith("BUCKETSYNC_")}
     gw = subprocess.Popen(
-        [sys.executable, "-c", "import resource as r; h=r.getrlimit(r.RLIMIT_NOFILE)[1]; "
-         "r.setrlimit(r.RLIMIT_NOFILE,(h,h)); from bucketsync.cli import main; "
-         f"main(['--config', {str(cfg)!r}, 'gateway'])"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-c",
+            "import resource as r; h=r.getrlimit(r.RLIMIT_NOFILE)[1]; "
+            "r.setrlimit(r.RLIMIT_NOFILE,(h,h)); from bucketsync.cli import main; "
+            f"main(['--config', {str(cfg)!r}, 'gateway'])",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     streams: list[Stream] = []
     tasks: list[asyncio.Task[None]] = []
@@ -159,7 +180,9 @@ async def run(settings: Settings, levels: list[int]) -> dict[str, Any]:
                     u = f"u{len(streams) + len(batch)}"
                     st = Stream(u)
                     batch.append(st)
-                await asyncio.gather(*(st.open(port, make_dev_token(s, sub=st.user, ttl_s=7200)) for st in batch))
+                await asyncio.gather(
+                    *(st.open(port, make_dev_token(s, sub=st.user, ttl_s=7200)) for st in batch)
+                )
                 for st in batch:
                     tasks.append(asyncio.create_task(st.read_loop()))
                 streams.extend(batch)
@@ -223,8 +246,18 @@ def bench_fanout(settings: Settings, out: str | None, levels: list[int] | None =
     for e in res["levels"]:
         n = e["streams"]
         rows.append((f"{n:,} streams: RSS per stream", f"{e['rss_per_stream_bytes']:,} B"))
-        rows.append((f"{n:,} streams: shared change p50/p99/all", f"{e['shared_change_p50_ms']} / {e['shared_change_p99_ms']} / {e['shared_change_all_ms']} ms"))
-        rows.append((f"{n:,} streams: per-user change p50/p99", f"{e['user_change_p50_ms']} / {e['user_change_p99_ms']} ms"))
+        rows.append(
+            (
+                f"{n:,} streams: shared change p50/p99/all",
+                f"{e['shared_change_p50_ms']} / {e['shared_change_p99_ms']} / {e['shared_change_all_ms']} ms",
+            )
+        )
+        rows.append(
+            (
+                f"{n:,} streams: per-user change p50/p99",
+                f"{e['user_change_p50_ms']} / {e['user_change_p99_ms']} ms",
+            )
+        )
     _print_table("bench fanout (one gateway process)", rows)
     _write(res, out, "fanout")
     return 0

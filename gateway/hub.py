@@ -57,9 +57,7 @@ class PageCache:
             OrderedDict()
         )
 
-    async def get(
-        self, bucket: str, after: int, upto: int, max_ops: int, max_bytes: int
-    ) -> Page:
+    async def get(self, bucket: str, after: int, upto: int, max_ops: int, max_bytes: int) -> Page:
         key = (bucket, after, upto, max_ops, max_bytes)
         fut = self._entries.get(key)
         if fut is not None:

@@ -80,7 +80,9 @@ def checkpoint_complete(last_op_id: int) -> bytes:
 
 
 def partial_checkpoint_complete(last_op_id: int, priority: int) -> bytes:
-    return _line({"partial_checkpoint_complete": {"last_op_id": str(last_op_id), "priority": priority}})
+    return _line(
+        {"partial_checkpoint_complete": {"last_op_id": str(last_op_id), "priority": priority}}
+    )
 
 
 def token_expires_in(seconds: int) -> bytes:

@@ -58,7 +58,9 @@ class PipelinePosition:
 
     def read(self, timeout: float = 5.0) -> dict[str, int]:
         md = self._consumer.list_topics(timeout=timeout)
-        names = [t for t in md.topics if (t in self.topics) or (self.pattern and self.pattern.search(t))]
+        names = [
+            t for t in md.topics if (t in self.topics) or (self.pattern and self.pattern.search(t))
+        ]
         pos: dict[str, int] = {}
         for name in names:
             for p in md.topics[name].partitions:
@@ -88,7 +90,11 @@ class Gateway:
     def limits(self) -> StreamLimits:
         g = self.settings.gateway
         return StreamLimits(
-            g.keepalive_s, g.max_ops_per_line, g.max_line_bytes, g.slow_client_timeout_s, g.max_buffered_bytes
+            g.keepalive_s,
+            g.max_ops_per_line,
+            g.max_line_bytes,
+            g.slow_client_timeout_s,
+            g.max_buffered_bytes,
         )
 
 
@@ -148,7 +154,9 @@ async def sync_stream(request: web.Request) -> web.StreamResponse:
     limit = gw.settings.gateway.max_buckets_per_connection
     if len(grants) > limit:
         raise ServiceError(
-            400, "PSYNC_S2305", f"too many buckets: {len(grants)} > {limit} (gateway.max_buckets_per_connection)"
+            400,
+            "PSYNC_S2305",
+            f"too many buckets: {len(grants)} > {limit} (gateway.max_buckets_per_connection)",
         )
     resp = web.StreamResponse(
         status=200,
@@ -218,7 +226,9 @@ async def write_checkpoint(request: web.Request) -> web.Response:
         try:
             position = await asyncio.get_running_loop().run_in_executor(None, gw.position.read)
         except Exception as exc:
-            raise ServiceError(503, "PSYNC_S2003", f"could not read CDC topic offsets: {exc}") from None
+            raise ServiceError(
+                503, "PSYNC_S2003", f"could not read CDC topic offsets: {exc}"
+            ) from None
     wid = await gw.store.issue_write_checkpoint(_wcp_key(token.sub, client_id), position)
     return web.json_response({"data": {"write_checkpoint": str(wid)}}, headers=CORS_HEADERS)
 
@@ -253,16 +263,22 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
     except ServiceError as exc:
         return exc.http_response(headers=CORS_HEADERS)
     except web.HTTPNotFound:
-        return ServiceError(404, "PSYNC_S2002", f"route not found: {request.method} {request.path}").http_response()
+        return ServiceError(
+            404, "PSYNC_S2002", f"route not found: {request.method} {request.path}"
+        ).http_response()
     except web.HTTPMethodNotAllowed:
-        return ServiceError(405, "PSYNC_S2002", f"method not allowed: {request.method} {request.path}").http_response()
+        return ServiceError(
+            405, "PSYNC_S2002", f"method not allowed: {request.method} {request.path}"
+        ).http_response()
 
 
 async def build_app(settings: Settings, *, with_position: bool = True) -> web.Application:
     from pipeline.processor import load_sync_rules
 
     rules = load_sync_rules(settings)
-    store = Store.from_url(settings.redis.url, settings.redis.prefix, changes_maxlen=settings.redis.changes_maxlen)
+    store = Store.from_url(
+        settings.redis.url, settings.redis.prefix, changes_maxlen=settings.redis.changes_maxlen
+    )
     hub = CheckpointHub(store)
     verifier = TokenVerifier(settings.auth, base_dir=settings.config_dir)
     gw = Gateway(settings, rules, store, hub, verifier)
@@ -308,7 +324,9 @@ def _serve_worker(settings: Settings, host: str, port: int, reuse_port: bool) ->
     async def go() -> None:
         app = await build_app(settings)
         # cancel a stream's handler when its client goes away, so idle streams never linger
-        runner = web.AppRunner(app, shutdown_timeout=5.0, handle_signals=False, handler_cancellation=True)
+        runner = web.AppRunner(
+            app, shutdown_timeout=5.0, handle_signals=False, handler_cancellation=True
+        )
         await runner.setup()
         site = web.TCPSite(runner, host, port, reuse_port=reuse_port, backlog=4096)
         await site.start()
@@ -350,7 +368,9 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         _serve_worker(settings, host, port, reuse_port=False)
         return 0
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_serve_worker, args=(settings, host, port, True)) for _ in range(workers)]
+    procs = [
+        ctx.Process(target=_serve_worker, args=(settings, host, port, True)) for _ in range(workers)
+    ]
     for p in procs:
         p.start()
 

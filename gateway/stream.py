@@ -128,7 +128,9 @@ class SyncStream:
                 "closing the stream (gateway.slow_client_timeout_s)"
             ) from None
 
-    def _checksums(self, states: dict[str, BucketState], names: Sequence[str]) -> list[protocol.BucketChecksum]:
+    def _checksums(
+        self, states: dict[str, BucketState], names: Sequence[str]
+    ) -> list[protocol.BucketChecksum]:
         out = []
         for b in names:
             g = self.grants[b]
@@ -201,7 +203,9 @@ class SyncStream:
                 return None
             if now >= self.next_keepalive:
                 self.next_keepalive = now + self.limits.keepalive_s
-                await self.send(protocol.token_expires_in(math.ceil(left_token)), "token_expires_in")
+                await self.send(
+                    protocol.token_expires_in(math.ceil(left_token)), "token_expires_in"
+                )
                 continue
             # one timer per wait, no task: idle connections must stay cheap
             timeout = min(self.next_keepalive - now, left_token)
@@ -246,7 +250,11 @@ class SyncStream:
         for b in updated:
             self.sent[b] = (states[b].checksum, states[b].count)
         self.sent_wcp = wcp
-        key = (self.cp, wcp, tuple((b, self.grants[b].priority, self.grants[b].stream) for b in updated))
+        key = (
+            self.cp,
+            wcp,
+            tuple((b, self.grants[b].priority, self.grants[b].stream) for b in updated),
+        )
         line = self.hub.lines.get(key)
         if line is None:
             line = protocol.checkpoint_diff(self.cp, self._checksums(states, updated), (), wcp)
@@ -267,16 +275,16 @@ class SyncStream:
             INVALIDATED.inc()
             buckets = list(self.grants)
             cp, fresh = await self.store.read_checkpoint(buckets)
-            changed = [
-                b for b, st in fresh.items() if self.sent.get(b) != (st.checksum, st.count)
-            ]
+            changed = [b for b, st in fresh.items() if self.sent.get(b) != (st.checksum, st.count)]
             self.cp = max(self.cp, cp)
             for b, st in fresh.items():
                 self.last_op[b] = max(self.last_op.get(b, 0), st.last_op)
             for b in changed:
                 self.sent[b] = (fresh[b].checksum, fresh[b].count)
             await self.send(
-                protocol.checkpoint_diff(self.cp, self._checksums(fresh, changed), (), self.sent_wcp),
+                protocol.checkpoint_diff(
+                    self.cp, self._checksums(fresh, changed), (), self.sent_wcp
+                ),
                 "checkpoint_diff",
             )
 
@@ -303,7 +311,14 @@ class SyncStream:
                         self.limits.max_ops_per_line,
                         self.limits.max_line_bytes,
                     )
-                    log.debug("%s: %s ops of %s in (%s, %s]", self.describe, page.ops, b, self.positions[b], cp)
+                    log.debug(
+                        "%s: %s ops of %s in (%s, %s]",
+                        self.describe,
+                        page.ops,
+                        b,
+                        self.positions[b],
+                        cp,
+                    )
                     for line in page.lines:
                         await self.send(line, "data")
                     OPS_SENT.inc(page.ops)

@@ -47,8 +47,17 @@ async def fill(store: Store, ops: int, rows: int, batch: int = 5000, seed: int =
                 version += 1
                 data = f'{{"id":"r{rid}","v":{version},"pad":"{"x" * 40}"}}'
                 out = _Out(BUCKET, "items", f"r{rid}", data)
-                events.append({"k": f"bench{core.SEP}{rid}", "t": "bench", "o": [core.output_entry(out)], "s": False})
-            await store.apply(PlannedBatch(events, {"bench/0": start}, {"bench/0": start + len(events) - 1}))
+                events.append(
+                    {
+                        "k": f"bench{core.SEP}{rid}",
+                        "t": "bench",
+                        "o": [core.output_entry(out)],
+                        "s": False,
+                    }
+                )
+            await store.apply(
+                PlannedBatch(events, {"bench/0": start}, {"bench/0": start + len(events) - 1})
+            )
             written += len(events)
             bar.update(task, completed=written)
 
@@ -114,20 +123,34 @@ async def run(settings: Settings, ops: int, rows: int) -> dict[str, Any]:
         await store.close()
 
 
-def bench_compact(settings: Settings, out: str | None, ops: int = 1_000_000, rows: int = 100_000) -> int:
+def bench_compact(
+    settings: Settings, out: str | None, ops: int = 1_000_000, rows: int = 100_000
+) -> int:
     res = asyncio.run(run(settings, ops, rows))
     _print_table(
         f"bench compact: {res['ops_before']:,} ops over {rows:,} rows",
         [
             ("ops after fold only", f"{res['ops_after_fold_only']:,}"),
-            ("ops after defragment + fold", f"{res['ops_after_defragment_and_fold']:,} (goal <= {rows + 1:,})"),
+            (
+                "ops after defragment + fold",
+                f"{res['ops_after_defragment_and_fold']:,} (goal <= {rows + 1:,})",
+            ),
             ("duration", f"{res['duration_s']} s"),
-            ("longest single Redis step (server / client)", f"{res['longest_step_server_ms']} / {res['longest_step_ms']} ms"),
+            (
+                "longest single Redis step (server / client)",
+                f"{res['longest_step_server_ms']} / {res['longest_step_ms']} ms",
+            ),
             ("steps over 10 ms (server)", str(res["steps_over_10ms_server"])),
-            ("longest fold / defrag step", f"{res['longest_fold_step_ms']} / {res['longest_defrag_step_ms']} ms"),
+            (
+                "longest fold / defrag step",
+                f"{res['longest_fold_step_ms']} / {res['longest_defrag_step_ms']} ms",
+            ),
             ("new-client download before", f"{res['new_client_download_bytes_before']:,} B"),
             ("new-client download after", f"{res['new_client_download_bytes_after']:,} B"),
-            ("Redis used memory before/after", f"{res['redis_used_memory_before']:,} / {res['redis_used_memory_after']:,} B"),
+            (
+                "Redis used memory before/after",
+                f"{res['redis_used_memory_before']:,} / {res['redis_used_memory_after']:,} B",
+            ),
             ("verify differences", str(len(res["verify_differences"]))),
         ],
     )

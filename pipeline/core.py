@@ -119,7 +119,9 @@ def plan_batch(
     batch = PlannedBatch()
     dls: list[DeadLetter] = []
     plan = Plan(batch, dls)
-    known_rows: dict[str, dict[str, Any] | None] = {k: dict(v) for k, v in (stored_rows or {}).items()}
+    known_rows: dict[str, dict[str, Any] | None] = {
+        k: dict(v) for k, v in (stored_rows or {}).items()
+    }
     for rec, ev in items:
         plan.events += 1
         tp = tp_of(rec)

@@ -45,7 +45,9 @@ log = logging.getLogger("bucketsync.processor")
 
 EVENTS = Counter("bucketsync_processor_events_total", "CDC records consumed", ["topic"])
 OPS = Counter("bucketsync_processor_ops_total", "Bucket ops written")
-DEAD = Counter("bucketsync_processor_dead_letters_total", "Records dead-lettered", ["topic", "reason"])
+DEAD = Counter(
+    "bucketsync_processor_dead_letters_total", "Records dead-lettered", ["topic", "reason"]
+)
 BATCH = Histogram(
     "bucketsync_processor_batch_events",
     "Events per applied batch",
@@ -332,7 +334,10 @@ class KafkaLoopDriver:
         try:
             while not self._stop.is_set():
                 msgs = await loop.run_in_executor(
-                    None, self.consumer.consume, p.batch_max_events, p.batch_max_wait_ms / 1000 or 0.05
+                    None,
+                    self.consumer.consume,
+                    p.batch_max_events,
+                    p.batch_max_wait_ms / 1000 or 0.05,
                 )
                 records = []
                 for m in msgs:
@@ -352,7 +357,11 @@ class KafkaLoopDriver:
                             value=m.value(),
                             headers=tuple(
                                 (hk, hv if not isinstance(hv, str) else hv.encode())
-                                for hk, hv in (raw_headers.items() if isinstance(raw_headers, dict) else raw_headers)
+                                for hk, hv in (
+                                    raw_headers.items()
+                                    if isinstance(raw_headers, dict)
+                                    else raw_headers
+                                )
                             ),
                             timestamp_ms=ts if ts_type else None,
                         )
@@ -426,7 +435,9 @@ def build_faust_app(settings: Settings, applier_factory: Any) -> Any:
     @app.agent(source, concurrency=1)
     async def apply_cdc(stream: Any) -> Any:
         applier = await ensure_applier()
-        async for events in stream.take_events(p.batch_max_events, within=p.batch_max_wait_ms / 1000):
+        async for events in stream.take_events(
+            p.batch_max_events, within=p.batch_max_wait_ms / 1000
+        ):
             records = []
             for ev in events:
                 m = ev.message
@@ -500,7 +511,10 @@ def run_kafka_driver(settings: Settings) -> int:
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
-        log.info("processor (kafka driver) consuming %s", settings.kafka.topics or settings.kafka.topic_pattern)
+        log.info(
+            "processor (kafka driver) consuming %s",
+            settings.kafka.topics or settings.kafka.topic_pattern,
+        )
         compactor = asyncio.create_task(compaction.schedule(settings, applier.store, stop))
         try:
             await driver.run()

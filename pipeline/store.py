@@ -172,9 +172,7 @@ class Store:
             states[b] = BucketState(int(cs or 0), int(n or 0), int(last or 0))
         return cp, states
 
-    async def read_ops(
-        self, bucket: str, after: int, upto: int, limit: int
-    ) -> list[StoredOp]:
+    async def read_ops(self, bucket: str, after: int, upto: int, limit: int) -> list[StoredOp]:
         """Ops with ``after < op_id <= upto``, ascending, at most ``limit``."""
         rows = await self.r.zrangebyscore(
             self.k("ops", bucket), f"({after}", upto, start=0, num=limit, withscores=True

@@ -93,7 +93,9 @@ class Client:
         assert self.session is not None
         await self.session.close()
 
-    async def sync_until(self, stop_after_completes: int = 1, timeout_s: float = 10.0, **kw: Any) -> int:
+    async def sync_until(
+        self, stop_after_completes: int = 1, timeout_s: float = 10.0, **kw: Any
+    ) -> int:
         """Open a stream and read until ``stop_after_completes`` checkpoints completed."""
         assert self.session is not None
         start = self.state.completed
@@ -103,5 +105,11 @@ class Client:
             return state.completed - start >= stop_after_completes
 
         return await stream_once(
-            self.session, self.endpoint, self.token, self.state, on_line=hook, timeout_s=timeout_s, **kw
+            self.session,
+            self.endpoint,
+            self.token,
+            self.state,
+            on_line=hook,
+            timeout_s=timeout_s,
+            **kw,
         )

@@ -41,7 +41,9 @@ def model_rules(table: str, row: dict[str, Any]) -> list[tuple[str, str, str, st
     return out
 
 
-def debezium_json(table: str, op: str, key: dict[str, Any], after: dict[str, Any] | None) -> tuple[bytes, bytes | None]:
+def debezium_json(
+    table: str, op: str, key: dict[str, Any], after: dict[str, Any] | None
+) -> tuple[bytes, bytes | None]:
     """A schemaless Debezium PostgreSQL change event (cdc-events.md §2.3)."""
     if op == "tombstone":
         return orjson.dumps(key), None
@@ -72,13 +74,17 @@ def produce(bootstrap: str, topic: str, messages: Sequence[tuple[bytes, bytes | 
     assert p.flush(30) == 0
 
 
-def expected_normalised(table_id: str, op: str, key: dict[str, Any], after: dict[str, Any] | None) -> dict[str, Any]:
+def expected_normalised(
+    table_id: str, op: str, key: dict[str, Any], after: dict[str, Any] | None
+) -> dict[str, Any]:
     if op in ("c", "u", "r"):
         return {"action": "upsert", "table": table_id, "key": key, "row": after}
     return {"action": "delete", "table": table_id, "key": key}
 
 
-async def run_processor(settings: Settings, expect_events: int, *, idle_exit_s: float = 10.0) -> int:
+async def run_processor(
+    settings: Settings, expect_events: int, *, idle_exit_s: float = 10.0
+) -> int:
     rules = load_sync_rules(settings)
     store = Store.from_url(settings.redis.url, settings.redis.prefix)
     applier = BatchApplier(settings, store, rules)

@@ -29,14 +29,22 @@ pytestmark = pytest.mark.stack
 RULES = parse_rules(TEST_RULES)
 
 step = st.one_of(
-    st.tuples(st.just("up"), st.integers(1, 5), st.sampled_from(["u1", "u2"]), st.sampled_from(["a", "b", "c"]), st.sampled_from([0, 1])),
+    st.tuples(
+        st.just("up"),
+        st.integers(1, 5),
+        st.sampled_from(["u1", "u2"]),
+        st.sampled_from(["a", "b", "c"]),
+        st.sampled_from([0, 1]),
+    ),
     st.tuples(st.just("del"), st.integers(1, 5), st.none(), st.none(), st.none()),
     st.tuples(st.just("compact"), st.none(), st.none(), st.none(), st.booleans()),
     st.tuples(st.just("snap"), st.none(), st.none(), st.none(), st.none()),
 )
 
 
-def reduce_ops(ops: list[dict[str, Any]], rows: dict[tuple[str, str], str] | None = None, total: int = 0):
+def reduce_ops(
+    ops: list[dict[str, Any]], rows: dict[tuple[str, str], str] | None = None, total: int = 0
+):
     rows = dict(rows or {})
     for op in ops:
         cs = int(op["checksum"])
@@ -66,8 +74,13 @@ async def scenario(redis_url: str, raw: list[tuple[Any, ...]]) -> None:
             if kind in ("up", "del"):
                 key = {"id": rid}
                 if kind == "up":
-                    ev = {"action": "upsert", "table": "t", "source_table": "todos", "key": key,
-                          "row": {"id": rid, "owner_id": owner, "title": title, "done": flag}}
+                    ev = {
+                        "action": "upsert",
+                        "table": "t",
+                        "source_table": "todos",
+                        "key": key,
+                        "row": {"id": rid, "owner_id": owner, "title": title, "done": flag},
+                    }
                 else:
                     ev = {"action": "delete", "table": "t", "source_table": "todos", "key": key}
                 model.apply({**ev, "table": "t.public.todos"})

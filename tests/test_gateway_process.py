@@ -29,7 +29,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def test_workers_share_the_port_and_streams_end_cleanly_on_sigterm(make_settings, tmp_path: Path) -> None:
+async def test_workers_share_the_port_and_streams_end_cleanly_on_sigterm(
+    make_settings, tmp_path: Path
+) -> None:
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
     port = _free_port()
@@ -75,7 +77,11 @@ async def test_workers_share_the_port_and_streams_end_cleanly_on_sigterm(make_se
                 return hook
 
             tasks = [
-                asyncio.create_task(stream_once(session, url, tokens[i], states[i], on_line=hook_for(i), timeout_s=60))
+                asyncio.create_task(
+                    stream_once(
+                        session, url, tokens[i], states[i], on_line=hook_for(i), timeout_s=60
+                    )
+                )
                 for i in range(len(states))
             ]
             await asyncio.wait_for(asyncio.gather(*(e.wait() for e in synced)), 30)
@@ -87,7 +93,11 @@ async def test_workers_share_the_port_and_streams_end_cleanly_on_sigterm(make_se
             assert time.monotonic() - t0 < 15
         assert proc.wait(20) == 0
         err = proc.stderr.read() if proc.stderr else ""
-        pids = {line.split("(pid ")[1].split(")")[0] for line in err.splitlines() if "gateway listening" in line}
+        pids = {
+            line.split("(pid ")[1].split(")")[0]
+            for line in err.splitlines()
+            if "gateway listening" in line
+        }
         assert len(pids) == 2, err[-2000:]
     finally:
         if proc.poll() is None:

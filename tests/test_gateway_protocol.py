@@ -71,7 +71,9 @@ async def test_live_update_delete_and_ownership_move(gw_settings) -> None:
         task = asyncio.create_task(changes())
         await c.sync_until(stop_after_completes=4, timeout_s=15)
         await task
-        assert rows_of(c) == {"t1": {"id": "t1", "owner_id": "u1", "description": "a2", "completed": 0}}
+        assert rows_of(c) == {
+            "t1": {"id": "t1", "owner_id": "u1", "description": "a2", "completed": 0}
+        }
         assert c.kinds.count("checkpoint") == 1 and c.kinds.count("checkpoint_diff") == 3
         assert c.state.mismatches == [] and c.state.protocol_errors == []
 
@@ -100,7 +102,9 @@ async def test_foreign_bucket_names_are_ignored(gw_settings) -> None:
         token = make_dev_token(s, sub="u1")
         body = {"buckets": [{"name": 'by_user["u2"]', "after": "0"}], "raw_data": True}
         lines = []
-        async with session.post(url + "/sync/stream", json=body, headers={"Authorization": f"Bearer {token}"}) as r:
+        async with session.post(
+            url + "/sync/stream", json=body, headers={"Authorization": f"Bearer {token}"}
+        ) as r:
             assert r.status == 200
             assert r.headers["Content-Type"].startswith("application/x-ndjson")
             async for raw in r.content:
@@ -119,7 +123,9 @@ async def test_data_lines_respect_op_bound(gw_settings) -> None:
     async with running_gateway(s) as url, aiohttp.ClientSession() as session:
         token = make_dev_token(s, sub="u1")
         datas = []
-        async with session.post(url + "/sync/stream", json={}, headers={"Authorization": f"Token {token}"}) as r:
+        async with session.post(
+            url + "/sync/stream", json={}, headers={"Authorization": f"Token {token}"}
+        ) as r:
             async for raw in r.content:
                 line = orjson.loads(raw)
                 if "data" in line:
@@ -133,7 +139,9 @@ async def test_data_lines_respect_op_bound(gw_settings) -> None:
             assert nxt["after"] == prev["next_after"]
         for d in datas:
             assert d["next_after"] == d["data"][-1]["op_id"]
-            assert all(isinstance(op["op_id"], str) and isinstance(op["data"], str) for op in d["data"])
+            assert all(
+                isinstance(op["op_id"], str) and isinstance(op["data"], str) for op in d["data"]
+            )
 
 
 async def test_keepalive_and_expiry_end_the_stream(gw_settings) -> None:
@@ -191,7 +199,8 @@ async def test_write_checkpoint_alone_sends_diff_and_complete(gw_settings) -> No
             await asyncio.sleep(0.3)
             for expected in ("1", "2"):
                 async with c.session.get(
-                    url + "/write-checkpoint2.json?client_id=sim", headers={"Authorization": f"Token {token}"}
+                    url + "/write-checkpoint2.json?client_id=sim",
+                    headers={"Authorization": f"Token {token}"},
                 ) as r:
                     assert r.status == 200
                     assert (await r.json()) == {"data": {"write_checkpoint": expected}}
@@ -199,7 +208,9 @@ async def test_write_checkpoint_alone_sends_diff_and_complete(gw_settings) -> No
         task = asyncio.create_task(ask())
         await c.sync_until(stop_after_completes=2, timeout_s=10)
         await task
-        assert c.state.applied_write_checkpoint is not None and c.state.applied_write_checkpoint >= 1
+        assert (
+            c.state.applied_write_checkpoint is not None and c.state.applied_write_checkpoint >= 1
+        )
         assert "checkpoint_diff" in c.kinds
 
 
@@ -207,13 +218,19 @@ async def test_bad_body_and_auth_errors(gw_settings) -> None:
     s = gw_settings()
     async with running_gateway(s) as url, aiohttp.ClientSession() as session:
         token = make_dev_token(s, sub="u1")
-        async with session.post(url + "/sync/stream", data=b'{"buckets": 3}', headers={"Authorization": f"Token {token}"}) as r:
+        async with session.post(
+            url + "/sync/stream",
+            data=b'{"buckets": 3}',
+            headers={"Authorization": f"Token {token}"},
+        ) as r:
             assert r.status == 400
             assert (await r.json())["error"]["code"] == "PSYNC_S2001"
         async with session.post(url + "/sync/stream", json={}) as r:
             assert r.status == 401
             assert (await r.json())["error"]["code"] == "PSYNC_S2106"
-        async with session.post(url + "/sync/stream", json={}, headers={"Authorization": "Token x.y.z"}) as r:
+        async with session.post(
+            url + "/sync/stream", json={}, headers={"Authorization": "Token x.y.z"}
+        ) as r:
             assert r.status == 401
             assert (await r.json())["error"]["code"] == "PSYNC_S2101"
         async with session.get(url + "/nope") as r:
@@ -244,7 +261,9 @@ async def test_compaction_mid_download_and_resume_inside_folded_range(gw_setting
         await old.sync_until()  # resumes from an op id inside the folded range
         await new.sync_until()
         for c in (old, new):
-            assert rows_of(c) == {"t2": {"id": "t2", "owner_id": "u1", "description": "b2", "completed": 0}}
+            assert rows_of(c) == {
+                "t2": {"id": "t2", "owner_id": "u1", "description": "b2", "completed": 0}
+            }
             assert c.state.mismatches == []
         assert new.state.ops < 5
     assert isinstance(PlannedBatch(), PlannedBatch)
@@ -281,7 +300,9 @@ async def test_client_that_stops_reading_is_dropped(gw_settings, caplog) -> None
     assert any("did not read" in r.getMessage() for r in caplog.records)
 
 
-async def test_write_checkpoint_waits_for_the_pipeline_position(gw_settings, create_topic, ns, tmp_path) -> None:
+async def test_write_checkpoint_waits_for_the_pipeline_position(
+    gw_settings, create_topic, ns, tmp_path
+) -> None:
     """The id is bound to the CDC topics' end offsets; it shows only once they are applied."""
     from tests.pipeline_helpers import debezium_json, produce, run_processor
 
@@ -289,11 +310,25 @@ async def test_write_checkpoint_waits_for_the_pipeline_position(gw_settings, cre
     base = gw_settings()
     s = base.model_copy(update={"kafka": base.kafka.model_copy(update={"topics": [topic]})})
     await feed(s, [todo("t0", "u1")])
-    produce(s.kafka.bootstrap_servers, topic, [debezium_json("todos", "c", {"id": "t1"}, {"id": "t1", "owner_id": "u1", "description": "w", "completed": 0})])
+    produce(
+        s.kafka.bootstrap_servers,
+        topic,
+        [
+            debezium_json(
+                "todos",
+                "c",
+                {"id": "t1"},
+                {"id": "t1", "owner_id": "u1", "description": "w", "completed": 0},
+            )
+        ],
+    )
     async with running_gateway(s, with_position=True) as url, Client(url, s, "u1") as c:
         assert c.session is not None
         await c.sync_until()
-        async with c.session.get(url + "/write-checkpoint2.json?client_id=sim", headers={"Authorization": f"Token {c.token}"}) as r:
+        async with c.session.get(
+            url + "/write-checkpoint2.json?client_id=sim",
+            headers={"Authorization": f"Token {c.token}"},
+        ) as r:
             wid = int((await r.json())["data"]["write_checkpoint"])
         # not applied yet: no checkpoint may carry the id
         await c.sync_until(timeout_s=1.5)

@@ -46,7 +46,9 @@ steps = st.lists(
 )
 
 
-def build_history(raw: list[tuple[str, int, Any]]) -> tuple[list[tuple[bytes, bytes | None]], list[dict[str, Any]]]:
+def build_history(
+    raw: list[tuple[str, int, Any]],
+) -> tuple[list[tuple[bytes, bytes | None]], list[dict[str, Any]]]:
     msgs: list[tuple[bytes, bytes | None]] = []
     events: list[dict[str, Any]] = []
     for op, n, data in raw:
@@ -66,9 +68,15 @@ def build_history(raw: list[tuple[str, int, Any]]) -> tuple[list[tuple[bytes, by
     return msgs, events
 
 
-@settings(max_examples=int(__import__("os").environ.get("BUCKETSYNC_TEST_EXAMPLES", "8")), deadline=None, suppress_health_check=list(HealthCheck))
+@settings(
+    max_examples=int(__import__("os").environ.get("BUCKETSYNC_TEST_EXAMPLES", "8")),
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+)
 @given(raw=steps, batch=st.sampled_from([1, 3, 1000]))
-def test_random_histories_match_model(raw, batch, stack, ns, make_settings, create_topic, tmp_path_factory) -> None:
+def test_random_histories_match_model(
+    raw, batch, stack, ns, make_settings, create_topic, tmp_path_factory
+) -> None:
     import uuid
 
     msgs, events = build_history(raw)

@@ -37,7 +37,16 @@ def _config(tmp: Path, s: Settings, name: str, **over: Any) -> Path:
 def _start(cfg: Path, driver: str) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BUCKETSYNC_")}
     return subprocess.Popen(
-        [sys.executable, "-m", "bucketsync.cli", "--config", str(cfg), "processor", "--driver", driver],
+        [
+            sys.executable,
+            "-m",
+            "bucketsync.cli",
+            "--config",
+            str(cfg),
+            "processor",
+            "--driver",
+            driver,
+        ],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -75,7 +84,9 @@ def snapshot(r: redis.Redis, prefix: str) -> dict[str, Any]:
     return out
 
 
-def test_sigkill_mid_batch_restart_is_identical(make_settings, create_topic, ns, tmp_path: Path) -> None:
+def test_sigkill_mid_batch_restart_is_identical(
+    make_settings, create_topic, ns, tmp_path: Path
+) -> None:
     topic = create_topic(ns.topic("app.public.todos"))
     base = make_settings(
         kafka={"topics": [topic]},
@@ -88,10 +99,22 @@ def test_sigkill_mid_batch_restart_is_identical(make_settings, create_topic, ns,
     tp = f"{topic}/0"
     r = redis.Redis.from_url(base.redis.url)
     ref_prefix, crash_prefix = ns.prefix + "-ref", ns.prefix + "-crash"
-    ref_cfg = _config(tmp_path, base, "ref", redis={"prefix": ref_prefix}, kafka={"group_id": ns.group_id + "-ref"},
-                      processor={"batch_max_events": 2000})
-    crash_cfg = _config(tmp_path, base, "crash", redis={"prefix": crash_prefix},
-                        kafka={"group_id": ns.group_id + "-crash"}, processor={"batch_max_events": 300})
+    ref_cfg = _config(
+        tmp_path,
+        base,
+        "ref",
+        redis={"prefix": ref_prefix},
+        kafka={"group_id": ns.group_id + "-ref"},
+        processor={"batch_max_events": 2000},
+    )
+    crash_cfg = _config(
+        tmp_path,
+        base,
+        "crash",
+        redis={"prefix": crash_prefix},
+        kafka={"group_id": ns.group_id + "-crash"},
+        processor={"batch_max_events": 300},
+    )
     try:
         ref = _start(ref_cfg, "kafka")
         try:
@@ -134,7 +157,9 @@ def test_bad_records_go_to_dead_letter_topic_and_processing_continues(
     make_settings, create_topic, ns, tmp_path: Path
 ) -> None:
     topic = create_topic(ns.topic("app.public.todos"))
-    s = make_settings(kafka={"topics": [topic]}, sync_rules=write_rules(tmp_path), compaction={"interval_s": 0})
+    s = make_settings(
+        kafka={"topics": [topic]}, sync_rules=write_rules(tmp_path), compaction={"interval_s": 0}
+    )
     create_topic(s.kafka.dead_letter_topic)
     good = b'{"before":null,"after":{"id":1,"owner_id":"u1","title":"a","done":0},"source":{"table":"todos","schema":"public"},"op":"c"}'
     bad = [
@@ -149,10 +174,17 @@ def test_bad_records_go_to_dead_letter_topic_and_processing_continues(
 
     asyncio.run(run_processor(s, 4))
     view = asyncio.run(store_view(s, ['by_user["u1"]']))
-    assert [op[1] for op in view['by_user["u1"]']["ops"]] == ["PUT"]  # the good event after them landed
+    assert [op[1] for op in view['by_user["u1"]']["ops"]] == [
+        "PUT"
+    ]  # the good event after them landed
 
-    c = Consumer({"bootstrap.servers": s.kafka.bootstrap_servers, "group.id": ns.group_id + "-dl",
-                  "auto.offset.reset": "earliest"})
+    c = Consumer(
+        {
+            "bootstrap.servers": s.kafka.bootstrap_servers,
+            "group.id": ns.group_id + "-dl",
+            "auto.offset.reset": "earliest",
+        }
+    )
     c.subscribe([s.kafka.dead_letter_topic])
     got = []
     deadline = time.monotonic() + 30

@@ -38,7 +38,11 @@ async def _one_processor(settings) -> tuple[int, set[str]]:
 
 def test_two_processors_share_a_group(make_settings, create_topic, ns, tmp_path: Path) -> None:
     topic = create_topic(ns.topic("app.public.todos"), partitions=2)
-    s = make_settings(kafka={"topics": [topic]}, sync_rules=write_rules(tmp_path), processor={"batch_max_events": 50})
+    s = make_settings(
+        kafka={"topics": [topic]},
+        sync_rules=write_rules(tmp_path),
+        processor={"batch_max_events": 50},
+    )
     rng = random.Random(5)
     model = BucketModel(model_rules)
     msgs = []
@@ -49,7 +53,12 @@ def test_two_processors_share_a_group(make_settings, create_topic, ns, tmp_path:
             msgs.append(debezium_json("todos", "d", key, None))
             model.apply(expected_normalised("app.public.todos", "d", key, None))
         else:
-            after = {"id": rid, "owner_id": rng.choice(["u1", "u2", "u3"]), "title": rng.choice("abc"), "done": rng.randrange(2)}
+            after = {
+                "id": rid,
+                "owner_id": rng.choice(["u1", "u2", "u3"]),
+                "title": rng.choice("abc"),
+                "done": rng.randrange(2),
+            }
             msgs.append(debezium_json("todos", "u", key, after))
             model.apply(expected_normalised("app.public.todos", "u", key, after))
     produce(s.kafka.bootstrap_servers, topic, msgs)
@@ -67,14 +76,34 @@ def test_two_processors_share_a_group(make_settings, create_topic, ns, tmp_path:
         assert live == b.live_rows(), name
 
 
-def test_topic_pattern_consumes_every_matching_topic(make_settings, create_topic, ns, tmp_path: Path) -> None:
+def test_topic_pattern_consumes_every_matching_topic(
+    make_settings, create_topic, ns, tmp_path: Path
+) -> None:
     a = create_topic(ns.topic("pat.public.todos"))
     b = create_topic(ns.topic("pat.other.todos"))
     create_topic(ns.topic("nomatch.public.todos"))
     pattern = "^" + ns.topic("pat").replace(".", r"\.") + r"\..*"
-    s = make_settings(kafka={"topics": [], "topic_pattern": pattern}, sync_rules=write_rules(tmp_path))
-    produce(s.kafka.bootstrap_servers, a, [debezium_json("todos", "c", {"id": 1}, {"id": 1, "owner_id": "u1", "title": "a", "done": 0})])
-    produce(s.kafka.bootstrap_servers, b, [debezium_json("todos", "c", {"id": 2}, {"id": 2, "owner_id": "u1", "title": "b", "done": 0})])
+    s = make_settings(
+        kafka={"topics": [], "topic_pattern": pattern}, sync_rules=write_rules(tmp_path)
+    )
+    produce(
+        s.kafka.bootstrap_servers,
+        a,
+        [
+            debezium_json(
+                "todos", "c", {"id": 1}, {"id": 1, "owner_id": "u1", "title": "a", "done": 0}
+            )
+        ],
+    )
+    produce(
+        s.kafka.bootstrap_servers,
+        b,
+        [
+            debezium_json(
+                "todos", "c", {"id": 2}, {"id": 2, "owner_id": "u1", "title": "b", "done": 0}
+            )
+        ],
+    )
     asyncio.run(_one_processor(s))
     view = asyncio.run(store_view(s, ['by_user["u1"]']))['by_user["u1"]']
     assert sorted(op[4] for op in view["ops"]) == ["1", "2"]

@@ -52,9 +52,9 @@ def test_worked_example_checksums_move_and_remove(stack, ns) -> None:
     async def go(store: Store) -> None:
         b = PlannedBatch(
             events=[
-                upsert("r1", Out("by_user[\"u1\"]", "todos", "t1", V1)),
-                upsert("r1", Out("by_user[\"u1\"]", "todos", "t1", V2)),
-                upsert("r1", Out("by_user[\"u1\"]", "todos", "t1", V2)),  # unchanged: no op
+                upsert("r1", Out('by_user["u1"]', "todos", "t1", V1)),
+                upsert("r1", Out('by_user["u1"]', "todos", "t1", V2)),
+                upsert("r1", Out('by_user["u1"]', "todos", "t1", V2)),  # unchanged: no op
                 delete("r1"),
             ],
             guard={"t/0": 0},
@@ -63,7 +63,11 @@ def test_worked_example_checksums_move_and_remove(stack, ns) -> None:
         res = await store.apply(b)
         assert res.status == "ok" and res.ops == 3 and res.checkpoint == 3
         ops = await store.all_ops('by_user["u1"]')
-        assert [(o.op_id, o.kind, o.target) for o in ops] == [(1, "MOVE", 2), (2, "MOVE", 3), (3, "REMOVE", 0)]
+        assert [(o.op_id, o.kind, o.target) for o in ops] == [
+            (1, "MOVE", 2),
+            (2, "MOVE", 3),
+            (3, "REMOVE", 0),
+        ]
         assert b'"checksum":903225261' in ops[0].wire
         assert b'"checksum":3323683603' in ops[1].wire
         assert b'"checksum":2191439428' in ops[2].wire
@@ -92,10 +96,14 @@ def test_stale_batch_is_refused_whole(stack, ns) -> None:
         assert ok.status == "ok"
         again = await store.apply(
             PlannedBatch(
-                [upsert("r2", Out("g[]", "todos", "t2", V1))], {"t/0": 10, "t/1": 0}, {"t/0": 11, "t/1": 0}
+                [upsert("r2", Out("g[]", "todos", "t2", V1))],
+                {"t/0": 10, "t/1": 0},
+                {"t/0": 11, "t/1": 0},
             )
         )
-        assert again.status == "stale" and again.stale_partition == "t/0" and again.stored_offset == 10
+        assert (
+            again.status == "stale" and again.stale_partition == "t/0" and again.stored_offset == 10
+        )
         # nothing of the refused batch landed
         assert [o.op_id for o in await store.all_ops("g[]")] == [1]
         assert await store.applied_offsets() == {"t/0": 10}
@@ -108,9 +116,9 @@ def test_row_moves_between_buckets_and_truncate(stack, ns) -> None:
         await store.apply(
             PlannedBatch(
                 [
-                    upsert("r1", Out("u[\"a\"]", "todos", "1", '{"id":1,"o":"a"}')),
-                    upsert("r2", Out("u[\"a\"]", "todos", "2", '{"id":2,"o":"a"}')),
-                    upsert("r1", Out("u[\"b\"]", "todos", "1", '{"id":1,"o":"b"}')),
+                    upsert("r1", Out('u["a"]', "todos", "1", '{"id":1,"o":"a"}')),
+                    upsert("r2", Out('u["a"]', "todos", "2", '{"id":2,"o":"a"}')),
+                    upsert("r1", Out('u["b"]', "todos", "1", '{"id":1,"o":"b"}')),
                     {"truncate": "todos"},
                 ],
                 {"t/0": 0},

@@ -29,14 +29,25 @@ def rec(topic: str, offset: int) -> KafkaRecord:
 
 
 def data(table: str, tx: str | None, order: int, rid: int) -> dict[str, Any]:
-    ev: dict[str, Any] = {"action": "upsert", "table": table, "key": {"id": rid}, "row": {"id": rid}}
+    ev: dict[str, Any] = {
+        "action": "upsert",
+        "table": table,
+        "key": {"id": rid},
+        "row": {"id": rid},
+    }
     if tx:
         ev["tx"] = {"id": tx, "total_order": order, "data_collection_order": order}
     return ev
 
 
 def end(tx: str, counts: dict[str, int]) -> dict[str, Any]:
-    return {"action": "tx_end", "connector": "p", "tx_id": tx, "event_count": sum(counts.values()), "data_collections": counts}
+    return {
+        "action": "tx_end",
+        "connector": "p",
+        "tx_id": tx,
+        "event_count": sum(counts.values()),
+        "data_collections": counts,
+    }
 
 
 def test_stager_holds_until_end_and_counts_then_releases_whole_transaction() -> None:
@@ -50,12 +61,16 @@ def test_stager_holds_until_end_and_counts_then_releases_whole_transaction() -> 
     st.push(rec("p.s.b", 1), data("p.s.b", "1", 3, 3))
     out = st.release()
     assert sorted((r.topic, r.offset) for r, _ in out) == [
-        ("p.s.a", 0), ("p.s.b", 0), ("p.s.b", 1), ("p.transaction", 0), ("p.transaction", 1)
+        ("p.s.a", 0),
+        ("p.s.b", 0),
+        ("p.s.b", 1),
+        ("p.transaction", 0),
+        ("p.transaction", 1),
     ]
     assert st.staged == 0
     # a replayed event of an applied transaction keeps its offset but has no effect
     st.push(rec("p.s.a", 5), data("p.s.a", "1", 1, 1))
-    (_, ev), = st.release()
+    ((_, ev),) = st.release()
     assert ev["action"] == "ignore"
 
 
@@ -66,12 +81,18 @@ def test_stager_releases_partitions_only_as_prefixes() -> None:
     st.push(rec("p.s.c", 0), data("p.s.c", None, 0, 8))  # other partition: free
     assert [(r.topic, r.offset) for r, _ in st.release()] == [("p.s.c", 0)]
     st.push(rec("p.transaction", 0), end("1", {"p.s.a": 1}))
-    assert [(r.topic, r.offset) for r, _ in st.release()] == [("p.s.a", 0), ("p.s.a", 1), ("p.transaction", 0)]
+    assert [(r.topic, r.offset) for r, _ in st.release()] == [
+        ("p.s.a", 0),
+        ("p.s.a", 1),
+        ("p.transaction", 0),
+    ]
 
 
 def test_stager_grace_period_and_cap() -> None:
     now = [0.0]
-    st = TransactionStager(subscribed=lambda c: True, grace_s=10, clock=lambda: now[0], max_staged_events=3)
+    st = TransactionStager(
+        subscribed=lambda c: True, grace_s=10, clock=lambda: now[0], max_staged_events=3
+    )
     st.push(rec("p.s.a", 0), data("p.s.a", "1", 1, 1))
     assert st.release() == []
     now[0] = 11
@@ -82,11 +103,19 @@ def test_stager_grace_period_and_cap() -> None:
     assert st.degraded == 2
 
 
-def _dbz(prefix: str, table: str, rid: int, row: dict[str, Any], tx: str, order: int) -> tuple[bytes, bytes]:
+def _dbz(
+    prefix: str, table: str, rid: int, row: dict[str, Any], tx: str, order: int
+) -> tuple[bytes, bytes]:
     value = {
         "before": None,
         "after": row,
-        "source": {"connector": "postgresql", "name": prefix, "schema": "public", "table": table, "db": "app"},
+        "source": {
+            "connector": "postgresql",
+            "name": prefix,
+            "schema": "public",
+            "table": table,
+            "db": "app",
+        },
         "op": "c",
         "ts_ms": 1,
         "transaction": {"id": tx, "total_order": order, "data_collection_order": order},
@@ -94,19 +123,25 @@ def _dbz(prefix: str, table: str, rid: int, row: dict[str, Any], tx: str, order:
     return orjson.dumps({"id": rid}), orjson.dumps(value)
 
 
-def _marker(prefix: str, tx: str, status: str, counts: dict[str, int] | None) -> tuple[bytes, bytes]:
+def _marker(
+    prefix: str, tx: str, status: str, counts: dict[str, int] | None
+) -> tuple[bytes, bytes]:
     value = {
         "status": status,
         "id": tx,
         "event_count": None if counts is None else sum(counts.values()),
-        "data_collections": None if counts is None else [{"data_collection": k, "event_count": v} for k, v in counts.items()],
+        "data_collections": None
+        if counts is None
+        else [{"data_collection": k, "event_count": v} for k, v in counts.items()],
         "ts_ms": 1,
     }
     return orjson.dumps({"id": tx}), orjson.dumps(value)
 
 
 @pytest.mark.stack
-def test_processor_never_exposes_part_of_a_transaction(make_settings, create_topic, ns, tmp_path: Path) -> None:
+def test_processor_never_exposes_part_of_a_transaction(
+    make_settings, create_topic, ns, tmp_path: Path
+) -> None:
     prefix = ns.topic("app")
     orders = create_topic(f"{prefix}.public.orders")
     lines = create_topic(f"{prefix}.public.order_lines")
@@ -120,12 +155,24 @@ def test_processor_never_exposes_part_of_a_transaction(make_settings, create_top
     bucket = 'by_customer["c1"]'
     bs = s.kafka.bootstrap_servers
     produce(bs, txt, [_marker(prefix, "77", "BEGIN", None)])
-    produce(bs, orders, [_dbz(prefix, "orders", 1, {"id": 1, "customer_id": "c1", "total": "9.50"}, "77", 1)])
-    produce(bs, lines, [_dbz(prefix, "order_lines", 11, {"id": 11, "customer_id": "c1", "sku": "A"}, "77", 2)])
+    produce(
+        bs,
+        orders,
+        [_dbz(prefix, "orders", 1, {"id": 1, "customer_id": "c1", "total": "9.50"}, "77", 1)],
+    )
+    produce(
+        bs,
+        lines,
+        [_dbz(prefix, "order_lines", 11, {"id": 11, "customer_id": "c1", "sku": "A"}, "77", 2)],
+    )
     asyncio.run(run_processor(s, 3, idle_exit_s=3))
     assert asyncio.run(store_view(s, [bucket]))[bucket]["ops"] == []  # nothing of tx 77 yet
 
-    produce(bs, lines, [_dbz(prefix, "order_lines", 12, {"id": 12, "customer_id": "c1", "sku": "B"}, "77", 3)])
+    produce(
+        bs,
+        lines,
+        [_dbz(prefix, "order_lines", 12, {"id": 12, "customer_id": "c1", "sku": "B"}, "77", 3)],
+    )
     produce(bs, txt, [_marker(prefix, "77", "END", {"public.orders": 1, "public.order_lines": 2})])
     asyncio.run(run_processor(s, 5, idle_exit_s=3))
     view = asyncio.run(store_view(s, [bucket]))[bucket]

@@ -52,24 +52,41 @@ def ops_sent() -> float:
     return gw_stream.OPS_SENT._value.get()  # type: ignore[attr-defined]
 
 
-async def test_official_client_syncs_live_changes_and_resumes(make_settings, create_topic, ns, tmp_path: Path, caplog) -> None:
+async def test_official_client_syncs_live_changes_and_resumes(
+    make_settings, create_topic, ns, tmp_path: Path, caplog
+) -> None:
     require_node_client()
     topic = create_topic(ns.topic("app.public.todos"))
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
-    s = make_settings(kafka={"topics": [topic]}, sync_rules=str(rules), compaction={"interval_s": 0})
+    s = make_settings(
+        kafka={"topics": [topic]}, sync_rules=str(rules), compaction={"interval_s": 0}
+    )
     cfg = tmp_path / "bucketsync.yaml"
     cfg.write_text(yaml.safe_dump(s.model_dump(mode="json", exclude={"config_dir"})))
     env = {k: v for k, v in os.environ.items() if not k.startswith("BUCKETSYNC_")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bucketsync.cli", "--config", str(cfg), "processor", "--driver", "faust"],
+        [
+            sys.executable,
+            "-m",
+            "bucketsync.cli",
+            "--config",
+            str(cfg),
+            "processor",
+            "--driver",
+            "faust",
+        ],
         env=env,
     )
     model = BucketModel(model_rules)
 
     def send(op: str, tid: str, owner: str | None = None, text: str = "", done: int = 0) -> None:
         key = {"id": tid}
-        after = None if op == "d" else {"id": tid, "owner_id": owner, "description": text, "completed": done}
+        after = (
+            None
+            if op == "d"
+            else {"id": tid, "owner_id": owner, "description": text, "completed": done}
+        )
         produce(s.kafka.bootstrap_servers, topic, [debezium_json("todos", op, key, after)])
         model.apply(expected_normalised(topic, op, key, after))
 
@@ -123,7 +140,10 @@ async def test_official_client_syncs_live_changes_and_resumes(make_settings, cre
             await asyncio.sleep(2)
             out = subprocess.run(
                 [sys.executable, "-m", "bucketsync.cli", "--config", str(cfg), "compact", "--all"],
-                env=env, capture_output=True, text=True, timeout=60,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
             )
             assert out.returncode == 0, out.stderr
             assert re.search(r"[1-9]\d* ops removed", out.stdout), out.stdout
@@ -135,7 +155,10 @@ async def test_official_client_syncs_live_changes_and_resumes(make_settings, cre
                 await c3.disconnect()
             verify = subprocess.run(
                 [sys.executable, "-m", "bucketsync.cli", "--config", str(cfg), "verify"],
-                env=env, capture_output=True, text=True, timeout=60,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
             )
             assert verify.returncode == 0, verify.stdout
     finally:
