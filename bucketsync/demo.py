@@ -5,21 +5,31 @@
 3. a feed writes Debezium change events for a ``todos`` table to Kafka;
 4. a demo client (the project's protocol simulator) syncs user ``u1``'s bucket over
    ``POST /sync/stream`` and prints every completed checkpoint it applies.
+
+With ``--source postgres`` step 1 also starts PostgreSQL and Debezium (``stack up --source
+postgres``) and step 3 is real CDC: a writer INSERTs/UPDATEs/DELETEs rows of ``todos`` in
+PostgreSQL (one psql session), Debezium publishes them to ``app.public.todos``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import random
+import subprocess
+import tempfile
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import aiohttp
+import yaml
 
 from bucketsync.config import Settings
 from bucketsync.errors import UserError
-from bucketsync.feed import TodoFeed, ensure_topics, make_producer, produce_events
+from bucketsync.feed import WORDS, TodoFeed, ensure_topics, make_producer, produce_events
 from bucketsync.run import Supervisor, start_pipeline
 from bucketsync.simclient import ClientState, stream_once
 from bucketsync.tokens import make_dev_token
@@ -30,7 +40,9 @@ def _wait_ready(url: str, timeout: float, sup: Supervisor) -> None:
     while time.monotonic() < deadline:
         for name, p in sup.procs:
             if p.poll() is not None:
-                raise UserError(f"{name} exited with code {p.returncode} during start-up (see its output above)")
+                raise UserError(
+                    f"{name} exited with code {p.returncode} during start-up (see its output above)"
+                )
         try:
             with urllib.request.urlopen(url + "/probes/readiness", timeout=1) as r:
                 if r.status == 200:
@@ -72,15 +84,184 @@ async def _client(url: str, token: str, stop: threading.Event, until: float | No
 
             left = None if until is None else max(0.1, until - time.monotonic())
             try:
-                await stream_once(session, url, token, state, on_line=on_line, timeout_s=left, client_id="demo")
+                await stream_once(
+                    session, url, token, state, on_line=on_line, timeout_s=left, client_id="demo"
+                )
             except aiohttp.ClientError as exc:
                 print(f"demo client: connection error ({exc}); reconnecting", flush=True)
                 await asyncio.sleep(1)
 
 
+# --------------------------------------------------------------------------- --source postgres
+
+#: the demo schema in PostgreSQL (database ``app``, schema ``public``)
+PG_DEMO_DDL = """
+CREATE TABLE IF NOT EXISTS lists (
+  id text PRIMARY KEY, owner_id text NOT NULL, name text NOT NULL,
+  created_at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE IF NOT EXISTS todos (
+  id text PRIMARY KEY, list_id text, owner_id text, description text,
+  completed boolean NOT NULL DEFAULT false, created_at timestamptz NOT NULL DEFAULT now());
+"""
+PG_DEMO_USERS = 5
+
+
+def _pg_statement(rng: random.Random, written: int, n: int) -> tuple[str, str]:
+    """The ``written``-th demo write as (SQL, what it does): 20 inserts first, then a mix."""
+    owner = f"u{rng.randint(1, PG_DEMO_USERS)}"
+    tid = f"t-{n:05d}"
+    words = " ".join(rng.sample(WORDS, 2))
+    pick = "(SELECT id FROM todos ORDER BY random() LIMIT 1)"
+    roll = rng.random() if written > 20 else 0.0
+    if roll < 0.35:
+        return (
+            f"INSERT INTO todos (id, list_id, owner_id, description) VALUES "
+            f"('{tid}', 'l-{owner}', '{owner}', '{words}') ON CONFLICT DO NOTHING;",
+            f"INSERT todo {tid} for {owner}: {words}",
+        )
+    if roll < 0.65:
+        return (
+            f"UPDATE todos SET completed = NOT completed WHERE id = {pick};",
+            "UPDATE: toggle a todo",
+        )
+    if roll < 0.8:
+        return f"UPDATE todos SET description = '{words}' WHERE id = {pick};", f"UPDATE: '{words}'"
+    if roll < 0.9:
+        return (
+            f"UPDATE todos SET owner_id = '{owner}', list_id = 'l-{owner}' WHERE id = {pick};",
+            f"UPDATE: a todo moves to {owner}",
+        )
+    return (
+        "BEGIN; "
+        f"DELETE FROM todos WHERE id = {pick}; "
+        f"INSERT INTO todos (id, list_id, owner_id, description) VALUES "
+        f"('{tid}', 'l-{owner}', '{owner}', '{words}'); "
+        "COMMIT;",
+        f"TRANSACTION: DELETE a todo + INSERT {tid} for {owner}",
+    )
+
+
+def _pg_writer(settings: Settings, stop: threading.Event, rate: float) -> None:
+    """Writes to PostgreSQL through one long-lived psql session (each statement commits)."""
+    from bucketsync import stack
+
+    argv, env = stack.psql_argv(settings)
+    argv = [a for a in argv if a != "ON_ERROR_STOP=1" and a != "-v"]
+    rng = random.Random()
+    first = int(time.time()) % 10_000 * 10  # ids stay unique across demo runs
+    proc: subprocess.Popen[bytes] | None = None
+    written = 0
+    try:
+        while not stop.is_set():
+            if proc is None or proc.poll() is not None:
+                proc = subprocess.Popen(
+                    argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL
+                )
+            written += 1
+            sql, what = _pg_statement(rng, written, first + written)
+            assert proc.stdin is not None
+            try:
+                proc.stdin.write(sql.encode() + b"\n")
+                proc.stdin.flush()
+            except (BrokenPipeError, OSError):
+                proc = None
+                continue
+            print(f"postgres: {what}", flush=True)
+            stop.wait(1.0 / rate)
+    finally:
+        if proc is not None and proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+
+
+def _holds_foreign_events(settings: Settings, topic: str) -> bool:
+    """Does ``topic`` start with records Debezium did not write (the synthetic feed demo's)?"""
+    from confluent_kafka import Consumer, TopicPartition
+
+    c = Consumer({"bootstrap.servers": settings.kafka.bootstrap_servers, "group.id": "demo-peek"})
+    try:
+        low, high = c.get_watermark_offsets(TopicPartition(topic, 0), timeout=5)
+        if high <= low:
+            return False
+        c.assign([TopicPartition(topic, 0, low)])
+        msg = c.poll(5)
+        if msg is None or msg.error():
+            return False
+        raw = msg.headers() or ()
+        names = list(raw) if isinstance(raw, dict) else [h[0] for h in raw]
+        return not any(str(n).startswith("__debezium.context.") for n in names)
+    except Exception:
+        return False
+    finally:
+        c.close()
+
+
+def _postgres_demo(settings: Settings, args: argparse.Namespace) -> int:
+    """``demo --source postgres``: real CDC. PostgreSQL writes -> Debezium -> Kafka -> the rest."""
+    from bucketsync import stack
+
+    if not args.no_stack:
+        stack.ensure_up(settings, source="postgres")
+    _, connector = stack.connector_config(settings)
+    prefix = connector.get("topic.prefix", "app")
+    topics = [f"{prefix}.public.todos", f"{prefix}.public.lists"]
+    stack.psql(settings, PG_DEMO_DDL)
+    ensure_topics(settings, topics)
+    if _holds_foreign_events(settings, topics[0]):
+        print(
+            f"bucketsync: note: {topics[0]} also holds events of the synthetic feed demo, so the "
+            "client shows those rows too; `bucketsync stack reset` gives a clean start",
+            flush=True,
+        )
+    config_path = args.config
+    tmp: tempfile.TemporaryDirectory[str] | None = None
+    if not set(topics) <= set(settings.kafka.topics):
+        # the processor must read the connector's topics: a copy of the config that says so
+        data = settings.model_dump(mode="json", exclude={"config_dir"})
+        data["kafka"].update(topics=topics, topic_pattern=None)
+        data["sync_rules"] = str(settings.sync_rules_path)
+        data["stack"]["state_dir"] = str(settings.state_dir)
+        tmp = tempfile.TemporaryDirectory(prefix="bucketsync-demo-")
+        config_path = str(Path(tmp.name) / "bucketsync.yaml")
+        Path(config_path).write_text(yaml.safe_dump(data))
+    url = f"http://{settings.gateway.host}:{settings.gateway.port}"
+    sup = Supervisor()
+    sup.install_signals()
+    stop = threading.Event()
+    try:
+        start_pipeline(sup, settings, config_path)
+        _wait_ready(url, 60, sup)
+        print(
+            f"bucketsync: gateway ready at {url}; PostgreSQL {stack.postgres_dsn(settings)} "
+            f"-> Debezium -> {topics[0]}; syncing user u1",
+            flush=True,
+        )
+        print(f"bucketsync: write yourself:  psql {stack.postgres_dsn(settings)}", flush=True)
+        print(
+            f"bucketsync: try another client:  bucketsync token --sub u2   (endpoint {url})",
+            flush=True,
+        )
+        writer = threading.Thread(target=_pg_writer, args=(settings, stop, 2.0), daemon=True)
+        writer.start()
+        until = time.monotonic() + args.duration if args.duration else None
+        token = make_dev_token(settings, sub="u1", ttl_s=int(args.duration or 3600) + 600)
+        client = threading.Thread(
+            target=lambda: asyncio.run(_client(url, token, stop, until)), daemon=True
+        )
+        client.start()
+        return sup.wait_any(until)
+    finally:
+        stop.set()
+        sup.stop()
+        if tmp is not None:
+            tmp.cleanup()
+
+
 def main(settings: Settings, args: argparse.Namespace) -> int:
     if args.source == "postgres":
-        raise UserError("--source postgres is not built yet (issue 6); use the default feed")
+        return _postgres_demo(settings, args)
     if not args.no_stack:
         from bucketsync import stack
 
@@ -96,13 +277,23 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     try:
         start_pipeline(sup, settings, args.config)
         _wait_ready(url, 60, sup)
-        print(f"bucketsync: gateway ready at {url}; feeding {topics[0]} and syncing user u1", flush=True)
-        print(f"bucketsync: try another client:  bucketsync token --sub u2   (endpoint {url})", flush=True)
-        feeder = threading.Thread(target=_feed_forever, args=(settings, topics[0], stop, 2.0), daemon=True)
+        print(
+            f"bucketsync: gateway ready at {url}; feeding {topics[0]} and syncing user u1",
+            flush=True,
+        )
+        print(
+            f"bucketsync: try another client:  bucketsync token --sub u2   (endpoint {url})",
+            flush=True,
+        )
+        feeder = threading.Thread(
+            target=_feed_forever, args=(settings, topics[0], stop, 2.0), daemon=True
+        )
         feeder.start()
         until = time.monotonic() + args.duration if args.duration else None
         token = make_dev_token(settings, sub="u1", ttl_s=int(args.duration or 3600) + 600)
-        client = threading.Thread(target=lambda: asyncio.run(_client(url, token, stop, until)), daemon=True)
+        client = threading.Thread(
+            target=lambda: asyncio.run(_client(url, token, stop, until)), daemon=True
+        )
         client.start()
         rc = sup.wait_any(until)
         return rc

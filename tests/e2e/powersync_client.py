@@ -43,7 +43,7 @@ INSTALL_SCRIPT = REPO_ROOT / "scripts" / "install-node-client.sh"
 MIN_NODE_MAJOR = 20
 
 #: Set to 1 to turn "Node client unavailable" skips into failures (CI that must run e2e tests).
-REQUIRE_ENV = "BUCKETSYNC_E2E_REQUIRE_NODE"
+REQUIRE_ENV = "BUCKETSYNC_TEST_REQUIRE_NODE"
 
 Schema = Mapping[str, Any]
 Row = dict[str, Any]
@@ -131,7 +131,7 @@ def ensure_node_client_installed(timeout: float = 1200.0) -> tuple[bool, str]:
 
 def require_node_client() -> None:
     """For tests: install if needed, else ``pytest.skip`` loudly (``pytest.fail`` if
-    ``BUCKETSYNC_E2E_REQUIRE_NODE=1``)."""
+    ``BUCKETSYNC_TEST_REQUIRE_NODE=1``)."""
     import pytest
 
     ok, reason = ensure_node_client_installed()
