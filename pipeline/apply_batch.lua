@@ -146,6 +146,14 @@ local function apply_row(ev)
       redis.call("SADD", P .. ":table:" .. ev.t, ev.k)
     end
   elseif known then
+    if ev.g then
+      -- the delete half of a primary-key change: keep the source row for a while, the
+      -- create half may carry TOAST placeholders that only the old row can fill
+      local src = redis.call("HGET", rk, "")
+      if src then
+        redis.call("SET", P .. ":gone:" .. ev.k, src, "EX", 86400)
+      end
+    end
     redis.call("DEL", rk)
     redis.call("SREM", P .. ":table:" .. ev.t, ev.k)
   end

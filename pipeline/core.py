@@ -86,6 +86,18 @@ def needs_base(ev: Mapping[str, Any]) -> bool:
     return ev.get("action") == "upsert" and bool(ev.get("keep_columns") or ev.get("partial"))
 
 
+def base_keys(topic: str, ev: Mapping[str, Any]) -> list[str]:
+    """Row keys whose stored source rows this event may merge from: its own, and for the
+    create half of a primary-key change also the old key's."""
+    if not needs_base(ev):
+        return []
+    keys = [row_key(topic, ev["key"])]
+    old = ev.get("pk_change_from")
+    if isinstance(old, Mapping):
+        keys.append(row_key(topic, old))
+    return keys
+
+
 def output_entry(out: RowOutputLike) -> list[Any]:
     ot, oid, data = out.object_type, out.object_id, out.data
     cs = put_checksum(ot, oid, data)
@@ -119,9 +131,11 @@ def plan_batch(
     batch = PlannedBatch()
     dls: list[DeadLetter] = []
     plan = Plan(batch, dls)
-    known_rows: dict[str, dict[str, Any] | None] = {
-        k: dict(v) for k, v in (stored_rows or {}).items()
-    }
+    stored = stored_rows or {}
+    known_rows: dict[str, dict[str, Any] | None] = {k: dict(v) for k, v in stored.items()}
+    #: rows deleted in this batch by the delete half of a primary-key change
+    departed: dict[str, dict[str, Any]] = {}
+
     for rec, ev in items:
         plan.events += 1
         tp = tp_of(rec)
@@ -152,12 +166,19 @@ def plan_batch(
             continue
         rk = row_key(table, ev["key"])
         if action == "delete":
-            batch.events.append({"k": rk, "t": table, "o": False, "s": False})
+            pk_change = bool(ev.get("pk_change_to"))
+            batch.events.append({"k": rk, "t": table, "o": False, "s": False, "g": pk_change})
+            if pk_change and known_rows.get(rk) is not None:
+                departed[rk] = known_rows[rk]  # type: ignore[assignment]
             known_rows[rk] = None
             continue
         row: dict[str, Any] = dict(ev["row"])
         if needs_base(ev):
             base = known_rows.get(rk)
+            old_key = ev.get("pk_change_from")
+            if base is None and isinstance(old_key, Mapping):
+                old_rk = row_key(table, old_key)
+                base = departed.get(old_rk) or stored.get(old_rk)  # type: ignore[assignment]
             if base is None:
                 plan.merges_without_base += 1
             else:

@@ -216,10 +216,11 @@ class BatchApplier:
             if not items:
                 return 0
             t1 = time.perf_counter()
-            base_keys = sorted(
-                {core.row_key(r.topic, ev["key"]) for r, ev in items if core.needs_base(ev)}
-            )
+            base_keys = sorted({k for r, ev in items for k in core.base_keys(r.topic, ev)})
             stored = await self.store.source_rows(base_keys)
+            missing = [k for k in base_keys if k not in stored]
+            if missing:  # old keys of primary-key changes applied in an earlier batch
+                stored.update(await self.store.departed_rows(missing))
             t2 = time.perf_counter()
             plan = core.plan_batch(items, self.rules, stored, on_unknown_table=self._note_unknown)
             t3 = time.perf_counter()

@@ -15,6 +15,8 @@ Layout under the configured prefix ``P`` (docs/store.md has the long form):
 - ``P:offsets``          hash ``topic/partition`` -> last applied offset.
 - ``P:changes``          stream: one entry per applied batch (cp, changed buckets, offsets).
 - ``P:dirty``            set of buckets with MOVEs since their last compaction.
+- ``P:gone:{row key}``   source row of a row deleted by a primary-key change (expires in a
+                         day): the create half may need it to fill TOAST placeholders.
 - ``P:wcp:{user/client}`` hash: write-checkpoint ``id`` and ``pos:<id>`` -> position JSON.
 - ``P:dl:count``         hash ``reason`` -> dead letters (informational).
 """
@@ -149,6 +151,13 @@ class Store:
             if val is not None:
                 out[rk] = orjson.loads(val)
         return out
+
+    async def departed_rows(self, row_keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Source rows kept after the delete half of a primary-key change (one day)."""
+        if not row_keys:
+            return {}
+        vals = await self.r.mget([self.k("gone", rk) for rk in row_keys])
+        return {rk: orjson.loads(v) for rk, v in zip(row_keys, vals, strict=True) if v is not None}
 
     async def count_dead_letter(self, reason: str) -> None:
         await self.r.hincrby(self.k("dl", "count"), reason, 1)

@@ -416,22 +416,9 @@ bucket_definitions:
 """
 
 
-@pytest.mark.parametrize(
-    "identity",
-    [
-        pytest.param(
-            "DEFAULT",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="known gap (reported): the create half of a PostgreSQL primary-key change "
-                "carries the unchanged-TOAST placeholder; the pipeline merges it onto the *new* "
-                "key, which has no stored row, so the column ends up NULL instead of taking the "
-                "old key's value (pk_change_from)",
-            ),
-        ),
-        "FULL",
-    ],
-)
+# DEFAULT identity: the create half carries TOAST placeholders that only the old key's
+# row can fill (pk_change_from); FULL identity sends the whole row.
+@pytest.mark.parametrize("identity", ["DEFAULT", "FULL"])
 async def test_primary_key_change_of_a_toasted_row(
     identity: str,
     pg_settings: Settings,
