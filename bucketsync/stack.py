@@ -699,63 +699,12 @@ def ensure_libs(settings: Settings, *, mvn: str | None = None) -> bool:
     """Make ``<state_dir>/kafka/libs`` hold the broker classpath; True if it downloaded."""
     lay = layout_for(settings)
     version = settings.stack.kafka_version
-    pom = render_pom(version)
-    digest = hashlib.sha256(pom.encode()).hexdigest()
-    lay.kafka_dir.mkdir(parents=True, exist_ok=True)
-    if not lay.pom.exists() or lay.pom.read_text() != pom:
-        lay.pom.write_text(pom)
-    try:
-        stamp = lay.libs_stamp.read_text().strip()
-    except OSError:
-        stamp = ""
-    if stamp == digest and _libs_problem(lay.libs, version) is None:
-        return False
-    mvn = mvn or _find_mvn()
-    if not mvn:
-        raise UserError(
-            "mvn (Apache Maven) not found on PATH; it downloads the Kafka jars once: "
-            "apt-get install -y maven (or install Maven 3.8+), then run `bucketsync stack up` again"
-        )
-    _say(f"kafka: downloading Kafka {version} jars from Maven Central (first run, ~1 min)...")
-    tmp = lay.kafka_dir / "libs.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [
-        mvn, "-q", "-B", "-f", str(lay.pom), "dependency:copy-dependencies",
-        "-DincludeScope=runtime", f"-DoutputDirectory={tmp}",
-    ]  # fmt: skip
-    t0 = time.monotonic()
-    try:
-        res = subprocess.run(
-            cmd, cwd=lay.kafka_dir, capture_output=True, text=True, timeout=DOWNLOAD_TIMEOUT_S
-        )
-    except subprocess.TimeoutExpired:
-        raise UserError(
-            f"could not download Kafka jars from Maven Central: mvn timed out after "
-            f"{DOWNLOAD_TIMEOUT_S:.0f} s; check network/proxy or ~/.m2/settings.xml"
-        ) from None
-    except OSError as exc:
-        raise UserError(
-            f"could not run {mvn} ({exc}); install Maven 3.8+ (apt-get install -y maven)"
-        ) from None
-    if res.returncode != 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(
-            f"could not download Kafka jars from Maven Central: "
-            f"{_mvn_reason(res.stdout + res.stderr)}; check network/proxy or ~/.m2/settings.xml"
-        )
-    problem = _libs_problem(tmp, version)
-    if problem:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(
-            f"Kafka jars from Maven Central are incomplete ({problem}); "
-            f"check stack.kafka_version ({version}) is a released 4.x version"
-        )
-    shutil.rmtree(lay.libs, ignore_errors=True)
-    tmp.replace(lay.libs)
-    lay.libs_stamp.write_text(digest + "\n")
-    n = len(list(lay.libs.glob("*.jar")))
-    _say(f"kafka: {n} jars in {lay.libs} ({time.monotonic() - t0:.1f} s)")
-    return True
+    return _assemble(
+        "Kafka", render_pom(version), lay.pom, lay.libs, lay.libs_stamp,
+        lambda d: _libs_problem(d, version), mvn,
+        label="kafka",
+        incomplete_hint=f"; check stack.kafka_version ({version}) is a released 4.x version",
+    )  # fmt: skip
 
 
 def new_cluster_id() -> str:
@@ -1272,6 +1221,9 @@ def _assemble(
     stamp_path: Path,
     problem: Callable[[Path], str | None],
     mvn: str | None,
+    *,
+    label: str = "connect",
+    incomplete_hint: str = "",
 ) -> bool:
     """``mvn dependency:copy-dependencies`` of ``pom`` into ``out_dir`` unless the stamp matches."""
     digest = hashlib.sha256(pom.encode()).hexdigest()
@@ -1290,7 +1242,7 @@ def _assemble(
             f"mvn (Apache Maven) not found on PATH; it downloads the {what} jars once: "
             "apt-get install -y maven (or install Maven 3.8+), then run the command again"
         )
-    _say(f"connect: downloading {what} jars from Maven Central (first run, ~1 min)...")
+    _say(f"{label}: downloading {what} jars from Maven Central (first run, ~1 min)...")
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     cmd = [
@@ -1320,13 +1272,13 @@ def _assemble(
     bad = problem(tmp)
     if bad:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"{what} jars from Maven Central are incomplete ({bad})")
+        raise UserError(f"{what} jars from Maven Central are incomplete ({bad}){incomplete_hint}")
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp.replace(out_dir)
     stamp_path.write_text(digest + "\n")
     n = len(list(out_dir.glob("*.jar")))
-    _say(f"connect: {n} {what} jars in {out_dir} ({time.monotonic() - t0:.1f} s)")
+    _say(f"{label}: {n} {what} jars in {out_dir} ({time.monotonic() - t0:.1f} s)")
     return True
 
 
