@@ -4,6 +4,7 @@ source transaction. Unit tests of the stager, then the real processor on Kafka +
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -178,3 +179,245 @@ def test_processor_never_exposes_part_of_a_transaction(
     view = asyncio.run(store_view(s, [bucket]))[bucket]
     assert [op[4] for op in view["ops"]] == ["1", "11", "12"]  # all three, in one step
     assert len({op[0] for op in view["ops"]}) == 3
+
+
+# ---------------------------------------------------------------- transfers, 3 partitions
+
+BANK_RULES = """
+bucket_definitions:
+  by_user:
+    parameters: SELECT request.user_id() AS user_id
+    data:
+      - SELECT id, user_id, balance FROM accounts WHERE user_id = bucket.user_id
+"""
+
+USERS = 5
+START = 1000  # every account's opening balance
+
+
+def _account_event(
+    prefix: str, row: dict[str, Any], tx: tuple[str, int] | None, lsn: int
+) -> tuple[bytes, bytes]:
+    value: dict[str, Any] = {
+        "before": None,
+        "after": row,
+        "source": {
+            "connector": "postgresql",
+            "name": prefix,
+            "schema": "public",
+            "table": "accounts",
+            "db": "app",
+            "lsn": lsn,
+            "snapshot": "false" if tx else "true",
+        },
+        "op": "u" if tx else "r",
+        "ts_ms": 1,
+    }
+    if tx is not None:
+        value["transaction"] = {
+            "id": f"{tx[0]}:{lsn}",
+            "total_order": tx[1],
+            "data_collection_order": tx[1],
+        }
+    return orjson.dumps({"id": row["id"]}), orjson.dumps(value)
+
+
+def _bank_marker(tx: str, lsn: int, n: int | None) -> tuple[bytes, bytes]:
+    value = {
+        "status": "BEGIN" if n is None else "END",
+        "id": f"{tx}:{lsn}",  # PostgreSQL: the LSN suffix differs between BEGIN and END
+        "event_count": n,
+        "data_collections": None
+        if n is None
+        else [{"data_collection": "public.accounts", "event_count": n}],
+        "ts_ms": 1,
+    }
+    return orjson.dumps({"id": f"{tx}:{lsn}"}), orjson.dumps(value)
+
+
+@pytest.mark.stack
+def test_transfers_over_three_partitions_never_show_a_wrong_balance_sum(
+    make_settings, create_topic, ns, tmp_path: Path
+) -> None:
+    """1,500 transfers between a user's accounts (one account per partition, 2-3 updates
+    each), produced so that the partitions and the transaction topic are read at
+    different speeds: one partition lags a wave behind, and waves alternate between data
+    before BEGIN/END and END before data. After every applied batch (each one is a
+    checkpoint) the sum of each user's stored balances must be the opening total."""
+    import functools
+    import random
+
+    from confluent_kafka import Consumer, Producer, TopicPartition
+
+    from pipeline.core import row_key
+    from pipeline.processor import BatchApplier, KafkaLoopDriver, load_sync_rules
+    from pipeline.store import Store
+
+    prefix = ns.topic("bank")
+    accounts = create_topic(f"{prefix}.public.accounts", partitions=3)
+    txt = create_topic(f"{prefix}.transaction")
+    s = make_settings(
+        kafka={"topics": [accounts, txt], "consistency": "transaction"},
+        processor={"batch_max_events": 16, "batch_max_wait_ms": 5, "driver": "kafka"},
+        sync_rules=write_rules(tmp_path, BANK_RULES),
+        compaction={"interval_s": 0},
+    )
+    rnd = random.Random(20240611)
+    ids = list(range(USERS * 3))  # account a belongs to user a // 3 and lives in partition a % 3
+    balance = dict.fromkeys(ids, START)
+
+    def row(a: int) -> dict[str, Any]:
+        return {"id": a, "user_id": f"u{a // 3}", "balance": balance[a]}
+
+    lsn = iter(range(10_000, 10**9))
+    snapshot = {
+        p: [_account_event(prefix, row(a), None, next(lsn)) for a in ids if a % 3 == p]
+        for p in range(3)
+    }
+    waves: list[tuple[list[tuple[bytes, bytes]], dict[int, list[tuple[bytes, bytes]]]]] = []
+    transfers, per_wave = 1500, 50
+    for w in range(transfers // per_wave):
+        markers: list[tuple[bytes, bytes]] = []
+        data: dict[int, list[tuple[bytes, bytes]]] = {0: [], 1: [], 2: []}
+        for i in range(per_wave):
+            tx = str(5000 + w * per_wave + i)
+            user = rnd.randrange(USERS)
+            accts = rnd.sample([3 * user, 3 * user + 1, 3 * user + 2], rnd.choice([2, 3]))
+            markers.append(_bank_marker(tx, next(lsn), None))
+            moved = 0
+            for n, a in enumerate(accts, 1):
+                if n < len(accts):
+                    amount = rnd.randint(1, 50)
+                    balance[a] -= amount
+                    moved += amount
+                else:
+                    balance[a] += moved
+                data[a % 3].append(_account_event(prefix, row(a), (tx, n), next(lsn)))
+            markers.append(_bank_marker(tx, next(lsn), len(accts)))
+        waves.append((markers, data))
+    final = dict(balance)
+
+    def produce_waves(p: Producer) -> None:
+        # Each partition gets its transfers in commit order (as Debezium writes them), but
+        # partition `lag` of wave w gets wave w's data only with wave w + 1, after the other
+        # partitions' data of wave w + 1: meanwhile the transfers that touch it are open.
+        held: tuple[int, list[tuple[bytes, bytes]]] | None = None
+        for w, (markers, data) in enumerate(waves):
+            lag = w % 3
+            steps: list[tuple[str, int, list[tuple[bytes, bytes]]]] = [
+                (accounts, q, data[q]) for q in range(3) if q != lag and (not held or q != held[0])
+            ]
+            if w % 2:  # BEGIN/END first, then the data
+                steps.insert(0, (txt, 0, markers))
+            else:  # the data first (before its BEGIN), then BEGIN/END
+                steps.append((txt, 0, markers))
+            if held is not None:  # the lagging partition catches up
+                steps.append((accounts, held[0], held[1] + data[held[0]]))
+            held = (lag, data[lag])
+            for topic, part, msgs in steps:
+                for k, v in msgs:
+                    p.produce(topic, key=k, value=v, partition=part)
+                p.flush(10)
+                time.sleep(0.003)
+        assert held is not None
+        for k, v in held[1]:
+            p.produce(accounts, key=k, value=v, partition=held[0])
+        assert p.flush(30) == 0
+
+    async def go() -> tuple[int, list[str], dict[int, int], int]:
+        store = Store.from_url(s.redis.url, s.redis.prefix)
+        applier = BatchApplier(s, store, load_sync_rules(s))
+        driver = KafkaLoopDriver(s, applier)
+        keys = {a: store.k("row", row_key(accounts, {"id": a})) for a in ids}
+        target: dict[str, int] = {}
+        checkpoints = 0
+        violations: list[str] = []
+        latest: dict[int, int] = {}
+        apply = store.apply
+
+        async def apply_and_check(batch: Any) -> Any:
+            nonlocal checkpoints
+            res = await apply(batch)
+            if res.status != "ok":
+                return res
+            checkpoints += 1
+            pipe = store.r.pipeline(transaction=True)  # the checkpoint's state, atomically
+            for a in ids:
+                pipe.hget(keys[a], "")
+            pipe.hgetall(store.k("offsets"))
+            *raw, offsets = await pipe.execute()
+            rows = {a: orjson.loads(v) for a, v in zip(ids, raw, strict=True) if v is not None}
+            latest.clear()
+            latest.update({a: int(r["balance"]) for a, r in rows.items()})
+            for u in range(USERS):
+                mine = [a for a in rows if a // 3 == u]
+                total = sum(int(rows[a]["balance"]) for a in mine)
+                if total != START * len(mine):
+                    violations.append(
+                        f"checkpoint {res.checkpoint}: user u{u} holds {total} in {len(mine)} "
+                        f"accounts (offsets {offsets})"
+                    )
+            return res
+
+        store.apply = apply_and_check  # type: ignore[method-assign]
+        loop = asyncio.get_running_loop()
+        producer = Producer({"bootstrap.servers": s.kafka.bootstrap_servers, "linger.ms": 1})
+        probe = Consumer(
+            {"bootstrap.servers": s.kafka.bootstrap_servers, "group.id": ns.group_id + "-w"}
+        )
+        for part, msgs in snapshot.items():
+            for k, v in msgs:
+                producer.produce(accounts, key=k, value=v, partition=part)
+        assert producer.flush(30) == 0
+        run = asyncio.create_task(driver.run())
+        try:
+            # the consumer is reading once the opening balances are applied: then the
+            # transfers come in waves, read while they are produced
+            deadline = time.monotonic() + 30
+            while len(latest) < len(ids):
+                assert time.monotonic() < deadline, "the processor applied no opening balances"
+                assert not run.done(), run
+                await asyncio.sleep(0.05)
+            await loop.run_in_executor(None, produce_waves, producer)
+            for topic, parts in ((accounts, 3), (txt, 1)):
+                for part in range(parts):
+                    tp = TopicPartition(topic, part)
+                    _, high = await loop.run_in_executor(
+                        None, functools.partial(probe.get_watermark_offsets, tp, timeout=10)
+                    )
+                    target[f"{topic}/{part}"] = high - 1
+            deadline = time.monotonic() + 30
+            while True:
+                done = await store.applied_offsets()
+                if all(done.get(tp, -1) >= off for tp, off in target.items()):
+                    break
+                assert time.monotonic() < deadline, f"applied {done}, produced {target}"
+                assert not run.done(), run
+                await asyncio.sleep(0.05)
+        finally:
+            driver.stop()
+            if not run.done():
+                await asyncio.wait_for(run, 15)
+            probe.close()
+            close = getattr(applier, "close", None)
+            if close is not None:
+                close()
+            await store.close()
+        return checkpoints, violations, latest, len(target)
+
+    checkpoints, violations, latest, n_parts = asyncio.run(go())
+    assert not violations, (
+        f"{len(violations)} checkpoints showed part of a transfer: {violations[:5]}"
+    )
+    assert latest == final  # every transfer applied
+    buckets = [f'by_user["u{u}"]' for u in range(USERS)]
+    view = asyncio.run(store_view(s, buckets))
+    served = {
+        int(op[4]): orjson.loads(op[5])["balance"]
+        for b in buckets
+        for op in view[b]["ops"]
+        if op[1] == "PUT"
+    }
+    assert served == final  # and so are the buckets clients sync
+    assert n_parts == 4
+    assert checkpoints > 20  # many intermediate checkpoints were checked
