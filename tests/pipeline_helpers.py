@@ -35,7 +35,8 @@ def model_rules(table: str, row: dict[str, Any]) -> list[tuple[str, str, str, st
     out = []
     dumps = lambda v: json.dumps(v, separators=(",", ":"), ensure_ascii=False)  # noqa: E731
     oid = str(row["id"])
-    out.append((f"by_user[{dumps(row.get('owner_id'))}]", "todos", oid, dumps(row)))
+    if row.get("owner_id") is not None:  # a NULL owner goes into no bucket (sync-protocol §8.5)
+        out.append((f"by_user[{dumps(row['owner_id'])}]", "todos", oid, dumps(row)))
     if row.get("done") == 1:
         out.append(("done[]", "todos", oid, dumps({"id": row["id"], "title": row.get("title")})))
     return out
@@ -124,6 +125,15 @@ async def store_view(settings: Settings, buckets: Sequence[str]) -> dict[str, An
             st = await store.bucket_state(b)
             out[b] = {"ops": ops, "count": st.count, "checksum": st.checksum}
         return out
+    finally:
+        await store.close()
+
+
+async def store_buckets(settings: Settings) -> list[str]:
+    """Every bucket the store holds under the settings' prefix, sorted."""
+    store = Store.from_url(settings.redis.url, settings.redis.prefix)
+    try:
+        return await store.all_buckets()
     finally:
         await store.close()
 

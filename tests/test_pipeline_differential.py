@@ -17,6 +17,7 @@ from tests.pipeline_helpers import (
     model_view,
     produce,
     run_processor,
+    store_buckets,
     store_view,
     write_rules,
 )
@@ -95,6 +96,8 @@ def test_random_histories_match_model(
     asyncio.run(run_processor(s, len(msgs)))
     got = asyncio.run(store_view(s, list(model.buckets)))
     assert got == model_view(model)
+    # and no bucket the model lacks (e.g. `by_user[null]` for NULL owners, §8.5)
+    assert asyncio.run(store_buckets(s)) == sorted(model.buckets)
 
     # replaying the topic from offset 0 (a new consumer group) changes nothing
     s.kafka.group_id = s.kafka.group_id + "-replay"

@@ -100,26 +100,29 @@ def test_example_unrelated_table(example: SyncRules) -> None:
     assert example.is_relevant("todos", "public")
 
 
-def test_example_null_owner_lands_in_null_bucket(example: SyncRules) -> None:
-    # sync-protocol.md §8.5: legacy rules serialise NULL as `null`; only a request whose
-    # parameter value is NULL gets that bucket (request.user_id() is never NULL)
-    assert example.evaluate_row("lists", {"id": "l1", "owner_id": None}) == [
-        RowOutput("by_user[null]", "lists", "l1", '{"id":"l1","owner_id":null}')
-    ]
+def test_example_null_owner_goes_into_no_bucket(example: SyncRules) -> None:
+    # sync-protocol.md §8.5 (corrected): `owner_id = bucket.user_id` is not true for a NULL
+    # owner, so the row goes into no bucket of the definition (not `by_user[null]`)
+    assert example.evaluate_row("lists", {"id": "l1", "owner_id": None}) == []
+    assert example.evaluate_row("todos", {"id": "t1", "owner_id": None, "list_id": "l1"}) == []
     assert "by_user[null]" not in names(example.buckets_for_request({"sub": "u1"}))
 
 
-def test_null_can_be_filtered_out() -> None:
+def test_null_filter_is_redundant_but_harmless() -> None:
+    # sync-protocol.md §8.5: a NULL owner goes into no bucket with or without IS NOT NULL
     r = rules(
         """
 bucket_definitions:
   by_user:
     parameters: SELECT request.user_id() AS user_id
-    data: [SELECT * FROM lists WHERE owner_id = bucket.user_id AND owner_id IS NOT NULL]
+    data:
+      - SELECT * FROM lists WHERE owner_id = bucket.user_id AND owner_id IS NOT NULL
+      - SELECT * FROM items WHERE owner_id = bucket.user_id
 """
     )
-    assert r.evaluate_row("lists", {"id": 1, "owner_id": None}) == []
-    assert buckets(r.evaluate_row("lists", {"id": 1, "owner_id": "u"})) == ['by_user["u"]']
+    for table in ("lists", "items"):
+        assert r.evaluate_row(table, {"id": 1, "owner_id": None}) == []
+        assert buckets(r.evaluate_row(table, {"id": 1, "owner_id": "u"})) == ['by_user["u"]']
 
 
 def test_example_buckets_for_request(example: SyncRules) -> None:
@@ -209,10 +212,11 @@ bucket_definitions:
     assert buckets(r.evaluate_row("docs", {"id": 1, "owner_id": "a", "editor_id": "a"})) == [
         'by_user["a"]'
     ]
+    # sync-protocol.md §8.5: the NULL side of the OR assigns no bucket, the other one does
     assert buckets(r.evaluate_row("docs", {"id": 1, "owner_id": None, "editor_id": "a"})) == [
-        "by_user[null]",
-        'by_user["a"]',
+        'by_user["a"]'
     ]
+    assert r.evaluate_row("docs", {"id": 1, "owner_id": None, "editor_id": None}) == []
 
 
 def test_two_parameters() -> None:
@@ -374,13 +378,195 @@ bucket_definitions:
     data: [SELECT * FROM lists WHERE bucket.user_id IN member_ids]
 """
     )
+    # sync-protocol.md §8.5: a JSON null element is no bucket parameter (NULL IN ... is not true)
     assert buckets(r.evaluate_row("lists", {"id": 1, "member_ids": '["a", 2, 2.0, null]'})) == [
         'by_member["a"]',
         "by_member[2]",
-        "by_member[null]",
     ]
+    assert buckets(r.evaluate_row("lists", {"id": 1, "member_ids": '["a", null]'})) == [
+        'by_member["a"]'
+    ]
+    assert r.evaluate_row("lists", {"id": 1, "member_ids": "[null]"}) == []
     assert r.evaluate_row("lists", {"id": 1, "member_ids": None}) == []
     assert r.evaluate_row("lists", {"id": 1, "member_ids": ["x"]})[0].bucket == 'by_member["x"]'
+
+
+# --------------------------------------------------------------------------- NULL parameters
+# sync-protocol.md §8.5 (corrected): a data row whose bucket parameter value would be NULL
+# goes into no bucket of the definition; a request whose parameter is NULL still gets the
+# id `name[null]`, which therefore stays empty (no leak to tokens lacking the claim).
+
+REGION_RULES = """
+bucket_definitions:
+  region_work:
+    parameters: SELECT request.jwt() ->> 'region' AS region_id
+    data:
+      - SELECT * FROM sites WHERE region_id = bucket.region_id
+"""
+
+
+def test_null_region_row_goes_into_no_bucket_but_request_keeps_null_id() -> None:
+    r = rules(REGION_RULES)
+    for i in range(5):
+        assert r.evaluate_row("sites", {"id": f"s{i}", "region_id": None}) == []
+    assert r.evaluate_row("sites", {"id": "s9"}) == []  # missing column: NULL too
+    assert buckets(r.evaluate_row("sites", {"id": "e1", "region_id": "eu"})) == [
+        'region_work["eu"]'
+    ]
+    # the request side is unchanged: a token without the claim gets `region_work[null]`
+    assert names(r.buckets_for_request({"sub": "u1"})) == ["region_work[null]"]
+    assert names(r.buckets_for_request({"sub": "u1", "region": "eu"})) == ['region_work["eu"]']
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        "CAST(region_id AS TEXT) = bucket.region_id",
+        "upper(region_id) = bucket.region_id",
+        "bucket.region_id = region_id",
+        "region_id = bucket.region_id AND id IS NOT NULL",
+        "id IS NOT NULL AND region_id = bucket.region_id",
+        "(region_id = bucket.region_id OR alt_region = bucket.region_id) AND id > ''",
+        "region_id = bucket.region_id AND alt_region = bucket.region_id",
+        "coalesce(region_id, alt_region) = bucket.region_id",
+        "bucket.region_id IN regions",
+        "bucket.region_id IN regions OR region_id = bucket.region_id",
+    ],
+)
+def test_null_parameter_gives_no_bucket_for_every_query_shape(where: str) -> None:
+    r = rules(
+        f"""
+bucket_definitions:
+  region_work:
+    parameters: SELECT request.jwt() ->> 'region' AS region_id
+    data:
+      - SELECT id FROM sites WHERE {where}
+"""
+    )
+    row = {"id": "s1", "region_id": None, "alt_region": None, "regions": "[null]"}
+    assert r.evaluate_row("sites", row) == []
+    # the same query still assigns non-NULL values
+    ok = {"id": "s1", "region_id": "EU", "alt_region": "EU", "regions": '["EU", null]'}
+    assert buckets(r.evaluate_row("sites", ok)) == ['region_work["EU"]']
+
+
+def test_or_keeps_only_the_non_null_alternative() -> None:
+    r = rules(
+        """
+bucket_definitions:
+  by_user:
+    parameters: SELECT request.user_id() AS user_id
+    data:
+      - SELECT id FROM docs WHERE owner_id = bucket.user_id OR bucket.user_id IN editors
+"""
+    )
+    row = {"id": 1, "owner_id": None, "editors": '[null, "b", "c"]'}
+    assert buckets(r.evaluate_row("docs", row)) == ['by_user["b"]', 'by_user["c"]']
+    row = {"id": 1, "owner_id": "a", "editors": "[null]"}
+    assert buckets(r.evaluate_row("docs", row)) == ['by_user["a"]']
+
+
+def test_two_parameters_one_null_gives_no_bucket() -> None:
+    r = rules(
+        """
+bucket_definitions:
+  team_project:
+    parameters: SELECT token_parameters.team AS team, request.jwt() ->> 'project' AS project
+    data:
+      - SELECT * FROM tasks WHERE project_id = bucket.project AND team_id = bucket.team
+      - SELECT * FROM notes WHERE bucket.project IN project_ids AND team_id = bucket.team
+"""
+    )
+    for team, project in (("t1", None), (None, "p9"), (None, None)):
+        assert r.evaluate_row("tasks", {"id": "x", "team_id": team, "project_id": project}) == []
+    note = {"id": "n", "team_id": "t1", "project_ids": '["p1", null]'}
+    assert buckets(r.evaluate_row("notes", note)) == ['team_project["t1","p1"]']
+    assert r.evaluate_row("notes", {**note, "team_id": None}) == []
+    # a request lacking one value still gets the id with `null` in it
+    req = r.buckets_for_request({"sub": "u", "parameters": {"team": "t1"}})
+    assert names(req) == ['team_project["t1",null]']
+
+
+def test_static_null_comparison_gives_no_bucket() -> None:
+    r = rules(
+        """
+bucket_definitions:
+  by_user:
+    parameters: SELECT request.user_id() AS user_id
+    data:
+      - SELECT id FROM a WHERE bucket.user_id = NULL
+      - SELECT id FROM b WHERE bucket.user_id IN '["x", null]'
+"""
+    )
+    assert r.evaluate_row("a", {"id": 1}) == []
+    assert buckets(r.evaluate_row("b", {"id": 1})) == ['by_user["x"]']
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_real_parameter_gives_no_bucket(value: float) -> None:
+    # NaN is NULL in SQLite; +-Infinity would serialise as `null` (JSON.stringify), i.e. into
+    # the same `name[null]` id a request without the value gets: treated like NULL
+    r = rules(
+        """
+bucket_definitions:
+  by_score:
+    parameters: SELECT request.jwt() ->> 'score' AS score
+    data:
+      - SELECT id FROM plain WHERE score = bucket.score
+      - SELECT id FROM computed WHERE score * 1.0 = bucket.score
+      - SELECT id FROM arrays WHERE bucket.score IN scores
+"""
+    )
+    assert r.evaluate_row("plain", {"id": 1, "score": value}) == []
+    assert r.evaluate_row("computed", {"id": 1, "score": value}) == []
+    assert buckets(r.evaluate_row("plain", {"id": 1, "score": 2.5})) == ["by_score[2.5]"]
+    assert buckets(r.evaluate_row("computed", {"id": 1, "score": 2})) == ["by_score[2]"]
+    assert buckets(r.evaluate_row("arrays", {"id": 1, "scores": "[1e999, -1e999, 3]"})) == [
+        "by_score[3]"
+    ]
+
+
+_scalars = st.one_of(st.none(), st.sampled_from(["a", "b", 1, 2.0, float("inf"), float("nan")]))
+
+
+@given(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "owner_id": _scalars,
+            "editor_id": _scalars,
+            "team_id": _scalars,
+            "members": st.one_of(
+                st.none(),
+                st.lists(st.sampled_from([None, "a", 1, 2.5]), max_size=3).map(json.dumps),
+            ),
+        },
+    )
+)
+def test_no_row_ever_lands_in_a_bucket_with_a_null_parameter(row: dict[str, Any]) -> None:
+    out = NULL_PROPERTY_RULES.evaluate_row("docs", {"id": "d", **row})
+    for o in out:
+        params = json.loads(o.bucket[o.bucket.index("[") :])
+        assert None not in params, o.bucket
+
+
+NULL_PROPERTY_RULES = parse_rules(
+    """
+bucket_definitions:
+  one:
+    parameters: SELECT request.user_id() AS user_id
+    data:
+      - SELECT id FROM docs WHERE owner_id = bucket.user_id
+      - SELECT id FROM docs WHERE owner_id = bucket.user_id OR editor_id = bucket.user_id
+      - SELECT id FROM docs WHERE bucket.user_id IN members
+      - SELECT id FROM docs WHERE upper(owner_id) = bucket.user_id OR bucket.user_id IN members
+  two:
+    parameters: SELECT request.user_id() AS user_id, token_parameters.team AS team
+    data:
+      - SELECT id FROM docs WHERE owner_id = bucket.user_id AND team_id = bucket.team
+      - SELECT id FROM docs WHERE bucket.user_id IN members AND team_id = bucket.team
+"""
+)
 
 
 # --------------------------------------------------------------------------- requests
@@ -414,6 +600,9 @@ bucket_definitions:
     assert names(r.buckets_for_request({"sub": "u2"})) == ["by_org[null]", 'me["u2",null]']
     out = r.evaluate_row("projects", {"id": 1, "org_id": 42})
     assert buckets(out) == ["by_org[42]"]
+    # ... but no row ever lands in those NULL buckets (sync-protocol.md §8.5)
+    assert r.evaluate_row("projects", {"id": 2, "org_id": None}) == []
+    assert r.evaluate_row("users", {"id": "u2", "is_admin": None}) == []
 
 
 def test_request_functions() -> None:
@@ -707,7 +896,9 @@ def _model(row: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         return json.dumps(v, separators=(",", ":"), ensure_ascii=False)
 
     oid = str(row["id"])
-    out = [(f"by_user[{dumps(row.get('owner_id'))}]", "todos", oid, dumps(row))]
+    out = []
+    if row.get("owner_id") is not None:  # a NULL owner goes into no bucket (§8.5)
+        out.append((f"by_user[{dumps(row['owner_id'])}]", "todos", oid, dumps(row)))
     if row.get("done") == 1:
         out.append(("done[]", "todos", oid, dumps({"id": row["id"], "title": row.get("title")})))
     return out

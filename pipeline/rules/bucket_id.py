@@ -4,6 +4,8 @@
 (standard escaping, raw UTF-8 like ``JSON.stringify``), integers bare, a real with an
 integral value printed like the integer (``1``, not ``1.0``), NULL as ``null``, no spaces.
 Examples: ``global[]``, ``by_user["u1"]``, ``by_org[42]``, ``team_project["t1","p9"]``.
+Only requests produce ids with ``null`` in them (a NULL request parameter); a data row whose
+parameter would print as ``null`` goes into no bucket (``queries._bucket_fn``).
 """
 
 from __future__ import annotations

@@ -642,22 +642,15 @@ class Compiler:
         )
         key = param.key
         vf = value.fn
-        if self.scope.mode is Mode.DATA:
-            # legacy bucket_definitions: a NULL column lands in `p[null]` (sync-protocol.md
-            # §8.5); only requests whose parameter value is NULL get that bucket
-            def eq_filter(row: Any, req: Any) -> list[Assignment]:
-                v = vf(row, req)
-                if type(v) is bytes:  # blobs cannot be bucket parameters
-                    return NO_MATCH
-                return [{key: v}]
 
-        else:
-            # lookups: NULL never matches (SQL semantics)
-            def eq_filter(row: Any, req: Any) -> list[Assignment]:
-                v = vf(row, req)
-                if v is None or type(v) is bytes:
-                    return NO_MATCH
-                return [{key: v}]
+        # NULL never matches (SQL semantics), in data queries too: a row whose bucket
+        # parameter is NULL goes into no bucket (sync-protocol.md §8.5); blobs cannot be
+        # parameters
+        def eq_filter(row: Any, req: Any) -> list[Assignment]:
+            v = vf(row, req)
+            if v is None or type(v) is bytes:
+                return NO_MATCH
+            return [{key: v}]
 
         simple = (value.column, key) if isinstance(value, RowValue) and value.column else None
         return MatchClause((inp,), eq_filter, simple)
@@ -711,7 +704,8 @@ class Compiler:
             seen: set[SqliteValue] = set()
             out: list[Assignment] = []
             for item in items:
-                if type(item) is bytes or item in seen:
+                # a JSON null element matches nothing (NULL IN ... is not true; §8.5)
+                if item is None or type(item) is bytes or item in seen:
                     continue
                 seen.add(item)
                 out.append({key: item})

@@ -370,6 +370,12 @@ class DataQuery:
 def _bucket_fn(
     name: str, params: tuple[str, ...], match: MatchClause, has_where: bool
 ) -> Callable[[Row], Sequence[str]]:
+    """The bucket ids a row lands in for one data query.
+
+    A parameter value that would serialise as ``null`` (NULL, or a non-finite REAL) assigns
+    no bucket: ``col = bucket.p`` is not true for NULL (sync-protocol.md §8.5). Only the
+    request side produces ``name[null]`` ids, and those stay empty.
+    """
     prefix = name + "["
     f = match.filter
     if not params:
@@ -380,7 +386,6 @@ def _bucket_fn(
     if len(params) == 1 and match.simple is not None:
         col = match.simple[0]
         to_sqlite = sv.to_sqlite
-        null_bucket = (prefix + "null]",)  # NULL column: `name[null]` (§8.5)
 
         def simple(row: Row) -> Sequence[str]:
             v = row.get(col)
@@ -390,11 +395,14 @@ def _bucket_fn(
             if t is int:
                 return (prefix + str(v) + "]",)
             if v is None:
-                return null_bucket
+                return EMPTY  # NULL column: no bucket (§8.5)
             v = to_sqlite(v)
-            if type(v) is bytes:
+            if v is None or type(v) is bytes:
                 return EMPTY
-            return (prefix + serialize_value(v) + "]",)
+            text = serialize_value(v)
+            if text == "null":  # +-Infinity
+                return EMPTY
+            return (prefix + text + "]",)
 
         return simple
 
@@ -403,11 +411,15 @@ def _bucket_fn(
         if not assignments:
             return EMPTY
         if len(assignments) == 1:
-            a = assignments[0]
-            return (prefix + ",".join([serialize_value(a[p]) for p in params]) + "]",)
-        out = dict.fromkeys(
-            prefix + ",".join([serialize_value(a[p]) for p in params]) + "]" for a in assignments
-        )
+            parts = [serialize_value(assignments[0][p]) for p in params]
+            if "null" in parts:  # a NULL / non-finite parameter: no bucket (§8.5)
+                return EMPTY
+            return (prefix + ",".join(parts) + "]",)
+        out: dict[str, None] = {}
+        for a in assignments:
+            parts = [serialize_value(a[p]) for p in params]
+            if "null" not in parts:
+                out[prefix + ",".join(parts) + "]"] = None
         return tuple(out)
 
     return general
