@@ -81,12 +81,13 @@ def raw_consume_rate(settings: Settings, topic: str, n: int) -> float:
 
 
 async def _kafka_driver_rate(settings: Settings, n: int) -> tuple[float, dict[str, float]]:
+    from pipeline.membership import Membership
     from pipeline.processor import BatchApplier, KafkaLoopDriver, load_sync_rules
     from pipeline.store import Store
 
     store = Store.from_url(settings.redis.url, settings.redis.prefix)
     applier = BatchApplier(settings, store, load_sync_rules(settings))
-    driver = KafkaLoopDriver(settings, applier)
+    driver = KafkaLoopDriver(settings, applier, Membership(None))
     t0 = time.perf_counter()
     await driver.run(max_events=n, idle_exit_s=30)
     dt = time.perf_counter() - t0

@@ -110,8 +110,23 @@ class ProcessorSettings(_Section):
     batch_max_events: int = Field(default=2000, gt=0)
     #: Longest wait to fill a batch, milliseconds.
     batch_max_wait_ms: int = Field(default=50, ge=0)
-    #: ``faust`` (the design's driver) or ``kafka`` (a plain confluent-kafka loop).
-    driver: Literal["faust", "kafka"] = "faust"
+    #: ``kafka`` (a plain confluent-kafka loop, the default) or ``faust`` (faust-streaming;
+    #: it drops buffered records around rebalances, which the offset gap guard re-reads).
+    driver: Literal["faust", "kafka"] = "kafka"
+    #: Static group membership (``group.instance.id``), so a restarted processor takes its
+    #: partitions back at once instead of after the session timeout. ``auto``: a stable id
+    #: per host and slot (the first free slot lock in the state dir); empty: dynamic
+    #: membership; anything else: used as given (must be unique within the group).
+    instance_id: str = "auto"
+    #: Consumer group session timeout: how long until another processor takes over the
+    #: partitions of one that died (the broker allows 6,000-300,000 by default).
+    session_timeout_ms: int = Field(default=9000, ge=1000, le=3_600_000)
+    #: Heartbeat interval of the group membership (a third of the session timeout or less).
+    heartbeat_interval_ms: int = Field(default=2000, ge=100, le=3_600_000)
+    #: Faust driver only: records buffered per stream (faust's stream_buffer_maxsize).
+    stream_buffer_maxsize: int = Field(default=4096, gt=0)
+    #: Seconds to wait for a record the gap guard asked to read again before asking again.
+    gap_reread_retry_s: float = Field(default=5.0, gt=0)
     #: With kafka.consistency=transaction: most events held for open transactions;
     #: beyond it they are applied at once (a checkpoint may then expose part of one).
     max_staged_events: int = Field(default=100_000, gt=0)

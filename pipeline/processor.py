@@ -18,12 +18,20 @@ import asyncio
 import logging
 import re
 import signal
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from bucketsync.config import Settings
@@ -37,6 +45,8 @@ from pipeline.cdc import (
     SchemaResolver,
     decode_record,
 )
+from pipeline.gaps import Admission, OffsetGapGuard
+from pipeline.membership import Membership, claim
 from pipeline.rules import SyncRules, load_rules
 from pipeline.store import Store
 from pipeline.transactions import TransactionStager
@@ -61,7 +71,78 @@ DUPLICATES = Counter(
     "bucketsync_processor_skipped_total", "Records at or below the applied offset (replays)"
 )
 
+GAPS = Counter(
+    "bucketsync_processor_offset_gaps_total",
+    "Offset gaps in a partition's delivery, by how they were resolved: real (no record "
+    "there: control records, compaction) or reread (the consumer dropped records)",
+    ["resolution"],
+)
+DISCARDED = Counter(
+    "bucketsync_processor_gap_discarded_total",
+    "Records delivered beyond a missing one, discarded until it is read again",
+)
+
 PIPELINE_VERSION = "bucketsync-0.1.0"
+
+#: the driver's seek: {(topic, partition): offset} -> None
+Seeker = Callable[[dict[tuple[str, int], int]], Awaitable[None]]
+
+
+class PartitionProbe:
+    """Reads a partition at an offset with a consumer of its own (no group, no commits),
+    to tell the gap guard whether a record exists inside a gap."""
+
+    def __init__(self, settings: Settings, timeout_s: float = 10.0):
+        self._conf = {
+            "bootstrap.servers": settings.kafka.bootstrap_servers,
+            "group.id": settings.kafka.group_id + ".gap-probe",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "isolation.level": "read_committed",
+            "fetch.message.max.bytes": 16 * 1_048_576,
+            "max.partition.fetch.bytes": 16 * 1_048_576,
+        }
+        self._timeout = timeout_s
+        self._consumer: Consumer | None = None
+        self._lock = threading.Lock()
+
+    def first_at(self, topic: str, partition: int, offset: int) -> int | None:
+        with self._lock:
+            if self._consumer is None:
+                self._consumer = Consumer(self._conf)
+            c = self._consumer
+            tp = TopicPartition(topic, partition)
+            low, high = c.get_watermark_offsets(tp, timeout=self._timeout, cached=False)
+            if offset < low:
+                return int(low)  # removed by retention
+            if offset >= high:
+                return None
+            c.assign([TopicPartition(topic, partition, offset)])
+            try:
+                deadline = time.monotonic() + self._timeout
+                while time.monotonic() < deadline:
+                    m = c.poll(0.5)
+                    if m is None:
+                        continue
+                    err = m.error()
+                    if err is not None:
+                        if err.code() == KafkaError._PARTITION_EOF:
+                            return int(high)  # only control records up to the end
+                        raise RuntimeError(str(err))
+                    return int(m.offset() or 0)
+                raise TimeoutError(f"no answer reading {topic}/{partition}@{offset}")
+            finally:
+                c.unassign()
+
+    async def __call__(self, topic: str, partition: int, offset: int) -> int | None:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, self.first_at, topic, partition, offset)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._consumer is not None:
+                self._consumer.close()
+                self._consumer = None
 
 
 def make_schema_resolver(settings: Settings) -> SchemaResolver | None:
@@ -130,10 +211,24 @@ class DeadLetterSink:
 class BatchApplier:
     """Decode -> plan -> dead letters -> one atomic apply. Shared by both drivers."""
 
-    def __init__(self, settings: Settings, store: Store, rules: SyncRules):
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        rules: SyncRules,
+        *,
+        probe: Callable[[str, int, int], Awaitable[int | None]] | None = None,
+    ):
         self.settings = settings
         self.store = store
         self.rules = rules
+        self._probe = PartitionProbe(settings) if probe is None else None
+        self.guard = OffsetGapGuard(
+            probe if probe is not None else self._probe,  # type: ignore[arg-type]
+            reread_retry_s=settings.processor.gap_reread_retry_s,
+        )
+        #: set by the driver: seeks partitions back for records the consumer dropped
+        self.seek: Seeker | None = None
         self.schemas = make_schema_resolver(settings)
         self.dead_letters = DeadLetterSink(settings)
         self.applied: dict[str, int] = {}
@@ -170,6 +265,30 @@ class BatchApplier:
         self.applied = await self.store.applied_offsets()
         return self.applied
 
+    def resume_positions(self, partitions: Iterable[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        """Where to read assigned partitions from: right after the store's applied offset
+        (the truth, not the group's committed offsets: staged events were consumed but not
+        applied), or 0. Resets the gap guard and drops staged events of those partitions,
+        which are read again. Call after :meth:`load_offsets`."""
+        parts = list(partitions)
+        pos = {(t, p): self.applied.get(f"{t}/{p}", -1) + 1 for t, p in parts}
+        self.guard.expect((t, p, off) for (t, p), off in pos.items())
+        if self.stager is not None:
+            self.stager.forget(f"{t}/{p}" for t, p in parts)
+            STAGED.set(self.stager.staged)
+        return pos
+
+    def revoked(self, partitions: Iterable[tuple[str, int]]) -> None:
+        parts = list(partitions)
+        self.guard.forget(parts)
+        if self.stager is not None:
+            self.stager.forget(f"{t}/{p}" for t, p in parts)
+            STAGED.set(self.stager.staged)
+
+    def close(self) -> None:
+        if self._probe is not None:
+            self._probe.close()
+
     def _decode(self, rec: KafkaRecord) -> dict[str, Any]:
         return decode_record(
             rec, schemas=self.schemas, max_record_bytes=self.settings.kafka.max_record_bytes
@@ -195,7 +314,26 @@ class BatchApplier:
         """Apply one batch; returns the number of ops written. An empty batch only
         releases transactions whose grace period ran out."""
         async with self._lock:
+            if records:
+                adm = await self.guard.admit(records)
+                await self._resolve(adm)
+                records = adm.records
             return await self._handle(records)
+
+    async def check_stalled(self, highwater: dict[tuple[str, int], int]) -> None:
+        """While deliveries are idle: read again a partition whose tail was dropped."""
+        async with self._lock:
+            await self._resolve(await self.guard.check_stalled(highwater))
+
+    async def _resolve(self, adm: Admission) -> None:
+        for gap in adm.gaps:
+            GAPS.labels(gap.resolution).inc()
+        if adm.discarded:
+            DISCARDED.inc(adm.discarded)
+        if adm.reread:
+            if self.seek is None:
+                raise RuntimeError("records were dropped and the driver cannot seek")
+            await self.seek(adm.reread)
 
     async def _handle(self, records: Sequence[KafkaRecord]) -> int:
         fresh = [r for r in records if r.offset > self.applied.get(core.tp_of(r), -1)]
@@ -273,6 +411,17 @@ def _subscription_filter(settings: Settings) -> Callable[[str], bool]:
     return lambda name: name in wanted
 
 
+def claim_membership(settings: Settings) -> Membership:
+    """The group instance id for ``processor.instance_id`` (see pipeline.membership)."""
+    topics, pattern = _topic_matcher(settings)
+    return claim(
+        settings.processor.instance_id,
+        group_id=settings.kafka.group_id,
+        state_dir=settings.state_dir,
+        subscription=pattern.pattern if pattern is not None else ",".join(sorted(topics)),
+    )
+
+
 def _topic_matcher(settings: Settings) -> tuple[list[str], re.Pattern[str] | None]:
     k = settings.kafka
     if k.topic_pattern:
@@ -288,33 +437,64 @@ def _topic_matcher(settings: Settings) -> tuple[list[str], re.Pattern[str] | Non
 class KafkaLoopDriver:
     """A plain confluent-kafka consumer loop around :class:`BatchApplier`."""
 
-    def __init__(self, settings: Settings, applier: BatchApplier):
+    def __init__(
+        self, settings: Settings, applier: BatchApplier, membership: Membership | None = None
+    ):
         self.settings = settings
         self.applier = applier
         self._stop = asyncio.Event()
         k = settings.kafka
-        self.consumer = Consumer(
-            {
-                "bootstrap.servers": k.bootstrap_servers,
-                "group.id": k.group_id,
-                "enable.auto.commit": True,
-                "auto.offset.reset": "earliest",
-                "fetch.message.max.bytes": 16 * 1_048_576,
-                "max.partition.fetch.bytes": 16 * 1_048_576,
-                "topic.metadata.refresh.interval.ms": 5000,
-            }
-        )
+        p = settings.processor
+        self.membership = membership or claim_membership(settings)
+        conf: dict[str, Any] = {
+            "bootstrap.servers": k.bootstrap_servers,
+            "group.id": k.group_id,
+            # offsets are the store's (applied in the same atomic step as the ops); the
+            # group's commits only serve tools that show consumer lag
+            "enable.auto.commit": True,
+            "auto.offset.reset": "earliest",
+            "fetch.message.max.bytes": 16 * 1_048_576,
+            "max.partition.fetch.bytes": 16 * 1_048_576,
+            "topic.metadata.refresh.interval.ms": 5000,
+            "session.timeout.ms": p.session_timeout_ms,
+            "heartbeat.interval.ms": min(p.heartbeat_interval_ms, p.session_timeout_ms // 3),
+        }
+        if self.membership.instance_id:
+            conf["group.instance.id"] = self.membership.instance_id
+        self.consumer = Consumer(conf)
+        applier.seek = self._seek
 
     def stop(self) -> None:
         self._stop.set()
 
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
-        # resume right after the last applied offset: replays cost nothing
-        # the store's applied offsets are the truth, not the group's committed ones
+        # runs inside consume() (executor thread) while the loop awaits it: no batch is
+        # being handled at the same time
+        pos = self.applier.resume_positions((tp.topic, tp.partition) for tp in partitions)
         for tp in partitions:
-            applied = self.applier.applied.get(f"{tp.topic}/{tp.partition}")
-            tp.offset = applied + 1 if applied is not None else OFFSET_BEGINNING
+            tp.offset = pos[(tp.topic, tp.partition)] or OFFSET_BEGINNING
         consumer.assign(partitions)
+        log.info("assigned %s", ", ".join(f"{t}/{p}@{o}" for (t, p), o in sorted(pos.items())))
+
+    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        self.applier.revoked((tp.topic, tp.partition) for tp in partitions)
+        consumer.unassign()
+
+    async def _seek(self, positions: dict[tuple[str, int], int]) -> None:
+        for (topic, part), off in positions.items():
+            # drops what librdkafka prefetched for the partition and fetches from ``off``
+            try:
+                self.consumer.seek(TopicPartition(topic, part, off))
+            except KafkaException as exc:  # the guard asks again after gap_reread_retry_s
+                log.warning("seek %s/%d@%d failed: %s", topic, part, off, exc)
+
+    def _ends(self) -> dict[tuple[str, int], int]:
+        out: dict[tuple[str, int], int] = {}
+        for tp in self.consumer.assignment():
+            high = self._highwater(tp.topic, tp.partition)
+            if high is not None and high >= 0:
+                out[(tp.topic, tp.partition)] = high
+        return out
 
     def _highwater(self, topic: str, partition: int) -> int | None:
         _low, high = self.consumer.get_watermark_offsets(
@@ -327,11 +507,11 @@ class KafkaLoopDriver:
         await self.applier.load_offsets()
         self.applier.highwater = self._highwater
         subs = topics if not pattern else ["^" + pattern.pattern.lstrip("^")]
-        self.consumer.subscribe(subs, on_assign=self._on_assign)
+        self.consumer.subscribe(subs, on_assign=self._on_assign, on_revoke=self._on_revoke)
         p = self.settings.processor
         loop = asyncio.get_running_loop()
         total = 0
-        last_data = time.monotonic()
+        last_data = last_stall_check = time.monotonic()
         try:
             while not self._stop.is_set():
                 msgs = await loop.run_in_executor(
@@ -376,17 +556,25 @@ class KafkaLoopDriver:
                 else:
                     if self.applier.stager is not None and self.applier.stager.staged:
                         await self.applier.handle([])  # transactions past their grace period
+                    if time.monotonic() - last_stall_check > 1.0:
+                        last_stall_check = time.monotonic()
+                        await self.applier.check_stalled(
+                            await loop.run_in_executor(None, self._ends)
+                        )
                     if idle_exit_s is not None and time.monotonic() - last_data > idle_exit_s:
                         break
         finally:
             await loop.run_in_executor(None, self.consumer.close)
+            self.membership.release()
         return total
 
 
 # ---------------------------------------------------------------- faust driver
 
 
-def build_faust_app(settings: Settings, applier_factory: Any) -> Any:
+def build_faust_app(
+    settings: Settings, applier_factory: Any, membership: Membership | None = None
+) -> Any:
     import faust
 
     k = settings.kafka
@@ -402,13 +590,16 @@ def build_faust_app(settings: Settings, applier_factory: Any) -> Any:
         web_enabled=False,
         topic_disable_leader=True,
         consumer_auto_offset_reset="earliest",
-        stream_buffer_maxsize=max(4 * p.batch_max_events, 4096),
+        stream_buffer_maxsize=p.stream_buffer_maxsize,
         broker_max_poll_records=p.batch_max_events,
         consumer_max_fetch_size=16 * 1_048_576,
         topic_allow_declare=False,
         value_serializer="raw",
         key_serializer="raw",
         producer_max_request_size=16 * 1_048_576,
+        broker_session_timeout=p.session_timeout_ms / 1000,
+        broker_heartbeat_interval=min(p.heartbeat_interval_ms, p.session_timeout_ms // 3) / 1000,
+        consumer_group_instance_id=membership.instance_id if membership else None,
     )
     topics, pattern = _topic_matcher(settings)
     if pattern is not None:
@@ -431,6 +622,14 @@ def build_faust_app(settings: Settings, applier_factory: Any) -> Any:
                     return int(app.consumer.highwater(TP(topic, partition)))
 
                 applier.highwater = highwater
+
+                async def seek(positions: dict[tuple[str, int], int]) -> None:
+                    from faust.types import TP
+
+                    for (topic, part), off in positions.items():
+                        await app.consumer.seek(TP(topic, part), off)
+
+                applier.seek = seek
             return applier
 
     @app.agent(source, concurrency=1)
@@ -466,6 +665,21 @@ def build_faust_app(settings: Settings, applier_factory: Any) -> Any:
                 if st.ops_removed:
                     log.info("compaction: %d buckets, %d ops removed", st.buckets, st.ops_removed)
 
+    @app.timer(interval=max(1.0, p.gap_reread_retry_s / 2))
+    async def check_stalled_partitions() -> None:
+        # a dropped tail shows no gap (nothing arrives after it): compare with the ends
+        from faust.types import TP
+
+        a = state.get("a")
+        if a is None:
+            return
+        ends: dict[tuple[str, int], int] = {}
+        for tp in app.consumer.assignment():
+            high = app.consumer.highwater(TP(tp.topic, tp.partition))
+            if high is not None and high >= 0:
+                ends[(tp.topic, tp.partition)] = int(high)
+        await a.check_stalled(ends)
+
     if settings.kafka.consistency == "transaction":
 
         @app.timer(interval=1.0)
@@ -480,10 +694,17 @@ def build_faust_app(settings: Settings, applier_factory: Any) -> Any:
         # events held for open transactions were consumed (and maybe committed) but
         # not applied. Resume every partition right after its last applied offset.
         a = await ensure_applier()
-        applied = await a.load_offsets()
+        async with a._lock:  # not while a batch of the old assignment is being applied
+            await a.load_offsets()
+            pos = a.resume_positions((tp.topic, tp.partition) for tp in assigned)
         for tp in assigned:
-            off = applied.get(f"{tp.topic}/{tp.partition}")
-            await app.consumer.seek(tp, off + 1 if off is not None else 0)
+            await app.consumer.seek(tp, pos[(tp.topic, tp.partition)])
+
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+    async def _forget_revoked(app_: Any, revoked: Any, **kw: Any) -> None:
+        a = state.get("a")
+        if a is not None:
+            a.revoked((tp.topic, tp.partition) for tp in revoked)
 
     return app
 
@@ -522,6 +743,7 @@ def run_kafka_driver(settings: Settings) -> int:
         finally:
             stop.set()
             await compactor
+            applier.close()
             await applier.store.close()
         return 0
 
@@ -534,9 +756,13 @@ def run_faust_driver(settings: Settings) -> int:
     async def factory() -> BatchApplier:
         return await _make_applier(settings)
 
-    app = build_faust_app(settings, factory)
+    membership = claim_membership(settings)
+    app = build_faust_app(settings, factory, membership)
     worker = faust.Worker(app, loglevel="WARNING", quiet=True)
-    worker.execute_from_commandline()
+    try:
+        worker.execute_from_commandline()
+    finally:
+        membership.release()
     return 0
 
 

@@ -12,6 +12,7 @@ import orjson
 from confluent_kafka import Producer
 
 from bucketsync.config import Settings
+from pipeline.membership import Membership
 from pipeline.processor import BatchApplier, KafkaLoopDriver, load_sync_rules
 from pipeline.store import Store
 from tests.model import BucketModel
@@ -89,7 +90,7 @@ async def run_processor(
     rules = load_sync_rules(settings)
     store = Store.from_url(settings.redis.url, settings.redis.prefix)
     applier = BatchApplier(settings, store, rules)
-    driver = KafkaLoopDriver(settings, applier)
+    driver = KafkaLoopDriver(settings, applier, Membership(None))
     try:
         return await driver.run(max_events=expect_events, idle_exit_s=idle_exit_s)
     finally:

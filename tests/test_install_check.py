@@ -33,4 +33,3 @@ def test_fresh_venv_needs_install(tmp_path: Path) -> None:
 def test_this_environment_is_complete() -> None:
     res = _check(sys.executable, "dev")
     assert res.returncode == 0, res.stdout + res.stderr
-

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.membership import Membership
 from pipeline.processor import BatchApplier, KafkaLoopDriver, load_sync_rules
 from pipeline.store import Store
 from tests.model import BucketModel
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.stack
 async def _one_processor(settings) -> tuple[int, set[str]]:
     store = Store.from_url(settings.redis.url, settings.redis.prefix)
     applier = BatchApplier(settings, store, load_sync_rules(settings))
-    driver = KafkaLoopDriver(settings, applier)
+    driver = KafkaLoopDriver(settings, applier, Membership(None))
     try:
         n = await driver.run(idle_exit_s=6)
         return n, set(applier.applied)

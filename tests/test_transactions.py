@@ -250,6 +250,7 @@ def test_transfers_over_three_partitions_never_show_a_wrong_balance_sum(
     from confluent_kafka import Consumer, Producer, TopicPartition
 
     from pipeline.core import row_key
+    from pipeline.membership import Membership
     from pipeline.processor import BatchApplier, KafkaLoopDriver, load_sync_rules
     from pipeline.store import Store
 
@@ -327,7 +328,7 @@ def test_transfers_over_three_partitions_never_show_a_wrong_balance_sum(
     async def go() -> tuple[int, list[str], dict[int, int], int]:
         store = Store.from_url(s.redis.url, s.redis.prefix)
         applier = BatchApplier(s, store, load_sync_rules(s))
-        driver = KafkaLoopDriver(s, applier)
+        driver = KafkaLoopDriver(s, applier, Membership(None))
         keys = {a: store.k("row", row_key(accounts, {"id": a})) for a in ids}
         target: dict[str, int] = {}
         checkpoints = 0
