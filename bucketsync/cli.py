@@ -95,6 +95,10 @@ def cmd_loadgen(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
+    if args.which == "recovery":
+        from bucketsync.bench_recovery import main as recovery_main
+
+        return recovery_main(settings, args)
     if args.which == "cdc":
         from bucketsync.bench_cdc import main as cdc_main
 
@@ -189,8 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=0, help="events/s, 0 = as fast as possible")
 
     p = add("bench", cmd_bench, "Benchmarks; results as JSON plus a short table.")
-    p.add_argument("which", choices=["ingest", "fanout", "compact", "cdc"], help="benchmark")
-    p.add_argument("--rate", type=float, default=50.0, help="transactions/s (cdc)")
+    p.add_argument(
+        "which", choices=["ingest", "fanout", "compact", "cdc", "recovery"], help="benchmark"
+    )
+    p.add_argument(
+        "--driver", choices=["kafka", "faust", "both"], default="both", help="drivers (recovery)"
+    )
+    p.add_argument("--runs", type=int, default=3, help="repetitions (recovery)")
+    p.add_argument(
+        "--rate", type=float, default=50.0, help="transactions/s (cdc), events/s (recovery)"
+    )
     p.add_argument("--events", type=int, default=None, help="events (ingest)")
     p.add_argument("--out", default=None, help="write the JSON result here")
     return parser

@@ -97,8 +97,11 @@ class GatewaySettings(_Section):
     max_ops_per_line: int = Field(default=1000, gt=0)
     #: A ``data`` line is closed once its payload reaches this many bytes.
     max_line_bytes: int = Field(default=1_048_576, gt=0)
-    #: Most buckets one connection may hold (the stream ends beyond it).
+    #: Most buckets one connection may hold (PSYNC_S2305 beyond it).
     max_buckets_per_connection: int = Field(default=1000, gt=0)
+    #: Most lookup rows (parameter query results over synced tables) one connection's
+    #: bucket set may be expanded from (PSYNC_S2305 beyond it).
+    max_parameter_query_results: int = Field(default=1000, gt=0)
     #: Bytes a connection may have queued but unsent before it is dropped.
     max_buffered_bytes: int = Field(default=4 * 1_048_576, gt=0)
     #: Seconds a write may stay blocked on a slow client before it is dropped.
@@ -281,3 +284,17 @@ def _unknown_env_keys() -> list[str]:
         if top not in known:
             bad.append(name)
     return bad
+
+
+def config_json_schema() -> dict[str, Any]:
+    """JSON schema of ``bucketsync.yaml`` (schemas/config.schema.json is generated from it:
+    ``python3 -m bucketsync.config > schemas/config.schema.json``)."""
+    schema = Settings.model_json_schema()
+    schema["properties"].pop("config_dir", None)  # where the file was found, not a key
+    return schema
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(config_json_schema(), indent=2))

@@ -117,7 +117,20 @@ def assert_matches_model(settings: Settings, model: BucketModel) -> None:
         assert (g["checksum"], g["count"]) == (m.checksum, m.count), b
 
 
-def _setup(make_settings: Any, create_topic: Any, ns: Any, tmp_path: Path, seed: int) -> Any:
+def _setup(
+    make_settings: Any,
+    create_topic: Any,
+    ns: Any,
+    tmp_path: Path,
+    seed: int,
+    *,
+    held_back: list[dict[str, list[tuple[bytes, bytes | None]]]] | None = None,
+) -> Any:
+    """Topics, settings, the model of the whole backlog and the end offsets produced.
+
+    With ``held_back`` (an empty list), the second half of each topic's events is not
+    produced but appended to it as ``{topic: messages}``, for a test to produce later;
+    the model and the returned end offsets cover everything."""
     topics = {t: create_topic(ns.topic(f"app.public.{t}"), partitions=p) for t, p in TABLES.items()}
     s = make_settings(
         kafka={"topics": list(topics.values())},
@@ -127,9 +140,16 @@ def _setup(make_settings: Any, create_topic: Any, ns: Any, tmp_path: Path, seed:
     )
     create_topic(s.kafka.dead_letter_topic)
     msgs, model = make_backlog(seed, topics, 850)
+    later: dict[str, list[tuple[bytes, bytes | None]]] = {}
     for table, topic in topics.items():
-        produce(s.kafka.bootstrap_servers, topic, msgs[table])
+        now = msgs[table]
+        if held_back is not None:
+            now, later[topic] = now[: len(now) // 2], now[len(now) // 2 :]
+        produce(s.kafka.bootstrap_servers, topic, now)
     ends = end_offsets(s.kafka.bootstrap_servers, [(topics[t], p) for t, p in TABLES.items()])
+    if held_back is not None:
+        held_back.append(later)
+        ends = {}  # known once the rest is produced
     return topics, s, model, ends
 
 

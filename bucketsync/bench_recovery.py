@@ -1,0 +1,257 @@
+"""``bucketsync bench recovery``: how long ingestion stalls when a processor dies.
+
+For each driver, a live feed runs into a topic with several partitions (so every partition
+moves all the time) and `bucketsync processor` processes run as separate processes, as a
+user runs them:
+
+- **restart**: one processor; SIGKILL while it applies batches; a new one starts at once.
+  Reported: SIGKILL -> the restarted processor's first applied batch, and its start ->
+  first applied batch, and SIGKILL -> every partition moving again.
+- **takeover**: two processors in one group; one is SIGKILLed; the survivor must take the
+  dead one's partitions. Reported: SIGKILL -> every partition moving again.
+
+Medians over ``--runs``; JSON, a markdown table and a PNG next to each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import redis
+import yaml
+
+from bucketsync.config import Settings
+from bucketsync.errors import UserError
+from bucketsync.feed import TodoFeed, ensure_topics, make_producer
+
+RULES = """
+bucket_definitions:
+  by_user:
+    parameters: SELECT request.user_id() AS user_id
+    data:
+      - SELECT * FROM todos WHERE owner_id = bucket.user_id
+"""
+
+PARTITIONS = 6
+
+
+class _Feed(threading.Thread):
+    """Produces at a steady rate until stopped, so that every partition keeps moving."""
+
+    def __init__(self, settings: Settings, topic: str, rate: float):
+        super().__init__(daemon=True)
+        self.settings, self.topic, self.rate = settings, topic, rate
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        p = make_producer(self.settings)
+        feed = TodoFeed(users=50, rows=5_000, seed=7)
+        n, t0 = 0, time.monotonic()
+        while not self.halt.is_set():
+            key, value = feed.next()
+            p.produce(self.topic, key=key, value=value)
+            n += 1
+            ahead = n / self.rate - (time.monotonic() - t0)
+            if ahead > 0:
+                p.poll(0)
+                time.sleep(ahead)
+        p.flush(30)
+
+
+def _spawn(cfg: Path, driver: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bucketsync.cli",
+            "--config",
+            str(cfg),
+            "processor",
+            "--driver",
+            driver,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _reap(*procs: subprocess.Popen[bytes] | None) -> None:
+    for p in procs:
+        if p is not None and p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            p.wait(10)
+
+
+class _Offsets:
+    def __init__(self, r: redis.Redis, prefix: str, topic: str):
+        self.r, self.key = r, f"{prefix}:offsets"
+        self.tps = [f"{topic}/{i}" for i in range(PARTITIONS)]
+
+    def now(self) -> dict[str, int]:
+        raw = self.r.hgetall(self.key)
+        return {tp: int(raw.get(tp.encode(), -1)) for tp in self.tps}
+
+    def wait_all_moving(self, timeout: float) -> float:
+        """Seconds until every partition's applied offset moved past where it is now."""
+        t0 = time.monotonic()
+        base = self.now()
+        moved: set[str] = set()
+        while time.monotonic() - t0 < timeout:
+            cur = self.now()
+            moved |= {tp for tp in self.tps if cur[tp] > base[tp]}
+            if len(moved) == len(self.tps):
+                return time.monotonic() - t0
+            time.sleep(0.01)
+        raise UserError(f"partitions {sorted(set(self.tps) - moved)} did not move in {timeout}s")
+
+    def wait_any_moving(self, timeout: float) -> float:
+        t0 = time.monotonic()
+        base = sum(self.now().values())
+        while time.monotonic() - t0 < timeout:
+            if sum(self.now().values()) > base:
+                return time.monotonic() - t0
+            time.sleep(0.01)
+        raise UserError(f"nothing applied in {timeout}s")
+
+
+def _one_run(settings: Settings, driver: str, tmp: Path, rate: float) -> dict[str, float]:
+    run = uuid.uuid4().hex[:8]
+    topic = f"bench-recovery-{run}.public.todos"
+    ensure_topics(settings, [topic], partitions=PARTITIONS)
+    rules = tmp / "rules.yaml"
+    rules.write_text(RULES)
+    data = settings.model_dump(mode="json", exclude={"config_dir"})
+    data["kafka"].update(topics=[topic], group_id=f"bench-recovery-{run}")
+    data["redis"]["prefix"] = f"bench-recovery-{run}"
+    data["sync_rules"] = str(rules)
+    data["processor"].update(metrics_port=0, batch_max_events=200)
+    data["compaction"]["interval_s"] = 0
+    data["stack"]["state_dir"] = str(settings.state_dir)
+    cfg = tmp / f"{run}.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    r = redis.Redis.from_url(settings.redis.url)
+    offsets = _Offsets(r, data["redis"]["prefix"], topic)
+    feed = _Feed(settings, topic, rate)
+    feed.start()
+    a = b = c = None
+    out: dict[str, float] = {}
+    try:
+        # restart
+        a = _spawn(cfg, driver)
+        offsets.wait_all_moving(120)
+        time.sleep(1.0)  # steady state: batches are being applied
+        offsets.wait_any_moving(10)
+        a.send_signal(signal.SIGKILL)
+        t_kill = time.monotonic()
+        a.wait(10)
+        b = _spawn(cfg, driver)
+        t_start = time.monotonic()
+        first = offsets.wait_any_moving(120)
+        out["restart_kill_to_first_batch_s"] = t_start - t_kill + first
+        out["restart_start_to_first_batch_s"] = first
+        out["restart_kill_to_all_partitions_s"] = (
+            time.monotonic() - t_kill + offsets.wait_all_moving(120)
+        )
+        # takeover: a second processor joins, then one of the two dies
+        c = _spawn(cfg, driver)
+        time.sleep(8.0)  # the group rebalances onto both
+        offsets.wait_all_moving(120)
+        b.send_signal(signal.SIGKILL)
+        t_kill = time.monotonic()
+        b.wait(10)
+        offsets.wait_any_moving(60)
+        out["takeover_kill_to_all_partitions_s"] = (
+            time.monotonic() - t_kill + offsets.wait_all_moving(120)
+        )
+    finally:
+        feed.halt.set()
+        feed.join(30)
+        _reap(a, b, c)
+        keys = list(r.scan_iter(match=f"{data['redis']['prefix']}:*", count=1000))
+        if keys:
+            r.unlink(*keys)
+        r.close()
+    return out
+
+
+def _report(result: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    metrics = list(next(iter(result["drivers"].values()))["median"])
+    lines = ["| metric | " + " | ".join(result["drivers"]) + " | goal |", "|---|"]
+    lines[1] = "|" + "---|" * (len(result["drivers"]) + 2)
+    goals = {
+        "restart_start_to_first_batch_s": "≤ 5 s",
+        "takeover_kill_to_all_partitions_s": "≤ 15 s",
+    }
+    for m in metrics:
+        vals = " | ".join(f"{d['median'][m]:.2f} s" for d in result["drivers"].values())
+        lines.append(f"| {m} (median) | {vals} | {goals.get(m, '')} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no PNG")
+        return
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / max(1, len(result["drivers"]))
+    for i, (name, d) in enumerate(result["drivers"].items()):
+        xs = [j + i * width for j in range(len(metrics))]
+        ax.bar(xs, [d["median"][m] for m in metrics], width, label=name)
+        for j, m in enumerate(metrics):
+            ax.scatter([xs[j]] * len(d["runs"]), [run[m] for run in d["runs"]], color="k", s=8)
+    ax.set_xticks([j + width * (len(result["drivers"]) - 1) / 2 for j in range(len(metrics))])
+    ax.set_xticklabels([m.removesuffix("_s").replace("_", " ") for m in metrics], fontsize=7)
+    ax.set_ylabel("seconds")
+    ax.set_title("bucketsync bench recovery (bars: median, dots: runs)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=110)
+    print(f"results: {out.with_suffix('.json')} (.md, .png)")
+
+
+def main(settings: Settings, args: argparse.Namespace) -> int:
+    import tempfile
+
+    drivers = ["kafka", "faust"] if args.driver == "both" else [args.driver]
+    result: dict[str, Any] = {
+        "bench": "recovery",
+        "session_timeout_ms": settings.processor.session_timeout_ms,
+        "instance_id": settings.processor.instance_id,
+        "rate_events_per_s": args.rate,
+        "drivers": {},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        for d in drivers:
+            runs = []
+            for i in range(args.runs):
+                print(f"recovery: driver {d}, run {i + 1}/{args.runs} ...", flush=True)
+                runs.append(_one_run(settings, d, Path(tmp), args.rate))
+                print("  " + ", ".join(f"{k} {v:.2f}" for k, v in runs[-1].items()), flush=True)
+            result["drivers"][d] = {
+                "runs": runs,
+                "median": {k: statistics.median(r[k] for r in runs) for k in runs[0]},
+            }
+    out = (
+        Path(args.out)
+        if args.out
+        else Path("bench-results") / time.strftime("recovery-%Y%m%d-%H%M%S.json")
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        _report(result, out)
+    return 0
