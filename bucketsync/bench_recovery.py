@@ -21,7 +21,6 @@ import json
 import signal
 import statistics
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -34,6 +33,7 @@ import yaml
 from bucketsync.config import Settings
 from bucketsync.errors import UserError
 from bucketsync.feed import TodoFeed, ensure_topics, make_producer
+from bucketsync.run import child_argv
 
 RULES = """
 bucket_definitions:
@@ -70,20 +70,8 @@ class _Feed(threading.Thread):
 
 
 def _spawn(cfg: Path, driver: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bucketsync.cli",
-            "--config",
-            str(cfg),
-            "processor",
-            "--driver",
-            driver,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    argv = child_argv("processor", str(cfg), "--driver", driver)
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _reap(*procs: subprocess.Popen[bytes] | None) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,6 +15,7 @@ import yaml
 from confluent_kafka import Consumer, TopicPartition
 
 from bucketsync.config import Settings
+from bucketsync.run import child_argv
 
 
 def write_config(tmp: Path, s: Settings, name: str, **over: dict[str, Any]) -> Path:
@@ -33,16 +33,7 @@ def start_processor(
 ) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BUCKETSYNC_")}
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bucketsync.cli",
-            "--config",
-            str(cfg),
-            "processor",
-            "--driver",
-            driver,
-        ],
+        child_argv("processor", str(cfg), "--driver", driver),
         env=env,
         stdout=log if log is not None else subprocess.DEVNULL,
         stderr=subprocess.STDOUT if log is not None else subprocess.DEVNULL,

@@ -3,64 +3,27 @@ uncrashed run (architecture invariant 2), and bad records go to the dead-letter 
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
-import yaml
 from confluent_kafka import Consumer
 
-from bucketsync.config import Settings
 from bucketsync.feed import TodoFeed, make_producer, produce_events
 from tests.pipeline_helpers import produce, write_rules
+from tests.processes import applied_offsets, start_processor, wait_applied, write_config
 
 pytestmark = pytest.mark.stack
 
 N_EVENTS = 6_000
 
 
-def _config(tmp: Path, s: Settings, name: str, **over: Any) -> Path:
-    data = s.model_dump(mode="json", exclude={"config_dir"})
-    for section, values in over.items():
-        data[section].update(values)
-    p = tmp / f"{name}.yaml"
-    p.write_text(yaml.safe_dump(data))
-    return p
-
-
-def _start(cfg: Path, driver: str) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BUCKETSYNC_")}
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bucketsync.cli",
-            "--config",
-            str(cfg),
-            "processor",
-            "--driver",
-            driver,
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
 def _wait_offset(r: redis.Redis, prefix: str, tp: str, at_least: int, timeout: float = 180) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = r.hget(f"{prefix}:offsets", tp)
-        if v is not None and int(v) >= at_least:
-            return int(v)
-        time.sleep(0.02)
-    raise AssertionError(f"processor did not reach offset {at_least} of {tp} in {timeout}s")
+    wait_applied(r, prefix, {tp: at_least}, timeout)
+    return applied_offsets(r, prefix)[tp]
 
 
 def snapshot(r: redis.Redis, prefix: str) -> dict[str, Any]:
@@ -99,7 +62,7 @@ def test_sigkill_mid_batch_restart_is_identical(
     tp = f"{topic}/0"
     r = redis.Redis.from_url(base.redis.url)
     ref_prefix, crash_prefix = ns.prefix + "-ref", ns.prefix + "-crash"
-    ref_cfg = _config(
+    ref_cfg = write_config(
         tmp_path,
         base,
         "ref",
@@ -107,7 +70,7 @@ def test_sigkill_mid_batch_restart_is_identical(
         kafka={"group_id": ns.group_id + "-ref"},
         processor={"batch_max_events": 2000},
     )
-    crash_cfg = _config(
+    crash_cfg = write_config(
         tmp_path,
         base,
         "crash",
@@ -116,7 +79,7 @@ def test_sigkill_mid_batch_restart_is_identical(
         processor={"batch_max_events": 300},
     )
     try:
-        ref = _start(ref_cfg, "kafka")
+        ref = start_processor(ref_cfg, "kafka")
         try:
             _wait_offset(r, ref_prefix, tp, N_EVENTS - 1)
         finally:
@@ -125,7 +88,7 @@ def test_sigkill_mid_batch_restart_is_identical(
 
         kills = 0
         for frac in (0.2, 0.5):
-            p = _start(crash_cfg, "faust")
+            p = start_processor(crash_cfg, "faust")
             try:
                 _wait_offset(r, crash_prefix, tp, int(N_EVENTS * frac))
                 # a kill at an arbitrary instant: most likely while a batch is in flight
@@ -134,7 +97,7 @@ def test_sigkill_mid_batch_restart_is_identical(
                 p.send_signal(signal.SIGKILL)
                 p.wait(30)
                 kills += 1
-        p = _start(crash_cfg, "faust")
+        p = start_processor(crash_cfg, "faust")
         try:
             _wait_offset(r, crash_prefix, tp, N_EVENTS - 1)
         finally:
