@@ -625,7 +625,7 @@ bucket_definitions:
     assert json.loads(values[1]) == payload
     assert json.loads(values[2]) == {"x": [1, 2]}
     assert values[3] == "[1,2]"
-    assert values[4] == "[1,2]"
+    assert values[4] == "[1.0,2.0]"  # token/client parameter numbers are REAL (reference)
 
 
 def test_json_each_parameter_query() -> None:

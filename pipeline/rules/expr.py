@@ -60,15 +60,15 @@ class RequestContext:
     ) -> None:
         self.payload = payload
         self.client_parameters: Mapping[str, Any] = client_parameters or {}
-        self.user_id: SqliteValue = sv.to_sqlite(payload.get("sub"))
+        self.user_id: SqliteValue = _request_value(payload.get("sub"))
         claim = payload.get("parameters")
         token_parameters: dict[str, SqliteValue] = {}
         if isinstance(claim, Mapping):
-            token_parameters = {str(k): sv.to_sqlite(v) for k, v in claim.items()}
+            token_parameters = {str(k): _request_value(v) for k, v in claim.items()}
         token_parameters["user_id"] = self.user_id  # sub wins over an embedded user_id
         self.token_parameters = token_parameters
         self.user_parameters: dict[str, SqliteValue] = {
-            str(k): sv.to_sqlite(v) for k, v in self.client_parameters.items()
+            str(k): _request_value(v) for k, v in self.client_parameters.items()
         }
         self._jwt_text: str | None = None
         self._parameters_text: str | None = None
@@ -163,6 +163,7 @@ class Scope:
     warnings: list[tuple[str, int | None]] = field(default_factory=list)
     uses_client: bool = False  # request.parameters() / user_parameters seen
     uses_request: bool = False
+    uses_auth: bool = False  # request.user_id() / request.jwt() / token_parameters seen
 
 
 _INT_LITERAL = re.compile(r"^\d+$")
@@ -418,6 +419,9 @@ class Compiler:
             scope.uses_request = True
             if client:
                 scope.uses_client = True
+            else:
+                scope.uses_auth = True
+            if client:
 
                 def user_param(row: Any, req: RequestContext) -> SqliteValue:
                     return req.user_parameters.get(name)
@@ -491,6 +495,8 @@ class Compiler:
         client = fname == "parameters"
         if client:
             self.scope.uses_client = True
+        else:
+            self.scope.uses_auth = True
         fn: ValueFn
         if fname == "user_id":
 
@@ -601,7 +607,7 @@ class Compiler:
         inner = node.this
         if isinstance(inner, exp.Is):
             return self._is(inner, negate=True)
-        return self.compose(sv.op_not, [self.compile(inner)], node)
+        return self.compose(_legacy_not, [self.compile(inner)], node)
 
     def _is(self, node: exp.Is, negate: bool = False) -> Clause:
         operand = self.compile(node.this)
@@ -664,6 +670,9 @@ class Compiler:
         if isinstance(left, MatchClause):
             raise _error("a parameter comparison cannot be used with IN", node)
         field_node = node.args.get("field")
+        if field_node is None and len(node.expressions) == 1:
+            # `x IN (expr)`: like the reference, the one value is a JSON array
+            field_node = node.expressions[0]
         if field_node is not None:
             right = self.compile(field_node)
             if isinstance(right, MatchClause):
@@ -742,7 +751,7 @@ class Compiler:
             args.append(self.compile(escape))
         result = self.compose(sv.op_like, args, node)
         if node.args.get("negate"):
-            return self.compose(sv.op_not, [result], node)
+            return self.compose(_legacy_not, [result], node)
         return result
 
     def _escape(self, node: exp.Escape) -> Clause:
@@ -756,7 +765,7 @@ class Compiler:
         right = self.compile(node.expression)
         is_and = isinstance(node, exp.And)
         if not any(isinstance(c, (MatchClause, ParamValue)) for c in (left, right)):
-            return self.compose(sv.op_and if is_and else sv.op_or, [left, right], node)
+            return self.compose(_legacy_and if is_and else _legacy_or, [left, right], node)
         if self.scope.mode is Mode.REQUEST:  # pragma: no cover - no ParamValue in this mode
             raise _error("unexpected parameter comparison", node)
         lm = self.to_match(left, node.this)
@@ -874,6 +883,42 @@ def _lazy_coalesce(arg_fns: list[ValueFn], row: Any, req: Any) -> SqliteValue:
         if v is not None:
             return v
     return None
+
+
+# Edition 1 (the reference's legacy engine): NOT, AND and OR are two-valued, NULL is false;
+# `NOT col` with col NULL is true (SQLite would give NULL).
+def _legacy_not(a: SqliteValue) -> SqliteValue:
+    return 0 if sv.truth(a) == 1 else 1
+
+
+def _legacy_and(a: SqliteValue, b: SqliteValue) -> SqliteValue:
+    return 1 if sv.truth(a) == 1 and sv.truth(b) == 1 else 0
+
+
+def _legacy_or(a: SqliteValue, b: SqliteValue) -> SqliteValue:
+    return 1 if sv.truth(a) == 1 or sv.truth(b) == 1 else 0
+
+
+def _request_value(v: object) -> SqliteValue:
+    """A value of the token or the client parameters, as the reference sees it: numbers
+    are REAL (JSON numbers are doubles), also inside objects and arrays (``{"a":123.0}``)."""
+    t = type(v)
+    if t is int:
+        return float(v)  # type: ignore[arg-type]
+    if t is dict or t is list:
+        return sv.json_dumps(_reals(v))
+    return sv.to_sqlite(v)
+
+
+def _reals(v: Any) -> Any:
+    t = type(v)
+    if t is int:
+        return float(v)
+    if t is dict:
+        return {k: _reals(x) for k, x in v.items()}
+    if t is list:
+        return [_reals(x) for x in v]
+    return v
 
 
 def _in_list(a: SqliteValue, *items: SqliteValue) -> SqliteValue:

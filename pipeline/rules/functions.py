@@ -6,6 +6,7 @@ import base64
 import datetime as dt
 import math
 import re
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -317,6 +318,16 @@ def fn_base64(v: SqliteValue) -> SqliteValue:
     return base64.b64encode(cast_blob(v)).decode()  # type: ignore[arg-type]
 
 
+def fn_uuid_blob(v: SqliteValue) -> SqliteValue:
+    """``uuid_blob('550e8400-...')``: the 16 bytes of a UUID (the reference's function)."""
+    if v is None:
+        return None
+    try:
+        return uuid.UUID(to_text(v)).bytes
+    except ValueError:
+        raise SqlEvalError(f"uuid_blob: not a UUID: {v!r}") from None
+
+
 def fn_typeof(v: SqliteValue) -> SqliteValue:
     return typeof(v)
 
@@ -499,6 +510,7 @@ FUNCTIONS: Final[dict[str, SqlFunction]] = {
         _f("hex", fn_hex, 1, 1),
         _f("base64", fn_base64, 1, 1),
         _f("typeof", fn_typeof, 1, 1),
+        _f("uuid_blob", fn_uuid_blob, 1, 1),
         _f("abs", fn_abs, 1, 1),
         _f("round", fn_round, 1, 2),
         _f("ifnull", fn_ifnull, 2, 2),

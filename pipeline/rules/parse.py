@@ -202,13 +202,16 @@ def _definition(
 
     parameter_queries: list[ParameterQuery] = []
     names: tuple[str, ...] = ()
+    query_priority: int | None = None
     for i, sql in enumerate(param_sql, 1):
         ctx = QueryContext(source, name, "parameter", i, sql)
         q = compile_parameter_query(ctx, warnings)
+        if q.priority is not None:
+            if "priority" in body or (query_priority is not None and q.priority != query_priority):
+                raise ctx.error("cannot set the priority more than once", 0)
+            query_priority = q.priority
         if i == 1:
             names = q.output_names
-            if not names:
-                raise ctx.error("a parameter query must select at least one column", 0)
         elif set(q.output_names) != set(names) or len(q.output_names) != len(names):
             raise ctx.error(
                 f"outputs ({', '.join(q.output_names)}) differ from parameter query 1 "
@@ -234,7 +237,7 @@ def _definition(
 
     return BucketDefinition(
         name=name,
-        priority=priority,
+        priority=priority if query_priority is None else query_priority,
         parameter_names=names,
         parameter_queries=tuple(parameter_queries),
         data_queries=tuple(data_queries),

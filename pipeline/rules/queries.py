@@ -109,7 +109,7 @@ _CLAUSE_NAMES: Final = {
 _ALLOWED_SELECT_ARGS: Final = frozenset({"expressions", "from", "from_", "where"})
 
 
-def _parse(ctx: QueryContext) -> exp.Select:
+def _parse(ctx: QueryContext, allow_empty: bool = False) -> exp.Select:
     try:
         stmt = parse_select(ctx.sql)
     except SqlSyntaxError as e:
@@ -123,9 +123,27 @@ def _parse(ctx: QueryContext) -> exp.Select:
             _CLAUSE_NAMES.get(key, f"{key.upper()} is not supported"),
             locate(ctx.sql, node) if isinstance(node, exp.Expr) else None,
         )
-    if not stmt.expressions:
+    if not stmt.expressions and not allow_empty:
         raise ctx.error("syntax error: no columns selected", 0)
     return stmt
+
+
+def _take_priority(ctx: QueryContext, stmt: exp.Select) -> int | None:
+    """Remove a ``<integer literal> AS _priority`` output (the bucket priority, 0..3)."""
+    for i, e in enumerate(stmt.expressions):
+        if not isinstance(e, exp.Alias) or identifier_name(e.args.get("alias"))[0] != "_priority":
+            continue
+        node = e.this
+        if not (isinstance(node, exp.Literal) and not node.is_string and node.this.isdigit()):
+            raise ctx.error("priority must be a simple integer literal", node_offset(e))
+        value = int(node.this)
+        if not 0 <= value <= 3:
+            raise ctx.error(
+                "invalid value for priority, must be between 0 and 3 (inclusive)", node_offset(e)
+            )
+        del stmt.expressions[i]
+        return value
+    return None
 
 
 def _from(stmt: exp.Select) -> exp.Expr | None:
@@ -510,7 +528,8 @@ class ParameterQuery:
     number: int
     sql: str
     output_names: tuple[str, ...]
-    uses_client: bool
+    uses_client: bool  # "potentially dangerous" (see Scope.dangerous)
+    priority: int | None = field(default=None, kw_only=True)  # from `<n> AS _priority`
 
     def reorder(self, names: tuple[str, ...]) -> None:
         """Arrange outputs in the definition's bucket parameter order."""
@@ -654,7 +673,16 @@ class TableParameterQuery(ParameterQuery):
 
 
 def compile_parameter_query(ctx: QueryContext, warnings: list[str]) -> ParameterQuery:
-    stmt = _parse(ctx)
+    stmt = _parse(ctx, allow_empty=True)
+    priority = _take_priority(ctx, stmt)
+    query = _compile_parameter_query(ctx, stmt, warnings)
+    query.priority = priority
+    return query
+
+
+def _compile_parameter_query(
+    ctx: QueryContext, stmt: exp.Select, warnings: list[str]
+) -> ParameterQuery:
     src = _from(stmt)
     where_node = stmt.args.get("where")
     where_expr = where_node.this if where_node is not None else None
@@ -690,6 +718,7 @@ def _static_query(
     scope = Scope(Mode.REQUEST, row_kind="none")
     compiler = Compiler(scope)
     names, outputs = _request_outputs(ctx, stmt, compiler, frozenset())
+    auth_outputs = scope.uses_auth  # a filter on the token alone is not enough
     where_fn = compiler.compile_value(where, "WHERE").fn if where is not None else None
     _flush_warnings(ctx, scope, warnings)
     return StaticParameterQuery(
@@ -697,7 +726,7 @@ def _static_query(
         number=ctx.number,
         sql=ctx.sql,
         output_names=names,
-        uses_client=scope.uses_client,
+        uses_client=scope.uses_client and not auth_outputs,
         outputs=outputs,
         where=where_fn,
     )
@@ -733,6 +762,7 @@ def _json_each_query(
     scope = Scope(Mode.REQUEST, table_names=names, row_kind="json_each")
     compiler = Compiler(scope)
     out_names, outputs = _request_outputs(ctx, stmt, compiler, names)
+    auth_outputs = scope.uses_auth or arg_scope.uses_auth
     where_fn = compiler.compile_value(where, "WHERE").fn if where is not None else None
     _flush_warnings(ctx, arg_scope, warnings)
     _flush_warnings(ctx, scope, warnings)
@@ -741,7 +771,7 @@ def _json_each_query(
         number=ctx.number,
         sql=ctx.sql,
         output_names=out_names,
-        uses_client=arg_scope.uses_client or scope.uses_client,
+        uses_client=(arg_scope.uses_client or scope.uses_client) and not auth_outputs,
         source=source.fn,
         outputs=outputs,
         where=where_fn,
@@ -783,7 +813,7 @@ def _table_query(
         number=ctx.number,
         sql=ctx.sql,
         output_names=tuple(o.name for o in outs if o.name is not None),
-        uses_client=scope.uses_client,
+        uses_client=scope.uses_client and not scope.uses_auth,
         table=table,
         match=match,
         row_outputs=row_outputs,

@@ -140,6 +140,26 @@ def to_sqlite(v: object) -> SqliteValue:
 
 
 def real_to_text(f: float) -> str:
+    """The text form of a REAL as the reference prints it (JavaScript ``Number#toString``):
+    1.0 -> '1', 2.5 -> '2.5', 3e60 -> '3e+60', 1e-7 -> '1e-7'."""
+    if math.isinf(f):
+        return "Infinity" if f > 0 else "-Infinity"
+    if f != f:
+        return "NaN"
+    r = repr(f)
+    if "e" in r or "E" in r:
+        mantissa, exp_text = r.split("e")
+        exp = int(exp_text)
+        if mantissa.endswith(".0"):
+            mantissa = mantissa[:-2]
+        if -7 < exp < 21:
+            text = format(Decimal(r), "f")
+            return text[:-2] if text.endswith(".0") else text
+        return f"{mantissa}e{'+' if exp > 0 else '-'}{abs(exp)}"
+    return r[:-2] if r.endswith(".0") else r
+
+
+def sqlite_real_to_text(f: float) -> str:
     """SQLite's text form of a REAL (``%!.15g``): 1.0 -> '1.0', 1e20 -> '1.0e+20'."""
     if math.isinf(f):
         return "Inf" if f > 0 else "-Inf"

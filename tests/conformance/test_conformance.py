@@ -1,0 +1,72 @@
+"""Conformance suite: the reference's (powersync-service, packages/sync-rules) edition-1
+test cases, ported as data (see harness.py, DIFFERENCES.md)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conformance import cases_functions, cases_params, cases_rules
+from tests.conformance.fixture_cases import fixture_cases
+from tests.conformance.harness import Case, all_diffs
+
+CASES: list[Case] = [
+    *cases_rules.CASES,
+    *cases_params.CASES,
+    *cases_functions.CASES,
+    *fixture_cases(),
+]
+
+
+OPEN: dict[str, str] = {
+    "legacy/sync_rules.test.ts > direct boolean param": "bare-bucket-parameter",
+    "legacy/sync_rules.test.ts > wildcard table": "star-anywhere-table-suffix",
+    "legacy/sync_rules.test.ts > wildcard without alias": "star-anywhere-table-suffix",
+    "legacy/parameter_queries.test.ts > case-sensitive parameter queries (7)": "alias-case-warning",
+    "legacy/static_parameter_queries.test.ts > case-sensitive queries (1)": "alias-case-warning",
+    "legacy/parameter_queries.test.ts > IN request.parameters()": "in-arrow-precedence",
+    "legacy/static_parameter_queries.test.ts > request.jwt() ->> 'sub'": "jwt-object-reals",
+    "legacy/static_parameter_queries.test.ts > request.jwt() ->> 'other'": "jwt-object-reals",
+    "legacy/table_valued_function_queries.test.ts > json_each(array param)": "legacy-json-null",
+    "sql_functions.test.ts > json extract": "legacy-json-null",
+    "sql_functions.test.ts > ->>": "legacy-json-null",
+    "sql_functions.test.ts > ->": "legacy-json-null",
+    "sql_functions.test.ts > json_keys": "json-object-keys",
+    "sql_functions.test.ts > json_valid": "json-object-keys",
+    "sql_functions.test.ts > unixepoch": "year-zero",
+    "sql_functions.test.ts > datetime": "year-zero",
+}
+for _c in CASES:
+    if _c.id in OPEN:
+        _c.open_ = OPEN[_c.id]
+    elif "request.parameter(" in _c.id and "/accepted/" in _c.id:
+        _c.open_ = "request-parameter-function"
+    elif "rejected_syntax/1: SELECT u.org_id" in _c.id:
+        _c.open_ = "parameter-table-alias"
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=c.open_)) if c.open_ else c
+        for c in CASES
+    ],
+    ids=[c.id for c in CASES],
+)
+def test_reference_case(case: Case) -> None:
+    case.run()
+
+
+def test_case_names_unique() -> None:
+    names = [c.id for c in CASES]
+    assert len(names) == len(set(names)), [n for n in names if names.count(n) > 1]
+
+
+def test_every_difference_is_documented() -> None:
+    text = (Path(__file__).parent / "DIFFERENCES.md").read_text()
+    documented = set(re.findall(r"^### `([\w-]+)`", text, re.MULTILINE))
+    used = all_diffs(CASES)
+    assert used <= documented, used - documented
+    assert documented <= used, documented - used
