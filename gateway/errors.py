@@ -19,10 +19,12 @@ __all__ = [
     "CODE_AUTH_LIFETIME",
     "CODE_AUTH_MISSING",
     "CODE_AUTH_WRONG_AUDIENCE",
+    "CODE_INTERNAL",
     "CODE_NOT_FOUND",
     "CODE_NO_SYNC_CONFIG",
     "CODE_SHUTTING_DOWN",
     "CODE_TOKEN_EXPIRED",
+    "CODE_TOO_MANY_BUCKETS",
     "CODE_VALIDATION",
     "ServiceError",
     "default_error_name",
@@ -30,6 +32,9 @@ __all__ = [
 
 #: 400: request body fails validation.
 CODE_VALIDATION = "PSYNC_S2001"
+#: 500: any other failure inside a request (the reference's generic internal server error
+#: uses the same code as validation, told apart by the status).
+CODE_INTERNAL = "PSYNC_S2001"
 #: 404: unknown route.
 CODE_NOT_FOUND = "PSYNC_S2002"
 #: 503: server shutting down.
@@ -46,6 +51,8 @@ CODE_AUTH_WRONG_AUDIENCE = "PSYNC_S2105"
 CODE_AUTH_MISSING = "PSYNC_S2106"
 #: 500: no sync configuration deployed.
 CODE_NO_SYNC_CONFIG = "PSYNC_S2302"
+#: 400: too many buckets, or too many parameter query results, for one connection.
+CODE_TOO_MANY_BUCKETS = "PSYNC_S2305"
 
 _NAMES: Mapping[str, str] = {
     CODE_VALIDATION: "ValidationError",
@@ -57,6 +64,8 @@ def default_error_name(code: str, status: int) -> str:
     """The ``name`` the reference service reports for ``code`` (its error class name)."""
     if code.startswith("PSYNC_S21") and status == 401:
         return "AuthorizationError"
+    if code == CODE_INTERNAL and status >= 500:
+        return "InternalServerError"
     return _NAMES.get(code, "ServiceError")
 
 

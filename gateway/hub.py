@@ -1,7 +1,9 @@
 """CheckpointHub: one reader of the store's change stream per gateway process.
 
 It fans notifications out to the connections subscribed to the changed buckets
-through an in-process index (bucket -> subscribers), so idle connections cost
+through an in-process index (bucket -> subscribers), and lookup-key changes (a
+membership row added or removed) to the connections whose bucket set depends on
+that key (index lookup key -> subscribers; never a scan), so idle connections cost
 memory only, never Redis round trips. It also keeps the pipeline's applied
 offsets (for write checkpoints) and a small shared cache of encoded op pages,
 so a page read for one connection serves every connection needing that range.
@@ -30,12 +32,16 @@ class Subscriber:
 
     buckets: set[str]
     wcp_key: str
+    #: lookup keys the connection's bucket set was expanded from (fixed per request)
+    lookups: frozenset[str] = frozenset()
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     #: bucket -> (checkpoint of the change, new state), merged until the connection reads it
     pending: dict[str, tuple[int, BucketState]] = field(default_factory=dict)
     pending_cp: int = 0
     write_checkpoint_dirty: bool = False
     resync: bool = False
+    #: one of ``lookups`` changed: the bucket set must be resolved again
+    lookups_dirty: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +116,7 @@ class CheckpointHub:
         self.offsets: dict[str, int] = {}
         self._by_bucket: dict[str, set[Subscriber]] = {}
         self._by_wcp: dict[str, set[Subscriber]] = {}
+        self._by_lookup: dict[str, set[Subscriber]] = {}
         self._subs: set[Subscriber] = set()
         #: connections holding write checkpoints whose position is not reached yet
         self._awaiting: set[Subscriber] = set()
@@ -148,13 +155,34 @@ class CheckpointHub:
 
     # ---- subscriptions ------------------------------------------------------
 
-    def subscribe(self, buckets: Iterable[str], wcp_key: str) -> Subscriber:
-        sub = Subscriber(set(buckets), wcp_key)
+    def subscribe(
+        self, buckets: Iterable[str], wcp_key: str, lookups: Iterable[str] = ()
+    ) -> Subscriber:
+        sub = Subscriber(set(buckets), wcp_key, frozenset(lookups))
         self._subs.add(sub)
         for b in sub.buckets:
             self._by_bucket.setdefault(b, set()).add(sub)
         self._by_wcp.setdefault(wcp_key, set()).add(sub)
+        for key in sub.lookups:
+            self._by_lookup.setdefault(key, set()).add(sub)
         return sub
+
+    def set_buckets(self, sub: Subscriber, buckets: Iterable[str]) -> None:
+        """Change the buckets a connection listens to (its set was resolved again)."""
+        new = set(buckets)
+        for b in sub.buckets - new:
+            self._drop(self._by_bucket, b, sub)
+        for b in new - sub.buckets:
+            self._by_bucket.setdefault(b, set()).add(sub)
+        sub.buckets = new
+
+    @staticmethod
+    def _drop(index: dict[str, set[Subscriber]], key: str, sub: Subscriber) -> None:
+        s = index.get(key)
+        if s is not None:
+            s.discard(sub)
+            if not s:
+                del index[key]
 
     def await_position(self, sub: Subscriber, waiting: bool) -> None:
         if waiting:
@@ -166,16 +194,10 @@ class CheckpointHub:
         self._subs.discard(sub)
         self._awaiting.discard(sub)
         for b in sub.buckets:
-            s = self._by_bucket.get(b)
-            if s is not None:
-                s.discard(sub)
-                if not s:
-                    del self._by_bucket[b]
-        w = self._by_wcp.get(sub.wcp_key)
-        if w is not None:
-            w.discard(sub)
-            if not w:
-                del self._by_wcp[sub.wcp_key]
+            self._drop(self._by_bucket, b, sub)
+        self._drop(self._by_wcp, sub.wcp_key, sub)
+        for key in sub.lookups:
+            self._drop(self._by_lookup, key, sub)
 
     # ---- the reader ---------------------------------------------------------
 
@@ -231,6 +253,14 @@ class CheckpointHub:
                     for sub in subs:
                         sub.pending[bucket] = (cp, state)
                         sub.pending_cp = max(sub.pending_cp, cp)
+                        sub.wake.set()
+        raw_l = fields.get(b"l")
+        if raw_l:
+            keys = orjson.loads(raw_l)
+            if isinstance(keys, list):
+                for key in keys:
+                    for sub in self._by_lookup.get(key, ()):
+                        sub.lookups_dirty = True
                         sub.wake.set()
         raw_o = fields.get(b"o")
         if raw_o:

@@ -22,9 +22,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from bucketsync.config import Settings
 from gateway import protocol
 from gateway.auth import TokenVerifier
-from gateway.errors import ServiceError
+from gateway.buckets import BucketResolver
+from gateway.errors import CODE_INTERNAL, ServiceError
 from gateway.hub import CheckpointHub
-from gateway.stream import BucketGrant, SlowClient, StreamLimits, SyncStream
+from gateway.stream import SlowClient, StreamLimits, SyncStream
 from pipeline.rules import SyncRules
 from pipeline.store import Store
 
@@ -138,26 +139,24 @@ async def sync_stream(request: web.Request) -> web.StreamResponse:
     except protocol.BadRequest as exc:
         raise ServiceError(400, "PSYNC_S2001", str(exc)) from None
     token = await _authenticate(gw, request)
-    descs = (
-        gw.rules.buckets_for_request(token.payload, req.parameters) if req.include_defaults else []
+    g = gw.settings.gateway
+    resolver = BucketResolver(
+        gw.rules,
+        token.payload,
+        req.parameters,
+        include_defaults=req.include_defaults,
+        max_buckets=g.max_buckets_per_connection,
+        max_parameter_results=g.max_parameter_query_results,
     )
-    stream_names: list[str] = []
-    grants: list[BucketGrant] = []
-    seen: set[str] = set()
-    for d in descs:
-        if d.definition not in stream_names:
-            stream_names.append(d.definition)
-        if d.bucket in seen:
-            continue
-        seen.add(d.bucket)
-        grants.append(BucketGrant(d.bucket, d.priority, stream_names.index(d.definition)))
-    limit = gw.settings.gateway.max_buckets_per_connection
-    if len(grants) > limit:
-        raise ServiceError(
-            400,
-            "PSYNC_S2305",
-            f"too many buckets: {len(grants)} > {limit} (gateway.max_buckets_per_connection)",
-        )
+    wcp_key = _wcp_key(token.sub, req.client_id)
+    # subscribe before the first read, so no change after it goes unseen; resolve before
+    # the 200, so a bucket limit is answered as a PSYNC_S2305 error response
+    sub = gw.hub.subscribe((), wcp_key, resolver.lookup_keys)
+    try:
+        first = await resolver.resolve(gw.store, lambda names: gw.hub.set_buckets(sub, names))
+    except BaseException:
+        gw.hub.unsubscribe(sub)
+        raise
     resp = web.StreamResponse(
         status=200,
         headers={
@@ -168,7 +167,11 @@ async def sync_stream(request: web.Request) -> web.StreamResponse:
         },
     )
     resp.enable_chunked_encoding()
-    await resp.prepare(request)
+    try:
+        await resp.prepare(request)
+    except BaseException:
+        gw.hub.unsubscribe(sub)
+        raise
     if request.transport is not None:
         # bound what a connection may have queued: past it writes wait for the client,
         # and a client that stays behind for slow_client_timeout_s is dropped
@@ -179,22 +182,23 @@ async def sync_stream(request: web.Request) -> web.StreamResponse:
         "stream opened: sub=%s client=%s buckets=%d after=%s",
         token.sub,
         req.client_id,
-        len(grants),
+        len(first.grants),
         orjson.dumps(req.after).decode(),
     )
     stream = SyncStream(
         store=gw.store,
         hub=gw.hub,
-        grants=grants,
-        stream_names=stream_names,
+        resolver=resolver,
         after=req.after,
-        wcp_key=_wcp_key(token.sub, req.client_id),
+        wcp_key=wcp_key,
         exp=int(token.exp),
         limits=gw.limits,
         write=resp.write,
         buffered=lambda: request.transport.get_write_buffer_size() if request.transport else 0,
         closing=gw.closing,
         describe=describe,
+        sub=sub,
+        resolution=first,
     )
     task = asyncio.current_task()
     if task is not None:
@@ -208,6 +212,25 @@ async def sync_stream(request: web.Request) -> web.StreamResponse:
         return resp
     except ConnectionResetError:
         log.info("%s: client went away", describe)
+        return resp
+    except ServiceError as exc:
+        # after the 200 the status cannot change: end the stream, the client reconnects
+        # and gets the error response then (sync-protocol.md §2.1)
+        log.warning("%s: stream aborted: [%s] %s", describe, exc.code, exc.description)
+        if request.transport is not None:
+            request.transport.abort()
+        return resp
+    except Exception as exc:
+        log.error(
+            "%s: stream aborted: [%s] internal error: %s: %s",
+            describe,
+            CODE_INTERNAL,
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
+        )
+        if request.transport is not None:
+            request.transport.abort()
         return resp
     finally:
         if task is not None:
@@ -258,18 +281,47 @@ async def options(request: web.Request) -> web.Response:
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """The one error boundary at the HTTP edge: whatever goes wrong inside a request is
+    answered as the protocol's JSON error (``{"error": {name, code, status, ...}}``) with a
+    PSYNC code, and logged once; never aiohttp's plain-text 500."""
     try:
         return await handler(request)
     except ServiceError as exc:
+        if exc.status >= 500:
+            log.warning("%s %s: [%s] %s", request.method, request.path, exc.code, exc.description)
         return exc.http_response(headers=CORS_HEADERS)
     except web.HTTPNotFound:
         return ServiceError(
             404, "PSYNC_S2002", f"route not found: {request.method} {request.path}"
-        ).http_response()
+        ).http_response(headers=CORS_HEADERS)
     except web.HTTPMethodNotAllowed:
         return ServiceError(
             405, "PSYNC_S2002", f"method not allowed: {request.method} {request.path}"
-        ).http_response()
+        ).http_response(headers=CORS_HEADERS)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise  # redirects and the like are answers, not errors
+        code = CODE_INTERNAL if exc.status >= 500 else "PSYNC_S2001"
+        return ServiceError(exc.status, code, exc.reason or exc.text or "").http_response(
+            headers=CORS_HEADERS
+        )
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        log.error(
+            "%s %s: [%s] internal error: %s: %s",
+            request.method,
+            request.path,
+            CODE_INTERNAL,
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
+        )
+        return ServiceError(
+            500,
+            CODE_INTERNAL,
+            f"internal error: {type(exc).__name__}: {exc}",
+        ).http_response(headers=CORS_HEADERS)
 
 
 async def build_app(settings: Settings, *, with_position: bool = True) -> web.Application:

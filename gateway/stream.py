@@ -5,6 +5,11 @@ checkpoint, ``checkpoint_complete`` only when every bucket is caught up and no
 MOVE/CLEAR sent for the checkpoint points past it (invariant 6), write
 checkpoints echoed once the pipeline has applied the position they are bound
 to, ``token_expires_in`` keepalives and the end of the stream at expiry.
+
+The bucket set comes from a :class:`gateway.buckets.BucketResolver`. When one of the
+connection's lookup keys changes (the hub says so), the set is resolved again at a
+newer checkpoint and the client gets a ``checkpoint_diff`` adding buckets (sent from
+op 0) and removing the ones it lost, on the same open stream (§4.2 step 4, §4.4).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from dataclasses import dataclass
 from prometheus_client import Counter, Gauge
 
 from gateway import protocol
+from gateway.buckets import BucketResolver, Grant, Resolution
 from gateway.hub import CheckpointHub, Subscriber
 from pipeline.store import BucketState, Store
 
@@ -52,11 +58,7 @@ class StreamLimits:
     max_buffered_bytes: int = 4 * 1_048_576
 
 
-@dataclass(frozen=True, slots=True)
-class BucketGrant:
-    bucket: str
-    priority: int
-    stream: int  # index into the checkpoint's ``streams``
+BucketGrant = Grant
 
 
 class SyncStream:
@@ -65,8 +67,7 @@ class SyncStream:
         *,
         store: Store,
         hub: CheckpointHub,
-        grants: Sequence[BucketGrant],
-        stream_names: Sequence[str],
+        resolver: BucketResolver,
         after: dict[str, int],
         wcp_key: str,
         exp: int,
@@ -75,12 +76,20 @@ class SyncStream:
         buffered: Callable[[], int] = lambda: 0,
         closing: asyncio.Event,
         describe: str,
+        sub: Subscriber | None = None,
+        resolution: Resolution | None = None,
     ):
+        """``sub`` and ``resolution``: the hub subscription and the first bucket set when the
+        caller resolved it already (to answer PSYNC_S2305 before the 200)."""
         self.store = store
         self.hub = hub
-        self.grants = {g.bucket: g for g in grants}
-        self.stream_names = list(stream_names)
-        self.positions = {g.bucket: after.get(g.bucket, 0) for g in grants}
+        self.resolver = resolver
+        self.stream_names = list(resolver.stream_names)
+        self.grants: dict[str, Grant] = {}
+        self.positions: dict[str, int] = {}
+        self._after = after
+        self._started = False  # the first bucket set was adopted
+        self._resolution = resolution
         self.wcp_key = wcp_key
         self.exp = exp
         self.limits = limits
@@ -97,7 +106,29 @@ class SyncStream:
         self.write_checkpoints: dict[int, dict[str, int]] = {}
         self.sent_wcp: int | None = None
         self.next_keepalive = time.monotonic() + limits.keepalive_s
-        self.sub: Subscriber | None = None
+        self.sub: Subscriber | None = sub
+
+    def _set_grants(self, grants: Sequence[Grant]) -> list[str]:
+        """Adopt a (re)resolved bucket set; returns the buckets that left it."""
+        new = {g.bucket: g for g in grants}
+        removed = [b for b in self.grants if b not in new]
+        for b in removed:
+            self.positions.pop(b, None)
+            self.sent.pop(b, None)
+            self.last_op.pop(b, None)
+        for b in new:
+            if b not in self.positions:
+                # the request's ``after`` counts only for the first checkpoint; a bucket
+                # that enters the set later starts from the beginning (§4.4)
+                self.positions[b] = self._after.get(b, 0) if not self._started else 0
+        self.grants = new
+        self._started = True
+        return removed
+
+    async def _resolve(self, sub: Subscriber) -> Resolution:
+        return await self.resolver.resolve(
+            self.store, lambda names: self.hub.set_buckets(sub, names)
+        )
 
     # ---- output -------------------------------------------------------------
 
@@ -160,13 +191,18 @@ class SyncStream:
     # ---- the loop -----------------------------------------------------------
 
     async def run(self) -> None:
-        buckets = list(self.grants)
-        self.sub = sub = self.hub.subscribe(buckets, self.wcp_key)
+        if self.sub is None:
+            self.sub = self.hub.subscribe((), self.wcp_key, self.resolver.lookup_keys)
+        sub = self.sub
         OPEN_STREAMS.inc()
         try:
             await self._reload_write_checkpoints()
             wcp = self._current_wcp()
-            cp, states = await self.store.read_checkpoint(buckets)
+            res = self._resolution or await self._resolve(sub)
+            self._resolution = None
+            self._set_grants(res.grants)
+            buckets = list(self.grants)
+            cp, states = res.cp, res.states
             self.cp = cp
             self.sent = {b: (s.checksum, s.count) for b, s in states.items()}
             self.last_op = {b: s.last_op for b, s in states.items()}
@@ -215,16 +251,22 @@ class SyncStream:
             finally:
                 timer.cancel()
             timer_due = time.monotonic() >= self.next_keepalive or self.exp - time.time() <= 0
-            if timer_due and not (sub.pending or sub.write_checkpoint_dirty or sub.resync):
+            if timer_due and not (
+                sub.pending or sub.write_checkpoint_dirty or sub.resync or sub.lookups_dirty
+            ):
                 sub.wake.clear()  # only the timer fired
 
     async def _on_change(self, sub: Subscriber) -> None:
-        buckets = list(self.grants)
-        if sub.resync:
-            sub.resync = False
-            sub.pending.clear()
-            await self._reload_write_checkpoints()
-            cp, states = await self.store.read_checkpoint(buckets)
+        removed: list[str] = []
+        if sub.resync or sub.lookups_dirty:
+            if sub.resync:
+                await self._reload_write_checkpoints()
+            sub.resync = sub.lookups_dirty = False
+            res = await self._resolve(sub)
+            # what the hub queued up to this checkpoint is in the states just read
+            sub.pending = {b: v for b, v in sub.pending.items() if v[0] > res.cp}
+            removed = self._set_grants(res.grants)
+            cp, states = max(self.cp, res.cp), res.states
         else:
             pending, sub.pending = sub.pending, {}
             cp = max(self.cp, self.hub.checkpoint)
@@ -237,12 +279,26 @@ class SyncStream:
             await self._reload_write_checkpoints()
         wcp = self._current_wcp()
         updated = [b for b, st in states.items() if self.sent.get(b) != (st.checksum, st.count)]
-        if not updated and wcp == self.sent_wcp:
+        if not updated and not removed and wcp == self.sent_wcp:
             return
-        await self._diff(cp, states, updated, wcp)
+        if removed or any(b not in self.sent for b in updated):
+            log.info(
+                "%s: bucket set changed at %s: +%d -%d (now %d)",
+                self.describe,
+                cp,
+                sum(1 for b in updated if b not in self.sent),
+                len(removed),
+                len(self.grants),
+            )
+        await self._diff(cp, states, updated, wcp, removed)
 
     async def _diff(
-        self, cp: int, states: dict[str, BucketState], updated: Sequence[str], wcp: int | None
+        self,
+        cp: int,
+        states: dict[str, BucketState],
+        updated: Sequence[str],
+        wcp: int | None,
+        removed: Sequence[str] = (),
     ) -> None:
         self.cp = max(self.cp, cp)
         for b, st in states.items():
@@ -254,10 +310,11 @@ class SyncStream:
             self.cp,
             wcp,
             tuple((b, self.grants[b].priority, self.grants[b].stream) for b in updated),
+            tuple(removed),
         )
         line = self.hub.lines.get(key)
         if line is None:
-            line = protocol.checkpoint_diff(self.cp, self._checksums(states, updated), (), wcp)
+            line = protocol.checkpoint_diff(self.cp, self._checksums(states, updated), removed, wcp)
             self.hub.remember_line(key, line)
         await self.send(line, "checkpoint_diff")
         await self._serve(states)

@@ -10,11 +10,17 @@
 --    "offsets": {"<topic>/<partition>": <highest offset in batch>, ...},
 --    "events": [ {"k": "<row key>", "t": "<table>",
 --                 "o": [[bucket, object_type, object_id, put_checksum, remove_checksum, tail], ...] | false,
---                 "s": "<source row json>" | false} |
+--                 "s": "<source row json>" | false,
+--                 "l": [[lookup key, values json], ...]  (optional)} |
 --                {"truncate": "<table>"}, ... ],
 --    "maxlen": <changes stream maxlen> }
 --   "o" = false means the row is deleted; a list (maybe empty) is the row's complete
 --   set of outputs after the event. "tail" is the op's wire JSON after the op_id field.
+--   "l" (rows of tables read by parameter queries) is the row's complete set of lookup
+--   entries after the event; the row's previous set is kept in its row hash (field
+--   "\31L"), the lookup index P:lookup:<key> is a hash values json -> number of rows
+--   contributing it. A deleted row drops all its entries. Lookup keys whose value set
+--   changed are announced in the change entry (field "l", a JSON array).
 -- Returns {"ok", checkpoint, n_ops} or {"stale", "<tp>", stored_offset}.
 
 local P = ARGV[1]
@@ -33,6 +39,7 @@ local seq_key = P .. ":seq"
 local dirty_key = P .. ":dirty"
 local n_ops = 0
 local buckets = {}   -- bucket -> {cs=, n=, last=, moved=}
+local LF = SEP .. "L"  -- row hash field: the row's lookup entries (JSON)
 
 local function bstate(b)
   local s = buckets[b]
@@ -76,14 +83,59 @@ end
 local function read_row(rk)
   local flat = redis.call("HGETALL", rk)
   local cur = {}
+  local lookups = nil
   for i = 1, #flat, 2 do
     local f = flat[i]
-    if f ~= "" then
+    if f == LF then
+      lookups = flat[i + 1]
+    elseif f ~= "" then
       local a, c, r = string.match(flat[i + 1], "^(%d+):(%d+):(%d+)$")
       cur[f] = {tonumber(a), tonumber(c), tonumber(r)}
     end
   end
-  return cur, #flat > 0
+  return cur, #flat > 0, lookups
+end
+
+-- Replace a row's lookup entries (old: stored JSON or nil; new: list or nil = none).
+-- lookup_counts: "<key>\31\31<values>" -> {key, count before the batch, count now}; a
+-- key is announced when one of its values appeared or vanished over the whole batch.
+local lookup_counts = {}
+local function bump(key, values, delta)
+  local k = P .. ":lookup:" .. key
+  local now = redis.call("HINCRBY", k, values, delta)
+  if now <= 0 then
+    redis.call("HDEL", k, values)
+  end
+  local id = key .. SEP .. SEP .. values
+  local c = lookup_counts[id]
+  if not c then
+    c = {key, now - delta, now}
+    lookup_counts[id] = c
+  end
+  c[3] = now
+end
+
+local function update_lookups(old_raw, new)
+  local old = {}
+  if old_raw then
+    for _, e in ipairs(cjson.decode(old_raw)) do
+      old[e[1] .. SEP .. SEP .. e[2]] = e
+    end
+  end
+  local keep = {}
+  for _, e in ipairs(new or {}) do
+    local id = e[1] .. SEP .. SEP .. e[2]
+    if old[id] then
+      keep[id] = true
+    else
+      bump(e[1], e[2], 1)
+    end
+  end
+  for id, e in pairs(old) do
+    if not keep[id] then
+      bump(e[1], e[2], -1)
+    end
+  end
 end
 
 local function remove_entry(f, e, hdel)
@@ -97,7 +149,7 @@ end
 
 local function apply_row(ev)
   local rk = P .. ":row:" .. ev.k
-  local cur, known = read_row(rk)
+  local cur, known, old_lookups = read_row(rk)
   local outs = ev.o
   local hset, hdel = {}, {}
   if outs then
@@ -132,6 +184,15 @@ local function apply_row(ev)
     remove_entry(g[1], g[2], hdel)
   end
   if outs then
+    if ev.l then
+      update_lookups(old_lookups, ev.l)
+      if #ev.l > 0 then
+        table.insert(hset, LF)
+        table.insert(hset, cjson.encode(ev.l))
+      elseif old_lookups then
+        table.insert(hdel, LF)
+      end
+    end
     if #hdel > 0 then
       redis.call("HDEL", rk, unpack(hdel))
     end
@@ -146,6 +207,9 @@ local function apply_row(ev)
       redis.call("SADD", P .. ":table:" .. ev.t, ev.k)
     end
   elseif known then
+    if old_lookups then
+      update_lookups(old_lookups, nil)
+    end
     if ev.g then
       -- the delete half of a primary-key change: keep the source row for a while, the
       -- create half may carry TOAST placeholders that only the old row can fill
@@ -198,6 +262,18 @@ local note = {"n", redis.call("INCR", P .. ":changes:n"), "cp", cp}
 if any then
   table.insert(note, "b")
   table.insert(note, cjson.encode(changed))
+end
+local changed_lookups, lookup_list = {}, {}
+for _, c in pairs(lookup_counts) do
+  if (c[2] > 0) ~= (c[3] > 0) and not changed_lookups[c[1]] then
+    changed_lookups[c[1]] = true
+    table.insert(lookup_list, c[1])
+  end
+end
+if #lookup_list > 0 then
+  table.sort(lookup_list)
+  table.insert(note, "l")
+  table.insert(note, cjson.encode(lookup_list))
 end
 table.insert(note, "o")
 table.insert(note, cjson.encode(batch.offsets))

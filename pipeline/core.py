@@ -56,6 +56,34 @@ class RulesLike(Protocol):
     def is_relevant(self, table: str, schema: str | None = None) -> bool: ...
 
 
+class LookupEntryLike(Protocol):
+    @property
+    def lookup(self) -> str: ...
+    @property
+    def values(self) -> Sequence[Any]: ...
+
+
+def _parameter_rows(rules: RulesLike) -> Callable[..., Sequence[LookupEntryLike]] | None:
+    """The rules' ``evaluate_parameter_row`` when some parameter query reads a table."""
+    fn = getattr(rules, "evaluate_parameter_row", None)
+    tables = getattr(rules, "parameter_tables", None)
+    if fn is None or tables is None or not tables():
+        return None
+    return fn
+
+
+def lookup_entries(entries: Iterable[LookupEntryLike]) -> list[list[str]]:
+    """A row's lookup entries as the store keeps them: sorted, unique
+    ``[lookup key, JSON array of values]`` pairs. Values holding a blob are left out: a
+    bucket parameter that is a blob names no bucket (``buckets_for_request`` skips it)."""
+    out: set[tuple[str, str]] = set()
+    for e in entries:
+        if any(isinstance(v, bytes | bytearray | memoryview) for v in e.values):
+            continue
+        out.add((e.lookup, orjson.dumps(list(e.values)).decode()))
+    return [list(p) for p in sorted(out)]
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
     record: KafkaRecord
@@ -127,6 +155,15 @@ def plan_batch(
 
     ``stored_rows`` holds the source rows the store has for the row keys of events
     that :func:`needs_base`; later events in the batch see earlier ones' results.
+
+    Rows of tables read by parameter queries also carry ``"l"``: the complete, sorted
+    list of lookup entries the row contributes after the event (see :func:`lookup_entries`).
+    Like ``"o"`` it is a full replacement, not a delta: the apply step compares it with
+    the entries stored for the row (the row's previous contribution) inside the same
+    atomic step, removes the ones that went away, adds the new ones and announces the
+    lookup keys whose value sets changed. A delete (or TRUNCATE) drops all of a row's
+    entries there. So the planner needs no stored lookup state, and a membership change
+    lands in the same checkpoint as the ops of the batch.
     """
     batch = PlannedBatch()
     dls: list[DeadLetter] = []
@@ -135,6 +172,8 @@ def plan_batch(
     known_rows: dict[str, dict[str, Any] | None] = {k: dict(v) for k, v in stored.items()}
     #: rows deleted in this batch by the delete half of a primary-key change
     departed: dict[str, dict[str, Any]] = {}
+    param_rows = _parameter_rows(rules)
+    param_tables: set[str] = set(rules.parameter_tables()) if param_rows else set()  # type: ignore[attr-defined]
 
     for rec, ev in items:
         plan.events += 1
@@ -187,18 +226,22 @@ def plan_batch(
                 for col in ev.get("null_columns") or ():
                     merged[col] = None
                 row = merged
+        lookups: list[Sequence[LookupEntryLike]] = []
         try:
             outs = rules.evaluate_row(src_table, row, schema=ev.get("source_schema"))
+            if param_rows is not None and src_table in param_tables:
+                lookups.append(param_rows(src_table, row, ev.get("source_schema")))
         except Exception as exc:  # a rule that cannot be evaluated on this row
             dls.append(DeadLetter(rec, "rule_evaluation_error", str(exc), {"table": table}))
             continue
         known_rows[rk] = row
-        batch.events.append(
-            {
-                "k": rk,
-                "t": table,
-                "o": [output_entry(o) for o in outs],
-                "s": orjson.dumps(row).decode(),
-            }
-        )
+        planned: dict[str, Any] = {
+            "k": rk,
+            "t": table,
+            "o": [output_entry(o) for o in outs],
+            "s": orjson.dumps(row).decode(),
+        }
+        if lookups:
+            planned["l"] = lookup_entries(lookups[0])
+        batch.events.append(planned)
     return plan

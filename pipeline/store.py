@@ -9,11 +9,17 @@ Layout under the configured prefix ``P`` (docs/store.md has the long form):
 - ``P:bucket:{bucket}``  hash: checksum (unsigned running total), count, last_op, moved.
 - ``P:row:{row key}``    hash: ``bucket\\x1fobject_type\\x1fobject_id`` -> ``op_id:checksum:
                          remove_checksum`` of the row's current op there; field ``""`` holds
-                         the source row JSON (for TOAST / partial-update merges).
+                         the source row JSON (for TOAST / partial-update merges); field
+                         ``"\x1fL"`` the row's lookup entries (JSON ``[[lookup, values], ...]``,
+                         rows of tables read by parameter queries only).
+- ``P:lookup:{lookup}``  hash: JSON array of bucket parameter values -> number of source rows
+                         contributing it (``LookupEntry.lookup`` is the key; gateway reads
+                         the field names).
 - ``P:table:{table}``    set of row keys of a source table (TRUNCATE).
 - ``P:seq``              op_id sequence.   ``P:checkpoint``  current checkpoint.
 - ``P:offsets``          hash ``topic/partition`` -> last applied offset.
-- ``P:changes``          stream: one entry per applied batch (cp, changed buckets, offsets).
+- ``P:changes``          stream: one entry per applied batch (cp, changed buckets ``b``, lookup
+                         keys whose value sets changed ``l``, offsets ``o``).
 - ``P:dirty``            set of buckets with MOVEs since their last compaction.
 - ``P:gone:{row key}``   source row of a row deleted by a primary-key change (expires in a
                          day): the create half may need it to fill TOAST placeholders.
@@ -65,6 +71,16 @@ class BucketState:
     checksum: int  # unsigned 32-bit
     count: int
     last_op: int
+
+
+LookupRows = dict[str, frozenset[bytes]]
+"""Per lookup key, the JSON-encoded value arrays stored under it (see :func:`decode_lookups`)."""
+
+
+def decode_lookups(raw: LookupRows) -> dict[str, list[tuple[Any, ...]]]:
+    """Lookup rows as ``SyncRules.buckets_for_request(lookups=...)`` takes them (sorted, so a
+    request resolves to the same bucket order whatever Redis returned)."""
+    return {k: [tuple(orjson.loads(v)) for v in sorted(vals)] for k, vals in raw.items()}
 
 
 @dataclass(slots=True)
@@ -180,6 +196,38 @@ class Store:
         for b, (cs, n, last) in zip(buckets, res[1:], strict=True):
             states[b] = BucketState(int(cs or 0), int(n or 0), int(last or 0))
         return cp, states
+
+    async def read_lookups(self, keys: Sequence[str]) -> LookupRows:
+        """The value arrays stored under each lookup key, in one round trip (not atomic
+        with anything: confirm with :meth:`read_checkpoint_with_lookups`)."""
+        if not keys:
+            return {}
+        pipe = self.r.pipeline(transaction=False)
+        for key in keys:
+            pipe.hkeys(self.k("lookup", key))
+        res = await pipe.execute()
+        return {key: frozenset(vals) for key, vals in zip(keys, res, strict=True)}
+
+    async def read_checkpoint_with_lookups(
+        self, buckets: Sequence[str], keys: Sequence[str]
+    ) -> tuple[int, dict[str, BucketState], LookupRows]:
+        """The checkpoint, the state of ``buckets`` and the lookup rows of ``keys``, all in
+        one atomic step: when the lookup rows equal those the bucket set was computed from,
+        that bucket set is exactly the one at this checkpoint."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.get(self.k("checkpoint"))
+        for b in buckets:
+            pipe.hmget(self.k("bucket", b), "checksum", "count", "last_op")
+        for key in keys:
+            pipe.hkeys(self.k("lookup", key))
+        res = await pipe.execute()
+        cp = int(res[0]) if res[0] else 0
+        nb = len(buckets)
+        states = {}
+        for b, (cs, n, last) in zip(buckets, res[1 : 1 + nb], strict=True):
+            states[b] = BucketState(int(cs or 0), int(n or 0), int(last or 0))
+        lookups = {key: frozenset(v) for key, v in zip(keys, res[1 + nb :], strict=True)}
+        return cp, states, lookups
 
     async def read_ops(self, bucket: str, after: int, upto: int, limit: int) -> list[StoredOp]:
         """Ops with ``after < op_id <= upto``, ascending, at most ``limit``."""

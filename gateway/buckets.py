@@ -1,0 +1,146 @@
+"""A connection's bucket set: from the token and the rules, expanded through the lookup
+index when parameter queries read synced tables (memberships and the like).
+
+The set is resolved consistently with a checkpoint (architecture invariant 5): the
+lookup rows are read once for all of the request's lookup keys, the bucket set is
+computed from them, and then the checkpoint, the buckets' states and the same lookup
+rows are read again in one atomic step. When the rows are unchanged, the bucket set is
+exactly the one at that checkpoint; otherwise the freshly read rows are used and read
+once more (a membership that changes at every try ends the attempts after a few rounds;
+the connection then holds the newest set read, and the lookup change that raced it
+wakes the connection again).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import Histogram
+
+from gateway.errors import CODE_TOO_MANY_BUCKETS, ServiceError
+from pipeline.rules import SyncRules
+from pipeline.store import BucketState, LookupRows, Store, decode_lookups
+
+EXPANSION_SECONDS = Histogram(
+    "bucketsync_gateway_bucket_expansion_seconds",
+    "Time to resolve a connection's bucket set through the lookup index and read its checkpoint",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
+
+_ATTEMPTS = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    bucket: str
+    priority: int
+    stream: int  # index into the checkpoint's ``streams``
+
+
+@dataclass(slots=True)
+class Resolution:
+    cp: int
+    grants: list[Grant]
+    states: dict[str, BucketState]
+
+
+class BucketResolver:
+    """Resolves one request's buckets; built once per connection, resolved again when one
+    of its lookup keys changes."""
+
+    def __init__(
+        self,
+        rules: SyncRules,
+        payload: Mapping[str, Any],
+        parameters: Mapping[str, Any] | None,
+        *,
+        include_defaults: bool,
+        max_buckets: int,
+        max_parameter_results: int,
+    ):
+        self.rules = rules
+        self.payload = payload
+        self.parameters = parameters
+        self.include_defaults = include_defaults
+        self.max_buckets = max_buckets
+        self.max_parameter_results = max_parameter_results
+        #: every definition is a default stream of the legacy format (sync-streams.md §1b);
+        #: the list is fixed at the first checkpoint, as diffs never change ``streams``
+        self.stream_names: list[str] = (
+            [d.name for d in rules.definitions] if include_defaults else []
+        )
+        self._stream_index = {n: i for i, n in enumerate(self.stream_names)}
+        self.lookup_keys: list[str] = (
+            rules.lookup_keys_for_request(payload, parameters)
+            if include_defaults and rules.has_lookups
+            else []
+        )
+
+    def grants(self, lookups: LookupRows | None = None) -> list[Grant]:
+        """The bucket set for the given lookup rows (raises the protocol's PSYNC_S2305)."""
+        if not self.include_defaults:
+            return []
+        if lookups is not None:
+            results = sum(len(v) for v in lookups.values())
+            if results > self.max_parameter_results:
+                raise ServiceError(
+                    400,
+                    CODE_TOO_MANY_BUCKETS,
+                    f"too many parameter query results: {results} > "
+                    f"{self.max_parameter_results} (gateway.max_parameter_query_results)",
+                )
+        descs = self.rules.buckets_for_request(
+            self.payload,
+            self.parameters,
+            lookups=decode_lookups(lookups) if lookups is not None else None,
+        )
+        out: list[Grant] = []
+        seen: set[str] = set()
+        for d in descs:
+            if d.bucket in seen:
+                continue
+            seen.add(d.bucket)
+            out.append(Grant(d.bucket, d.priority, self._stream_index.get(d.definition, 0)))
+        if len(out) > self.max_buckets:
+            raise ServiceError(
+                400,
+                CODE_TOO_MANY_BUCKETS,
+                f"too many buckets: {len(out)} > {self.max_buckets} "
+                "(gateway.max_buckets_per_connection)",
+            )
+        return out
+
+    async def resolve(
+        self, store: Store, on_buckets: Callable[[Sequence[str]], None] = lambda b: None
+    ) -> Resolution:
+        """The bucket set and its states at one checkpoint.
+
+        ``on_buckets`` is called with the bucket set before its states are read, so the
+        caller can subscribe to their changes first (no change between read and subscribe
+        goes unseen).
+        """
+        t0 = time.perf_counter()
+        try:
+            if not self.lookup_keys:
+                grants = self.grants()
+                names = [g.bucket for g in grants]
+                on_buckets(names)
+                cp, states = await store.read_checkpoint(names)
+                return Resolution(cp, grants, states)
+            rows = await store.read_lookups(self.lookup_keys)
+            for _ in range(_ATTEMPTS):
+                grants = self.grants(rows)
+                names = [g.bucket for g in grants]
+                on_buckets(names)
+                cp, states, again = await store.read_checkpoint_with_lookups(
+                    names, self.lookup_keys
+                )
+                if again == rows:
+                    break
+                rows = again
+            return Resolution(cp, grants, states)
+        finally:
+            EXPANSION_SECONDS.observe(time.perf_counter() - t0)
