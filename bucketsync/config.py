@@ -162,6 +162,12 @@ class StackSettings(_Section):
     start_timeout_s: float = Field(default=90.0, gt=0)
 
 
+class DemoSettings(_Section):
+    #: Port of the demo's web page and its backend (``bucketsync demo``), on ``gateway.host``;
+    #: 0 turns the page off.
+    web_port: int = Field(default=8090, ge=0, le=65535)
+
+
 class _YamlSource(PydanticBaseSettingsSource):
     """Feeds the YAML file's mapping to pydantic-settings (lowest precedence after env)."""
 
@@ -195,6 +201,7 @@ class Settings(BaseSettings):
     processor: ProcessorSettings = Field(default_factory=ProcessorSettings)
     compaction: CompactionSettings = Field(default_factory=CompactionSettings)
     stack: StackSettings = Field(default_factory=StackSettings)
+    demo: DemoSettings = Field(default_factory=DemoSettings)
 
     #: Directory of the config file; relative paths in the config resolve against it.
     config_dir: Path = Field(default_factory=Path.cwd, exclude=True)

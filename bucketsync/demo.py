@@ -2,8 +2,13 @@
 
 1. the local stack (Kafka + Redis) comes up;
 2. the processor and the gateway start as child processes (as ``bucketsync run``);
-3. a feed writes Debezium change events for a ``todos`` table to Kafka;
-4. a demo client (the project's protocol simulator) syncs user ``u1``'s bucket over
+3. the demo source (:class:`bucketsync.demo_web.DemoSource`) writes Debezium change events
+   for ``lists`` and ``todos`` (and ``memberships`` when its topic is consumed) to Kafka:
+   a seed, then a trickle of random edits;
+4. the demo web page (``web/``, the official PowerSync web SDK) is served with its small
+   backend on ``demo.web_port``: pick a user, watch rows, status and buckets live, write
+   todos (uploads become Debezium events and come back through CDC);
+5. a demo client (the project's protocol simulator) syncs user ``u1``'s bucket over
    ``POST /sync/stream`` and prints every completed checkpoint it applies.
 
 With ``--source postgres`` step 1 also starts PostgreSQL and Debezium (``stack up --source
@@ -27,9 +32,10 @@ from pathlib import Path
 import aiohttp
 import yaml
 
+from bucketsync import demo_web
 from bucketsync.config import Settings
 from bucketsync.errors import UserError
-from bucketsync.feed import WORDS, TodoFeed, ensure_topics, make_producer, produce_events
+from bucketsync.feed import WORDS, ensure_topics
 from bucketsync.run import Supervisor, start_pipeline
 from bucketsync.simclient import ClientState, stream_once
 from bucketsync.tokens import make_dev_token
@@ -53,13 +59,43 @@ def _wait_ready(url: str, timeout: float, sup: Supervisor) -> None:
     raise UserError(f"gateway at {url} not ready after {timeout:.0f}s")
 
 
-def _feed_forever(settings: Settings, topic: str, stop: threading.Event, rate: float) -> None:
-    feed = TodoFeed(users=5, rows=40, topic_table=topic.rsplit(".", 1)[-1])
-    producer = make_producer(settings)
-    produce_events(producer, topic, feed.events(60))  # an initial burst, then a steady trickle
-    while not stop.is_set():
-        produce_events(producer, topic, feed.events(1))
-        stop.wait(1.0 / rate)
+def _start_web(
+    settings: Settings, source: demo_web.DemoSource, url: str, ttl_s: int
+) -> demo_web.WebServer | None:
+    """The demo page and its backend on ``demo.web_port`` (None when off or not built)."""
+    if not settings.demo.web_port:
+        return None
+    if not demo_web.web_built():
+        print(
+            "bucketsync: note: the demo web page is not built (web/dist); scripts/demo builds it "
+            "(or run scripts/build-web.sh)",
+            flush=True,
+        )
+    demo = demo_web.WebDemo(
+        settings,
+        source,
+        url,
+        token_ttl_s=min(ttl_s, settings.auth.max_lifetime_s),
+        on_event=lambda what: print(f"demo web: {what}", flush=True),
+    )
+    try:
+        server = demo_web.WebServer(demo, settings.gateway.host, settings.demo.web_port).start()
+    except OSError as exc:
+        raise UserError(
+            f"demo web page: cannot listen on {settings.gateway.host}:{settings.demo.web_port} "
+            f"({exc}); set demo.web_port (0 turns the page off)"
+        ) from None
+    print(
+        f"bucketsync: open the live demo page:  {server.url}/?user=u1   "
+        f"(and {server.url}/?user=u2 in another tab)",
+        flush=True,
+    )
+    if not source.sharing:
+        print(
+            "bucketsync: note: no memberships topic is consumed, so lists are per user (no sharing)",
+            flush=True,
+        )
+    return server
 
 
 async def _client(url: str, token: str, stop: threading.Event, until: float | None) -> None:
@@ -274,21 +310,23 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     sup = Supervisor()
     sup.install_signals()
     stop = threading.Event()
+    web_server: demo_web.WebServer | None = None
     try:
         start_pipeline(sup, settings, args.config)
         _wait_ready(url, 60, sup)
         print(
-            f"bucketsync: gateway ready at {url}; feeding {topics[0]} and syncing user u1",
+            f"bucketsync: gateway ready at {url}; feeding {', '.join(topics)} and syncing user u1",
             flush=True,
         )
         print(
             f"bucketsync: try another client:  bucketsync token --sub u2   (endpoint {url})",
             flush=True,
         )
-        feeder = threading.Thread(
-            target=_feed_forever, args=(settings, topics[0], stop, 2.0), daemon=True
-        )
+        source = demo_web.DemoSource(settings)
+        source.seed()
+        feeder = threading.Thread(target=source.run_activity, args=(stop, 2.0), daemon=True)
         feeder.start()
+        web_server = _start_web(settings, source, url, int(args.duration or 3600) + 600)
         until = time.monotonic() + args.duration if args.duration else None
         token = make_dev_token(settings, sub="u1", ttl_s=int(args.duration or 3600) + 600)
         client = threading.Thread(
@@ -299,4 +337,6 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         return rc
     finally:
         stop.set()
+        if web_server is not None:
+            web_server.stop()
         sup.stop()
