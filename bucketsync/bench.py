@@ -239,4 +239,8 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         from gateway.bench_fanout import bench_fanout
 
         return bench_fanout(settings, args.out)
+    if args.which == "lookups":
+        from gateway.bench_lookups import bench_lookups
+
+        return bench_lookups(settings, args.out)
     raise UserError(f"unknown benchmark {args.which}")

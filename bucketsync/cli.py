@@ -194,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("bench", cmd_bench, "Benchmarks; results as JSON plus a short table.")
     p.add_argument(
-        "which", choices=["ingest", "fanout", "compact", "cdc", "recovery"], help="benchmark"
+        "which",
+        choices=["ingest", "fanout", "compact", "cdc", "recovery", "lookups"],
+        help="benchmark",
     )
     p.add_argument(
         "--driver", choices=["kafka", "faust", "both"], default="both", help="drivers (recovery)"

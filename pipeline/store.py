@@ -50,6 +50,25 @@ return n
 """
 
 
+# The checkpoint, bucket states (flat: checksum, count, last_op per bucket) and lookup
+# rows in one atomic step and one command: ARGV = prefix, n buckets, buckets..., keys...
+_READ_WITH_LOOKUPS_LUA = """
+local P, nb = ARGV[1], tonumber(ARGV[2])
+local flat = {}
+for i = 1, nb do
+  local v = redis.call("HMGET", P .. ":bucket:" .. ARGV[2 + i], "checksum", "count", "last_op")
+  flat[#flat + 1] = v[1] or "0"
+  flat[#flat + 1] = v[2] or "0"
+  flat[#flat + 1] = v[3] or "0"
+end
+local out = {redis.call("GET", P .. ":checkpoint") or "0", flat}
+for i = 3 + nb, #ARGV do
+  out[#out + 1] = redis.call("HKEYS", P .. ":lookup:" .. ARGV[i])
+end
+return out
+"""
+
+
 def _lua(name: str) -> str:
     return (Path(__file__).parent / name).read_text()
 
@@ -123,6 +142,7 @@ class Store:
         self._compact = client.register_script(_lua("compact_step.lua"))
         self._notify = client.register_script(_NOTIFY_LUA)
         self._defrag = client.register_script(_lua("defrag_step.lua"))
+        self._read_with_lookups = client.register_script(_READ_WITH_LOOKUPS_LUA)
 
     @classmethod
     def from_url(cls, url: str, prefix: str, **kw: Any) -> Store:
@@ -214,19 +234,14 @@ class Store:
         """The checkpoint, the state of ``buckets`` and the lookup rows of ``keys``, all in
         one atomic step: when the lookup rows equal those the bucket set was computed from,
         that bucket set is exactly the one at this checkpoint."""
-        pipe = self.r.pipeline(transaction=True)
-        pipe.get(self.k("checkpoint"))
-        for b in buckets:
-            pipe.hmget(self.k("bucket", b), "checksum", "count", "last_op")
-        for key in keys:
-            pipe.hkeys(self.k("lookup", key))
-        res = await pipe.execute()
-        cp = int(res[0]) if res[0] else 0
-        nb = len(buckets)
-        states = {}
-        for b, (cs, n, last) in zip(buckets, res[1 : 1 + nb], strict=True):
-            states[b] = BucketState(int(cs or 0), int(n or 0), int(last or 0))
-        lookups = {key: frozenset(v) for key, v in zip(keys, res[1 + nb :], strict=True)}
+        res = await self._read_with_lookups(args=[self.prefix, len(buckets), *buckets, *keys])
+        cp = int(res[0])
+        flat = res[1]
+        states = {
+            b: BucketState(int(flat[i]), int(flat[i + 1]), int(flat[i + 2]))
+            for b, i in zip(buckets, range(0, 3 * len(buckets), 3), strict=True)
+        }
+        lookups = {key: frozenset(v) for key, v in zip(keys, res[2:], strict=True)}
         return cp, states, lookups
 
     async def read_ops(self, bucket: str, after: int, upto: int, limit: int) -> list[StoredOp]:

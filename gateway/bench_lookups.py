@@ -1,0 +1,179 @@
+"""``bucketsync bench lookups``: data-dependent buckets (parameter queries over a table).
+
+Measures, against the configured Redis:
+
+- bucket expansion for a user with 1,000 memberships: one sync request's bucket set
+  resolved through the lookup index and its checkpoint read (what the gateway does
+  before the first line), median and p99 over repeated requests;
+- the lookup index's memory per membership row: the lookup hash field (a user with
+  1,000 memberships, and 1,000 users with one each), the row's stored lookup entries,
+  and the whole membership row as stored (source row, entries, table set member);
+- the processor's apply rate for membership rows.
+
+The store keys live under a fresh prefix that is deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+import uuid
+from typing import Any
+
+from bucketsync.bench import _print_table, _write
+from bucketsync.config import Settings
+from gateway.buckets import BucketResolver
+from pipeline import core
+from pipeline.cdc import KafkaRecord
+from pipeline.rules import parse_rules
+from pipeline.store import Store
+
+RULES = """
+bucket_definitions:
+  lists:
+    parameters: SELECT list_id FROM memberships WHERE user_id = request.user_id()
+    data:
+      - SELECT id, list_id, title FROM todos WHERE list_id = bucket.list_id
+"""
+
+_MT = "bench.public.memberships"
+_TT = "bench.public.todos"
+
+
+def _member(mid: int, user: str, lst: str) -> dict[str, Any]:
+    return {
+        "action": "upsert",
+        "table": _MT,
+        "source_table": "memberships",
+        "key": {"id": f"m{mid}"},
+        "row": {"id": f"m{mid}", "user_id": user, "list_id": lst, "role": "member"},
+    }
+
+
+def _todo(tid: int, lst: str) -> dict[str, Any]:
+    return {
+        "action": "upsert",
+        "table": _TT,
+        "source_table": "todos",
+        "key": {"id": f"t{tid}"},
+        "row": {"id": f"t{tid}", "list_id": lst, "title": f"todo {tid}"},
+    }
+
+
+async def _apply(store: Store, rules: Any, events: list[dict[str, Any]], topic: str) -> float:
+    """Apply in batches of 500 (the processor's core and store); returns seconds."""
+    off = 0
+    spent = 0.0
+    for i in range(0, len(events), 500):
+        items = []
+        for ev in events[i : i + 500]:
+            off += 1
+            items.append((KafkaRecord(topic, 0, off, b"", b""), ev))
+        t0 = time.perf_counter()
+        plan = core.plan_batch(items, rules, {})
+        res = await store.apply(plan.batch)
+        spent += time.perf_counter() - t0
+        assert res.status == "ok", res
+    return spent
+
+
+async def _mem(store: Store, key: str) -> int:
+    return int(await store.r.memory_usage(key, samples=0) or 0)
+
+
+async def _run(settings: Settings, memberships: int, requests: int) -> dict[str, Any]:
+    prefix = f"bench-lookups-{uuid.uuid4().hex[:8]}"
+    store = Store.from_url(settings.redis.url, prefix)
+    rules = parse_rules(RULES)
+    try:
+        # one user in `memberships` lists, each list with one todo
+        heavy = [_member(i, "heavy", f"L{i}") for i in range(memberships)]
+        apply_s = await _apply(store, rules, heavy, _MT)
+        await _apply(store, rules, [_todo(i, f"L{i}") for i in range(memberships)], _TT)
+        # `memberships` users with one membership each
+        light = [_member(memberships + i, f"u{i}", "shared") for i in range(memberships)]
+        await _apply(store, rules, light, _MT + "2")
+
+        resolver = BucketResolver(
+            rules,
+            {"sub": "heavy"},
+            {},
+            include_defaults=True,
+            max_buckets=memberships + 10,
+            max_parameter_results=memberships + 10,
+        )
+        res = await resolver.resolve(store)
+        assert len(res.grants) == memberships, len(res.grants)
+        assert all(st.count == 1 for st in res.states.values())
+        times = []
+        for _ in range(requests):
+            t0 = time.perf_counter()
+            await resolver.resolve(store)
+            times.append(time.perf_counter() - t0)
+        times.sort()
+
+        # memory
+        heavy_key = store.k("lookup", resolver.lookup_keys[0])
+        heavy_lookup = await _mem(store, heavy_key)
+        light_lookup = 0
+        for i in range(memberships):
+            key = store.k("lookup", f'lists\x1f1\x1f["u{i}"]')
+            light_lookup += await _mem(store, key)
+        row_total = 0
+        entries_bytes = 0
+        for i in range(memberships):
+            rk = store.k("row", core.row_key(_MT, {"id": f"m{i}"}))
+            row_total += await _mem(store, rk)
+            entries_bytes += len(await store.r.hget(rk, "\x1fL") or b"")
+        table_set = await _mem(store, store.k("table", _MT))
+        n = memberships
+        return {
+            "memberships": n,
+            "expansion_requests": requests,
+            "expansion_ms_median": round(statistics.median(times) * 1000, 3),
+            "expansion_ms_p99": round(times[int(len(times) * 0.99) - 1] * 1000, 3),
+            "expansion_ms_max": round(times[-1] * 1000, 3),
+            "lookup_hash_bytes_per_membership_one_user": round(heavy_lookup / n, 1),
+            "lookup_hash_bytes_per_membership_one_each": round(light_lookup / n, 1),
+            "row_lookup_entries_bytes_per_membership": round(entries_bytes / n, 1),
+            "membership_row_bytes": round(row_total / n, 1),
+            "table_set_bytes_per_membership": round(table_set / n, 1),
+            "membership_apply_rows_per_s": round(n / apply_s),
+        }
+    finally:
+        keys = [k async for k in store.r.scan_iter(match=f"{prefix}:*", count=5000)]
+        for i in range(0, len(keys), 1000):
+            await store.r.delete(*keys[i : i + 1000])
+        await store.close()
+
+
+def bench_lookups(
+    settings: Settings, out: str | None, memberships: int = 1000, requests: int = 300
+) -> int:
+    res = asyncio.run(_run(settings, memberships, requests))
+    rows = [
+        (
+            f"bucket expansion, {memberships} memberships: median",
+            f"{res['expansion_ms_median']} ms",
+        ),
+        ("  p99 (goal <= 5 ms)", f"{res['expansion_ms_p99']} ms"),
+        (
+            "lookup hash per membership (one user, all)",
+            f"{res['lookup_hash_bytes_per_membership_one_user']} B",
+        ),
+        (
+            "lookup hash per membership (one per user)",
+            f"{res['lookup_hash_bytes_per_membership_one_each']} B",
+        ),
+        (
+            "row's lookup entries (row hash field)",
+            f"{res['row_lookup_entries_bytes_per_membership']} B",
+        ),
+        ("whole membership row hash (source row + entries)", f"{res['membership_row_bytes']} B"),
+        ("table set member", f"{res['table_set_bytes_per_membership']} B"),
+        ("membership rows applied", f"{res['membership_apply_rows_per_s']}/s"),
+    ]
+    _print_table("bench lookups (data-dependent buckets)", rows)
+    _write(res, out, "lookups")
+    return 0
