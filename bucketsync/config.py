@@ -166,6 +166,9 @@ class DemoSettings(_Section):
     #: Port of the demo's web page and its backend (``bucketsync demo``), on ``gateway.host``;
     #: 0 turns the page off.
     web_port: int = Field(default=8090, ge=0, le=65535)
+    #: Sync rules the demo runs with (relative to the config file): lists shared through
+    #: memberships. ``null``: the top-level ``sync_rules``.
+    sync_rules: str | None = "sync-rules.demo.yaml"
 
 
 class _YamlSource(PydanticBaseSettingsSource):

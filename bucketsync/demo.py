@@ -59,6 +59,39 @@ def _wait_ready(url: str, timeout: float, sup: Supervisor) -> None:
     raise UserError(f"gateway at {url} not ready after {timeout:.0f}s")
 
 
+def _derived_config(
+    settings: Settings, *, topics: list[str] | None = None, sync_rules: Path | None = None
+) -> tuple[Settings, str, tempfile.TemporaryDirectory[str]]:
+    """A copy of the config (for the processor and the gateway) with other topics or rules."""
+    kafka = settings.kafka
+    if topics is not None:
+        kafka = kafka.model_copy(update={"topics": topics, "topic_pattern": None})
+    rules = sync_rules if sync_rules is not None else settings.sync_rules_path
+    derived = settings.model_copy(update={"kafka": kafka, "sync_rules": str(rules)})
+    data = derived.model_dump(mode="json", exclude={"config_dir"})
+    data["stack"]["state_dir"] = str(settings.state_dir)
+    tmp = tempfile.TemporaryDirectory(prefix="bucketsync-demo-")
+    path = Path(tmp.name) / "bucketsync.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return derived, str(path), tmp
+
+
+def _demo_tables_config(
+    settings: Settings,
+) -> tuple[Settings, str | None, tempfile.TemporaryDirectory[str] | None]:
+    """The demo's sync rules (``demo.sync_rules``) and its tables' topics, when they differ
+    from the config's: (settings, config path for the children or None, temp dir)."""
+    topics = list(settings.kafka.topics)
+    prefix = topics[0].rsplit(".", 1)[0]
+    wanted = topics + [f"{prefix}.{t}" for t in demo_web.TABLES if f"{prefix}.{t}" not in topics]
+    rules = settings.resolve_path(settings.demo.sync_rules) if settings.demo.sync_rules else None
+    if rules is not None and not rules.is_file():
+        raise UserError(f"demo.sync_rules: {rules} does not exist")
+    if wanted == topics and (rules is None or rules == settings.sync_rules_path):
+        return settings, None, None
+    return _derived_config(settings, topics=wanted, sync_rules=rules)
+
+
 def _start_web(
     settings: Settings, source: demo_web.DemoSource, url: str, ttl_s: int
 ) -> demo_web.WebServer | None:
@@ -92,7 +125,7 @@ def _start_web(
     )
     if not source.sharing:
         print(
-            "bucketsync: note: no memberships topic is consumed, so lists are per user (no sharing)",
+            "bucketsync: note: no memberships topic, so lists are per user (no sharing)",
             flush=True,
         )
     return server
@@ -255,13 +288,7 @@ def _postgres_demo(settings: Settings, args: argparse.Namespace) -> int:
     tmp: tempfile.TemporaryDirectory[str] | None = None
     if not set(topics) <= set(settings.kafka.topics):
         # the processor must read the connector's topics: a copy of the config that says so
-        data = settings.model_dump(mode="json", exclude={"config_dir"})
-        data["kafka"].update(topics=topics, topic_pattern=None)
-        data["sync_rules"] = str(settings.sync_rules_path)
-        data["stack"]["state_dir"] = str(settings.state_dir)
-        tmp = tempfile.TemporaryDirectory(prefix="bucketsync-demo-")
-        config_path = str(Path(tmp.name) / "bucketsync.yaml")
-        Path(config_path).write_text(yaml.safe_dump(data))
+        settings, config_path, tmp = _derived_config(settings, topics=topics)
     url = f"http://{settings.gateway.host}:{settings.gateway.port}"
     sup = Supervisor()
     sup.install_signals()
@@ -305,6 +332,8 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     topics = settings.kafka.topics
     if not topics:
         raise UserError("the demo needs kafka.topics (e.g. app.public.todos) in the config")
+    settings, derived_path, tmp = _demo_tables_config(settings)
+    topics = settings.kafka.topics
     ensure_topics(settings, list(topics))
     url = f"http://{settings.gateway.host}:{settings.gateway.port}"
     sup = Supervisor()
@@ -312,10 +341,11 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     stop = threading.Event()
     web_server: demo_web.WebServer | None = None
     try:
-        start_pipeline(sup, settings, args.config)
+        start_pipeline(sup, settings, derived_path or args.config)
         _wait_ready(url, 60, sup)
         print(
-            f"bucketsync: gateway ready at {url}; feeding {', '.join(topics)} and syncing user u1",
+            f"bucketsync: gateway ready at {url}; feeding {', '.join(topics)} and syncing user "
+            f"u1 (sync rules {settings.sync_rules_path.name})",
             flush=True,
         )
         print(
@@ -340,3 +370,5 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         if web_server is not None:
             web_server.stop()
         sup.stop()
+        if tmp is not None:
+            tmp.cleanup()

@@ -92,7 +92,15 @@ class DemoSource:
 
     @property
     def sharing(self) -> bool:
-        return self.topics["memberships"] is not None
+        """Can lists be shared: memberships are replicated and the rules look them up."""
+        from pipeline.rules import load_rules
+
+        if self.topics["memberships"] is None:
+            return False
+        try:
+            return "memberships" in load_rules(self.settings.sync_rules_path).parameter_tables()
+        except Exception:
+            return False
 
     # ---------------------------------------------------------------- writes (lock held)
 
