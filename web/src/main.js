@@ -271,7 +271,7 @@ function renderData() {
   }
   if (keys.includes(chosen)) addList.value = chosen;
   else {
-    const own = lists.find((l) => l.owner_id === user);
+    const own = lists.find((l) => l.id === `l-${user}`) ?? lists.find((l) => l.owner_id === user);
     if (own) addList.value = own.id;
   }
   $('#counts').textContent = `(${lists.length} lists, ${todos.length} todos)`;
