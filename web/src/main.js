@@ -21,6 +21,7 @@ const params = new URLSearchParams(location.search);
 const demo = {
   user: null,
   firstSyncedRowsMs: null, // page start -> first complete checkpoint applied with rows shown
+  databaseReadyMs: null, // page start -> the SDK's database (wa-sqlite in a worker) is open
   checksumErrors: [],
   status: null,
   rows: { lists: [], todos: [], memberships: [] },
@@ -117,6 +118,7 @@ const connector = {
   },
 };
 
+log('opening the local database (wa-sqlite in a worker)');
 const db = new PowerSyncDatabase({
   schema,
   database: { dbFilename: `bucketsync-demo-${user}.sqlite` },
@@ -192,8 +194,13 @@ async function refreshBuckets() {
   $('#bucket-count').textContent = `(${rows.length})`;
 }
 
+let wasConnected = false;
 db.registerListener({
   statusChanged: (s) => {
+    if (s.connected !== wasConnected) {
+      wasConnected = s.connected;
+      log(s.connected ? 'sync stream connected' : 'sync stream disconnected');
+    }
     renderStatus(s);
     refreshBuckets().catch((e) => console.error(e));
   },
@@ -374,7 +381,9 @@ watch('SELECT * FROM lists ORDER BY name', 'lists');
 watch('SELECT * FROM todos ORDER BY id', 'todos');
 if (config.sharing) watch('SELECT * FROM memberships ORDER BY id', 'memberships');
 
-log(`connecting to ${config.endpoint} as ${user}`);
+await db.init();
+demo.databaseReadyMs = Math.round(performance.now() - T0);
+log(`database ready ${demo.databaseReadyMs} ms after page start; connecting to ${config.endpoint} as ${user}`);
 await db.connect(connector, { connectionMethod: SyncStreamConnectionMethod.HTTP });
 db.waitForFirstSync().then(() => {
   log('first sync complete');
