@@ -106,6 +106,29 @@ class GatewaySettings(_Section):
     max_buffered_bytes: int = Field(default=4 * 1_048_576, gt=0)
     #: Seconds a write may stay blocked on a slow client before it is dropped.
     slow_client_timeout_s: float = Field(default=30.0, gt=0)
+    #: Seconds a stream may hold unsent bytes (in the gateway or its socket's send queue)
+    #: without the client reading any of them before it is dropped, whatever the amount.
+    stall_timeout_s: float = Field(default=60.0, gt=0)
+    #: Most concurrent sync streams per user (``sub``) in one gateway process; past it new
+    #: streams get 429 ``PSYNC_S2304``. ``null`` disables the cap.
+    max_connections_per_user: int | None = Field(default=10, gt=0)
+    #: Seconds a connection may take from its first byte to the end of a request's headers.
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    #: Seconds a request body may take to arrive once its headers are in (408 beyond it).
+    body_timeout_s: float = Field(default=10.0, gt=0)
+    #: Seconds an open connection may stay without a request (fresh or between keep-alive
+    #: requests) before it is closed.
+    idle_timeout_s: float = Field(default=30.0, gt=0)
+    #: Client-controlled values (client_id, the ``after`` map, user agent, ...) are cut to
+    #: this many characters in log lines.
+    log_field_max_chars: int = Field(default=200, ge=16)
+    #: Write checkpoints read the CDC topics' end offsets from Kafka through a lazily made
+    #: consumer; after a failure Kafka is not asked again for this long, doubling per
+    #: failure up to ``kafka_backoff_max_s`` (write checkpoints answer 503 meanwhile).
+    kafka_backoff_initial_s: float = Field(default=1.0, gt=0)
+    kafka_backoff_max_s: float = Field(default=30.0, gt=0)
+    #: Bytes of encoded op pages the per-process page cache may hold.
+    page_cache_max_bytes: int = Field(default=64 * 1_048_576, gt=0)
 
 
 class ProcessorSettings(_Section):

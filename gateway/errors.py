@@ -25,6 +25,7 @@ __all__ = [
     "CODE_SHUTTING_DOWN",
     "CODE_TOKEN_EXPIRED",
     "CODE_TOO_MANY_BUCKETS",
+    "CODE_TOO_MANY_CONNECTIONS",
     "CODE_VALIDATION",
     "ServiceError",
     "default_error_name",
@@ -53,6 +54,8 @@ CODE_AUTH_MISSING = "PSYNC_S2106"
 CODE_NO_SYNC_CONFIG = "PSYNC_S2302"
 #: 400: too many buckets, or too many parameter query results, for one connection.
 CODE_TOO_MANY_BUCKETS = "PSYNC_S2305"
+#: 429: too many concurrent connections (here: per user, ``gateway.max_connections_per_user``).
+CODE_TOO_MANY_CONNECTIONS = "PSYNC_S2304"
 
 _NAMES: Mapping[str, str] = {
     CODE_VALIDATION: "ValidationError",

@@ -56,12 +56,22 @@ class Page:
 
 
 class PageCache:
-    def __init__(self, store: Store, max_entries: int = 2048):
+    def __init__(self, store: Store, max_entries: int = 2048, max_bytes: int = 64 * 1_048_576):
         self.store = store
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self._entries: OrderedDict[tuple[str, int, int, int, int], asyncio.Future[Page]] = (
             OrderedDict()
         )
+        self._sizes: dict[tuple[str, int, int, int, int], int] = {}
+
+    def _evict(self) -> None:
+        while self._entries and (
+            len(self._entries) > self.max_entries or self.bytes > self.max_bytes
+        ):
+            key, _ = self._entries.popitem(last=False)
+            self.bytes -= self._sizes.pop(key, 0)
 
     async def get(self, bucket: str, after: int, upto: int, max_ops: int, max_bytes: int) -> Page:
         key = (bucket, after, upto, max_ops, max_bytes)
@@ -71,16 +81,21 @@ class PageCache:
             return await asyncio.shield(fut)
         fut = asyncio.get_running_loop().create_future()
         self._entries[key] = fut
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        self._evict()
         try:
             page = await self._read(bucket, after, upto, max_ops, max_bytes)
         except BaseException as exc:
-            self._entries.pop(key, None)
+            if self._entries.get(key) is fut:
+                del self._entries[key]
             fut.set_exception(exc)
             fut.exception()  # mark retrieved
             raise
         fut.set_result(page)
+        if self._entries.get(key) is fut:
+            size = sum(len(line) for line in page.lines)
+            self._sizes[key] = size
+            self.bytes += size
+            self._evict()
         return page
 
     async def _read(self, bucket: str, after: int, upto: int, max_ops: int, max_bytes: int) -> Page:
@@ -109,7 +124,9 @@ class PageCache:
 
 
 class CheckpointHub:
-    def __init__(self, store: Store, *, block_ms: int = 5000):
+    def __init__(
+        self, store: Store, *, block_ms: int = 5000, page_cache_bytes: int = 64 * 1_048_576
+    ):
         self.store = store
         self.block_ms = block_ms
         self.checkpoint = 0
@@ -123,7 +140,7 @@ class CheckpointHub:
         self._task: asyncio.Task[None] | None = None
         self._last_id = b"0-0"
         self._last_n = 0
-        self.pages = PageCache(store)
+        self.pages = PageCache(store, max_bytes=page_cache_bytes)
         #: encoded diff lines shared by connections that need the same one (bounded)
         self.lines: dict[object, bytes] = {}
         self.notifications = 0

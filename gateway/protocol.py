@@ -5,6 +5,7 @@ write checkpoints are strings; op ``data`` arrives pre-encoded from the store.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -104,6 +105,24 @@ class BadRequest(ValueError):
     pass
 
 
+#: Op ids are unsigned 63-bit integers (the reference validates 1..2^63-1; ``"0"`` means
+#: "from the beginning"), sent as base-10 strings.
+MAX_OP_ID = 2**63 - 1
+_OP_ID = re.compile(r"[0-9]{1,19}")
+
+
+def parse_op_id(raw: Any, what: str) -> int:
+    """A client-sent op id: a base-10 string of ASCII digits in ``0..2^63-1``."""
+    if not isinstance(raw, str):
+        raise BadRequest(f"{what} must be a string op id (base-10 digits)")
+    if _OP_ID.fullmatch(raw) is None:
+        raise BadRequest(f"{what} is not an op id: {raw[:40]!r}")
+    value = int(raw)
+    if value > MAX_OP_ID:
+        raise BadRequest(f"{what} is out of range: op ids are at most 2^63-1")
+    return value
+
+
 def parse_stream_request(body: Any) -> StreamRequest:
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
@@ -116,14 +135,7 @@ def parse_stream_request(body: Any) -> StreamRequest:
     for i, b in enumerate(buckets):
         if not isinstance(b, dict) or not isinstance(b.get("name"), str):
             raise BadRequest(f"buckets[{i}] must be an object with a string 'name'")
-        raw = b.get("after", "0")
-        if not isinstance(raw, str | int) or isinstance(raw, bool):
-            raise BadRequest(f"buckets[{i}].after must be a string op id")
-        try:
-            pos = int(raw)
-        except ValueError:
-            raise BadRequest(f"buckets[{i}].after is not an integer: {raw!r}") from None
-        after[b["name"]] = max(0, pos)
+        after[b["name"]] = parse_op_id(b.get("after", "0"), f"buckets[{i}].after")
     client_id = body.get("client_id")
     if client_id is not None and not isinstance(client_id, str):
         raise BadRequest("'client_id' must be a string")

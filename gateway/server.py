@@ -11,11 +11,16 @@ import os
 import re
 import signal
 import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 from confluent_kafka import Consumer, TopicPartition
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 
@@ -23,15 +28,27 @@ from bucketsync.config import Settings
 from gateway import protocol
 from gateway.auth import TokenVerifier
 from gateway.buckets import BucketResolver
-from gateway.errors import CODE_INTERNAL, ServiceError
+from gateway.errors import CODE_INTERNAL, CODE_TOO_MANY_CONNECTIONS, CODE_VALIDATION, ServiceError
 from gateway.hub import CheckpointHub
+from gateway.logutil import RateLimitedLog, clip
 from gateway.stream import SlowClient, StreamLimits, SyncStream
 from pipeline.rules import SyncRules
-from pipeline.store import Store
+from pipeline.store import Store, write_checkpoint_key
+
+try:  # the socket send queue (TIOCOUTQ) is read on Linux / BSD only
+    import fcntl
+    import termios
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+    termios = None  # type: ignore[assignment]
 
 log = logging.getLogger("bucketsync.gateway")
 
 AUTH_FAILURES = Counter("bucketsync_gateway_auth_failures_total", "Rejected tokens", ["code"])
+TOO_MANY = Counter(
+    "bucketsync_gateway_streams_refused_total",
+    "Streams refused for gateway.max_connections_per_user",
+)
 
 CORS_HEADERS = {
     "Access-Control-Allow-Origin": "*",
@@ -42,38 +59,121 @@ CORS_HEADERS = {
 }
 
 
+class KafkaUnavailable(Exception):
+    """Kafka could not be asked for the CDC topics' end offsets (now, or recently)."""
+
+
+_KAFKA_LOG = logging.getLogger("bucketsync.gateway.kafka")
+
+
 class PipelinePosition:
-    """End offsets of the CDC topics: what a write checkpoint is bound to."""
+    """End offsets of the CDC topics: what a write checkpoint is bound to.
+
+    The Kafka consumer is made on first use, not at startup, and closed after any failure
+    (so librdkafka does not keep reconnecting in the background); after a failure Kafka is
+    not asked again for a backoff that doubles per failure up to ``kafka_backoff_max_s``,
+    and failures are logged at most once per backoff window.
+    """
 
     def __init__(self, settings: Settings):
         k = settings.kafka
+        g = settings.gateway
         self.topics = list(k.topics)
         self.pattern = re.compile(k.topic_pattern) if k.topic_pattern else None
-        self._consumer = Consumer(
-            {
-                "bootstrap.servers": k.bootstrap_servers,
-                "group.id": f"{k.group_id}.gateway-position",
-                "enable.auto.commit": False,
-            }
-        )
+        self._conf = {
+            "bootstrap.servers": k.bootstrap_servers,
+            "group.id": f"{k.group_id}.gateway-position",
+            "enable.auto.commit": False,
+            "reconnect.backoff.ms": int(g.kafka_backoff_initial_s * 1000),
+            "reconnect.backoff.max.ms": int(g.kafka_backoff_max_s * 1000),
+        }
+        self.backoff_initial_s = g.kafka_backoff_initial_s
+        self.backoff_max_s = g.kafka_backoff_max_s
+        self._backoff_s = 0.0
+        self._retry_at = 0.0
+        self._consumer: Consumer | None = None
+        self._lock = threading.Lock()
+        self._log = RateLimitedLog(_KAFKA_LOG, interval_s=max(1.0, g.kafka_backoff_initial_s))
+        #: librdkafka's own log lines, forwarded (rate-limited) instead of printed to stderr
+        self._rdkafka_log = logging.getLogger("bucketsync.gateway.kafka.rdkafka")
+        self._rdkafka_log.propagate = False
+        self._rdkafka_log.addHandler(_RateLimitedForward(self._log))
+        self.failures = 0
 
     def read(self, timeout: float = 5.0) -> dict[str, int]:
-        md = self._consumer.list_topics(timeout=timeout)
+        with self._lock:
+            now = time.monotonic()
+            if now < self._retry_at:
+                raise KafkaUnavailable(
+                    f"Kafka unreachable; next attempt in {self._retry_at - now:.1f}s "
+                    "(gateway.kafka_backoff_initial_s / kafka_backoff_max_s)"
+                )
+            try:
+                if self._consumer is None:
+                    self._consumer = Consumer(self._conf, logger=self._rdkafka_log)
+                pos = self._read(self._consumer, timeout)
+            except Exception as exc:
+                self.failures += 1
+                self._close_consumer()
+                self._backoff_s = min(
+                    self.backoff_max_s, max(self.backoff_initial_s, self._backoff_s * 2)
+                )
+                self._retry_at = time.monotonic() + self._backoff_s
+                self._log.log(
+                    "read",
+                    logging.WARNING,
+                    "could not read the CDC topics' end offsets from Kafka (%s); "
+                    "write checkpoints answer 503 for the next %.1fs",
+                    clip(str(exc), 300),
+                    self._backoff_s,
+                )
+                raise KafkaUnavailable(str(exc)) from None
+            self._backoff_s = 0.0
+            return pos
+
+    def _read(self, consumer: Consumer, timeout: float) -> dict[str, int]:
+        md = consumer.list_topics(timeout=timeout)
         names = [
             t for t in md.topics if (t in self.topics) or (self.pattern and self.pattern.search(t))
         ]
         pos: dict[str, int] = {}
         for name in names:
             for p in md.topics[name].partitions:
-                _low, high = self._consumer.get_watermark_offsets(
+                _low, high = consumer.get_watermark_offsets(
                     TopicPartition(name, p), timeout=timeout, cached=False
                 )
                 if high > 0:
                     pos[f"{name}/{p}"] = high - 1
+        consumer.poll(0)  # serve queued librdkafka log lines
         return pos
 
+    def _close_consumer(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            with contextlib.suppress(Exception):
+                consumer.poll(0)
+            with contextlib.suppress(Exception):
+                consumer.close()
+
     def close(self) -> None:
-        self._consumer.close()
+        with self._lock:
+            self._close_consumer()
+
+
+class _RateLimitedForward(logging.Handler):
+    """Hands librdkafka's log records to a rate-limited logger (one key per facility)."""
+
+    def __init__(self, target: RateLimitedLog):
+        super().__init__()
+        self.target = target
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = record.getMessage()
+        except Exception:
+            return
+        facility = msg.split(" ", 1)[0]
+        self.target.log(f"rdkafka:{facility}", record.levelno, "librdkafka: %s", clip(msg, 300))
 
 
 @dataclass
@@ -86,6 +186,8 @@ class Gateway:
     closing: asyncio.Event = field(default_factory=asyncio.Event)
     position: PipelinePosition | None = None
     streams: set[asyncio.Task[Any]] = field(default_factory=set)
+    #: open sync streams per user (``str(sub)``), for gateway.max_connections_per_user
+    user_streams: dict[str, int] = field(default_factory=dict)
 
     @property
     def limits(self) -> StreamLimits:
@@ -96,7 +198,40 @@ class Gateway:
             g.max_line_bytes,
             g.slow_client_timeout_s,
             g.max_buffered_bytes,
+            g.stall_timeout_s,
         )
+
+    def clip(self, value: Any) -> str:
+        return clip(value, self.settings.gateway.log_field_max_chars)
+
+    def take_stream_slot(self, sub: Any) -> str:
+        """Count a new stream of ``sub``; 429 PSYNC_S2304 past the per-user cap."""
+        user = str(sub)
+        cap = self.settings.gateway.max_connections_per_user
+        n = self.user_streams.get(user, 0)
+        if cap is not None and n >= cap:
+            TOO_MANY.inc()
+            log.warning(
+                "stream refused: sub=%s already has %d open streams "
+                "(gateway.max_connections_per_user=%d)",
+                self.clip(user),
+                n,
+                cap,
+            )
+            raise ServiceError(
+                429,
+                CODE_TOO_MANY_CONNECTIONS,
+                f"Maximum active concurrent connections limit has been reached ({cap} per user)",
+            )
+        self.user_streams[user] = n + 1
+        return user
+
+    def release_stream_slot(self, user: str) -> None:
+        n = self.user_streams.get(user, 0) - 1
+        if n > 0:
+            self.user_streams[user] = n
+        else:
+            self.user_streams.pop(user, None)
 
 
 GATEWAY_KEY = web.AppKey("gateway", Gateway)
@@ -106,8 +241,26 @@ def _gw(request: web.Request) -> Gateway:
     return request.app[GATEWAY_KEY]
 
 
+class _CloseAfter(ServiceError):
+    """A ServiceError after which the connection is closed (the request was not read whole)."""
+
+
 async def _json_body(request: web.Request) -> Any:
-    raw = await request.read()
+    timeout = _gw(request).settings.gateway.body_timeout_s
+    try:
+        raw = await asyncio.wait_for(request.read(), timeout)
+    except TimeoutError:
+        log.info(
+            "request body not complete within %gs from %s; closing the connection",
+            timeout,
+            request.remote,
+        )
+        # a half-sent body leaves the connection unusable: answer, then close it
+        raise _CloseAfter(
+            408,
+            CODE_VALIDATION,
+            f"request body not received within {timeout:g}s (gateway.body_timeout_s)",
+        ) from None
     if not raw:
         return {}
     try:
@@ -121,24 +274,53 @@ async def _authenticate(gw: Gateway, request: web.Request) -> Any:
         return await gw.verifier.verify_header(request.headers.get("Authorization"))
     except ServiceError as exc:
         AUTH_FAILURES.labels(exc.code).inc()
-        log.info("auth failed: %s %s from %s", exc.code, exc.description, request.remote)
+        log.info(
+            "auth failed: %s %s from %s",
+            exc.code,
+            gw.clip(exc.description),
+            gw.clip(request.remote),
+        )
         raise
 
 
-def _wcp_key(sub: Any, client_id: str | None) -> str:
-    return f"{sub}/{client_id}" if client_id else str(sub)
+def _unsent_bytes(transport: asyncio.BaseTransport | None) -> Callable[[], int]:
+    """Bytes written to a connection that its client has not taken yet: the transport's
+    buffer plus, on Linux, the socket's send queue (TIOCOUTQ)."""
+    if not isinstance(transport, asyncio.WriteTransport):
+        return lambda: 0
+    sock = transport.get_extra_info("socket")
+    fd = sock.fileno() if sock is not None else -1
+    outq = getattr(termios, "TIOCOUTQ", None) if termios is not None else None
+
+    def unsent() -> int:
+        n = transport.get_write_buffer_size()
+        if outq is not None and fd >= 0 and not transport.is_closing():
+            with contextlib.suppress(OSError):
+                n += struct.unpack("i", fcntl.ioctl(fd, outq, b"\0\0\0\0"))[0]
+        return n
+
+    return unsent
 
 
 async def sync_stream(request: web.Request) -> web.StreamResponse:
     gw = _gw(request)
     if gw.closing.is_set():
         raise ServiceError(503, "PSYNC_S2003", "server is shutting down")
+    # the token before the body: an anonymous client gets 401 and its body is never read
+    token = await _authenticate(gw, request)
+    user = gw.take_stream_slot(token.sub)
+    try:
+        return await _sync_stream(gw, request, token)
+    finally:
+        gw.release_stream_slot(user)
+
+
+async def _sync_stream(gw: Gateway, request: web.Request, token: Any) -> web.StreamResponse:
     body = await _json_body(request)
     try:
         req = protocol.parse_stream_request(body)
     except protocol.BadRequest as exc:
         raise ServiceError(400, "PSYNC_S2001", str(exc)) from None
-    token = await _authenticate(gw, request)
     g = gw.settings.gateway
     resolver = BucketResolver(
         gw.rules,
@@ -148,7 +330,7 @@ async def sync_stream(request: web.Request) -> web.StreamResponse:
         max_buckets=g.max_buckets_per_connection,
         max_parameter_results=g.max_parameter_query_results,
     )
-    wcp_key = _wcp_key(token.sub, req.client_id)
+    wcp_key = write_checkpoint_key(token.sub, req.client_id)
     # subscribe before the first read, so no change after it goes unseen; resolve before
     # the 200, so a bucket limit is answered as a PSYNC_S2305 error response
     sub = gw.hub.subscribe((), wcp_key, resolver.lookup_keys)
@@ -177,13 +359,17 @@ async def sync_stream(request: web.Request) -> web.StreamResponse:
         # and a client that stays behind for slow_client_timeout_s is dropped
         limit = gw.settings.gateway.max_buffered_bytes
         request.transport.set_write_buffer_limits(high=limit, low=limit // 4)
-    describe = f"stream sub={token.sub!r} client={req.client_id} remote={request.remote}"
+    describe = (
+        f"stream sub={gw.clip(str(token.sub))} client={gw.clip(req.client_id)} "
+        f"remote={gw.clip(request.remote)}"
+    )
     log.info(
-        "stream opened: sub=%s client=%s buckets=%d after=%s",
-        token.sub,
-        req.client_id,
+        "stream opened: sub=%s client=%s buckets=%d after=%s agent=%s",
+        gw.clip(str(token.sub)),
+        gw.clip(req.client_id),
         len(first.grants),
-        orjson.dumps(req.after).decode(),
+        gw.clip(orjson.dumps(req.after).decode()),
+        gw.clip(request.headers.get("x-user-agent") or request.headers.get("User-Agent")),
     )
     stream = SyncStream(
         store=gw.store,
@@ -195,6 +381,7 @@ async def sync_stream(request: web.Request) -> web.StreamResponse:
         limits=gw.limits,
         write=resp.write,
         buffered=lambda: request.transport.get_write_buffer_size() if request.transport else 0,
+        unsent=_unsent_bytes(request.transport),
         closing=gw.closing,
         describe=describe,
         sub=sub,
@@ -250,9 +437,11 @@ async def write_checkpoint(request: web.Request) -> web.Response:
             position = await asyncio.get_running_loop().run_in_executor(None, gw.position.read)
         except Exception as exc:
             raise ServiceError(
-                503, "PSYNC_S2003", f"could not read CDC topic offsets: {exc}"
+                503, "PSYNC_S2003", f"could not read CDC topic offsets: {clip(str(exc), 300)}"
             ) from None
-    wid = await gw.store.issue_write_checkpoint(_wcp_key(token.sub, client_id), position)
+    wid = await gw.store.issue_write_checkpoint(
+        write_checkpoint_key(token.sub, client_id), position
+    )
     return web.json_response({"data": {"write_checkpoint": str(wid)}}, headers=CORS_HEADERS)
 
 
@@ -286,6 +475,13 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
     PSYNC code, and logged once; never aiohttp's plain-text 500."""
     try:
         return await handler(request)
+    except _CloseAfter as exc:
+        resp = exc.http_response(headers=CORS_HEADERS)
+        resp.force_close()
+        await resp.prepare(request)
+        await resp.write_eof()
+        request.protocol.force_close()  # no lingering read of a body that is not coming
+        return resp
     except ServiceError as exc:
         if exc.status >= 500:
             log.warning("%s %s: [%s] %s", request.method, request.path, exc.code, exc.description)
@@ -331,7 +527,7 @@ async def build_app(settings: Settings, *, with_position: bool = True) -> web.Ap
     store = Store.from_url(
         settings.redis.url, settings.redis.prefix, changes_maxlen=settings.redis.changes_maxlen
     )
-    hub = CheckpointHub(store)
+    hub = CheckpointHub(store, page_cache_bytes=settings.gateway.page_cache_max_bytes)
     verifier = TokenVerifier(settings.auth, base_dir=settings.config_dir)
     gw = Gateway(settings, rules, store, hub, verifier)
     if with_position:
@@ -370,15 +566,99 @@ async def build_app(settings: Settings, *, with_position: bool = True) -> web.Ap
     return app
 
 
+class _GuardedRequestHandler(RequestHandler):
+    """aiohttp's connection handler plus a header timeout: once the first byte of a request
+    arrives, its headers must be complete within ``header_timeout_s`` or the connection is
+    closed. (Idle connections, fresh or between requests, are aiohttp's keepalive_timeout.)"""
+
+    def __init__(self, *args: Any, header_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._bs_header_timeout_s = header_timeout_s
+        self._bs_header_timer: asyncio.TimerHandle | None = None
+
+    def _bs_awaiting_headers(self) -> bool:
+        # no complete request queued and none being handled: bytes so far are a partial head
+        return (
+            self.transport is not None
+            and not getattr(self, "_messages", True)
+            and not getattr(self, "_request_in_progress", True)
+        )
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        awaiting = self._bs_awaiting_headers()
+        if self._bs_header_timer is None:
+            if data and awaiting:
+                loop = asyncio.get_running_loop()
+                self._bs_header_timer = loop.call_later(
+                    self._bs_header_timeout_s, self._bs_header_timeout
+                )
+        elif not awaiting:
+            self._bs_header_timer.cancel()
+            self._bs_header_timer = None
+
+    def _bs_header_timeout(self) -> None:
+        self._bs_header_timer = None
+        if self._bs_awaiting_headers():
+            peer = self.transport.get_extra_info("peername") if self.transport else None
+            log.info(
+                "request headers not complete within %gs from %s; closing the connection "
+                "(gateway.header_timeout_s)",
+                self._bs_header_timeout_s,
+                clip(peer, 80),
+            )
+            self.force_close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._bs_header_timer is not None:
+            self._bs_header_timer.cancel()
+            self._bs_header_timer = None
+        super().connection_lost(exc)
+
+
+class _GuardedServer(web.Server):
+    header_timeout_s: float = 10.0
+
+    def __call__(self) -> RequestHandler:
+        return _GuardedRequestHandler(
+            self, loop=self._loop, header_timeout_s=self.header_timeout_s, **self._kwargs
+        )
+
+
+class GatewayRunner(web.AppRunner):
+    """The app runner with the gateway's connection limits (header/idle timeouts)."""
+
+    def __init__(self, app: web.Application, settings: Settings, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._header_timeout_s = settings.gateway.header_timeout_s
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _GuardedServer  # same state; only the handler class differs
+        cast(_GuardedServer, server).header_timeout_s = self._header_timeout_s
+        return server
+
+
+def make_runner(app: web.Application, settings: Settings, **kwargs: Any) -> GatewayRunner:
+    """The runner every gateway uses: idle connections close after gateway.idle_timeout_s,
+    partial request heads after gateway.header_timeout_s; a stream's handler is cancelled
+    when its client goes away, so idle streams never linger."""
+    kwargs.setdefault("handle_signals", False)
+    return GatewayRunner(
+        app,
+        settings,
+        handler_cancellation=True,
+        keepalive_timeout=settings.gateway.idle_timeout_s,
+        **kwargs,
+    )
+
+
 def _serve_worker(settings: Settings, host: str, port: int, reuse_port: bool) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
     async def go() -> None:
         app = await build_app(settings)
-        # cancel a stream's handler when its client goes away, so idle streams never linger
-        runner = web.AppRunner(
-            app, shutdown_timeout=5.0, handle_signals=False, handler_cancellation=True
-        )
+        runner = make_runner(app, settings, shutdown_timeout=5.0)
         await runner.setup()
         site = web.TCPSite(runner, host, port, reuse_port=reuse_port, backlog=4096)
         await site.start()

@@ -56,6 +56,8 @@ class StreamLimits:
     max_line_bytes: int
     slow_client_timeout_s: float
     max_buffered_bytes: int = 4 * 1_048_576
+    #: unsent bytes that see no progress for this long end the stream, whatever the amount
+    stall_timeout_s: float = 60.0
 
 
 BucketGrant = Grant
@@ -74,6 +76,7 @@ class SyncStream:
         limits: StreamLimits,
         write: Callable[[bytes], Awaitable[None]],
         buffered: Callable[[], int] = lambda: 0,
+        unsent: Callable[[], int] | None = None,
         closing: asyncio.Event,
         describe: str,
         sub: Subscriber | None = None,
@@ -95,6 +98,10 @@ class SyncStream:
         self.limits = limits
         self._write = write
         self._buffered = buffered
+        #: bytes written but not taken by the client yet (gateway buffer + socket send queue)
+        self._unsent = unsent if unsent is not None else buffered
+        self._stall_mark = 0
+        self._stall_since: float | None = None
         self._out: list[bytes] = []
         self._out_size = 0
         self.closing = closing
@@ -141,7 +148,35 @@ class SyncStream:
         if self._out_size >= 65536:
             await self.flush()
 
+    def check_stall(self) -> float | None:
+        """Seconds left before a client that takes none of its unsent bytes is dropped
+        (None: nothing unsent, or it is reading). Raises SlowClient once that time is up.
+
+        Progress is the unsent amount going down between looks; writes raise the mark
+        (``flush``), so a trickle of keepalives never hides a client that stopped reading.
+        """
+        now = time.monotonic()
+        cur = self._unsent()
+        if cur == 0 or cur < self._stall_mark:
+            self._stall_mark = cur
+            self._stall_since = now if cur else None
+            return None
+        if self._stall_since is None:
+            self._stall_since = now
+        self._stall_mark = cur
+        left = self._stall_since + self.limits.stall_timeout_s - now
+        if left <= 0:
+            SLOW_CLIENTS.inc()
+            self._out.clear()
+            self._out_size = 0
+            raise SlowClient(
+                f"{self.describe}: client did not read any of {cur} unsent bytes for "
+                f"{self.limits.stall_timeout_s:g}s; closing the stream (gateway.stall_timeout_s)"
+            )
+        return left
+
     async def flush(self) -> None:
+        self.check_stall()
         if not self._out:
             return
         chunk = b"".join(self._out) if len(self._out) > 1 else self._out[0]
@@ -158,6 +193,11 @@ class SyncStream:
                 f"{self.describe}: client did not read for {self.limits.slow_client_timeout_s:.0f}s; "
                 "closing the stream (gateway.slow_client_timeout_s)"
             ) from None
+        # what is unsent now includes this chunk: progress is measured from here
+        cur = self._unsent()
+        if cur and self._stall_since is None:
+            self._stall_since = time.monotonic()
+        self._stall_mark = cur
 
     def _checksums(
         self, states: dict[str, BucketState], names: Sequence[str]
@@ -245,12 +285,19 @@ class SyncStream:
                 continue
             # one timer per wait, no task: idle connections must stay cheap
             timeout = min(self.next_keepalive - now, left_token)
+            stall_left = self.check_stall()
+            if stall_left is not None:
+                timeout = min(timeout, stall_left + 0.01)
             timer = asyncio.get_running_loop().call_later(timeout, sub.wake.set)
             try:
                 await sub.wake.wait()
             finally:
                 timer.cancel()
-            timer_due = time.monotonic() >= self.next_keepalive or self.exp - time.time() <= 0
+            timer_due = (
+                time.monotonic() >= self.next_keepalive
+                or self.exp - time.time() <= 0
+                or stall_left is not None
+            )
             if timer_due and not (
                 sub.pending or sub.write_checkpoint_dirty or sub.resync or sub.lookups_dirty
             ):

@@ -23,7 +23,10 @@ Layout under the configured prefix ``P`` (docs/store.md has the long form):
 - ``P:dirty``            set of buckets with MOVEs since their last compaction.
 - ``P:gone:{row key}``   source row of a row deleted by a primary-key change (expires in a
                          day): the create half may need it to fill TOAST placeholders.
-- ``P:wcp:{user/client}`` hash: write-checkpoint ``id`` and ``pos:<id>`` -> position JSON.
+- ``P:wcp:{key}``        hash: write-checkpoint ``id`` and ``pos:<id>`` -> position JSON; the
+                         key is ``write_checkpoint_key(sub, client_id)``, the JSON array
+                         ``[sub, client_id]`` (unambiguous, unlike ``sub/client_id``: sub ``p``
+                         with client ``q/r`` and sub ``p/q`` with client ``r`` differ).
 - ``P:dl:count``         hash ``reason`` -> dead letters (informational).
 """
 
@@ -67,6 +70,37 @@ for i = 3 + nb, #ARGV do
 end
 return out
 """
+
+
+# Issue the next write-checkpoint id of KEYS[1]. A key that has none yet starts from the
+# counter of its legacy ``sub/client_id`` key (KEYS[2]), so ids stay increasing for
+# clients across the key change (a shared legacy counter only makes them start higher).
+_ISSUE_WCP_LUA = """
+if KEYS[2] ~= KEYS[1] and redis.call("HEXISTS", KEYS[1], "id") == 0 then
+  local old = redis.call("HGET", KEYS[2], "id")
+  if old then redis.call("HSET", KEYS[1], "id", old) end
+end
+local wid = redis.call("HINCRBY", KEYS[1], "id", 1)
+redis.call("HSET", KEYS[1], "pos:" .. wid, ARGV[1])
+return wid
+"""
+
+
+def write_checkpoint_key(sub: Any, client_id: str | None) -> str:
+    """The store's name for the write checkpoints of ``(sub, client_id)``.
+
+    A JSON array, so no pair of (sub, client_id) maps to the same key whatever characters
+    either holds; ``sub`` is stringified (a numeric ``sub`` is the same user as its text).
+    """
+    return orjson.dumps([str(sub), client_id or None]).decode()
+
+
+def _legacy_write_checkpoint_key(key: str) -> str:
+    try:
+        sub, client_id = orjson.loads(key)
+    except (orjson.JSONDecodeError, TypeError, ValueError):
+        return key
+    return f"{sub}/{client_id}" if client_id else str(sub)
 
 
 def _lua(name: str) -> str:
@@ -143,6 +177,7 @@ class Store:
         self._notify = client.register_script(_NOTIFY_LUA)
         self._defrag = client.register_script(_lua("defrag_step.lua"))
         self._read_with_lookups = client.register_script(_READ_WITH_LOOKUPS_LUA)
+        self._issue_wcp = client.register_script(_ISSUE_WCP_LUA)
 
     @classmethod
     def from_url(cls, url: str, prefix: str, **kw: Any) -> Store:
@@ -290,9 +325,9 @@ class Store:
     # ---- write checkpoints --------------------------------------------------
 
     async def issue_write_checkpoint(self, key: str, position: Mapping[str, int]) -> int:
-        hk = self.k("wcp", key)
-        wid = int(await self.r.hincrby(hk, "id", 1))
-        await self.r.hset(hk, f"pos:{wid}", orjson.dumps(dict(position)))
+        """Next id for ``key`` (from :func:`write_checkpoint_key`), bound to ``position``."""
+        keys = [self.k("wcp", key), self.k("wcp", _legacy_write_checkpoint_key(key))]
+        wid = int(await self._issue_wcp(keys=keys, args=[orjson.dumps(dict(position))]))
         await self._notify(args=[self.prefix, self.changes_maxlen, "w", key])
         return wid
 

@@ -13,7 +13,7 @@ from aiohttp import web
 from bucketsync.config import Settings
 from bucketsync.simclient import ClientState, stream_once
 from bucketsync.tokens import make_dev_token
-from gateway.server import build_app
+from gateway.server import build_app, make_runner
 from pipeline import core
 from pipeline.cdc import KafkaRecord
 from pipeline.processor import load_sync_rules
@@ -62,7 +62,7 @@ def delete_todo(tid: str) -> dict[str, Any]:
 @asynccontextmanager
 async def running_gateway(settings: Settings, *, with_position: bool = False) -> AsyncIterator[str]:
     app = await build_app(settings, with_position=with_position)
-    runner = web.AppRunner(app, shutdown_timeout=2.0, handler_cancellation=True)
+    runner = make_runner(app, settings, shutdown_timeout=2.0)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
