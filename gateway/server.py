@@ -95,8 +95,8 @@ class PipelinePosition:
         self._lock = threading.Lock()
         self._log = RateLimitedLog(_KAFKA_LOG, interval_s=max(1.0, g.kafka_backoff_initial_s))
         #: librdkafka's own log lines, forwarded (rate-limited) instead of printed to stderr
-        self._rdkafka_log = logging.getLogger("bucketsync.gateway.kafka.rdkafka")
-        self._rdkafka_log.propagate = False
+        # (a private logger, not in the logging tree: one forward handler per reader)
+        self._rdkafka_log = logging.Logger("bucketsync.gateway.kafka.rdkafka", logging.INFO)
         self._rdkafka_log.addHandler(_RateLimitedForward(self._log))
         self.failures = 0
 
