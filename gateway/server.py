@@ -45,6 +45,7 @@ except ImportError:  # pragma: no cover
 log = logging.getLogger("bucketsync.gateway")
 
 AUTH_FAILURES = Counter("bucketsync_gateway_auth_failures_total", "Rejected tokens", ["code"])
+_REFUSED_LOG = RateLimitedLog(log, interval_s=10.0)
 TOO_MANY = Counter(
     "bucketsync_gateway_streams_refused_total",
     "Streams refused for gateway.max_connections_per_user",
@@ -211,7 +212,9 @@ class Gateway:
         n = self.user_streams.get(user, 0)
         if cap is not None and n >= cap:
             TOO_MANY.inc()
-            log.warning(
+            _REFUSED_LOG.log(
+                "cap",
+                logging.WARNING,
                 "stream refused: sub=%s already has %d open streams "
                 "(gateway.max_connections_per_user=%d)",
                 self.clip(user),
