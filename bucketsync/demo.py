@@ -93,7 +93,10 @@ def _demo_tables_config(
 
 
 def _start_web(
-    settings: Settings, source: demo_web.DemoSource, url: str, ttl_s: int
+    settings: Settings,
+    source: demo_web.DemoSource | demo_web.PostgresSource,
+    url: str,
+    ttl_s: int,
 ) -> demo_web.WebServer | None:
     """The demo page and its backend on ``demo.web_port`` (None when off or not built)."""
     if not settings.demo.web_port:
@@ -125,7 +128,8 @@ def _start_web(
     )
     if not source.sharing:
         print(
-            "bucketsync: note: no memberships topic, so lists are per user (no sharing)",
+            "bucketsync: note: no memberships in these sync rules, so lists are per user "
+            "(no sharing)",
             flush=True,
         )
     return server
@@ -293,6 +297,7 @@ def _postgres_demo(settings: Settings, args: argparse.Namespace) -> int:
     sup = Supervisor()
     sup.install_signals()
     stop = threading.Event()
+    web_server: demo_web.WebServer | None = None
     try:
         start_pipeline(sup, settings, config_path)
         _wait_ready(url, 60, sup)
@@ -308,6 +313,11 @@ def _postgres_demo(settings: Settings, args: argparse.Namespace) -> int:
         )
         writer = threading.Thread(target=_pg_writer, args=(settings, stop, 2.0), daemon=True)
         writer.start()
+        source = demo_web.PostgresSource(
+            settings, {"todos": topics[0], "lists": topics[1]}, users=PG_DEMO_USERS
+        )
+        source.seed()
+        web_server = _start_web(settings, source, url, int(args.duration or 3600) + 600)
         until = time.monotonic() + args.duration if args.duration else None
         token = make_dev_token(settings, sub="u1", ttl_s=int(args.duration or 3600) + 600)
         client = threading.Thread(
@@ -317,6 +327,8 @@ def _postgres_demo(settings: Settings, args: argparse.Namespace) -> int:
         return sup.wait_any(until)
     finally:
         stop.set()
+        if web_server is not None:
+            web_server.stop()
         sup.stop()
         if tmp is not None:
             tmp.cleanup()

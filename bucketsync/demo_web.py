@@ -8,9 +8,11 @@ against the gateway. This module serves it and plays the application backend:
 * ``POST /api/upload``: the client's CRUD batch (``uploadData``). It is applied to the
   demo's source tables (:class:`DemoSource`), which publishes Debezium change events on
   Kafka (one topic per table, as a Debezium PostgreSQL connector would) and waits until
-  the broker has them; only then does the page acknowledge the batch and ask the gateway
-  for a write checkpoint, so the checkpoint is bound to offsets that include the write
-  and the client keeps its optimistic rows until the write has come back through CDC.
+  the broker has them; with ``--source postgres`` (:class:`PostgresSource`) it runs as one
+  transaction in PostgreSQL and waits until Debezium has published the changed rows. Only
+  then does the page acknowledge the batch and ask the gateway for a write checkpoint, so
+  the checkpoint is bound to offsets that include the write and the client keeps its
+  optimistic rows until the write has come back through CDC.
 
 :class:`DemoSource` is the demo's "database": lists, todos and memberships, with a small
 random activity of its own (other people editing), and the writes of the pages.
@@ -89,6 +91,8 @@ class DemoSource:
         self.producer = make_producer(settings)
         self.lsn = int(time.time() * 1000)
         self.events = 0
+
+    kind = "kafka"
 
     @property
     def sharing(self) -> bool:
@@ -245,13 +249,163 @@ class DemoSource:
         self._put(table, row)
 
 
+# ------------------------------------------------------------------------------ PostgreSQL
+
+
+#: columns of the PostgreSQL demo tables (bucketsync.demo.PG_DEMO_DDL) the page may write
+PG_COLUMNS: dict[str, tuple[str, ...]] = {
+    "lists": ("id", "owner_id", "name"),
+    "todos": ("id", "list_id", "owner_id", "description", "completed"),
+}
+
+
+def sql_literal(value: Any) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, int | float):
+        return repr(value)
+    return "'" + str(value).replace("'", "''") + "'"  # standard_conforming_strings is on
+
+
+def _key_id(raw: bytes | None) -> str | None:
+    """The ``id`` of a Debezium record key (JSON, with or without the schema envelope)."""
+    if not raw:
+        return None
+    try:
+        key = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(key, dict) and isinstance(key.get("payload"), dict):
+        key = key["payload"]
+    return str(key["id"]) if isinstance(key, dict) and "id" in key else None
+
+
+class PostgresSource:
+    """``demo --source postgres``: uploads are applied to PostgreSQL in one transaction;
+    the upload is answered once Debezium has published every changed row on Kafka, so the
+    write checkpoint the client asks for next covers them."""
+
+    kind = "postgres"
+    sharing = False
+
+    def __init__(self, settings: Settings, topics: dict[str, str], users: int = 5) -> None:
+        self.settings = settings
+        self.topics = topics  # table -> Debezium topic
+        self.users = [f"u{i}" for i in range(1, users + 1)]
+        self.lock = threading.Lock()
+
+    def seed(self) -> None:
+        from bucketsync import stack
+
+        values = ", ".join(f"('l-{u}', '{u}', '{u}: todos')" for u in self.users)
+        stack.psql(
+            self.settings,
+            f"INSERT INTO lists (id, owner_id, name) VALUES {values} ON CONFLICT (id) DO NOTHING;",
+        )
+
+    def _statement(self, user: str, entry: dict[str, Any]) -> tuple[str, str, str]:
+        """(table, id, SQL) of one CRUD entry."""
+        op, table, rid = entry["op"], entry["table"], str(entry["id"])
+        if table not in PG_COLUMNS:
+            raise UploadRejected(f"unknown table {table}")
+        cols = PG_COLUMNS[table]
+        data = {k: v for k, v in (entry.get("data") or {}).items() if k in cols and k != "id"}
+        if table == "todos" and "completed" in data:
+            data["completed"] = bool(data["completed"])
+        if op == "DELETE":
+            return table, rid, f"DELETE FROM {table} WHERE id = {sql_literal(rid)} RETURNING id;"
+        if op == "PUT":
+            if table == "todos":
+                data.setdefault("owner_id", user)
+            names = ["id", *data]
+            values = ", ".join(sql_literal(v) for v in [rid, *data.values()])
+            update = ", ".join(f"{c} = EXCLUDED.{c}" for c in data) or "id = EXCLUDED.id"
+            return (
+                table,
+                rid,
+                (
+                    f"INSERT INTO {table} ({', '.join(names)}) VALUES ({values}) "
+                    f"ON CONFLICT (id) DO UPDATE SET {update} RETURNING id;"
+                ),
+            )
+        if op == "PATCH":
+            if not data:
+                raise UploadRejected("nothing to update")
+            sets = ", ".join(f"{c} = {sql_literal(v)}" for c, v in data.items())
+            return (
+                table,
+                rid,
+                f"UPDATE {table} SET {sets} WHERE id = {sql_literal(rid)} RETURNING id;",
+            )
+        raise UploadRejected(f"unknown op {op}")
+
+    def apply_upload(self, user: str, ops: list[dict[str, Any]]) -> list[str]:
+        from confluent_kafka import Consumer, TopicPartition
+
+        from bucketsync import stack
+
+        refused: list[str] = []
+        statements: list[tuple[str, str, str]] = []
+        for entry in ops:
+            try:
+                statements.append(self._statement(user, entry))
+            except (UploadRejected, KeyError, TypeError) as exc:
+                refused.append(f"{entry.get('op')} {entry.get('table')}/{entry.get('id')}: {exc}")
+        if not statements:
+            return refused
+        with self.lock:
+            consumer = Consumer(
+                {
+                    "bootstrap.servers": self.settings.kafka.bootstrap_servers,
+                    "group.id": "bucketsync-demo-upload",
+                    "enable.auto.commit": False,
+                }
+            )
+            try:
+                tables = sorted({t for t, _, _ in statements})
+                start = []
+                for table in tables:
+                    topic = self.topics[table]
+                    meta = consumer.list_topics(topic, timeout=10).topics[topic]
+                    for p in meta.partitions:
+                        _low, high = consumer.get_watermark_offsets(
+                            TopicPartition(topic, p), timeout=10
+                        )
+                        start.append(TopicPartition(topic, p, high))
+                sql = "BEGIN;\n" + "\n".join(q for _, _, q in statements) + "\nCOMMIT;\n"
+                try:
+                    out = stack.psql(self.settings, sql)
+                except (
+                    Exception
+                ) as exc:  # refused whole; the client's rows revert at the next checkpoint
+                    return [*refused, f"PostgreSQL refused the batch: {exc}"]
+                # the ids the statements touched (RETURNING id); a DELETE of a missing row
+                # touches nothing and publishes nothing
+                touched = {line.strip() for line in out.splitlines() if line.strip()}
+                waiting = {(self.topics[t], rid) for t, rid, _ in statements if rid in touched}
+                consumer.assign(start)
+                deadline = time.monotonic() + 15
+                while waiting and time.monotonic() < deadline:
+                    msg = consumer.poll(0.2)
+                    if msg is None or msg.error():
+                        continue
+                    waiting.discard((msg.topic(), _key_id(msg.key()) or ""))
+                if waiting:
+                    refused.append(f"not seen on Kafka within 15 s: {sorted(waiting)}")
+            finally:
+                consumer.close()
+        return refused
+
+
 # ------------------------------------------------------------------------------ web server
 
 
 @dataclass
 class WebDemo:
     settings: Settings
-    source: DemoSource
+    source: DemoSource | PostgresSource
     gateway_url: str
     token_ttl_s: int = 3600
     on_event: Callable[[str], None] | None = None
@@ -280,7 +434,7 @@ class WebDemo:
                 "endpoint": self.gateway_url,
                 "users": self.source.users,
                 "sharing": self.source.sharing,
-                "source": "kafka",
+                "source": self.source.kind,
             }
         )
 
@@ -302,7 +456,9 @@ class WebDemo:
         ms = (time.perf_counter() - t0) * 1000
         if self.on_event is not None:
             self.on_event(
-                f"upload from {user}: {len(ops)} change(s) -> Kafka in {ms:.0f} ms"
+                f"upload from {user}: {len(ops)} change(s) -> "
+                + ("PostgreSQL -> Debezium -> Kafka" if self.source.kind == "postgres" else "Kafka")
+                + f" in {ms:.0f} ms"
                 + (f"; refused {refused}" if refused else "")
             )
         # refused entries are acknowledged too: a 2xx lets the client's queue move on
