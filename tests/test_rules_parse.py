@@ -118,15 +118,15 @@ bucket_definitions:
         ("bucket_definitions:\n  d:\n   data: [\n", "invalid YAML at line 4"),
         (
             "streams:\n  s:\n    query: SELECT * FROM t\n",
-            "sync streams (edition 2+) are not supported yet",
+            "sync streams need config.edition: 3",
         ),
         (
             "bucket_definitions: {}\nstreams:\n  s:\n    query: SELECT * FROM t\n",
-            "sync streams (edition 2+) are not supported yet",
+            "sync streams need config.edition: 3",
         ),
         (
             "config:\n  edition: 2\nbucket_definitions: {}\n",
-            "sync streams (edition 2+) are not supported yet",
+            "bucket_definitions are not allowed",
         ),
         (
             "config:\n  edition: 1\n  versioned_bucket_ids: true\nbucket_definitions: {}\n",

@@ -36,6 +36,131 @@ class BucketDefinition:
         return not self.parameter_queries
 
 
+@dataclass(frozen=True, eq=False)
+class Stream:
+    """One entry of ``streams`` (edition 3), or one bucket definition of edition 1 (a
+    default stream of the legacy format, sync-streams.md §1b)."""
+
+    name: str
+    is_default: bool  # auto_subscribe (every bucket definition of edition 1)
+    priority: int
+    variants: tuple[BucketDefinition, ...]
+    uses_subscription: bool = False
+    legacy: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSubscription:
+    """One entry of the request's ``streams.subscriptions``."""
+
+    stream: str
+    parameters: Any = None  # must be an object (or null)
+    override_priority: Any = None  # 0..3 or null
+
+
+@dataclass(slots=True)
+class StreamStatus:
+    """An entry of the first checkpoint's ``streams``."""
+
+    name: str
+    is_default: bool
+    errors: list[dict[str, Any]]
+
+    def wire(self) -> dict[str, Any]:
+        return {"name": self.name, "is_default": self.is_default, "errors": self.errors}
+
+
+@dataclass(slots=True)
+class ResolvedBucket:
+    bucket: str
+    definition: str
+    priority: int
+    #: ``{"default": <index into streams>}`` or ``{"sub": <index into subscriptions>}``
+    subscriptions: list[dict[str, int]]
+
+
+@dataclass(slots=True)
+class _Entry:
+    stream: Stream
+    req: RequestContext
+    reason: dict[str, int]
+    priority: int
+    status: StreamStatus
+    subscription: int | str  # for errors: the subscription index or "default"
+
+
+class RequestPlan:
+    """A request's stream subscriptions, ready to be resolved against lookup rows.
+
+    Built once per connection (:meth:`SyncRules.plan_request`); :attr:`streams` is the
+    first checkpoint's ``streams``, :attr:`lookup_keys` the lookup keys to read, and
+    :meth:`buckets` the bucket set for the rows read. Problems of one subscription (unknown
+    stream, bad parameters, values that cannot be evaluated) land in that stream's
+    ``errors``, never in an exception -- except for edition-1 rules, which raise
+    :class:`RequestEvaluationError` as they always did.
+    """
+
+    def __init__(self, streams: list[StreamStatus], entries: list[_Entry], legacy: bool):
+        self.streams = streams
+        self._entries = entries
+        self._legacy = legacy
+        keys: dict[str, None] = {}
+        for e in list(entries):
+            try:
+                for d in e.stream.variants:
+                    for q in d.parameter_queries:
+                        for k in q.request_keys(e.req):
+                            keys[k] = None
+            except Exception as ex:
+                if legacy:
+                    raise RequestEvaluationError(
+                        f"sync rules: definition '{e.stream.name}': {_describe_error(ex)}",
+                        definition=e.stream.name,
+                    ) from ex
+                self._error(e, ex)
+                entries.remove(e)
+        self.lookup_keys: list[str] = list(keys)
+
+    @staticmethod
+    def _error(e: _Entry, ex: BaseException) -> None:
+        msg = f"cannot evaluate the stream's parameters: {_describe_error(ex)}"
+        e.status.errors.append({"subscription": e.subscription, "message": msg})
+
+    def buckets(self, lookups: LookupResults | None = None) -> list[ResolvedBucket]:
+        results: LookupResults = lookups or {}
+        out: dict[str, ResolvedBucket] = {}
+        for e in self._entries:
+            found: list[tuple[str, str]] = []
+            try:
+                for d in e.stream.variants:
+                    if not d.parameter_queries:
+                        found.append((d.name + "[]", d.name))
+                        continue
+                    for q in d.parameter_queries:
+                        rows = q.resolve(e.req, q.request_keys(e.req), results)
+                        for values in rows:
+                            if any(type(v) is bytes for v in values):
+                                continue
+                            found.append((d.name + serialize_values(values), d.name))
+            except Exception as ex:
+                if self._legacy:
+                    raise RequestEvaluationError(
+                        f"sync rules: definition '{e.stream.name}': {_describe_error(ex)}",
+                        definition=e.stream.name,
+                    ) from ex
+                self._error(e, ex)
+                continue
+            for bid, definition in found:
+                b = out.get(bid)
+                if b is None:
+                    out[bid] = ResolvedBucket(bid, definition, e.priority, [e.reason])
+                else:
+                    b.priority = min(b.priority, e.priority)
+                    if e.reason not in b.subscriptions:
+                        b.subscriptions.append(e.reason)
+        return list(out.values())
+
+
 def _describe_error(e: BaseException) -> str:
     if isinstance(e, SqlEvalError):
         return str(e)
@@ -55,7 +180,17 @@ class SyncRules:
         warnings: Sequence[str] = (),
         source: str = "<rules>",
         content_hash: str = "",
+        streams: Sequence[Stream] | None = None,
+        edition: int = 1,
     ) -> None:
+        self.edition = edition
+        if streams is None:
+            streams = [Stream(d.name, True, d.priority, (d,), legacy=True) for d in definitions]
+        else:
+            definitions = [d for s in streams for d in s.variants]
+        #: edition 3: the streams; edition 1: one default stream per bucket definition
+        self.streams: tuple[Stream, ...] = tuple(streams)
+        self._streams_by_name = {s.name: s for s in self.streams}
         self.definitions: tuple[BucketDefinition, ...] = tuple(definitions)
         self.warnings: tuple[str, ...] = tuple(warnings)
         self.source = source
@@ -68,7 +203,8 @@ class SyncRules:
         self._lookup_queries: tuple[TableParameterQuery, ...] = tuple(
             q
             for d in self.definitions
-            for q in d.parameter_queries
+            for pq in d.parameter_queries
+            for q in (pq.lookups if hasattr(pq, "lookups") else [pq])
             if isinstance(q, TableParameterQuery)
         )
         self._data_wildcards = tuple(q for q in self._data_queries if q.table.wildcard)
@@ -242,6 +378,72 @@ class SyncRules:
                     query=q.sql,
                 ) from e
         return keys
+
+    def plan_request(
+        self,
+        payload: Mapping[str, Any],
+        client_parameters: Mapping[str, Any] | None = None,
+        *,
+        include_defaults: bool = True,
+        subscriptions: Sequence[StreamSubscription] = (),
+    ) -> RequestPlan:
+        """The streams a request subscribes to (defaults and explicit subscriptions).
+
+        Streams are listed in rules order (the first checkpoint's ``streams``); a
+        subscription to a stream the rules do not define is listed after them, with an
+        error. Priorities: the stream's, or the subscription's ``override_priority``.
+        """
+        base = self._request(payload, client_parameters)
+        legacy = self.edition < 2
+        status: dict[str, StreamStatus] = {}
+        entries: list[_Entry] = []
+        subscribed = {s.stream for s in subscriptions}
+        for st in self.streams:
+            if (st.is_default and include_defaults) or st.name in subscribed:
+                status[st.name] = StreamStatus(st.name, st.is_default, [])
+        index = {name: i for i, name in enumerate(status)}
+        if include_defaults:
+            for st in self.streams:
+                if st.is_default:
+                    entries.append(
+                        _Entry(
+                            st,
+                            base,
+                            {"default": index[st.name]},
+                            st.priority,
+                            status[st.name],
+                            "default",
+                        )
+                    )
+        for i, sub in enumerate(subscriptions):
+            st_ = self._streams_by_name.get(sub.stream)
+            if st_ is None:
+                s = status.get(sub.stream)
+                if s is None:
+                    s = status[sub.stream] = StreamStatus(sub.stream, False, [])
+                s.errors.append({"subscription": i, "message": f"unknown stream '{sub.stream}'"})
+                continue
+            err = None
+            if sub.parameters is not None and not isinstance(sub.parameters, Mapping):
+                err = "subscription parameters must be an object"
+            prio = sub.override_priority
+            if prio is not None and (type(prio) is not int or not 0 <= prio <= 3):
+                err = f"override_priority must be an integer from 0 to 3, got {prio!r}"
+            if err is not None:
+                status[sub.stream].errors.append({"subscription": i, "message": err})
+                continue
+            req = base.with_subscription(sub.parameters)
+            entries.append(
+                _Entry(
+                    st_,
+                    req,
+                    {"sub": i},
+                    st_.priority if prio is None else prio,
+                    status[sub.stream],
+                    i,
+                )
+            )
+        return RequestPlan(list(status.values()), entries, legacy)
 
     def lookup_keys_for_request(
         self, payload: Mapping[str, Any], client_parameters: Mapping[str, Any] | None = None

@@ -40,6 +40,11 @@ TRUE_MATCH: Final[list[Assignment]] = [{}]
 
 REQUEST_FUNCTIONS: Final = ("user_id", "jwt", "parameters")
 STREAM_SCHEMAS: Final = ("auth", "subscription", "connection")
+STREAM_FUNCTIONS: Final = {
+    "auth": ("user_id", "parameter", "parameters"),
+    "connection": ("parameter", "parameters"),
+    "subscription": ("parameter", "parameters"),
+}
 
 
 class RequestContext:
@@ -48,18 +53,26 @@ class RequestContext:
     __slots__ = (
         "_jwt_text",
         "_parameters_text",
+        "_subscription_text",
         "client_parameters",
         "payload",
+        "subscription_parameters",
         "token_parameters",
         "user_id",
         "user_parameters",
     )
 
     def __init__(
-        self, payload: Mapping[str, Any], client_parameters: Mapping[str, Any] | None = None
+        self,
+        payload: Mapping[str, Any],
+        client_parameters: Mapping[str, Any] | None = None,
+        subscription_parameters: Mapping[str, Any] | None = None,
     ) -> None:
         self.payload = payload
         self.client_parameters: Mapping[str, Any] = client_parameters or {}
+        #: the parameters of one stream subscription (``subscription.parameter()``)
+        self.subscription_parameters: Mapping[str, Any] = subscription_parameters or {}
+        self._subscription_text: str | None = None
         self.user_id: SqliteValue = _request_value(payload.get("sub"))
         claim = payload.get("parameters")
         token_parameters: dict[str, SqliteValue] = {}
@@ -84,6 +97,26 @@ class RequestContext:
         if self._parameters_text is None:
             self._parameters_text = sv.json_dumps(dict(self.client_parameters))
         return self._parameters_text
+
+    @property
+    def subscription_text(self) -> str:
+        if self._subscription_text is None:
+            self._subscription_text = sv.json_dumps(dict(self.subscription_parameters))
+        return self._subscription_text
+
+    def with_subscription(self, parameters: Mapping[str, Any] | None) -> RequestContext:
+        """The same request seen by one stream subscription (token values computed once)."""
+        other = RequestContext.__new__(RequestContext)
+        other.payload = self.payload
+        other.client_parameters = self.client_parameters
+        other.user_id = self.user_id
+        other.token_parameters = self.token_parameters
+        other.user_parameters = self.user_parameters
+        other._jwt_text = self._jwt_text
+        other._parameters_text = self._parameters_text
+        other.subscription_parameters = parameters or {}
+        other._subscription_text = None
+        return other
 
 
 # --------------------------------------------------------------------------- clauses
@@ -164,6 +197,8 @@ class Scope:
     uses_client: bool = False  # request.parameters() / user_parameters seen
     uses_request: bool = False
     uses_auth: bool = False  # request.user_id() / request.jwt() / token_parameters seen
+    streams: bool = False  # sync streams: auth.*, connection.*, subscription.* (not request.*)
+    uses_subscription: bool = False  # subscription.parameter(s)() seen
 
 
 _INT_LITERAL = re.compile(r"^\d+$")
@@ -413,6 +448,12 @@ class Compiler:
                 raise _error(f"unknown bucket parameter '{name}' (defined: {defined})", node)
             return ParamValue(key=name, fn=_const_fn(None), node=node, bucket_param=name)
         if not quoted and table in ("token_parameters", "user_parameters"):
+            if scope.streams:
+                raise _error(
+                    f"{table}.{name} is not available in sync streams; use auth.parameter() or "
+                    "connection.parameter()",
+                    node,
+                )
             if scope.mode is Mode.DATA:
                 raise _error(f"{table} cannot be used in data queries; use bucket parameters", node)
             client = table == "user_parameters"
@@ -469,6 +510,8 @@ class Compiler:
             raise _error(f"unsupported reference {_sql(node)!r}", node)
         schema = schema_node.this.lower()
         fname = str(call.this).lower()
+        if self.scope.streams:
+            return self._stream_function(node, schema, fname, call)
         if schema in STREAM_SCHEMAS:
             raise _error(
                 f"{schema}.{fname}() belongs to sync streams (edition 2+); in bucket_definitions "
@@ -517,6 +560,83 @@ class Compiler:
 
             fn = parameters
         return self._request_value(f"request.{fname}()", fn, node, client)
+
+    def _stream_function(
+        self, node: exp.Dot, schema: str, fname: str, call: exp.Anonymous
+    ) -> Clause:
+        """``auth.*``, ``connection.*``, ``subscription.*`` of sync streams (sync-streams.md §1a)."""
+        if schema not in STREAM_SCHEMAS or fname not in STREAM_FUNCTIONS[schema]:
+            raise _error(f"Function '{schema}.{fname}' is not defined", node)
+        if self.scope.mode is Mode.DATA:
+            raise _error(f"{schema}.{fname}() cannot be used here", node)
+        args = list(call.expressions)
+        want = 1 if fname == "parameter" else 0
+        if len(args) != want:
+            raise _error(
+                f"{schema}.{fname}() takes {want} argument{'s' if want != 1 else ''}", node
+            )
+        scope = self.scope
+        scope.uses_request = True
+        client = schema != "auth"
+        if schema == "auth":
+            scope.uses_auth = True
+        else:
+            scope.uses_client = True
+        if schema == "subscription":
+            scope.uses_subscription = True
+        fn: ValueFn
+        if fname == "user_id":
+
+            def auth_user_id(row: Any, req: RequestContext) -> SqliteValue:
+                return stream_value(req.payload.get("sub"))
+
+            fn = auth_user_id
+        elif fname == "parameters":
+            attr = {"auth": "jwt_text", "connection": "parameters_text"}.get(
+                schema, "subscription_text"
+            )
+
+            def all_parameters(row: Any, req: RequestContext) -> SqliteValue:
+                return getattr(req, attr)
+
+            fn = all_parameters
+        else:
+            key_clause = Compiler(Scope(Mode.REQUEST, row_kind="none", streams=True)).compile(
+                args[0]
+            )
+            if not isinstance(key_clause, Static):
+                raise _error(f"{schema}.parameter() takes a constant name", args[0])
+            key = sv.to_text(key_clause.value) or ""
+            if schema == "auth":
+                if key.startswith("$"):
+                    try:
+                        fns.parse_json_path(key)
+                    except SqlEvalError as e:
+                        raise _error(str(e), args[0]) from None
+
+                    def auth_path(row: Any, req: RequestContext) -> SqliteValue:
+                        return fns.fn_json_extract(req.jwt_text, key)
+
+                    fn = auth_path
+                else:
+
+                    def auth_param(row: Any, req: RequestContext) -> SqliteValue:
+                        return stream_value(req.payload.get(key))
+
+                    fn = auth_param
+            elif schema == "connection":
+
+                def connection_param(row: Any, req: RequestContext) -> SqliteValue:
+                    return stream_value(req.client_parameters.get(key))
+
+                fn = connection_param
+            else:
+
+                def subscription_param(row: Any, req: RequestContext) -> SqliteValue:
+                    return stream_value(req.subscription_parameters.get(key))
+
+                fn = subscription_param
+        return self._request_value(f"{schema}.{fname}()", fn, node, client)
 
     # ----------------------------------------------------------------- functions
 
@@ -907,6 +1027,15 @@ def _request_value(v: object) -> SqliteValue:
         return float(v)  # type: ignore[arg-type]
     if t is dict or t is list:
         return sv.json_dumps(_reals(v))
+    return sv.to_sqlite(v)
+
+
+def stream_value(v: object) -> SqliteValue:
+    """A token / connection / subscription value in sync streams: JSON integers stay
+    INTEGER (edition 2+), objects and arrays are JSON text, booleans 1/0."""
+    t = type(v)
+    if t is dict or t is list:
+        return sv.json_dumps(v)
     return sv.to_sqlite(v)
 
 

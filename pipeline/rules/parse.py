@@ -31,7 +31,10 @@ KNOWN_CONFIG_KEYS: Final = (
     "fixed_json_extract",
     "custom_postgres_types",
 )
-STREAMS_UNSUPPORTED: Final = "sync streams (edition 2+) are not supported yet"
+STREAMS_UNSUPPORTED: Final = "sync streams need config.edition: 3"
+#: versioned bucket ids of streams: ``<version>#<stream>|<variant>[...]`` (sync-streams.md §1a);
+#: fixed, as this service serves one rules version per store
+STREAMS_BUCKET_VERSION: Final = 1
 
 
 class _Loader(yaml.SafeLoader):
@@ -107,19 +110,21 @@ def parse_rules(text: str, source: str = "<rules>") -> SyncRules:
         edition = config.get("edition", 1)
         if type(edition) is not int:
             raise fail(f"config.edition must be an integer, got {edition!r}")
-        if edition != 1:
-            raise fail(
-                f"{STREAMS_UNSUPPORTED} (config.edition: {edition}); use edition 1 bucket_definitions"
-            )
-        if config.get("versioned_bucket_ids") is True:
+        if edition not in (1, 2, 3):
+            raise fail(f"config.edition must be 1, 2 or 3, got {edition}")
+        if edition == 1 and config.get("versioned_bucket_ids") is True:
             raise fail("config.versioned_bucket_ids is not supported yet")
         for key in config:
             if key not in KNOWN_CONFIG_KEYS:
                 warnings.append(f"{prefix}config.{key} is not known and is ignored")
+    edition = config.get("edition", 1) if isinstance(config, dict) else 1
+    if edition >= 2:
+        return _parse_streams(doc, text, source, prefix, warnings, edition, fail)
 
     if doc.get("streams"):
         raise fail(
-            f"{STREAMS_UNSUPPORTED}; define buckets under bucket_definitions instead of streams"
+            f"{STREAMS_UNSUPPORTED} (add config: {{edition: 3}}), or define buckets under "
+            "bucket_definitions"
         )
     if doc.get("with"):
         raise fail(f"{STREAMS_UNSUPPORTED}: 'with' only applies to streams")
@@ -140,6 +145,43 @@ def parse_rules(text: str, source: str = "<rules>") -> SyncRules:
         definitions.append(_definition(name, body, source, prefix, projections, warnings))
     content_hash = hashlib.sha256(text.encode()).hexdigest()
     return SyncRules(definitions, warnings=warnings, source=source, content_hash=content_hash)
+
+
+def _parse_streams(
+    doc: dict[str, Any],
+    text: str,
+    source: str,
+    prefix: str,
+    warnings: list[str],
+    edition: int,
+    fail: Any,
+) -> SyncRules:
+    """Edition 2/3: ``streams`` (and global ``with``), compiled by :mod:`pipeline.rules.streams`."""
+    from pipeline.rules.streams import compile_streams
+
+    if "bucket_definitions" in doc:
+        raise fail(
+            f"config.edition {edition} uses streams; bucket_definitions are not allowed "
+            "(use edition 1 for bucket_definitions)"
+        )
+    if doc.get("event_definitions"):
+        warnings.append(f"{prefix}event_definitions are not supported and are ignored")
+    try:
+        root = yaml.compose(text, Loader=_Loader)
+    except yaml.YAMLError:
+        root = None
+    streams = compile_streams(
+        doc, root, source=source, prefix=prefix, version=STREAMS_BUCKET_VERSION, warnings=warnings
+    )
+    content_hash = hashlib.sha256(text.encode()).hexdigest()
+    return SyncRules(
+        (),
+        warnings=warnings,
+        source=source,
+        content_hash=content_hash,
+        streams=streams,
+        edition=edition,
+    )
 
 
 def _queries(value: Any, what: str, name: str, fail_prefix: str, *, required: bool) -> list[str]:

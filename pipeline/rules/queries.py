@@ -56,6 +56,11 @@ class QueryContext:
     kind: str  # "data" | "parameter"
     number: int  # 1-based
     sql: str
+    streams: bool = False  # a sync stream query (auth.*, connection.*, subscription.*)
+    #: how messages name the query (default: ``definition 'x', data query 1 "..."``)
+    where: str | None = None
+    #: line and column of the query's first character in the YAML file (1-based)
+    origin: tuple[int, int] | None = None
 
     @property
     def multiline(self) -> bool:
@@ -63,6 +68,8 @@ class QueryContext:
 
     @property
     def label(self) -> str:
+        if self.where is not None:
+            return f'{self.where} "{self.sql}"'
         return f"definition '{self.definition}', {self.kind} query {self.number} \"{self.sql}\""
 
     def error(self, message: str, offset: int | None) -> RulesError:
@@ -73,6 +80,10 @@ class QueryContext:
             pos = position_of(self.sql, offset)
             line, column = pos.line, pos.column
             where = f" at {pos.describe(self.multiline)}"
+            if self.origin is not None:
+                line = self.origin[0] + pos.line - 1
+                column = pos.column + (self.origin[1] - 1 if pos.line == 1 else 0)
+                where += f" (file line {line}, column {column})"
         return RulesError(
             f"{prefix}{self.label}: {message}{where}",
             source=self.source,
@@ -448,8 +459,11 @@ def compile_data_query(
     params: tuple[str, ...],
     projections: dict[tuple[Any, ...], Projection],
     warnings: list[str],
+    stmt: exp.Select | None = None,
 ) -> DataQuery:
-    stmt = _parse(ctx)
+    """``stmt``: an already parsed (sync streams: rewritten) statement of ``ctx.sql``."""
+    if stmt is None:
+        stmt = _parse(ctx)
     src = _from(stmt)
     if src is None:
         raise ctx.error("a data query needs FROM <table>", len(ctx.sql))
@@ -460,7 +474,9 @@ def compile_data_query(
         raise ctx.error(f"{what} are not supported in data queries", node_offset(src))
     table = _table_ref(src, ctx, warnings)
     names = frozenset({table.sql_name})
-    scope = Scope(Mode.DATA, table_names=names, row_kind="table", bucket_params=params)
+    scope = Scope(
+        Mode.DATA, table_names=names, row_kind="table", bucket_params=params, streams=ctx.streams
+    )
     compiler = Compiler(scope)
     try:
         outputs = _outputs(stmt, ctx, names, allow_star=True)
@@ -715,7 +731,7 @@ def _request_outputs(
 def _static_query(
     ctx: QueryContext, stmt: exp.Select, where: exp.Expr | None, warnings: list[str]
 ) -> StaticParameterQuery:
-    scope = Scope(Mode.REQUEST, row_kind="none")
+    scope = Scope(Mode.REQUEST, row_kind="none", streams=ctx.streams)
     compiler = Compiler(scope)
     names, outputs = _request_outputs(ctx, stmt, compiler, frozenset())
     auth_outputs = scope.uses_auth  # a filter on the token alone is not enough
@@ -787,7 +803,7 @@ def _table_query(
             "wildcard tables are not supported in parameter queries", node_offset(src)
         )
     names = frozenset({table.sql_name})
-    scope = Scope(Mode.LOOKUP, table_names=names, row_kind="table")
+    scope = Scope(Mode.LOOKUP, table_names=names, row_kind="table", streams=ctx.streams)
     compiler = Compiler(scope)
     outs = _outputs(stmt, ctx, names, allow_star=False)
     row_outputs: list[ValueFn] = []

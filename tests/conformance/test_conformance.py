@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conformance import cases_functions, cases_params, cases_rules
+from tests.conformance import cases_functions, cases_params, cases_rules, cases_streams
 from tests.conformance.fixture_cases import fixture_cases
 from tests.conformance.harness import Case, all_diffs
 
@@ -16,6 +16,7 @@ CASES: list[Case] = [
     *cases_rules.CASES,
     *cases_params.CASES,
     *cases_functions.CASES,
+    *cases_streams.CASES,
     *fixture_cases(),
 ]
 
