@@ -234,12 +234,17 @@ def plan_batch(
         except Exception as exc:  # a rule that cannot be evaluated on this row
             dls.append(DeadLetter(rec, "rule_evaluation_error", str(exc), {"table": table}))
             continue
+        try:
+            source_json = orjson.dumps(row).decode()
+        except TypeError as exc:  # e.g. a schemaless integer beyond 64 bits
+            dls.append(DeadLetter(rec, "type_conversion_error", str(exc), {"table": table}))
+            continue
         known_rows[rk] = row
         planned: dict[str, Any] = {
             "k": rk,
             "t": table,
             "o": [output_entry(o) for o in outs],
-            "s": orjson.dumps(row).decode(),
+            "s": source_json,
         }
         if lookups:
             planned["l"] = lookup_entries(lookups[0])

@@ -238,7 +238,13 @@ class _Ctx:
             key = None
         plan = _JSON_PLANS.get(key) if key is not None else None
         if plan is None:
-            plan = _Plan(json_spec(schema))
+            try:
+                plan = _Plan(json_spec(schema))
+            except (TypeError, KeyError, ValueError, AttributeError, RecursionError) as exc:
+                raise _dead(
+                    "envelope_inconsistent",
+                    f"the record's embedded schema is malformed ({type(exc).__name__}: {exc})",
+                ) from None
             if key is not None:
                 _put(_JSON_PLANS, key, plan)
         # register the raw schema text for the fast path (payload-only parsing)
