@@ -22,6 +22,7 @@ from prometheus_client import Histogram
 
 from gateway.errors import CODE_TOO_MANY_BUCKETS, ServiceError
 from pipeline.rules import SyncRules
+from pipeline.rules.evaluate import StreamSubscription
 from pipeline.store import BucketState, LookupRows, Store, decode_lookups
 
 EXPANSION_SECONDS = Histogram(
@@ -37,7 +38,8 @@ _ATTEMPTS = 5
 class Grant:
     bucket: str
     priority: int
-    stream: int  # index into the checkpoint's ``streams``
+    #: ``("default", <index into the checkpoint's streams>)`` / ``("sub", <subscription index>)``
+    subscriptions: tuple[tuple[str, int], ...] = (("default", 0),)
 
 
 @dataclass(slots=True)
@@ -60,6 +62,7 @@ class BucketResolver:
         include_defaults: bool,
         max_buckets: int,
         max_parameter_results: int,
+        subscriptions: Sequence[tuple[str, Any, Any]] = (),
     ):
         self.rules = rules
         self.payload = payload
@@ -67,22 +70,21 @@ class BucketResolver:
         self.include_defaults = include_defaults
         self.max_buckets = max_buckets
         self.max_parameter_results = max_parameter_results
-        #: every definition is a default stream of the legacy format (sync-streams.md §1b);
-        #: the list is fixed at the first checkpoint, as diffs never change ``streams``
-        self.stream_names: list[str] = (
-            [d.name for d in rules.definitions] if include_defaults else []
+        #: defaults (every edition-1 definition, the auto_subscribe streams) and the
+        #: request's explicit subscriptions (sync-streams.md §1b); problems of a
+        #: subscription are errors in ``streams``, not a failed request
+        self.plan = rules.plan_request(
+            payload,
+            parameters,
+            include_defaults=include_defaults,
+            subscriptions=[StreamSubscription(n, p, o) for n, p, o in subscriptions],
         )
-        self._stream_index = {n: i for i, n in enumerate(self.stream_names)}
-        self.lookup_keys: list[str] = (
-            rules.lookup_keys_for_request(payload, parameters)
-            if include_defaults and rules.has_lookups
-            else []
-        )
+        #: the checkpoint's ``streams``, fixed at the first checkpoint (diffs never change it)
+        self.stream_names: list[Any] = [st.wire() for st in self.plan.streams]
+        self.lookup_keys: list[str] = self.plan.lookup_keys
 
     def grants(self, lookups: LookupRows | None = None) -> list[Grant]:
         """The bucket set for the given lookup rows (raises the protocol's PSYNC_S2305)."""
-        if not self.include_defaults:
-            return []
         if lookups is not None:
             results = sum(len(v) for v in lookups.values())
             if results > self.max_parameter_results:
@@ -92,18 +94,15 @@ class BucketResolver:
                     f"too many parameter query results: {results} > "
                     f"{self.max_parameter_results} (gateway.max_parameter_query_results)",
                 )
-        descs = self.rules.buckets_for_request(
-            self.payload,
-            self.parameters,
-            lookups=decode_lookups(lookups) if lookups is not None else None,
-        )
-        out: list[Grant] = []
-        seen: set[str] = set()
-        for d in descs:
-            if d.bucket in seen:
-                continue
-            seen.add(d.bucket)
-            out.append(Grant(d.bucket, d.priority, self._stream_index.get(d.definition, 0)))
+        descs = self.plan.buckets(decode_lookups(lookups) if lookups is not None else None)
+        out = [
+            Grant(
+                d.bucket,
+                d.priority,
+                tuple((k, v) for reason in d.subscriptions for k, v in reason.items()),
+            )
+            for d in descs
+        ]
         if len(out) > self.max_buckets:
             raise ServiceError(
                 400,

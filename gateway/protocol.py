@@ -21,7 +21,9 @@ class BucketChecksum:
     checksum: int  # unsigned 32-bit
     count: int
     priority: int = 3
-    subscription: int = 0  # index into the checkpoint's streams list
+    #: why the connection holds the bucket (sync-streams.md §1b):
+    #: ``{"default": <index into the checkpoint's streams>}`` / ``{"sub": <subscription index>}``
+    subscriptions: tuple[tuple[str, int], ...] = (("default", 0),)
 
     def wire(self) -> dict[str, Any]:
         return {
@@ -29,7 +31,7 @@ class BucketChecksum:
             "checksum": self.checksum,
             "count": self.count,
             "priority": self.priority,
-            "subscriptions": [{"default": self.subscription}],
+            "subscriptions": [{k: v} for k, v in self.subscriptions],
         }
 
 
@@ -41,12 +43,17 @@ def checkpoint(
     last_op_id: int,
     buckets: Iterable[BucketChecksum],
     write_checkpoint: int | None,
-    streams: Sequence[str],
+    streams: Sequence[str | dict[str, Any]],
 ) -> bytes:
+    """``streams``: ``{name, is_default, errors}`` entries (a bare name: a default stream
+    without errors)."""
     body: dict[str, Any] = {
         "last_op_id": str(last_op_id),
         "buckets": [b.wire() for b in buckets],
-        "streams": [{"name": s, "is_default": True, "errors": []} for s in streams],
+        "streams": [
+            {"name": s, "is_default": True, "errors": []} if isinstance(s, str) else s
+            for s in streams
+        ],
     }
     if write_checkpoint is not None:
         body["write_checkpoint"] = str(write_checkpoint)
@@ -99,6 +106,9 @@ class StreamRequest:
     parameters: dict[str, Any]
     include_defaults: bool
     raw_data: bool
+    #: ``streams.subscriptions``: (stream, parameters, override_priority), checked later
+    #: (a bad entry becomes an error in the checkpoint's ``streams``, not a failed request)
+    subscriptions: tuple[tuple[str, Any, Any], ...] = ()
 
 
 class BadRequest(ValueError):
@@ -149,4 +159,21 @@ def parse_stream_request(body: Any) -> StreamRequest:
     if not isinstance(include_defaults, bool):
         raise BadRequest("'streams.include_defaults' must be a boolean")
     raw_data = body.get("raw_data", True)
-    return StreamRequest(after, client_id, params, include_defaults, bool(raw_data))
+    subs_raw = streams.get("subscriptions") or []
+    if not isinstance(subs_raw, list):
+        raise BadRequest("'streams.subscriptions' must be an array")
+    subscriptions: list[tuple[str, Any, Any]] = []
+    for item in subs_raw:
+        if not isinstance(item, dict):
+            item = {}
+        name = item.get("stream")
+        subscriptions.append(
+            (
+                name if isinstance(name, str) else "",
+                item.get("parameters"),
+                item.get("override_priority"),
+            )
+        )
+    return StreamRequest(
+        after, client_id, params, include_defaults, bool(raw_data), tuple(subscriptions)
+    )

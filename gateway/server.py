@@ -332,6 +332,7 @@ async def _sync_stream(gw: Gateway, request: web.Request, token: Any) -> web.Str
         include_defaults=req.include_defaults,
         max_buckets=g.max_buckets_per_connection,
         max_parameter_results=g.max_parameter_query_results,
+        subscriptions=req.subscriptions,
     )
     wcp_key = write_checkpoint_key(token.sub, req.client_id)
     # subscribe before the first read, so no change after it goes unseen; resolve before

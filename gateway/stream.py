@@ -206,7 +206,9 @@ class SyncStream:
         for b in names:
             g = self.grants[b]
             st = states[b]
-            out.append(protocol.BucketChecksum(b, st.checksum, st.count, g.priority, g.stream))
+            out.append(
+                protocol.BucketChecksum(b, st.checksum, st.count, g.priority, g.subscriptions)
+            )
         return out
 
     # ---- write checkpoints --------------------------------------------------
@@ -356,7 +358,7 @@ class SyncStream:
         key = (
             self.cp,
             wcp,
-            tuple((b, self.grants[b].priority, self.grants[b].stream) for b in updated),
+            tuple((b, self.grants[b].priority, self.grants[b].subscriptions) for b in updated),
             tuple(removed),
         )
         line = self.hub.lines.get(key)
