@@ -444,6 +444,25 @@ class PowerSyncNodeClient:
             req["endpoint"] = endpoint
         return await self.command("connect", **req)
 
+    async def subscribe(
+        self,
+        name: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        priority: int | None = None,
+        timeout: float = 30.0,
+    ) -> dict[str, Any]:
+        """``db.syncStream(name, params).subscribe()``; returns once its
+        ``waitForFirstSync()`` resolved."""
+        return await self.command(
+            "subscribe",
+            timeout=timeout + 10,
+            name=name,
+            params=dict(params) if params is not None else None,
+            priority=priority,
+            timeout_ms=int(timeout * 1000),
+        )
+
     async def set_token(self, token: str | None) -> None:
         """Token returned by the next ``fetchCredentials`` call (e.g. after a 401 / expiry)."""
         await self.command("set_token", token=token)

@@ -416,6 +416,7 @@ async function readAllTables() {
 
 // ---------------------------------------------------------------------------------------------
 // Commands
+const streamHandles = [];
 const commands = {
   async ping() {
     return { pong: true };
@@ -435,6 +436,27 @@ const commands = {
     await db.connect(connector, options);
     onStatus(db.currentStatus);
     return { status: statusSnapshot(), options };
+  },
+
+  // Sync Streams: db.syncStream(name, params).subscribe({priority}); resolves once the
+  // subscription's waitForFirstSync() resolved (or fails after timeout_ms).
+  async subscribe(req) {
+    if (typeof db.syncStream !== 'function') throw new Error('this SDK has no db.syncStream()');
+    const options = {};
+    if (req.priority != null) options.priority = Number(req.priority);
+    const handle = await db.syncStream(String(req.name), req.params ?? undefined).subscribe(options);
+    streamHandles.push(handle);
+    const timeoutMs = numberOr(req.timeout_ms, 30000);
+    let timer;
+    const timeout = new Promise((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`waitForFirstSync of ${req.name} timed out`)), timeoutMs);
+    });
+    try {
+      await Promise.race([handle.waitForFirstSync(), timeout]);
+    } finally {
+      clearTimeout(timer);
+    }
+    return { status: statusSnapshot() };
   },
 
   async set_token(req) {
