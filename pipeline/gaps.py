@@ -97,6 +97,11 @@ class OffsetGapGuard:
         for tp in partitions:
             self._parts.pop(tp, None)
 
+    def partitions(self) -> list[tuple[str, int]]:
+        """The partitions the guard tracks (those delivered or assigned since the last
+        :meth:`forget`)."""
+        return list(self._parts)
+
     def next_offset(self, topic: str, partition: int) -> int | None:
         p = self._parts.get((topic, partition))
         return p.next if p is not None else None

@@ -33,6 +33,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from redis import exceptions as redis_exceptions
 
 from bucketsync.config import Settings
 from bucketsync.errors import UserError
@@ -81,6 +82,13 @@ DISCARDED = Counter(
     "bucketsync_processor_gap_discarded_total",
     "Records delivered beyond a missing one, discarded until it is read again",
 )
+
+STORE_OUTAGES = Counter(
+    "bucketsync_processor_store_outages_total",
+    "Times the store (Redis) was unreachable in the middle of a batch",
+)
+#: the store is down or still loading its data set: wait and read again, never crash
+STORE_ERRORS = (redis_exceptions.ConnectionError, redis_exceptions.TimeoutError)
 
 PIPELINE_VERSION = "bucketsync-0.1.0"
 
@@ -318,12 +326,45 @@ class BatchApplier:
                 adm = await self.guard.admit(records)
                 await self._resolve(adm)
                 records = adm.records
-            return await self._handle(records)
+            try:
+                return await self._handle(records)
+            except STORE_ERRORS as exc:
+                await self._recover_store(exc)
+                return 0
 
     async def check_stalled(self, highwater: dict[tuple[str, int], int]) -> None:
         """While deliveries are idle: read again a partition whose tail was dropped."""
         async with self._lock:
             await self._resolve(await self.guard.check_stalled(highwater))
+
+    async def _recover_store(self, exc: BaseException) -> None:
+        """Redis went away mid-batch. Wait for it (backoff), then take its applied offsets
+        as the truth again and read everything after them again: a Redis restarted from
+        its AOF may lack its last writes, and a batch whose reply was lost may or may not
+        have been applied (the offset guard in the store sorts out which)."""
+        STORE_OUTAGES.inc()
+        log.warning("store unreachable (%s); this batch is read again once it is back", exc)
+        delay, waited, last_log = 0.2, 0.0, 0.0
+        while True:
+            try:
+                if await self.store.ping():
+                    break
+            except STORE_ERRORS as again:
+                if waited - last_log >= 10:
+                    last_log = waited
+                    log.warning("store still unreachable after %.0fs: %s", waited, again)
+            await asyncio.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 5.0)
+        await self.load_offsets()
+        pos = self.resume_positions(self.guard.partitions())
+        if pos and self.seek is not None:
+            await self.seek(pos)
+        log.info(
+            "store back after %.1fs; reading again from %s",
+            waited,
+            ", ".join(f"{t}/{p}@{o}" for (t, p), o in sorted(pos.items())),
+        )
 
     async def _resolve(self, adm: Admission) -> None:
         for gap in adm.gaps:

@@ -125,6 +125,7 @@ def _setup(
     seed: int,
     *,
     held_back: list[dict[str, list[tuple[bytes, bytes | None]]]] | None = None,
+    redis_url: str | None = None,
 ) -> Any:
     """Topics, settings, the model of the whole backlog and the end offsets produced.
 
@@ -137,6 +138,7 @@ def _setup(
         sync_rules=write_rules(tmp_path, RULES),
         compaction={"interval_s": 0},
         processor={"metrics_port": 0},
+        **({"redis": {"url": redis_url}} if redis_url else {}),
     )
     create_topic(s.kafka.dead_letter_topic)
     msgs, model = make_backlog(seed, topics, 850)
