@@ -150,10 +150,24 @@ class CheckpointHub:
     # ---- lifecycle ----------------------------------------------------------
 
     async def start(self) -> None:
-        self._last_id, self._last_n = await self.store.changes_tail()
-        self.checkpoint = await self.store.checkpoint()
-        self.offsets = await self.store.applied_offsets()
+        """Start the reader. Redis need not be reachable yet: the reader finds the
+        stream's tail once it is (readiness reports Redis meanwhile)."""
         self._task = asyncio.create_task(self._run(), name="checkpoint-hub")
+
+    async def _find_tail(self) -> None:
+        backoff = 0.2
+        while True:
+            try:
+                self._last_id, self._last_n = await self.store.changes_tail()
+                self.checkpoint = await self.store.checkpoint()
+                self.offsets = await self.store.applied_offsets()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("store unreachable at start (%s); retrying in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
 
     async def stop(self) -> None:
         if self._task:
@@ -219,6 +233,7 @@ class CheckpointHub:
     # ---- the reader ---------------------------------------------------------
 
     async def _run(self) -> None:
+        await self._find_tail()
         backoff = 0.2
         while True:
             try:

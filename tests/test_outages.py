@@ -111,3 +111,119 @@ def test_redis_killed_mid_backlog_and_restarted_from_aof(
     finally:
         if red.proc is not None and red.proc.poll() is None:
             red.kill()
+
+
+async def _readiness(session: Any, url: str) -> int | None:
+    import aiohttp
+
+    try:
+        async with session.get(url + "/probes/readiness") as r:
+            return int(r.status)
+    except aiohttp.ClientError:
+        return None
+
+
+async def _wait_status(session: Any, url: str, want: int, timeout: float = 30) -> None:
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await _readiness(session, url) == want:
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"readiness never answered {want}")
+
+
+async def _sync_rows(session: Any, url: str, token: str) -> dict[tuple[str, str], str]:
+    from bucketsync.simclient import ClientState, stream_once
+
+    st = ClientState()
+
+    def done(kind: str, state: ClientState) -> bool:
+        return kind == "checkpoint_complete"
+
+    status = await stream_once(session, url, token, st, on_line=done, timeout_s=30)
+    assert status == 200 and st.mismatches == [] and st.completed
+    return {k: v[1] for b in st.buckets.values() for k, v in b.rows.items()}
+
+
+async def test_gateway_stays_up_through_redis_outages(
+    make_settings: Any, create_topic: Any, ns: Any, tmp_path: Path
+) -> None:
+    """Redis unreachable when the gateway starts, then killed mid-stream and restarted:
+    the gateway process stays up, readiness follows Redis, no traceback is logged, and a
+    client afterwards gets exactly the model's rows."""
+    import aiohttp
+
+    from bucketsync.run import child_argv
+    from bucketsync.tokens import make_dev_token
+    from tests.model import BucketModel
+    from tests.pipeline_helpers import debezium_json, model_rules, produce, write_rules
+
+    red = PrivateRedis(tmp_path)
+    topic = create_topic(ns.topic("app.public.todos"))
+    port = _free_port()
+    s = make_settings(
+        kafka={"topics": [topic]},
+        sync_rules=write_rules(tmp_path),
+        redis={"url": red.url},
+        gateway={"port": port},
+        processor={"metrics_port": 0},
+        compaction={"interval_s": 0},
+    )
+    cfg = write_config(tmp_path, s, "all")
+    url = f"http://127.0.0.1:{port}"
+    model = BucketModel(model_rules)
+    n = 0
+
+    def write(count: int) -> None:
+        nonlocal n
+        msgs = []
+        for _ in range(count):
+            n += 1
+            row = {"id": n % 37, "owner_id": "u1", "title": f"v{n}", "done": 0}
+            msgs.append(debezium_json("todos", "u", {"id": n % 37}, row))
+            model.upsert("todos", {"id": n % 37}, row)
+        produce(s.kafka.bootstrap_servers, topic, msgs)
+
+    def expected() -> dict[tuple[str, str], str]:
+        return model.buckets['by_user["u1"]'].live_rows()
+
+    log = open(tmp_path / "gateway.log", "wb")  # noqa: SIM115
+    gw = subprocess.Popen(child_argv("gateway", str(cfg)), stdout=log, stderr=subprocess.STDOUT)
+    proc = None
+    token = make_dev_token(s, sub="u1")
+    try:
+        async with aiohttp.ClientSession() as session:
+            # 1. Redis down at start: up, not ready
+            deadline = time.monotonic() + 30
+            while (status := await _readiness(session, url)) is None:
+                assert time.monotonic() < deadline and gw.poll() is None
+                time.sleep(0.2)
+            assert status == 400
+            red.start()
+            await _wait_status(session, url, 200)
+            proc = start_processor(cfg, "kafka")
+            write(50)
+            r = redis.Redis.from_url(red.url)
+            wait_applied(r, s.redis.prefix, {f"{topic}/0": n - 1}, 60, proc)
+            assert await _sync_rows(session, url, token) == expected()
+            # 2. killed mid-stream and restarted from its AOF
+            red.kill()
+            await _wait_status(session, url, 400)
+            assert gw.poll() is None and proc.poll() is None
+            write(20)
+            red.start()
+            await _wait_status(session, url, 200)
+            wait_applied(r, s.redis.prefix, {f"{topic}/0": n - 1}, 60, proc)
+            assert await _sync_rows(session, url, token) == expected()
+            assert gw.poll() is None
+    finally:
+        if proc is not None:
+            stop(proc)
+        stop(gw)
+        log.close()
+        if red.proc is not None and red.proc.poll() is None:
+            red.kill()
+    text = (tmp_path / "gateway.log").read_text(errors="replace")
+    assert "Traceback" not in text, text[-3000:]
