@@ -38,7 +38,7 @@ FilterFn: TypeAlias = Callable[[Any, Any], list[Assignment]]
 NO_MATCH: Final[list[Assignment]] = []
 TRUE_MATCH: Final[list[Assignment]] = [{}]
 
-REQUEST_FUNCTIONS: Final = ("user_id", "jwt", "parameters")
+REQUEST_FUNCTIONS: Final = ("user_id", "jwt", "parameters", "parameter")
 STREAM_SCHEMAS: Final = ("auth", "subscription", "connection")
 STREAM_FUNCTIONS: Final = {
     "auth": ("user_id", "parameter", "parameters"),
@@ -529,9 +529,11 @@ class Compiler:
         if fname not in REQUEST_FUNCTIONS:
             raise _error(
                 f"unknown function 'request.{fname}()' (known: request.user_id(), request.jwt(), "
-                "request.parameters())",
+                "request.parameters(), request.parameter(name))",
                 node,
             )
+        if fname == "parameter":
+            return self._request_parameter(node, call)
         if call.expressions:
             raise _error(f"request.{fname}() takes no arguments", node)
         self.scope.uses_request = True
@@ -560,6 +562,39 @@ class Compiler:
 
             fn = parameters
         return self._request_value(f"request.{fname}()", fn, node, client)
+
+    def _request_parameter(self, node: exp.Dot, call: exp.Anonymous) -> Clause:
+        """``request.parameter(name)``: one client parameter, like ``user_parameters.<name>``
+        (the reference's ``jsonExtractFromRecord(userParameters, name, '->>')``: a name
+        starting with ``$`` is a path split on ``.``, other names are a single key)."""
+        args = list(call.expressions)
+        if len(args) != 1:
+            raise _error("request.parameter() takes 1 argument", node)
+        key_clause = Compiler(Scope(Mode.REQUEST, row_kind="none")).compile(args[0])
+        if not isinstance(key_clause, Static):
+            raise _error("request.parameter() takes a constant name", args[0])
+        scope = self.scope
+        scope.uses_request = True
+        scope.uses_client = True
+        path = sv.to_text(key_clause.value)
+        fn: ValueFn
+        if path is None:
+            fn = _const_fn(None)
+        elif not path.startswith("$"):
+            name = path
+
+            def user_param(row: Any, req: RequestContext) -> SqliteValue:
+                return req.user_parameters.get(name)
+
+            fn = user_param
+        else:
+            components = path.split(".")[1:]
+
+            def user_param_path(row: Any, req: RequestContext) -> SqliteValue:
+                return _record_path(req.user_parameters, components)
+
+            fn = user_param_path
+        return self._request_value(_sql(node), fn, node, True)
 
     def _stream_function(
         self, node: exp.Dot, schema: str, fname: str, call: exp.Anonymous
@@ -1028,6 +1063,24 @@ def _request_value(v: object) -> SqliteValue:
     if t is dict or t is list:
         return sv.json_dumps(_reals(v))
     return sv.to_sqlite(v)
+
+
+def _record_path(record: Mapping[str, SqliteValue], components: list[str]) -> SqliteValue:
+    """Walk ``$.a.b`` through the client parameters as the reference does: the first step
+    reads a parameter, later steps index its (text) value like JavaScript does."""
+    value: Any = record
+    for c in components:
+        if value is None:
+            break
+        if type(value) is str:
+            value = value[int(c)] if c.isdigit() and int(c) < len(value) else None
+        elif isinstance(value, Mapping):
+            value = value.get(c)
+        else:
+            value = None
+    if isinstance(value, Mapping):
+        return sv.json_dumps(dict(value))
+    return value
 
 
 def stream_value(v: object) -> SqliteValue:

@@ -42,8 +42,6 @@ OPEN: dict[str, str] = {
 for _c in CASES:
     if _c.id in OPEN:
         _c.open_ = OPEN[_c.id]
-    elif "request.parameter(" in _c.id and "/accepted/" in _c.id:
-        _c.open_ = "request-parameter-function"
     elif "rejected_syntax/1: SELECT u.org_id" in _c.id:
         _c.open_ = "parameter-table-alias"
 
