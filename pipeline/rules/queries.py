@@ -252,6 +252,25 @@ def _outputs(
     return outputs
 
 
+def _warn_alias_case(stmt: exp.Select, ctx: QueryContext, warnings: list[str]) -> None:
+    """Parameter queries: an unquoted mixed-case output alias folds to lower case (the
+    reference warns, as the bucket parameter then has the lower-case name)."""
+    for e in stmt.expressions:
+        ident = e.args.get("alias") if isinstance(e, exp.Alias) else None
+        if (
+            isinstance(ident, exp.Identifier)
+            and not ident.quoted
+            and ident.this != ident.this.lower()
+        ):
+            w = ctx.warning(
+                f'unquoted alias {ident.this} is converted to lower case; use "{ident.this}" '
+                "to keep its case",
+                node_offset(ident),
+            )
+            if w not in warnings:
+                warnings.append(w)
+
+
 def _compile_err(ctx: QueryContext, e: SqlSyntaxError) -> RulesError:
     return ctx.error(e.message, e.offset_in(ctx.sql))
 
@@ -702,6 +721,7 @@ def _compile_parameter_query(
     src = _from(stmt)
     where_node = stmt.args.get("where")
     where_expr = where_node.this if where_node is not None else None
+    _warn_alias_case(stmt, ctx, warnings)
     try:
         if src is None:
             return _static_query(ctx, stmt, where_expr, warnings)
