@@ -41,6 +41,21 @@ class _RulesParser(SQLiteParser):
         TokenType.DARROW: _raw_arrow(exp.JSONExtractScalar),
     }
 
+    def _parse_in(self, this: exp.Expr | None, alias: bool = False) -> exp.In:
+        node = super()._parse_in(this, alias)
+        # `x IN request.parameters() -> 'ids'`: `->` / `->>` bind tighter than IN (as in the
+        # reference); sqlglot's IN takes only a column after it
+        field = node.args.get("field")
+        while field is not None and self._match_set((TokenType.ARROW, TokenType.DARROW)):
+            cls = (
+                exp.JSONExtract
+                if self._prev.token_type == TokenType.ARROW
+                else exp.JSONExtractScalar
+            )
+            field = self.expression(cls(this=field, expression=self._parse_unary()))
+            node.set("field", field)
+        return node
+
 
 class RulesDialect(SQLite):
     Parser = _RulesParser
