@@ -52,6 +52,7 @@ class RequestContext:
 
     __slots__ = (
         "_jwt_text",
+        "_legacy_jwt_text",
         "_parameters_text",
         "_subscription_text",
         "client_parameters",
@@ -84,6 +85,7 @@ class RequestContext:
             str(k): _request_value(v) for k, v in self.client_parameters.items()
         }
         self._jwt_text: str | None = None
+        self._legacy_jwt_text: str | None = None
         self._parameters_text: str | None = None
 
     @property
@@ -91,6 +93,14 @@ class RequestContext:
         if self._jwt_text is None:
             self._jwt_text = sv.json_dumps(dict(self.payload))
         return self._jwt_text
+
+    @property
+    def legacy_jwt_text(self) -> str:
+        """``request.jwt()`` of bucket_definitions: the reference prints the token's numbers
+        as JavaScript doubles (``123.0``), so they read back as REAL."""
+        if self._legacy_jwt_text is None:
+            self._legacy_jwt_text = sv.json_dumps(_reals(dict(self.payload)))
+        return self._legacy_jwt_text
 
     @property
     def parameters_text(self) -> str:
@@ -113,6 +123,7 @@ class RequestContext:
         other.token_parameters = self.token_parameters
         other.user_parameters = self.user_parameters
         other._jwt_text = self._jwt_text
+        other._legacy_jwt_text = self._legacy_jwt_text
         other._parameters_text = self._parameters_text
         other.subscription_parameters = parameters or {}
         other._subscription_text = None
@@ -552,7 +563,7 @@ class Compiler:
         elif fname == "jwt":
 
             def jwt(row: Any, req: RequestContext) -> SqliteValue:
-                return req.jwt_text
+                return req.legacy_jwt_text
 
             fn = jwt
         else:

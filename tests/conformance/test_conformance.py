@@ -25,8 +25,6 @@ OPEN: dict[str, str] = {
     "legacy/sync_rules.test.ts > direct boolean param": "bare-bucket-parameter",
     "legacy/sync_rules.test.ts > wildcard table": "star-anywhere-table-suffix",
     "legacy/sync_rules.test.ts > wildcard without alias": "star-anywhere-table-suffix",
-    "legacy/static_parameter_queries.test.ts > request.jwt() ->> 'sub'": "jwt-object-reals",
-    "legacy/static_parameter_queries.test.ts > request.jwt() ->> 'other'": "jwt-object-reals",
     "legacy/table_valued_function_queries.test.ts > json_each(array param)": "legacy-json-null",
     "sql_functions.test.ts > json extract": "legacy-json-null",
     "sql_functions.test.ts > ->>": "legacy-json-null",
