@@ -31,6 +31,7 @@ from gateway.buckets import BucketResolver
 from gateway.errors import CODE_INTERNAL, CODE_TOO_MANY_CONNECTIONS, CODE_VALIDATION, ServiceError
 from gateway.hub import CheckpointHub
 from gateway.logutil import RateLimitedLog, clip
+from gateway.openapi import openapi_document
 from gateway.stream import SlowClient, StreamLimits, SyncStream
 from pipeline.rules import SyncRules
 from pipeline.store import Store, write_checkpoint_key
@@ -472,6 +473,10 @@ async def options(request: web.Request) -> web.Response:
     return web.Response(status=204, headers=CORS_HEADERS)
 
 
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document(), headers=CORS_HEADERS)
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     """The one error boundary at the HTTP edge: whatever goes wrong inside a request is
@@ -544,6 +549,7 @@ async def build_app(settings: Settings, *, with_position: bool = True) -> web.Ap
     app.router.add_get("/probes/readiness", readiness)
     app.router.add_get("/probes/startup", readiness)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi_json)
     for path in ("/sync/stream", "/write-checkpoint2.json"):
         app.router.add_route("OPTIONS", path, options)  # CORS preflight for browser SDKs
 
