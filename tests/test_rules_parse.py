@@ -239,7 +239,7 @@ P = "SELECT request.user_id() AS user_id"
             "both sides of OR must use the same",
             23,
         ),
-        ("SELECT a FROM t WHERE bucket.user_id", P, "must be compared to the row", 23),
+        ("SELECT a FROM t WHERE NOT bucket.user_id", P, "can only be compared to the row", 27),
         ("SELECT a FROM t WHERE b IN bucket.user_id", P, "cannot be on the right side of IN", 28),
         (
             "SELECT a FROM t WHERE bucket.user_id = bucket.user_id",

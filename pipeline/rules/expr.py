@@ -375,13 +375,11 @@ class Compiler:
                 return TRUE_MATCH if truth(f(row, req)) == 1 else NO_MATCH
 
             return MatchClause((), row_filter)
-        # a bare request-side condition (parameter query over a table)
         if self.scope.mode is Mode.DATA:
-            raise _error(
-                f"bucket parameter '{clause.bucket_param}' must be compared to the row "
-                f"(`column = bucket.{clause.bucket_param}`)",
-                clause.node,
-            )
+            # a bare bucket parameter as a condition (`WHERE bucket.is_admin`): the row goes
+            # into the bucket whose parameter is true (1), like the reference
+            return self._eq_match(static(1), clause)
+        # a bare request-side condition (parameter query over a table)
         pf = clause.fn
         key = f"{clause.key} IS TRUE"
 

@@ -22,7 +22,6 @@ CASES: list[Case] = [
 
 
 OPEN: dict[str, str] = {
-    "legacy/sync_rules.test.ts > direct boolean param": "bare-bucket-parameter",
     "legacy/sync_rules.test.ts > wildcard table": "star-anywhere-table-suffix",
     "legacy/sync_rules.test.ts > wildcard without alias": "star-anywhere-table-suffix",
     "legacy/table_valued_function_queries.test.ts > json_each(array param)": "legacy-json-null",
