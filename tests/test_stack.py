@@ -21,6 +21,10 @@ import yaml
 from bucketsync import stack
 from bucketsync.config import ConfigError, Settings, load_settings
 from bucketsync.errors import UserError
+from bucketsync.stack import actions, binaries, maven, processes
+from bucketsync.stack import redis as stack_redis
+from bucketsync.stack.kafka import KAFKA
+from bucketsync.stack.redis import REDIS
 
 
 def _free_port() -> int:
@@ -102,7 +106,7 @@ def test_same_kafka_ports(throwaway: Callable[..., Settings]) -> None:
 
 
 def test_missing_java(throwaway: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(stack, "_find_java", lambda: None)
+    monkeypatch.setattr(binaries, "find_java", lambda: None)
     settings = throwaway()
     with pytest.raises(UserError, match=r"java not found on PATH; Kafka needs Java 17\+") as err:
         stack.ensure_up(settings)
@@ -113,13 +117,13 @@ def test_missing_java(throwaway: Callable[..., Settings], monkeypatch: pytest.Mo
 def test_java_not_runnable(
     throwaway: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(stack, "_find_java", lambda: "/nonexistent/bin/java")
+    monkeypatch.setattr(binaries, "find_java", lambda: "/nonexistent/bin/java")
     with pytest.raises(UserError, match="could not run /nonexistent/bin/java"):
         stack.ensure_up(throwaway())
 
 
 def test_java_too_old(throwaway: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(stack, "_java_major", lambda java: 11)
+    monkeypatch.setattr(binaries, "java_major", lambda java: 11)
     with pytest.raises(UserError, match=r"is Java 11, Kafka needs Java 17\+"):
         stack.ensure_up(throwaway())
 
@@ -141,8 +145,8 @@ def test_parse_java_major(text: str, major: int | None) -> None:
 def test_missing_redis_server(
     throwaway: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(stack, "_find_redis_server", lambda: None)
-    monkeypatch.setattr(stack, "_apt_install", lambda package: False)
+    monkeypatch.setattr(stack_redis, "_find_redis_server", lambda: None)
+    monkeypatch.setattr(binaries, "apt_install", lambda package: False)
     settings = throwaway()
     with pytest.raises(UserError, match="redis-server not found on PATH") as err:
         stack.ensure_up(settings)
@@ -206,7 +210,7 @@ def test_maven_central_unreachable(throwaway: Callable[..., Settings], tmp_path:
 
 
 def test_missing_mvn(throwaway: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(stack, "_find_mvn", lambda: None)
+    monkeypatch.setattr(maven, "find_mvn", lambda: None)
     with pytest.raises(UserError, match=r"mvn \(Apache Maven\) not found on PATH"):
         stack.ensure_libs(throwaway())
 
@@ -332,13 +336,12 @@ def test_start_failure_shows_log_tail(throwaway: Callable[..., Settings]) -> Non
     settings = throwaway()
     lay = stack.layout_for(settings)
     lay.kafka_dir.mkdir(parents=True)
-    kafka = next(s for s in stack._services(settings) if s.name == "kafka")
-    stack._spawn(
+    processes.spawn(
         ["sh", "-c", "echo 'Socket server failed to bind'; exit 3"],
         cwd=lay.kafka_dir, log=lay.kafka_log, pid_file=lay.kafka_pid,
     )  # fmt: skip
     with pytest.raises(UserError) as err:
-        stack._wait_ready(settings, [kafka], {"kafka": 0.0})
+        actions.wait_ready(settings, [KAFKA], {"kafka": 0.0})
     msg = str(err.value)
     assert "kafka: the process exited during start-up with exit code 3" in msg
     assert str(lay.kafka_log) in msg and "Socket server failed to bind" in msg
@@ -348,17 +351,52 @@ def test_start_timeout_names_log(throwaway: Callable[..., Settings]) -> None:
     settings = throwaway(start_timeout_s=0.5)
     lay = stack.layout_for(settings)
     lay.redis_dir.mkdir(parents=True)
-    redis_svc = next(s for s in stack._services(settings) if s.name == "redis")
-    pid = stack._spawn(
+    pid = processes.spawn(
         ["sh", "-c", "echo 'still loading'; exec sleep 60"],
         cwd=lay.redis_dir, log=lay.redis_log, pid_file=lay.redis_pid,
     )  # fmt: skip
     try:
         with pytest.raises(UserError) as err:
-            stack._wait_ready(settings, [redis_svc], {"redis": 0.0})
+            actions.wait_ready(settings, [REDIS], {"redis": 0.0})
         msg = str(err.value)
         assert "redis did not answer at redis://127.0.0.1:" in msg
         assert str(lay.redis_log) in msg and "still loading" in msg
     finally:
         os.kill(pid, 9)
-        stack._children.pop(pid).wait()
+        processes.children.pop(pid).wait()
+
+
+# --------------------------------------------------------------------------- package shape
+
+
+def test_public_api_is_reexported() -> None:
+    """What cli, demo, run, the benchmarks, scripts and tests import from ``bucketsync.stack``."""
+    for name in (
+        "ensure_up", "down", "reset", "stack_status", "main", "layout_for", "Layout",
+        "kafka_address", "redis_url", "postgres_dsn", "connect_url", "psql", "psql_argv",
+        "connector_config", "register_connector", "remove_connector", "delete_connector",
+        "wait_connector_running", "connector_status", "slot_lag_bytes", "SourceUnavailable",
+        "PG_SUPERUSER", "PG_DATABASE", "PG_PUBLICATION", "PG_CDC_USER", "DEBEZIUM_CLASS",
+        "DEBEZIUM_VERSION", "SOURCES", "ensure_libs", "ensure_connect_libs",
+    ):  # fmt: skip
+        assert hasattr(stack, name), name
+    assert set(stack.__all__) <= set(dir(stack))
+    assert stack.SOURCES == ("none", "postgres")
+
+
+def test_every_component_stops_and_resets(throwaway: Callable[..., Settings]) -> None:
+    """``down``/``reset`` act on every component; Connect (a later stage) stops first."""
+    settings = throwaway()
+    names = [c.name for c in actions.ALL]
+    assert names == ["kafka", "redis", "postgres", "connect"]
+    order = [[c.name for c in stage] for stage in reversed(actions._stages(actions.ALL))]
+    assert order == [["connect"], ["kafka", "redis", "postgres"]]
+    assert all(comp.data(settings) for comp in actions.ALL)
+
+
+def test_ports_collide_across_services(throwaway: Callable[..., Settings]) -> None:
+    port = _free_port()
+    settings = throwaway(redis_port=port, connect_port=port)
+    with pytest.raises(UserError, match=r"stack\.connect_port .* collides .*stack\.redis_port"):
+        stack.ensure_up(settings, source="postgres")
+    _no_processes_started(settings)

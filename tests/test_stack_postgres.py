@@ -22,6 +22,7 @@ import yaml
 from bucketsync import stack
 from bucketsync.config import Settings, load_settings
 from bucketsync.errors import UserError
+from bucketsync.stack import binaries, connect, connector, postgres
 
 
 def _free_port() -> int:
@@ -53,6 +54,12 @@ def throwaway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., 
         return load_settings(cfg)
 
     return make
+
+
+def _java_17(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Preflight finds a Java 17 whatever this machine has."""
+    monkeypatch.setattr(binaries, "find_java", lambda: "/usr/bin/java")
+    monkeypatch.setattr(binaries, "java_major", lambda java: 17)
 
 
 def _nothing_started(settings: Settings) -> None:
@@ -175,7 +182,7 @@ def test_parse_pg_major(text: str, major: int | None) -> None:
 
 
 def test_psql_argv(throwaway: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(stack, "_pg_bindir", lambda: Path("/pg/bin"))
+    monkeypatch.setattr(postgres, "pg_bindir", lambda: Path("/pg/bin"))
     monkeypatch.setenv("PGHOST", "elsewhere")
     settings = throwaway()
     argv, env = stack.psql_argv(settings)
@@ -184,7 +191,7 @@ def test_psql_argv(throwaway: Callable[..., Settings], monkeypatch: pytest.Monke
     assert argv[argv.index("-U") + 1] == "app" and argv[argv.index("-d") + 1] == "app"
     assert env["PGPASSWORD"] == "app" and "PGHOST" not in env
     argv, env = stack.psql_argv(settings, user="postgres", database="postgres")
-    assert argv[argv.index("-h") + 1] == str(stack._pg_socket_dir(settings))
+    assert argv[argv.index("-h") + 1] == str(postgres.pg_socket_dir(settings))
     assert "PGPASSWORD" not in env
     assert stack.postgres_dsn(settings) == (
         f"postgresql://app:app@127.0.0.1:{settings.stack.postgres_port}/app"
@@ -201,7 +208,7 @@ def test_socket_dir_falls_back_when_too_long(
     cfg = tmp_path / "bucketsync.yaml"
     cfg.write_text(yaml.safe_dump({"stack": {"state_dir": str(deep)}}))
     settings = load_settings(cfg)
-    sock = stack._pg_socket_dir(settings)
+    sock = postgres.pg_socket_dir(settings)
     assert not str(sock).startswith(str(deep))
     assert len(str(sock / ".s.PGSQL.65535.lock")) <= 100
 
@@ -217,9 +224,9 @@ def test_unreachable_by() -> None:
         inner.mkdir(parents=True)
         closed.chmod(0o700)
         nobody = (65534, 65534)
-        assert stack._unreachable_by(inner, *nobody) == closed
+        assert postgres._unreachable_by(inner, *nobody) == closed
         closed.chmod(0o711)
-        assert stack._unreachable_by(inner, *nobody) is None
+        assert postgres._unreachable_by(inner, *nobody) is None
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
@@ -230,9 +237,9 @@ def test_unreachable_by() -> None:
 def test_missing_postgres_is_one_line_with_the_fix(
     throwaway: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(stack, "_pg_bindir", lambda: None)
-    monkeypatch.setattr(stack, "_apt_install", lambda package: False)
-    monkeypatch.setattr(stack, "_check_java", lambda: "/usr/bin/java")
+    monkeypatch.setattr(postgres, "pg_bindir", lambda: None)
+    monkeypatch.setattr(binaries, "apt_install", lambda package: False)
+    _java_17(monkeypatch)
     settings = throwaway()
     with pytest.raises(stack.SourceUnavailable) as err:
         stack.ensure_up(settings, source="postgres")
@@ -250,8 +257,8 @@ def test_too_old_postgres(
     for tool in ("postgres", "initdb", "psql"):
         (bindir / tool).write_text("#!/bin/sh\necho 'postgres (PostgreSQL) 13.4'\n")
         (bindir / tool).chmod(0o755)
-    monkeypatch.setattr(stack, "_pg_bindir", lambda: bindir)
-    monkeypatch.setattr(stack, "_check_java", lambda: "/usr/bin/java")
+    monkeypatch.setattr(postgres, "pg_bindir", lambda: bindir)
+    _java_17(monkeypatch)
     settings = throwaway()
     with pytest.raises(stack.SourceUnavailable, match="PostgreSQL 13; the CDC source needs 15"):
         stack.ensure_up(settings, source="postgres")
@@ -262,9 +269,9 @@ def test_too_old_postgres(
 def test_source_port_in_use(
     throwaway: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch, key: str
 ) -> None:
-    monkeypatch.setattr(stack, "_check_java", lambda: "/usr/bin/java")
-    monkeypatch.setattr(stack, "ensure_connect_libs", lambda settings: False)
-    if stack._pg_bindir() is None:
+    _java_17(monkeypatch)
+    monkeypatch.setattr(connect, "ensure_connect_libs", lambda settings: False)
+    if postgres.pg_bindir() is None:
         pytest.skip("no PostgreSQL binaries here")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -375,7 +382,7 @@ def test_wait_connector_failed_names_trace_and_log(
         "connector": {"state": "RUNNING"},
         "tasks": [{"id": 0, "state": "FAILED", "trace": trace}],
     }
-    monkeypatch.setattr(stack, "connector_status", lambda settings, name: status)
+    monkeypatch.setattr(connector, "connector_status", lambda settings, name: status)
     with pytest.raises(UserError) as err:
         stack.wait_connector_running(settings, "c1", timeout=5)
     msg = str(err.value)
@@ -389,6 +396,6 @@ def test_wait_connector_timeout_names_log(
 ) -> None:
     settings = throwaway()
     status = {"connector": {"state": "RUNNING"}, "tasks": [{"id": 0, "state": "UNASSIGNED"}]}
-    monkeypatch.setattr(stack, "connector_status", lambda settings, name: status)
+    monkeypatch.setattr(connector, "connector_status", lambda settings, name: status)
     with pytest.raises(UserError, match=r"not RUNNING within 0 s .*connect\.log"):
         stack.wait_connector_running(settings, "c1", timeout=0.3)
