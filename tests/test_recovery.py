@@ -95,7 +95,9 @@ def test_second_processor_takes_over_a_dead_ones_partitions(
         a = start_processor(cfg, driver)
         b = start_processor(cfg, driver)
         try:
-            first = end_offsets(s.kafka.bootstrap_servers, [(topics[t], n) for t, n in TABLES.items()])
+            first = end_offsets(
+                s.kafka.bootstrap_servers, [(topics[t], n) for t, n in TABLES.items()]
+            )
             wait_applied(r, s.redis.prefix, first, timeout=120, proc=a)
             time.sleep(2)  # both members hold partitions by now
             a.send_signal(signal.SIGKILL)
@@ -103,7 +105,9 @@ def test_second_processor_takes_over_a_dead_ones_partitions(
             # the second half arrives after the death: b must take a's partitions
             for topic, msgs in later[0].items():
                 produce(s.kafka.bootstrap_servers, topic, msgs)
-            ends = end_offsets(s.kafka.bootstrap_servers, [(topics[t], n) for t, n in TABLES.items()])
+            ends = end_offsets(
+                s.kafka.bootstrap_servers, [(topics[t], n) for t, n in TABLES.items()]
+            )
             wait_applied(r, s.redis.prefix, ends, timeout=120, proc=b)
         finally:
             stop(a)
