@@ -125,6 +125,27 @@ bucket_definitions:
         assert buckets(r.evaluate_row(table, {"id": 1, "owner_id": "u"})) == ['by_user["u"]']
 
 
+def test_star_anywhere_and_table_suffix() -> None:
+    # the reference: a column sets its name, `*` fills in the columns not set yet (or NULL);
+    # `_table_suffix` of a wildcard table is readable but never part of `*`
+    r = rules(
+        """
+bucket_definitions:
+  g:
+    data:
+      - SELECT owner AS id, *, 'x' AS title FROM "todos_%" WHERE _table_suffix != 'old'
+      - SELECT * FROM "lists_%" WHERE _table_suffix = 'a'
+"""
+    )
+    out = r.evaluate_row("todos_new", {"id": "t1", "owner": None, "title": "t", "n": 1})
+    assert [(o.object_type, o.object_id, json.loads(o.data)) for o in out] == [
+        ("todos_new", "t1", {"id": "t1", "owner": None, "title": "x", "n": 1})
+    ]
+    assert r.evaluate_row("todos_old", {"id": "t1"}) == []
+    out = r.evaluate_row("lists_a", {"id": "l1"})
+    assert [json.loads(o.data) for o in out] == [{"id": "l1"}]
+
+
 def test_example_buckets_for_request(example: SyncRules) -> None:
     assert example.buckets_for_request({"sub": "u1", "aud": "x"}) == [
         BucketDescription('by_user["u1"]', "by_user", 3),

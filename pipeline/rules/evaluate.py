@@ -289,19 +289,21 @@ class SyncRules:
             if q_schema is not None and q_schema != schema:
                 continue
             try:
-                ids = q.buckets(row)
+                # a wildcard table's `_table_suffix` is read like a column
+                r = row if q.suffix_at is None else {**row, "_table_suffix": table[q.suffix_at :]}
+                ids = q.buckets(r)
                 if not ids:
                     continue
                 projection = q.projection
                 if projection is not last_projection:
                     if last_projection is None:
-                        projected = projection.project(row)
+                        projected = projection.project(r)
                     else:
                         if cache is None:
                             cache = {last_projection: projected}
                         found = cache.get(projection)
                         if found is None:
-                            found = cache[projection] = projection.project(row)
+                            found = cache[projection] = projection.project(r)
                         projected = found
                     last_projection = projection
             except Exception as e:

@@ -304,15 +304,46 @@ class Projection:
         columns: list[tuple[str, ValueFn]],
         key: tuple[Any, ...],
         plain: list[tuple[str, str]] | None = None,
+        items: list[tuple[str, ValueFn] | None] | None = None,
+        skip: frozenset[str] = frozenset(),
     ) -> None:
+        """``items``: the select list in order (None: ``*``) when ``*`` is not only first;
+        ``skip``: columns ``*`` leaves out."""
         self.key = key
         self._columns = columns
-        if star and not columns:
-            self.project: Callable[[Row], tuple[str, str]] = _project_star
+        if items is not None:
+            self.project: Callable[[Row], tuple[str, str]] = self._make_ordered(items, skip)
+        elif star and not columns:
+            self.project = _project_star
         elif not star and plain is not None:
             self.project = self._make_plain(plain)
         else:
             self.project = self._make_general(star, columns)
+
+    @staticmethod
+    def _make_ordered(
+        items: list[tuple[str, ValueFn] | None], skip: frozenset[str]
+    ) -> Callable[[Row], tuple[str, str]]:
+        """``*`` anywhere in the select list, like the reference: a column sets its name, ``*``
+        fills in the row's columns not set yet (or NULL), except ``skip``
+        (``_table_suffix``)."""
+        dumps = sv.dumps_flat_object
+
+        def project(row: Row) -> tuple[str, str]:
+            d: dict[str, SqliteValue] = {}
+            for item in items:
+                if item is None:
+                    for k, v in _star_dict(row).items():
+                        if d.get(k) is None and k not in skip:
+                            d[k] = v
+                else:
+                    d[item[0]] = item[1](row, None)
+            for k in [k for k, v in d.items() if type(v) is bytes]:
+                del d[k]  # binary values are dropped (§8.3)
+            oid = d.get("id")
+            return (oid if type(oid) is str else _object_id(oid)), dumps(d)
+
+        return project
 
     @staticmethod
     def _make_plain(plain: list[tuple[str, str]]) -> Callable[[Row], tuple[str, str]]:
@@ -413,6 +444,8 @@ class DataQuery:
     # the alias or table name; None for a wildcard table without alias (source table name)
     object_type: str | None
     schema: str | None  # required source schema (FROM schema.table), else None
+    #: wildcard table whose query reads ``_table_suffix``: the length of its prefix
+    suffix_at: int | None = None
 
 
 def _bucket_fn(
@@ -504,20 +537,20 @@ def compile_data_query(
         plain: list[tuple[str, str]] = []
         all_plain = True
         key_parts: list[Any] = []
+        items: list[tuple[str, ValueFn] | None] = []
+        ordered = False  # '*' after a column, or twice: the select order decides
         for out in outputs:
             if out.name is None:
-                if columns:
-                    # '*' after explicit columns: PowerSync keeps select order; we keep it simple
-                    raise SqlSyntaxError(
-                        "'*' must come first in the select list",
-                        node_offset(stmt.expressions[len(columns)]),
-                    )
+                if columns or star:
+                    ordered = True
                 star = True
                 key_parts.append("*")
+                items.append(None)
                 continue
             assert out.node is not None
             clause = compiler.compile_value(out.node, "select columns")
             columns.append((out.name, clause.fn))
+            items.append((out.name, clause.fn))
             if isinstance(clause, RowValue) and clause.column is not None:
                 plain.append((out.name, clause.column))
             else:
@@ -538,10 +571,24 @@ def compile_data_query(
                 f"or `bucket.{p} IN <column>` to the WHERE clause",
                 offset,
             )
-    key = (star, *key_parts)
+    suffix_at: int | None = None
+    if table.wildcard and any(
+        identifier_name(c.this)[0] == "_table_suffix" for c in stmt.find_all(exp.Column)
+    ):
+        suffix_at = len(table.prefix)
+        if star:
+            ordered = True  # '*' must leave out the added _table_suffix
+    key = (star, ordered, suffix_at is not None, *key_parts)
     projection = projections.get(key)
     if projection is None:
-        projection = projections[key] = Projection(star, columns, key, plain if all_plain else None)
+        projection = projections[key] = Projection(
+            star,
+            columns,
+            key,
+            plain if all_plain else None,
+            items if ordered else None,
+            frozenset({"_table_suffix"}) if suffix_at is not None else frozenset(),
+        )
     return DataQuery(
         definition=ctx.definition,
         number=ctx.number,
@@ -551,6 +598,7 @@ def compile_data_query(
         buckets=_bucket_fn(ctx.definition, params, match, where_node is not None),
         object_type=table.alias or (None if table.wildcard else table.name),
         schema=table.schema,
+        suffix_at=suffix_at,
     )
 
 

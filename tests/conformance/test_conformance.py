@@ -22,8 +22,6 @@ CASES: list[Case] = [
 
 
 OPEN: dict[str, str] = {
-    "legacy/sync_rules.test.ts > wildcard table": "star-anywhere-table-suffix",
-    "legacy/sync_rules.test.ts > wildcard without alias": "star-anywhere-table-suffix",
     "legacy/table_valued_function_queries.test.ts > json_each(array param)": "legacy-json-null",
     "sql_functions.test.ts > json extract": "legacy-json-null",
     "sql_functions.test.ts > ->>": "legacy-json-null",
