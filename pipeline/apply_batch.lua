@@ -13,6 +13,7 @@
 --                 "s": "<source row json>" | false,
 --                 "l": [[lookup key, values json], ...]  (optional)} |
 --                {"truncate": "<table>"}, ... ],
+--    "source_lsn": {"<connector>": <highest PostgreSQL LSN in batch>, ...} | null,
 --    "maxlen": <changes stream maxlen> }
 --   "o" = false means the row is deleted; a list (maybe empty) is the row's complete
 --   set of outputs after the event. "tail" is the op's wire JSON after the op_id field.
@@ -251,6 +252,19 @@ end
 
 for tp, high in pairs(batch.offsets) do
   redis.call("HSET", offsets_key, tp, high)
+end
+
+-- highest applied source position (PostgreSQL LSN) per connector, never lowered; announced
+-- with the offsets as "lsn:<connector>" (exact write checkpoints compare against it)
+if type(batch.source_lsn) == "table" then
+  for name, lsn in pairs(batch.source_lsn) do
+    local cur = tonumber(redis.call("HGET", P .. ":source_lsn", name) or "-1")
+    if lsn > cur then
+      cur = lsn
+      redis.call("HSET", P .. ":source_lsn", name, string.format("%d", lsn))
+    end
+    batch.offsets["lsn:" .. name] = string.format("%d", cur)
+  end
 end
 
 if n_ops > 0 then

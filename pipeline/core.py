@@ -181,6 +181,10 @@ def plan_batch(
         if tp not in batch.guard:
             batch.guard[tp] = rec.offset
         batch.offsets[tp] = rec.offset
+        lsn = ev.get("source_lsn")
+        if lsn is not None:  # PostgreSQL WAL position: exact write checkpoints
+            name = str(ev.get("source_name"))
+            batch.source_lsn[name] = max(lsn, batch.source_lsn.get(name, -1))
         action = ev.get("action")
         if action == "dead_letter":
             details = {k: v for k, v in ev.items() if k not in ("action", "reason", "message")}

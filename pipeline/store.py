@@ -18,6 +18,9 @@ Layout under the configured prefix ``P`` (docs/store.md has the long form):
 - ``P:table:{table}``    set of row keys of a source table (TRUNCATE).
 - ``P:seq``              op_id sequence.   ``P:checkpoint``  current checkpoint.
 - ``P:offsets``          hash ``topic/partition`` -> last applied offset.
+- ``P:source_lsn``       hash connector (``source.name``) -> highest applied PostgreSQL LSN
+                         (``source.lsn``), never lowered; also announced in the change
+                         entry's ``o`` as ``lsn:<connector>`` (exact write checkpoints).
 - ``P:changes``          stream: one entry per applied batch (cp, changed buckets ``b``, lookup
                          keys whose value sets changed ``l``, offsets ``o``).
 - ``P:dirty``            set of buckets with MOVEs since their last compaction.
@@ -152,6 +155,8 @@ class PlannedBatch:
     events: list[dict[str, Any]] = field(default_factory=list)
     guard: dict[str, int] = field(default_factory=dict)  # tp -> lowest offset
     offsets: dict[str, int] = field(default_factory=dict)  # tp -> highest offset
+    #: connector (source.name) -> highest PostgreSQL LSN of the batch's events
+    source_lsn: dict[str, int] = field(default_factory=dict)
 
 
 def parse_member(member: bytes, score: float) -> StoredOp:
@@ -196,6 +201,7 @@ class Store:
             {
                 "guard": batch.guard,
                 "offsets": batch.offsets,
+                "source_lsn": batch.source_lsn or None,
                 "events": batch.events,
                 "maxlen": self.changes_maxlen,
             }
@@ -208,6 +214,11 @@ class Store:
 
     async def applied_offsets(self) -> dict[str, int]:
         raw = await self.r.hgetall(self.k("offsets"))
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+    async def applied_source_lsns(self) -> dict[str, int]:
+        """Highest applied PostgreSQL LSN per connector (``P:source_lsn``)."""
+        raw = await self.r.hgetall(self.k("source_lsn"))
         return {k.decode(): int(v) for k, v in raw.items()}
 
     async def source_rows(self, row_keys: Sequence[str]) -> dict[str, dict[str, Any]]:

@@ -30,7 +30,7 @@ TYPE_HINTS: dict[str, dict[str, str]] = EXPECTED["type_hints"]
 MAX_BYTES: int = EXPECTED["limits"]["max_record_bytes"]
 SCHEMAS = LocalSchemaDir(FIXTURES / "avro-schemas")
 #: keys a result may carry beyond expected.json
-ALLOWED_EXTRA = {"message", "source_table", "source_schema"}
+ALLOWED_EXTRA = {"message", "source_table", "source_schema", "source_lsn", "source_name"}
 
 
 def topic_format(topic: str) -> str:

@@ -57,6 +57,21 @@ KNOWN_KINDS: Final = frozenset(
 _CACHE_MAX: Final = 1024
 
 
+def _with_source_lsn(
+    out: dict[str, Any], src: dict[str, Any] | None, kind: str | None
+) -> dict[str, Any]:
+    """PostgreSQL events carry their WAL position: ``source_lsn`` (``source.lsn``) and
+    ``source_name`` (``source.name``, the connector's topic prefix), for exact write
+    checkpoints (the processor records the highest applied LSN per connector)."""
+    if src is None or kind != "postgresql":
+        return out
+    lsn, name = src.get("lsn"), src.get("name")
+    if type(lsn) is int and lsn >= 0 and type(name) is str and name:
+        out["source_lsn"] = lsn
+        out["source_name"] = name
+    return out
+
+
 class _DL(Exception):
     def __init__(self, result: dict[str, Any]) -> None:
         self.result = result
@@ -670,7 +685,7 @@ class _Ctx:
             out = {"action": "truncate", "table": table}
             if tx is not None:
                 out["tx"] = tx
-            return self._with_ids(out, sschema, stable)
+            return _with_source_lsn(self._with_ids(out, sschema, stable), src, kind)
         after = p.get("after")
         mongo = kind == "mongodb" or type(after) is str or type(p.get("before")) is str
         if op == "d":
@@ -682,7 +697,7 @@ class _Ctx:
                 to = self._header_key("__debezium.newkey", kind, table)
                 if to is not None:
                     out["pk_change_to"] = to
-            return self._with_ids(out, sschema, stable)
+            return _with_source_lsn(self._with_ids(out, sschema, stable), src, kind)
         if mongo:
             out = self._mongo_upsert(p, after, op, kind, table)
         else:
@@ -701,7 +716,7 @@ class _Ctx:
             frm = self._header_key("__debezium.oldkey", kind, table)
             if frm is not None:
                 out["pk_change_from"] = frm
-        return self._with_ids(out, sschema, stable)
+        return _with_source_lsn(self._with_ids(out, sschema, stable), src, kind)
 
     def _mongo_upsert(
         self, p: dict[str, Any], after: Any, op: str, kind: str | None, table: str
