@@ -688,6 +688,9 @@ def _check_port_free(host: str, port: int) -> None:
     from bucketsync.errors import UserError
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # as the server's own bind does (asyncio sets it): connections of a gateway that
+        # just died linger in TIME_WAIT and must not keep its successor from starting
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as exc:
