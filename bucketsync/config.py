@@ -129,6 +129,27 @@ class GatewaySettings(_Section):
     kafka_backoff_max_s: float = Field(default=30.0, gt=0)
     #: Bytes of encoded op pages the per-process page cache may hold.
     page_cache_max_bytes: int = Field(default=64 * 1_048_576, gt=0)
+    #: What a write checkpoint is bound to. ``kafka``: the CDC topics' end offsets at request
+    #: time (no database access; a write Debezium has not published yet is not covered, so a
+    #: client's own row can vanish for a moment). ``source``: the source PostgreSQL's
+    #: ``pg_current_wal_lsn()`` through ``source_dsn``, acknowledged once the processor has
+    #: applied events of ``source_connector`` at or past it (exact; see README).
+    write_checkpoint_mode: Literal["kafka", "source"] = "kafka"
+    #: ``source`` mode: libpq connection string of the source database; the gateway only runs
+    #: ``SELECT pg_current_wal_lsn()`` on it (its session is read-only): use a role without
+    #: write rights, e.g. ``postgresql://reader:secret@db:5432/app``.
+    source_dsn: str | None = None
+    #: ``source`` mode: the Debezium connector's ``topic.prefix`` (``source.name`` of its
+    #: events) whose applied LSN acknowledges write checkpoints.
+    source_connector: str = "app"
+    #: ``source`` mode: seconds to connect to / query the source database (503 beyond).
+    source_timeout_s: float = Field(default=5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _source_mode_needs_dsn(self) -> GatewaySettings:
+        if self.write_checkpoint_mode == "source" and not self.source_dsn:
+            raise ValueError("gateway.write_checkpoint_mode 'source' needs gateway.source_dsn")
+        return self
 
 
 class ProcessorSettings(_Section):

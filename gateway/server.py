@@ -32,6 +32,7 @@ from gateway.errors import CODE_INTERNAL, CODE_TOO_MANY_CONNECTIONS, CODE_VALIDA
 from gateway.hub import CheckpointHub
 from gateway.logutil import RateLimitedLog, clip
 from gateway.openapi import openapi_document
+from gateway.source_position import SourcePosition
 from gateway.stream import SlowClient, StreamLimits, SyncStream
 from pipeline.rules import SyncRules
 from pipeline.store import Store, write_checkpoint_key
@@ -187,6 +188,8 @@ class Gateway:
     verifier: TokenVerifier
     closing: asyncio.Event = field(default_factory=asyncio.Event)
     position: PipelinePosition | None = None
+    #: gateway.write_checkpoint_mode=source: the source database's WAL position
+    source: SourcePosition | None = None
     streams: set[asyncio.Task[Any]] = field(default_factory=set)
     #: open sync streams per user (``str(sub)``), for gateway.max_connections_per_user
     user_streams: dict[str, int] = field(default_factory=dict)
@@ -437,7 +440,21 @@ async def write_checkpoint(request: web.Request) -> web.Response:
     token = await _authenticate(gw, request)
     client_id = request.query.get("client_id")
     position: dict[str, int] = {}
-    if gw.position is not None:
+    if gw.source is not None:
+        try:
+            position = await gw.source.read()
+            # the hub learns applied LSNs from change entries; after a gateway restart it
+            # has none until the next batch: take the stored ones (never lowered)
+            for key, lsn in (await gw.store.applied_source_lsns()).items():
+                name = f"lsn:{key}"
+                gw.hub.offsets[name] = max(lsn, gw.hub.offsets.get(name, -1))
+        except Exception as exc:
+            raise ServiceError(
+                503,
+                "PSYNC_S2003",
+                f"could not read the source database's WAL position: {clip(str(exc), 300)}",
+            ) from None
+    elif gw.position is not None:
         try:
             position = await asyncio.get_running_loop().run_in_executor(None, gw.position.read)
         except Exception as exc:
@@ -540,7 +557,10 @@ async def build_app(settings: Settings, *, with_position: bool = True) -> web.Ap
     verifier = TokenVerifier(settings.auth, base_dir=settings.config_dir)
     gw = Gateway(settings, rules, store, hub, verifier)
     if with_position:
-        gw.position = PipelinePosition(settings)
+        if settings.gateway.write_checkpoint_mode == "source":
+            gw.source = SourcePosition(settings)
+        else:
+            gw.position = PipelinePosition(settings)
     app = web.Application(middlewares=[error_middleware], client_max_size=1_048_576)
     app[GATEWAY_KEY] = gw
     app.router.add_post("/sync/stream", sync_stream)
@@ -569,6 +589,8 @@ async def build_app(settings: Settings, *, with_position: bool = True) -> web.Ap
         await store.close()
         if gw.position is not None:
             gw.position.close()
+        if gw.source is not None:
+            await gw.source.close()
 
     app.on_startup.append(on_startup)
     app.on_shutdown.append(on_shutdown)

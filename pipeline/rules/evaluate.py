@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.rules.bucket_id import serialize_values
 from pipeline.rules.errors import RequestEvaluationError, RowEvaluationError, SqlEvalError
 from pipeline.rules.expr import RequestContext
 from pipeline.rules.model import (
@@ -87,6 +86,8 @@ class _Entry:
     priority: int
     status: StreamStatus
     subscription: int | str  # for errors: the subscription index or "default"
+    #: the lookup keys of each parameter query (by id), computed once by the plan
+    keys: dict[int, list[str]] = field(default_factory=dict)
 
 
 class RequestPlan:
@@ -109,7 +110,8 @@ class RequestPlan:
             try:
                 for d in e.stream.variants:
                     for q in d.parameter_queries:
-                        for k in q.request_keys(e.req):
+                        q_keys = e.keys[id(q)] = q.request_keys(e.req)
+                        for k in q_keys:
                             keys[k] = None
             except Exception as ex:
                 if legacy:
@@ -130,18 +132,17 @@ class RequestPlan:
         results: LookupResults = lookups or {}
         out: dict[str, ResolvedBucket] = {}
         for e in self._entries:
-            found: list[tuple[str, str]] = []
+            found: list[tuple[list[str], str]] = []
             try:
                 for d in e.stream.variants:
                     if not d.parameter_queries:
-                        found.append((d.name + "[]", d.name))
+                        found.append(([d.name + "[]"], d.name))
                         continue
                     for q in d.parameter_queries:
-                        rows = q.resolve(e.req, q.request_keys(e.req), results)
-                        for values in rows:
-                            if any(type(v) is bytes for v in values):
-                                continue
-                            found.append((d.name + serialize_values(values), d.name))
+                        q_keys = e.keys.get(id(q))
+                        if q_keys is None:
+                            q_keys = q.request_keys(e.req)
+                        found.append((q.bucket_ids(d.name, e.req, q_keys, results), d.name))
             except Exception as ex:
                 if self._legacy:
                     raise RequestEvaluationError(
@@ -150,14 +151,18 @@ class RequestPlan:
                     ) from ex
                 self._error(e, ex)
                 continue
-            for bid, definition in found:
-                b = out.get(bid)
-                if b is None:
-                    out[bid] = ResolvedBucket(bid, definition, e.priority, [e.reason])
-                else:
-                    b.priority = min(b.priority, e.priority)
-                    if e.reason not in b.subscriptions:
-                        b.subscriptions.append(e.reason)
+            priority = e.priority
+            reason = e.reason
+            for ids, definition in found:
+                for bid in ids:
+                    b = out.get(bid)
+                    if b is None:
+                        out[bid] = ResolvedBucket(bid, definition, priority, [reason])
+                    else:
+                        if priority < b.priority:
+                            b.priority = priority
+                        if reason not in b.subscriptions:
+                            b.subscriptions.append(reason)
         return list(out.values())
 
 
@@ -490,7 +495,7 @@ class SyncRules:
                 continue
             for q in d.parameter_queries:
                 try:
-                    rows = q.resolve(req, keys_by_query.get(id(q), []), results)
+                    ids = q.bucket_ids(d.name, req, keys_by_query.get(id(q), []), results)
                 except Exception as e:
                     raise RequestEvaluationError(
                         f"sync rules: definition '{q.definition}', parameter query {q.number} "
@@ -498,10 +503,7 @@ class SyncRules:
                         definition=q.definition,
                         query=q.sql,
                     ) from e
-                for values in rows:
-                    if any(type(v) is bytes for v in values):
-                        continue
-                    bid = d.name + serialize_values(values)
+                for bid in ids:
                     if bid not in buckets:
                         buckets[bid] = BucketDescription(bid, d.name, d.priority)
         return list(buckets.values())

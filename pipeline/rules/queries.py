@@ -12,7 +12,7 @@ from sqlglot import exp
 
 from pipeline.rules import functions as fns
 from pipeline.rules import values as sv
-from pipeline.rules.bucket_id import json_string, lookup_key, serialize_value
+from pipeline.rules.bucket_id import json_string, lookup_key, serialize_value, serialize_values
 from pipeline.rules.errors import RulesError, SqlEvalError
 from pipeline.rules.expr import (
     NO_MATCH,
@@ -626,6 +626,18 @@ class ParameterQuery:
     ) -> list[tuple[SqliteValue, ...]]:
         raise NotImplementedError
 
+    def bucket_ids(
+        self, name: str, req: RequestContext, keys: list[str], results: LookupResults
+    ) -> list[str]:
+        """The bucket ids of :meth:`resolve` (``name`` + JSON array; rows holding a blob give
+        none), possibly with duplicates."""
+        out: list[str] = []
+        for values in self.resolve(req, keys, results):
+            if any(type(v) is bytes for v in values):
+                continue
+            out.append(name + serialize_values(values))
+        return out
+
 
 @dataclass(eq=False)
 class StaticParameterQuery(ParameterQuery):
@@ -741,6 +753,16 @@ class TableParameterQuery(ParameterQuery):
             )
         )
 
+    def bucket_ids(
+        self, name: str, req: RequestContext, keys: list[str], results: LookupResults
+    ) -> list[str]:
+        plan = self.plan
+        if len(plan) != 1 or plan[0][0] != "row":
+            return super().bucket_ids(name, req, keys, results)
+        # one output read from the row (`SELECT list_id FROM ...`): the common case, many
+        # stored values per request
+        return single_value_ids(name + "[", plan[0][1], keys, results)
+
     def resolve(
         self, req: RequestContext, keys: list[str], results: LookupResults
     ) -> list[tuple[SqliteValue, ...]]:
@@ -753,6 +775,31 @@ class TableParameterQuery(ParameterQuery):
                     vals.append(stored[arg] if kind == "row" else req_values[i])
                 out.append(tuple(vals))
         return out
+
+
+def single_value_ids(
+    prefix: str, index: int, keys: Sequence[str], results: LookupResults
+) -> list[str]:
+    """``prefix + <value> + "]"`` for the ``index``-th value of every stored lookup result
+    (a blob gives no id); what :func:`serialize_values` gives for one value, faster."""
+    out: list[str] = []
+    append = out.append
+    dumps = orjson.dumps
+    get = results.get
+    for key in keys:
+        for stored in get(key, ()):
+            v = stored[index]
+            t = type(v)
+            if t is str:
+                try:
+                    append(prefix + dumps(v).decode() + "]")
+                except TypeError:  # lone surrogates
+                    append(prefix + json_string(v) + "]")  # type: ignore[arg-type]
+            elif t is int:
+                append(prefix + str(v) + "]")
+            elif t is not bytes:
+                append(prefix + serialize_value(v) + "]")
+    return out
 
 
 def compile_parameter_query(ctx: QueryContext, warnings: list[str]) -> ParameterQuery:

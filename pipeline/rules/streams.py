@@ -39,6 +39,7 @@ from pipeline.rules.queries import (
     _compile_err,
     _table_query,
     compile_data_query,
+    single_value_ids,
 )
 from pipeline.rules.sql import (
     SqlSyntaxError,
@@ -92,6 +93,18 @@ class StreamParameterQuery(ParameterQuery):
 
     def _passes(self, req: RequestContext) -> bool:
         return all(sv.truth(f(None, req)) == 1 for f in self.filters)
+
+    def bucket_ids(
+        self, name: str, req: RequestContext, keys: list[str], results: LookupResults
+    ) -> list[str]:
+        parts = self.parts
+        if len(parts) == 1 and parts[0][0] == "lookup" and len(parts[0][1].plan) == 1:
+            # `col IN (SELECT c FROM t WHERE ...)`: many stored values per request
+            if not self._passes(req):
+                return []
+            q: TableParameterQuery = parts[0][1]
+            return single_value_ids(name + "[", 0, q.request_keys(req), results)
+        return super().bucket_ids(name, req, keys, results)
 
     def resolve(
         self, req: RequestContext, keys: list[str], results: LookupResults
