@@ -5,6 +5,7 @@ gateway was down, nothing twice), checksums hold, and each ends with its user's 
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
 import subprocess
@@ -92,7 +93,8 @@ async def test_gateway_killed_with_1000_clients_they_resume_with_only_what_they_
     tokens = [make_dev_token(s, sub=u) for u in users]
     states = [ClientState() for _ in range(n)]
     conn = aiohttp.TCPConnector(limit=0)
-    gw = subprocess.Popen(child_argv("gateway", str(cfg)), stderr=open(tmp_path / "gw.log", "ab"))
+    log = open(tmp_path / "gw.log", "ab")  # noqa: SIM115 - both gateway runs write to it
+    gw = subprocess.Popen(child_argv("gateway", str(cfg)), stderr=log)
     try:
         async with aiohttp.ClientSession(connector=conn) as session:
             await _until_ready(session, url, gw)
@@ -110,7 +112,7 @@ async def test_gateway_killed_with_1000_clients_they_resume_with_only_what_they_
                 rows[f"t{u[1:]}-0"] = (u, "v1")
             await feed(s, [todo(f"t{u[1:]}-0", u, "v1") for u in sorted(changed)])
 
-            gw = subprocess.Popen(child_argv("gateway", str(cfg)), stderr=open(tmp_path / "gw.log", "ab"))
+            gw = subprocess.Popen(child_argv("gateway", str(cfg)), stderr=log)
             await _until_ready(session, url, gw)
             before = [(st.ops, st.bytes_received) for st in states]
             t0 = time.monotonic()
@@ -123,6 +125,7 @@ async def test_gateway_killed_with_1000_clients_they_resume_with_only_what_they_
         if gw.poll() is None:
             gw.terminate()
             gw.wait(20)
+        log.close()
     resumed_bytes = sum(st.bytes_received - b for st, (_o, b) in zip(states, before, strict=True))
     print(
         f"{n} clients: first sync {first_bytes} bytes, resume {resumed_bytes} bytes "
@@ -134,7 +137,7 @@ async def test_gateway_killed_with_1000_clients_they_resume_with_only_what_they_
         assert st.ops - before[i][0] == lacked, (users[i], st.ops - before[i][0])
         want = {("todos", t): text for t, (o, text) in rows.items() if o == users[i]}
         got = {
-            k: __import__("json").loads(v[1])["description"]
+            k: json.loads(v[1])["description"]
             for b in st.buckets.values()
             for k, v in b.rows.items()
         }
