@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import math
 import re
 import uuid
@@ -438,13 +437,12 @@ def _parse_time(
             minute = int(m.group(5) or 0)
             sec = int(m.group(6) or 0)
             frac = float(m.group(7)) if m.group(7) else 0.0
-            try:
-                base = dt.datetime(year, month, day, tzinfo=dt.UTC)
-            except ValueError:
+            if not 1 <= month <= 12 or not 1 <= day <= _days_in_month(year, month):
                 return None
             if hour > 24 or minute > 59 or sec > 59:
                 return None
-            seconds = base.timestamp() + hour * 3600 + minute * 60 + sec + frac
+            seconds = _days_from_civil(year, month, day) * 86400 + hour * 3600 + minute * 60
+            seconds += sec + frac
             tz = m.group(8)
             if tz and tz.upper() != "Z":
                 sign = 1 if tz[0] == "+" else -1
@@ -467,16 +465,48 @@ def fn_datetime(value: SqliteValue, *modifiers: SqliteValue) -> SqliteValue:
     if parsed is None:
         return None
     seconds, subsec = parsed
-    try:
-        t = dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(
-            milliseconds=round(seconds * 1000)
-        )
-    except OverflowError:
+    days, ms = divmod(round(seconds * 1000), 86_400_000)
+    year, month, day = _civil_from_days(days)
+    if not -4713 <= year <= 9999:  # SQLite's range (julian day 0 is in -4713)
         return None
-    text = t.strftime("%Y-%m-%d %H:%M:%S")
+    secs, milli = divmod(ms, 1000)
+    sign = "-" if year < 0 else ""
+    text = f"{sign}{abs(year):04d}-{month:02d}-{day:02d} {secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}"
     if subsec:
-        text += f".{t.microsecond // 1000:03d}"
+        text += f".{milli:03d}"
     return text
+
+
+# proleptic Gregorian calendar for any year (Python's datetime starts at year 1; SQLite and
+# the reference accept year 0000); H. Hinnant's days_from_civil / civil_from_days
+
+
+def _days_in_month(year: int, month: int) -> int:
+    if month == 2:
+        return 29 if year % 4 == 0 and (year % 100 != 0 or year % 400 == 0) else 28
+    return 30 if month in (4, 6, 9, 11) else 31
+
+
+def _days_from_civil(year: int, month: int, day: int) -> int:
+    """Days since 1970-01-01."""
+    y = year - (month <= 2)
+    era = y // 400
+    yoe = y - era * 400
+    doy = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
+    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    return era * 146097 + doe - 719468
+
+
+def _civil_from_days(days: int) -> tuple[int, int, int]:
+    z = days + 719468
+    era = z // 146097
+    doe = z - era * 146097
+    yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    day = doy - (153 * mp + 2) // 5 + 1
+    month = mp + (3 if mp < 10 else -9)
+    return yoe + era * 400 + (month <= 2), month, day
 
 
 # --------------------------------------------------------------------------- registry

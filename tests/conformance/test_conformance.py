@@ -28,8 +28,6 @@ OPEN: dict[str, str] = {
     "sql_functions.test.ts > ->": "legacy-json-null",
     "sql_functions.test.ts > json_keys": "json-object-keys",
     "sql_functions.test.ts > json_valid": "json-object-keys",
-    "sql_functions.test.ts > unixepoch": "year-zero",
-    "sql_functions.test.ts > datetime": "year-zero",
 }
 for _c in CASES:
     if _c.id in OPEN:
