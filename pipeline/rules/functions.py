@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import math
 import re
 import uuid
@@ -168,6 +169,36 @@ def fn_json_type(doc: SqliteValue, path: SqliteValue = "$") -> SqliteValue:
     return None if found is _MISSING else _json_type_name(found)
 
 
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        raise ValueError("duplicate key")
+    return d
+
+
+def _has_duplicate_keys(doc: SqliteValue) -> bool:
+    """An object with a key twice (the reference's JSON parser refuses it)."""
+    text = doc if type(doc) is str else to_text(doc)
+    if text is None or "{" not in text:
+        return False
+    try:
+        json.loads(text, object_pairs_hook=_no_duplicates)
+    except ValueError:
+        return True
+    return False
+
+
+def _js_key_order(keys: list[str]) -> list[str]:
+    """Object keys in JavaScript's order: array-index keys (``"0"``, ``"42"``) first,
+    ascending, then the others in document order."""
+    index = [k for k in keys if k.isascii() and k.isdigit() and (k == "0" or k[0] != "0")]
+    index = [k for k in index if int(k) < 4294967295]
+    if not index:
+        return keys
+    chosen = set(index)
+    return sorted(index, key=int) + [k for k in keys if k not in chosen]
+
+
 def fn_json_valid(doc: SqliteValue) -> SqliteValue:
     if doc is None:
         return 0
@@ -175,7 +206,7 @@ def fn_json_valid(doc: SqliteValue) -> SqliteValue:
         json_loads(doc)
     except SqlEvalError:
         return 0
-    return 1
+    return 0 if _has_duplicate_keys(doc) else 1
 
 
 def fn_json_keys(doc: SqliteValue) -> SqliteValue:
@@ -184,7 +215,9 @@ def fn_json_keys(doc: SqliteValue) -> SqliteValue:
     parsed = json_loads(doc)
     if type(parsed) is not dict:
         raise SqlEvalError("json_keys expects a JSON object")
-    return json_dumps(list(parsed))
+    if _has_duplicate_keys(doc):
+        raise SqlEvalError("json_keys: duplicate key in JSON object")
+    return json_dumps(_js_key_order(list(parsed)))
 
 
 def fn_json(doc: SqliteValue) -> SqliteValue:

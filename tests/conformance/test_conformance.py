@@ -26,8 +26,6 @@ OPEN: dict[str, str] = {
     "sql_functions.test.ts > json extract": "legacy-json-null",
     "sql_functions.test.ts > ->>": "legacy-json-null",
     "sql_functions.test.ts > ->": "legacy-json-null",
-    "sql_functions.test.ts > json_keys": "json-object-keys",
-    "sql_functions.test.ts > json_valid": "json-object-keys",
 }
 for _c in CASES:
     if _c.id in OPEN:
