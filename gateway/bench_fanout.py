@@ -1,10 +1,16 @@
 """``bucketsync bench fanout``: idle streams held by one gateway process.
 
-Measures gateway RSS per stream at 1k/5k/10k idle streams, the time for one change
+Measures, at 1k/5k/10k idle streams: gateway RSS per stream; the time for one change
 in a bucket shared by every stream to reach all of them (``checkpoint_complete``
-received), and the latency of a per-user change while all streams are open. The
-clients are raw asyncio connections in this process; the gateway is a separate
-``bucketsync gateway`` process, so its RSS is its own.
+received; median over ``REPEAT`` changes of each change's p50/p99, plus the gateway's
+CPU per delivered stream); the latency of a per-user change; and of a membership change
+(a row of the table a parameter query reads: the affected client gets a
+``checkpoint_diff`` adding the list's bucket, its data and ``checkpoint_complete``).
+
+The split: the gateway is a separate ``bucketsync gateway`` process (so its RSS and CPU
+are its own); the clients are raw asyncio protocols in this process (a callback per
+read, no task per stream), timestamps taken when the bytes arrive. Both share the
+machine's cores with Redis. JSON, a markdown table and a PNG are written side by side.
 """
 
 from __future__ import annotations
@@ -26,7 +32,6 @@ from typing import Any
 import orjson
 import yaml
 
-from bucketsync.bench import _print_table, _write
 from bucketsync.config import Settings, load_settings
 from bucketsync.tokens import make_dev_token
 from pipeline import core
@@ -41,7 +46,16 @@ bucket_definitions:
     parameters: SELECT request.user_id() AS user_id
     data:
       - SELECT id, owner_id, description FROM todos WHERE owner_id = bucket.user_id
+  lists:
+    parameters: SELECT list_id FROM memberships WHERE user_id = request.user_id()
+    data:
+      - SELECT id, list_id, title FROM items WHERE list_id = bucket.list_id
 """
+
+#: shared changes measured per level (the report gives the median of their p50 / p99)
+REPEAT = 5
+#: per-user and membership changes measured per level
+SAMPLES = 60
 
 
 def _free_port() -> int:
@@ -57,41 +71,81 @@ def _rss_kb(pid: int) -> int:
     return 0
 
 
-class Stream:
-    """One idle sync stream on a raw connection; records when checkpoints complete."""
+class Group:
+    """Streams waited on together: done once each armed stream saw a checkpoint_complete."""
 
-    __slots__ = ("completes", "event", "reader", "user", "writer")
+    __slots__ = ("done", "left")
+
+    def __init__(self, streams: list[Stream]):
+        self.left = len(streams)
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        for st in streams:
+            st.group = self
+        if not streams:
+            self.done.set_result(None)
+
+    def hit(self) -> None:
+        self.left -= 1
+        if self.left == 0 and not self.done.done():
+            self.done.set_result(None)
+
+
+_MARK = b"checkpoint_complete"
+
+
+class Stream(asyncio.Protocol):
+    """One idle sync stream on a raw connection; records when checkpoints complete (at
+    the read that brings the line: a callback, no task per stream)."""
+
+    __slots__ = ("completes", "group", "tail", "transport", "user")
 
     def __init__(self, user: str):
         self.user = user
         self.completes: list[float] = []
-        self.event = asyncio.Event()
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
+        self.group: Group | None = None
+        self.tail = b""
+        self.transport: asyncio.Transport | None = None
 
     async def open(self, port: int, token: str) -> None:
-        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
+        loop = asyncio.get_running_loop()
+        await loop.create_connection(lambda: self, "127.0.0.1", port)
+        assert self.transport is not None
         body = orjson.dumps({"buckets": [], "raw_data": True, "client_id": self.user})
-        self.writer.write(
+        self.transport.write(
             b"POST /sync/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             + f"Authorization: Token {token}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
             + body
         )
-        await self.writer.drain()
 
-    async def read_loop(self) -> None:
-        assert self.reader is not None
-        while True:
-            line = await self.reader.readline()
-            if not line:
-                return
-            if b"checkpoint_complete" in line:
-                self.completes.append(time.perf_counter())
-                self.event.set()
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.tail + data
+        n = buf.count(_MARK)
+        self.tail = buf[-(len(_MARK) - 1) :]
+        if n:
+            t = time.perf_counter()
+            self.completes.extend([t] * n)
+            g, self.group = self.group, None
+            if g is not None:
+                g.hit()
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, int(len(s) * q) - 1))] if s else 0.0
 
 
 async def _feed(store: Store, events: list[dict[str, Any]], offset: int) -> None:
@@ -116,6 +170,26 @@ def _news(i: int) -> dict[str, Any]:
         "source_table": "news",
         "key": {"id": i},
         "row": {"id": i, "title": f"news {i} {time.time()}"},
+    }
+
+
+def _member(user: str, lst: str) -> dict[str, Any]:
+    return {
+        "action": "upsert",
+        "table": "memberships",
+        "source_table": "memberships",
+        "key": {"id": f"{user}-{lst}"},
+        "row": {"id": f"{user}-{lst}", "user_id": user, "list_id": lst},
+    }
+
+
+def _item(lst: str, i: int) -> dict[str, Any]:
+    return {
+        "action": "upsert",
+        "table": "items",
+        "source_table": "items",
+        "key": {"id": f"{lst}-{i}"},
+        "row": {"id": f"{lst}-{i}", "list_id": lst, "title": f"item {i} of {lst}"},
     }
 
 
@@ -161,8 +235,18 @@ async def run(settings: Settings, levels: list[int]) -> dict[str, Any]:
         stderr=subprocess.DEVNULL,
     )
     streams: list[Stream] = []
-    tasks: list[asyncio.Task[None]] = []
-    result: dict[str, Any] = {"benchmark": "fanout", "levels": []}
+    result: dict[str, Any] = {
+        "benchmark": "fanout",
+        "split": "gateway: one `bucketsync gateway` process (workers 1); clients: raw asyncio "
+        "protocols in the bench process; Redis local; all on the same cores",
+        "cores": os.cpu_count(),
+        "levels": [],
+    }
+    # lists with a few items each, for membership changes
+    lists = [f"L{i}" for i in range(SAMPLES * len(levels) + 10)]
+    await _feed(store, [_item(lst, i) for lst in lists for i in range(3)], offset)
+    offset += len(lists) * 3
+    next_list = 0
     try:
         for _ in range(100):
             try:
@@ -180,13 +264,12 @@ async def run(settings: Settings, levels: list[int]) -> dict[str, Any]:
                     u = f"u{len(streams) + len(batch)}"
                     st = Stream(u)
                     batch.append(st)
+                group = Group(batch)
                 await asyncio.gather(
                     *(st.open(port, make_dev_token(s, sub=st.user, ttl_s=7200)) for st in batch)
                 )
-                for st in batch:
-                    tasks.append(asyncio.create_task(st.read_loop()))
                 streams.extend(batch)
-                await asyncio.wait_for(asyncio.gather(*(st.event.wait() for st in batch)), 120)
+                await asyncio.wait_for(group.done, 120)
             await asyncio.sleep(1.0)
             rss = _rss_kb(gw.pid)
             entry: dict[str, Any] = {
@@ -194,40 +277,69 @@ async def run(settings: Settings, levels: list[int]) -> dict[str, Any]:
                 "gateway_rss_kb": rss,
                 "rss_per_stream_bytes": round((rss - base_rss) * 1024 / level),
             }
-            # one change in the bucket every stream holds
-            for st in streams:
-                st.event.clear()
-            marks = [len(st.completes) for st in streams]
-            t0 = time.perf_counter()
-            await _feed(store, [_news(0)], offset)
-            offset += 1
-            await asyncio.wait_for(asyncio.gather(*(st.event.wait() for st in streams)), 300)
-            lat = sorted(st.completes[m] - t0 for st, m in zip(streams, marks, strict=True))
-            entry["shared_change_p50_ms"] = round(lat[len(lat) // 2] * 1000, 1)
-            entry["shared_change_p99_ms"] = round(lat[int(len(lat) * 0.99) - 1] * 1000, 1)
-            entry["shared_change_all_ms"] = round(lat[-1] * 1000, 1)
+            # one change in the bucket every stream holds, REPEAT times
+            p50s, p99s, alls, cpus = [], [], [], []
+            lat: list[float] = []
+            for _ in range(REPEAT):
+                group = Group(streams)
+                marks = [len(st.completes) for st in streams]
+                cpu0 = _cpu_s(gw.pid)
+                t0 = time.perf_counter()
+                await _feed(store, [_news(0)], offset)
+                offset += 1
+                await asyncio.wait_for(group.done, 300)
+                cpus.append(_cpu_s(gw.pid) - cpu0)
+                lat = sorted(st.completes[m] - t0 for st, m in zip(streams, marks, strict=True))
+                p50s.append(lat[len(lat) // 2] * 1000)
+                p99s.append(_pct(lat, 0.99) * 1000)
+                alls.append(lat[-1] * 1000)
+                await asyncio.sleep(0.3)
+            entry["shared_change_p50_ms"] = round(statistics.median(p50s), 1)
+            entry["shared_change_p99_ms"] = round(statistics.median(p99s), 1)
+            entry["shared_change_all_ms"] = round(statistics.median(alls), 1)
+            entry["shared_change_p99_runs_ms"] = [round(x, 1) for x in p99s]
+            entry["gateway_cpu_us_per_delivered_stream"] = round(
+                statistics.median(cpus) * 1e6 / level, 1
+            )
+            entry["shared_change_cdf_ms"] = [
+                round(x * 1000, 2) for x in lat[:: max(1, level // 200)]
+            ]
             # per-user changes while every stream is open
             user_lat = []
-            for i in range(50):
+            for i in range(SAMPLES):
                 st = random.choice(streams)
-                st.event.clear()
+                group = Group([st])
                 m = len(st.completes)
                 t0 = time.perf_counter()
                 await _feed(store, [_todo(st.user, i)], offset)
                 offset += 1
-                await asyncio.wait_for(st.event.wait(), 30)
+                await asyncio.wait_for(group.done, 30)
                 user_lat.append(st.completes[m] - t0)
                 await asyncio.sleep(0.02)
-            user_lat.sort()
             entry["user_change_p50_ms"] = round(statistics.median(user_lat) * 1000, 2)
-            entry["user_change_p99_ms"] = round(user_lat[int(len(user_lat) * 0.99) - 1] * 1000, 2)
+            entry["user_change_p99_ms"] = round(_pct(user_lat, 0.99) * 1000, 2)
+            # membership changes: a user joins a list (its lookup key changes); the client
+            # gets the list's bucket, its rows and checkpoint_complete on the open stream
+            member_lat = []
+            for _ in range(SAMPLES):
+                st = random.choice(streams)
+                group = Group([st])
+                m = len(st.completes)
+                lst = lists[next_list]
+                next_list += 1
+                t0 = time.perf_counter()
+                await _feed(store, [_member(st.user, lst)], offset)
+                offset += 1
+                await asyncio.wait_for(group.done, 30)
+                member_lat.append(st.completes[m] - t0)
+                await asyncio.sleep(0.02)
+            entry["membership_change_p50_ms"] = round(statistics.median(member_lat) * 1000, 2)
+            entry["membership_change_p99_ms"] = round(_pct(member_lat, 0.99) * 1000, 2)
             result["levels"].append(entry)
-            print(entry, flush=True)
+            print({k: v for k, v in entry.items() if not k.endswith("cdf_ms")}, flush=True)
     finally:
         for st in streams:
             st.close()
-        for t in tasks:
-            t.cancel()
         gw.terminate()
         try:
             gw.wait(20)
@@ -240,24 +352,95 @@ async def run(settings: Settings, levels: list[int]) -> dict[str, Any]:
     return result
 
 
+GOALS = {
+    "rss_per_stream_bytes": "≤ 16 KB (issue 12: ≤ 12 KB)",
+    "shared_change_p99_ms": "≤ 1 s (issue 12: ≤ 500 ms)",
+    "user_change_p99_ms": "≤ 20 ms",
+    "membership_change_p99_ms": "≤ 100 ms",
+}
+
+
+def _report(res: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(orjson.dumps(res, option=orjson.OPT_INDENT_2).decode())
+    levels = res["levels"]
+    head = "| measure | " + " | ".join(f"{e['streams']:,} streams" for e in levels) + " | goal |"
+    lines = [head, "|" + "---|" * (len(levels) + 2)]
+
+    def row(name: str, fmt: Any, goal: str = "") -> None:
+        lines.append(f"| {name} | " + " | ".join(fmt(e) for e in levels) + f" | {goal} |")
+
+    row(
+        "RSS per idle stream",
+        lambda e: f"{e['rss_per_stream_bytes']:,} B",
+        GOALS["rss_per_stream_bytes"],
+    )
+    row(
+        "shared change → all checkpoint_complete, p50 / p99 / all (median of runs)",
+        lambda e: (
+            f"{e['shared_change_p50_ms']} / {e['shared_change_p99_ms']} / "
+            f"{e['shared_change_all_ms']} ms"
+        ),
+        GOALS["shared_change_p99_ms"],
+    )
+    row(
+        "gateway CPU per delivered stream (shared change)",
+        lambda e: f"{e['gateway_cpu_us_per_delivered_stream']} µs",
+    )
+    row(
+        "per-user change p50 / p99",
+        lambda e: f"{e['user_change_p50_ms']} / {e['user_change_p99_ms']} ms",
+        GOALS["user_change_p99_ms"],
+    )
+    row(
+        "membership change → affected client's checkpoint_complete, p50 / p99",
+        lambda e: f"{e['membership_change_p50_ms']} / {e['membership_change_p99_ms']} ms",
+        GOALS["membership_change_p99_ms"],
+    )
+    md = "\n".join(lines) + "\n\n" + res["split"] + "\n"
+    out.with_suffix(".md").write_text(md)
+    print(md)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no PNG")
+        return
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(14, 4))
+    for e in levels:
+        cdf = e["shared_change_cdf_ms"]
+        a1.plot(cdf, [i / max(1, len(cdf) - 1) for i in range(len(cdf))], label=f"{e['streams']:,}")
+    a1.set_xlabel("ms after the change")
+    a1.set_ylabel("streams completed (fraction)")
+    a1.set_title("shared change: latency CDF (last run)")
+    a1.legend(title="streams")
+    xs = [e["streams"] for e in levels]
+    a2.plot(xs, [e["rss_per_stream_bytes"] / 1024 for e in levels], marker="o")
+    a2.set_xlabel("idle streams")
+    a2.set_ylabel("KB per stream")
+    a2.set_title("gateway RSS per idle stream")
+    a2.set_ylim(bottom=0)
+    for key, label in (
+        ("shared_change_p99_ms", "shared change p99"),
+        ("membership_change_p99_ms", "membership change p99"),
+        ("user_change_p99_ms", "per-user change p99"),
+    ):
+        a3.plot(xs, [e[key] for e in levels], marker="o", label=label)
+    a3.set_yscale("log")
+    a3.set_xlabel("idle streams")
+    a3.set_ylabel("ms")
+    a3.set_title("latency p99")
+    a3.legend()
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=110)
+    plt.close(fig)
+    print(f"results: {out.with_suffix('.json')} (.md, .png)")
+
+
 def bench_fanout(settings: Settings, out: str | None, levels: list[int] | None = None) -> int:
     res = asyncio.run(run(settings, levels or [1000, 5000, 10000]))
-    rows = []
-    for e in res["levels"]:
-        n = e["streams"]
-        rows.append((f"{n:,} streams: RSS per stream", f"{e['rss_per_stream_bytes']:,} B"))
-        rows.append(
-            (
-                f"{n:,} streams: shared change p50/p99/all",
-                f"{e['shared_change_p50_ms']} / {e['shared_change_p99_ms']} / {e['shared_change_all_ms']} ms",
-            )
-        )
-        rows.append(
-            (
-                f"{n:,} streams: per-user change p50/p99",
-                f"{e['user_change_p50_ms']} / {e['user_change_p99_ms']} ms",
-            )
-        )
-    _print_table("bench fanout (one gateway process)", rows)
-    _write(res, out, "fanout")
+    path = Path(out) if out else Path("bench-results") / time.strftime("fanout-%Y%m%d-%H%M%S.json")
+    _report(res, path)
     return 0

@@ -14,34 +14,127 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import orjson
+from prometheus_client import Counter, Gauge
 
 from gateway import protocol
 from pipeline.store import BucketState, Store
 
 log = logging.getLogger("bucketsync.gateway.hub")
 
+LINES = Counter("bucketsync_gateway_lines_total", "Lines sent", ["type"])
+OPS_SENT = Counter("bucketsync_gateway_ops_sent_total", "Ops sent in data lines")
+BYTES_SENT = Counter("bucketsync_gateway_bytes_sent_total", "Bytes sent on sync streams")
+CHECKPOINT_LAG = Gauge(
+    "bucketsync_gateway_checkpoint_lag_seconds",
+    "Time from the newest store change to the last checkpoint_complete sent",
+)
 
-@dataclass(eq=False)
+
+def _record(stats: DeliveryStats) -> None:
+    for kind, n in stats.lines.items():
+        LINES.labels(kind).inc(n)
+    if stats.bytes:
+        BYTES_SENT.inc(stats.bytes)
+    if stats.ops:
+        OPS_SENT.inc(stats.ops)
+
+
+class Wake:
+    """``asyncio.Event`` for one waiter, without its deque and dict (one per connection)."""
+
+    __slots__ = ("_flag", "_waiter")
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def set(self) -> None:
+        if not self._flag:
+            self._flag = True
+            w = self._waiter
+            if w is not None and not w.done():
+                w.set_result(None)
+
+    def clear(self) -> None:
+        self._flag = False
+
+    async def wait(self) -> None:
+        if self._flag:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiter = fut
+        try:
+            await fut
+        finally:
+            self._waiter = None
+
+
+class FastPath(Protocol):
+    """A connection that can take a bucket change without its own task running (the
+    hub's batched delivery, :meth:`CheckpointHub._deliver`)."""
+
+    def fast_pages(self) -> list[PageKey] | None: ...
+
+    def fast_deliver(self, stats: DeliveryStats) -> bool: ...
+
+
 class Subscriber:
     """What the hub knows of one connection."""
 
-    buckets: set[str]
-    wcp_key: str
-    #: lookup keys the connection's bucket set was expanded from (fixed per request)
-    lookups: frozenset[str] = frozenset()
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    #: bucket -> (checkpoint of the change, new state), merged until the connection reads it
-    pending: dict[str, tuple[int, BucketState]] = field(default_factory=dict)
-    pending_cp: int = 0
-    write_checkpoint_dirty: bool = False
-    resync: bool = False
-    #: one of ``lookups`` changed: the bucket set must be resolved again
-    lookups_dirty: bool = False
+    __slots__ = (
+        "buckets",
+        "lookups",
+        "lookups_dirty",
+        "owner",
+        "pending",
+        "pending_cp",
+        "resync",
+        "wake",
+        "wcp_key",
+        "write_checkpoint_dirty",
+    )
+
+    def __init__(self, buckets: set[str], wcp_key: str, lookups: frozenset[str] = frozenset()):
+        self.buckets = buckets
+        self.wcp_key = wcp_key
+        #: lookup keys the connection's bucket set was expanded from (fixed per request)
+        self.lookups = lookups
+        self.wake = Wake()
+        #: bucket -> (checkpoint of the change, new state), merged until the connection reads it
+        self.pending: dict[str, tuple[int, BucketState]] = {}
+        self.pending_cp = 0
+        self.write_checkpoint_dirty = False
+        self.resync = False
+        #: one of ``lookups`` changed: the bucket set must be resolved again
+        self.lookups_dirty = False
+        #: the connection's stream, when it takes bucket changes from the hub's delivery
+        self.owner: FastPath | None = None
+
+
+PageKey = tuple[str, int, int, int, int]
+
+
+@dataclass(slots=True)
+class DeliveryStats:
+    """Counts of one delivery round (metrics are updated once per round, not per line)."""
+
+    lines: dict[str, int] = field(default_factory=dict)
+    bytes: int = 0
+    ops: int = 0
+    streams: int = 0
+
+    def line(self, kind: str, n: int = 1) -> None:
+        self.lines[kind] = self.lines.get(kind, 0) + n
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +165,13 @@ class PageCache:
         ):
             key, _ = self._entries.popitem(last=False)
             self.bytes -= self._sizes.pop(key, 0)
+
+    def peek(self, key: PageKey) -> Page | None:
+        """The page of ``key`` if it is read already (no await, no Redis)."""
+        fut = self._entries.get(key)
+        if fut is None or not fut.done() or fut.cancelled() or fut.exception() is not None:
+            return None
+        return fut.result()
 
     async def get(self, bucket: str, after: int, upto: int, max_ops: int, max_bytes: int) -> Page:
         key = (bucket, after, upto, max_ops, max_bytes)
@@ -144,6 +244,16 @@ class CheckpointHub:
         #: encoded diff lines shared by connections that need the same one (bounded)
         self.lines: dict[object, bytes] = {}
         self.notifications = 0
+        #: connections with bucket changes for the batched delivery (insertion ordered)
+        self._dirty: dict[Subscriber, None] = {}
+        self._delivery: asyncio.Task[None] | None = None
+        #: framed chunks shared by every connection that gets the same lines
+        self._chunks: dict[tuple[bytes, ...], bytes] = {}
+        self._complete_lines: dict[int, bytes] = {}
+        self.fast_deliveries = 0
+        #: the last delivery round: connections, served by the hub, seconds
+        self.last_round: tuple[int, int, float] = (0, 0, 0.0)
+        self.slow_wakes = 0
         #: Redis time (ms) of the newest change entry read: the lag gauge's reference
         self.last_change_ms = 0
 
@@ -170,10 +280,33 @@ class CheckpointHub:
                 backoff = min(backoff * 2, 5.0)
 
     async def stop(self) -> None:
+        if self._delivery is not None:
+            self._delivery.cancel()
         if self._task:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+    def complete_line(self, cp: int) -> bytes:
+        """The ``checkpoint_complete`` line of ``cp``, encoded once for every connection."""
+        line = self._complete_lines.get(cp)
+        if line is None:
+            if len(self._complete_lines) >= 64:
+                self._complete_lines.clear()
+            line = self._complete_lines[cp] = protocol.checkpoint_complete(cp)
+        return line
+
+    def chunk(self, lines: tuple[bytes, ...]) -> bytes:
+        """``lines`` as one HTTP/1.1 chunk, built once for every connection sending the same
+        lines (the key's hash is the lines' cached hashes; equal lines are the same objects)."""
+        framed = self._chunks.get(lines)
+        if framed is None:
+            body = b"".join(lines)
+            framed = b"%x\r\n%b\r\n" % (len(body), body)
+            if len(self._chunks) >= 256:
+                self._chunks.clear()
+            self._chunks[lines] = framed
+        return framed
 
     def remember_line(self, key: object, line: bytes) -> None:
         if len(self.lines) >= 256:
@@ -222,6 +355,8 @@ class CheckpointHub:
             self._awaiting.discard(sub)
 
     def unsubscribe(self, sub: Subscriber) -> None:
+        sub.owner = None
+        self._dirty.pop(sub, None)
         self._subs.discard(sub)
         self._awaiting.discard(sub)
         for b in sub.buckets:
@@ -282,10 +417,19 @@ class CheckpointHub:
                     if not subs:
                         continue
                     state = BucketState(int(cs), int(n), cp)
+                    dirty = self._dirty
                     for sub in subs:
                         sub.pending[bucket] = (cp, state)
-                        sub.pending_cp = max(sub.pending_cp, cp)
-                        sub.wake.set()
+                        if cp > sub.pending_cp:
+                            sub.pending_cp = cp
+                        if sub.owner is not None:
+                            dirty[sub] = None
+                        else:
+                            sub.wake.set()
+                    if dirty and self._delivery is None:
+                        self._delivery = asyncio.get_running_loop().create_task(
+                            self._deliver_all(), name="checkpoint-hub-delivery"
+                        )
         raw_l = fields.get(b"l")
         if raw_l:
             keys = orjson.loads(raw_l)
@@ -308,6 +452,70 @@ class CheckpointHub:
             for sub in self._by_wcp.get(raw_w.decode(), ()):
                 sub.write_checkpoint_dirty = True
                 sub.wake.set()
+
+    # ---- batched delivery -----------------------------------------------------
+
+    async def _deliver_all(self) -> None:
+        """Hand bucket changes to the connections that wait for them, in rounds: one task
+        for all connections, each page read once, the same encoded chunk written to every
+        connection that needs it. A connection that cannot take a change this way (busy,
+        something else pending, a page that is not a simple append) is woken instead and
+        its own task serves it (``SyncStream._on_change``)."""
+        try:
+            while self._dirty:
+                batch = list(self._dirty)
+                self._dirty.clear()
+                await self._deliver(batch)
+        finally:
+            self._delivery = None
+
+    async def _deliver(self, batch: list[Subscriber]) -> None:
+        t0 = time.perf_counter()
+        ready: list[Subscriber] = []
+        need: dict[PageKey, None] = {}
+        for sub in batch:
+            owner = sub.owner
+            keys = owner.fast_pages() if owner is not None else None
+            if keys is None:
+                sub.wake.set()
+                continue
+            ready.append(sub)
+            for k in keys:
+                need[k] = None
+        if need:
+            missing = [k for k in need if self.pages.peek(k) is None]
+            if missing:
+                try:
+                    await asyncio.gather(*(self.pages.get(*k) for k in missing))
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    for sub in ready:  # their own tasks read again and report
+                        sub.wake.set()
+                    return
+        stats = DeliveryStats()
+        for sub in ready:
+            owner = sub.owner
+            try:
+                done = owner is not None and owner.fast_deliver(stats)
+            except Exception:
+                log.exception("batched delivery failed; the stream serves itself")
+                done = False
+            if not done:
+                self.slow_wakes += 1
+                sub.wake.set()
+        self.fast_deliveries += stats.streams
+        self.last_round = (len(batch), stats.streams, time.perf_counter() - t0)
+        if len(batch) >= 1000:
+            log.debug(
+                "delivery round: %d connections, %d served by the hub, %.1f ms",
+                *self.last_round[:2],
+                self.last_round[2] * 1000,
+            )
+        if stats.streams:
+            _record(stats)
+            if self.last_change_ms:
+                CHECKPOINT_LAG.set(max(0.0, time.time() - self.last_change_ms / 1000))
 
     def position_reached(self, position: dict[str, int]) -> bool:
         return all(self.offsets.get(tp, -1) >= off for tp, off in position.items())

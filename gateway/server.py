@@ -394,6 +394,7 @@ async def _sync_stream(gw: Gateway, request: web.Request, token: Any) -> web.Str
         describe=describe,
         sub=sub,
         resolution=first,
+        transport=request.transport,
     )
     task = asyncio.current_task()
     if task is not None:

@@ -25,19 +25,32 @@ from prometheus_client import Counter, Gauge
 
 from gateway import protocol
 from gateway.buckets import BucketResolver, Grant, Resolution
-from gateway.hub import CheckpointHub, Subscriber
+from gateway.hub import (
+    BYTES_SENT,
+    CHECKPOINT_LAG,
+    LINES,
+    OPS_SENT,
+    CheckpointHub,
+    DeliveryStats,
+    PageKey,
+    Subscriber,
+)
 from pipeline.store import BucketState, Store
 
 log = logging.getLogger("bucketsync.gateway.stream")
 
 OPEN_STREAMS = Gauge("bucketsync_gateway_open_streams", "Open sync streams")
-LINES = Counter("bucketsync_gateway_lines_total", "Lines sent", ["type"])
-OPS_SENT = Counter("bucketsync_gateway_ops_sent_total", "Ops sent in data lines")
-BYTES_SENT = Counter("bucketsync_gateway_bytes_sent_total", "Bytes sent on sync streams")
-CHECKPOINT_LAG = Gauge(
-    "bucketsync_gateway_checkpoint_lag_seconds",
-    "Time from the newest store change to the last checkpoint_complete sent",
-)
+_LINE_COUNTERS = {
+    kind: LINES.labels(kind)
+    for kind in (
+        "checkpoint",
+        "checkpoint_diff",
+        "data",
+        "checkpoint_complete",
+        "partial_checkpoint_complete",
+        "token_expires_in",
+    )
+}
 SLOW_CLIENTS = Counter("bucketsync_gateway_slow_clients_total", "Streams dropped for not reading")
 INVALIDATED = Counter(
     "bucketsync_gateway_invalidated_checkpoints_total",
@@ -81,6 +94,7 @@ class SyncStream:
         describe: str,
         sub: Subscriber | None = None,
         resolution: Resolution | None = None,
+        transport: asyncio.BaseTransport | None = None,
     ):
         """``sub`` and ``resolution``: the hub subscription and the first bucket set when the
         caller resolved it already (to answer PSYNC_S2305 before the 200)."""
@@ -114,6 +128,11 @@ class SyncStream:
         self.sent_wcp: int | None = None
         self.next_keepalive = time.monotonic() + limits.keepalive_s
         self.sub: Subscriber | None = sub
+        #: for the hub's batched delivery: chunks written straight to the socket (the
+        #: response is chunked, uncompressed; its headers went out with the first checkpoint)
+        self._transport = transport if isinstance(transport, asyncio.WriteTransport) else None
+        #: the task waits in ``_wait`` with nothing queued: the hub may deliver for it
+        self._parked = False
 
     def _set_grants(self, grants: Sequence[Grant]) -> list[str]:
         """Adopt a (re)resolved bucket set; returns the buckets that left it."""
@@ -143,7 +162,7 @@ class SyncStream:
         """Queue a line; lines produced in one burst leave in one write (one syscall)."""
         self._out.append(line)
         self._out_size += len(line)
-        LINES.labels(kind).inc()
+        _LINE_COUNTERS[kind].inc()
         BYTES_SENT.inc(len(line))
         if self._out_size >= 65536:
             await self.flush()
@@ -254,6 +273,8 @@ class SyncStream:
                 "checkpoint",
             )
             await self._serve(states)
+            if self._transport is not None:
+                sub.owner = self
             while True:
                 woke = await self._wait(sub)
                 if woke is None:
@@ -291,9 +312,11 @@ class SyncStream:
             if stall_left is not None:
                 timeout = min(timeout, stall_left + 0.01)
             timer = asyncio.get_running_loop().call_later(timeout, sub.wake.set)
+            self._parked = not self._out
             try:
                 await sub.wake.wait()
             finally:
+                self._parked = False
                 timer.cancel()
             timer_due = (
                 time.monotonic() >= self.next_keepalive
@@ -393,6 +416,156 @@ class SyncStream:
                 ),
                 "checkpoint_diff",
             )
+
+    # ---- the hub's batched delivery (no await, no task switch) ----------------
+
+    def _fast_states(self, sub: Subscriber) -> dict[str, BucketState] | None:
+        """The pending changes if the hub may deliver them for this stream, else None."""
+        if (
+            not self._parked
+            or sub.wake.is_set()
+            or sub.resync
+            or sub.lookups_dirty
+            or sub.write_checkpoint_dirty
+            or self._stall_since is not None
+            or self._out
+            or self.closing.is_set()
+            or self.exp <= time.time()
+        ):
+            return None
+        t = self._transport
+        if t is None or t.is_closing() or t.get_write_buffer_size():
+            return None
+        cp0 = self.cp
+        grants = self.grants
+        return {b: st for b, (c, st) in sub.pending.items() if c > cp0 and b in grants}
+
+    def _fast_plan(
+        self, cp: int, states: dict[str, BucketState]
+    ) -> tuple[list[PageKey], dict[str, int]]:
+        """Page keys in the order ``_send_data`` would read them (pages may be missing),
+        and each bucket's newest op bound after ``states``."""
+        last_op = self.last_op
+        newest = {b: max(last_op.get(b, 0), st.last_op) for b, st in states.items()}
+        keys: list[PageKey] = []
+        lim = self.limits
+        for b, pos in self.positions.items():
+            lo = newest[b] if b in newest else last_op.get(b, cp)
+            if lo > pos and pos < cp:
+                keys.append((b, pos, cp, lim.max_ops_per_line, lim.max_line_bytes))
+        return keys, newest
+
+    def fast_pages(self) -> list[PageKey] | None:
+        """For the hub: the pages a batched delivery needs first (None: not now)."""
+        sub = self.sub
+        if sub is None:
+            return None
+        states = self._fast_states(sub)
+        if states is None:
+            return None
+        if not states:
+            return []
+        keys, _ = self._fast_plan(max(self.cp, self.hub.checkpoint), states)
+        return keys
+
+    def fast_deliver(self, stats: DeliveryStats) -> bool:
+        """Take the pending bucket changes without this stream's task: the same lines, in
+        the same order, as ``_on_change`` -> ``_diff`` -> ``_serve`` would send, written at
+        once. False (nothing changed) when that needs anything else: a page not read yet,
+        a page that continues, a MOVE/CLEAR past the checkpoint, a client behind."""
+        sub = self.sub
+        if sub is None:
+            return False
+        states = self._fast_states(sub)
+        if states is None:
+            return False
+        cp = max(self.cp, self.hub.checkpoint)
+        wcp = self._current_wcp()
+        sent = self.sent
+        updated = [b for b, st in states.items() if sent.get(b) != (st.checksum, st.count)]
+        if not updated and wcp == self.sent_wcp:
+            sub.pending.clear()
+            return True
+        if any(b not in sent for b in updated):
+            return False  # a bucket joins the set: the stream logs and serves it itself
+        keys, newest = self._fast_plan(cp, states)
+        # data lines by priority, as _send_data: read pages must cover each range whole
+        grants = self.grants
+        pages = self.hub.pages
+        by_bucket: dict[str, list[bytes]] = {}
+        ops = 0
+        for key in keys:
+            b, pos = key[0], key[1]
+            out: list[bytes] = []
+            while True:
+                page = pages.peek((b, pos, cp, key[3], key[4]))
+                if page is None or page.max_target > cp:
+                    return False
+                out.extend(page.lines)
+                ops += page.ops
+                if not page.has_more:
+                    break
+                pos = page.next_after
+            by_bucket[b] = out
+        # commit (what _diff and _serve record), then build the lines
+        sub.pending.clear()
+        self.cp = cp
+        last_op = self.last_op
+        for b, lo in newest.items():
+            last_op[b] = lo
+        for b in updated:
+            st = states[b]
+            sent[b] = (st.checksum, st.count)
+        self.sent_wcp = wcp
+        dkey = (
+            cp,
+            wcp,
+            tuple((b, grants[b].priority, grants[b].subscriptions) for b in updated),
+            (),
+        )
+        diff = self.hub.lines.get(dkey)
+        if diff is None:
+            diff = protocol.checkpoint_diff(cp, self._checksums(states, updated), (), wcp)
+            self.hub.remember_line(dkey, diff)
+        lines = [diff]
+        positions = self.positions
+        n_data = 0
+        levels = sorted({g.priority for g in grants.values()})
+        if by_bucket:
+            by_prio = sorted(grants.values(), key=lambda g: (g.priority, g.bucket))
+        for level in levels:
+            if by_bucket:
+                for g in by_prio:
+                    if g.priority == level and g.bucket in by_bucket:
+                        data = by_bucket[g.bucket]
+                        lines.extend(data)
+                        n_data += len(data)
+            if level != levels[-1]:
+                lines.append(protocol.partial_checkpoint_complete(cp, level))
+        n_partial = max(0, len(levels) - 1)
+        for b in positions:
+            if positions[b] < cp:
+                positions[b] = cp
+        lines.append(self.hub.complete_line(cp))
+        chunk = self.hub.chunk(tuple(lines))
+        assert self._transport is not None
+        self._transport.write(chunk)
+        # what is unsent now includes this chunk: progress is measured from here (flush)
+        cur = self._unsent()
+        if cur:
+            self._stall_since = time.monotonic()
+            self._stall_mark = cur
+            sub.wake.set()  # the task re-arms its timer with the stall deadline
+        stats.streams += 1
+        stats.bytes += len(chunk)
+        stats.ops += ops
+        stats.line("checkpoint_diff")
+        if n_data:
+            stats.line("data", n_data)
+        if n_partial:
+            stats.line("partial_checkpoint_complete", n_partial)
+        stats.line("checkpoint_complete")
+        return True
 
     async def _send_data(self) -> int:
         """Send ops in ``(position, cp]`` for every bucket, by priority. Returns the largest
