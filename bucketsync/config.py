@@ -181,6 +181,15 @@ class ProcessorSettings(_Section):
     transaction_grace_s: float = Field(default=60.0, gt=0)
     #: Prometheus endpoint of the processor on 127.0.0.1; 0 or null disables it.
     metrics_port: int | None = Field(default=9108, ge=0, le=65535)
+    #: Which rows keep a copy of their source row in the store (for merging TOAST
+    #: placeholders, MongoDB partial updates and primary-key changes of such rows):
+    #: ``auto``: rows of the tables in ``merge_tables`` and of tables whose events showed
+    #: they need merges (a TOAST placeholder, any MongoDB event; remembered in the store);
+    #: ``all``: every row. Under ``auto`` a table's first placeholder arrives before its
+    #: rows were kept: list tables with large TOASTable columns in ``merge_tables``.
+    source_rows: Literal["auto", "all"] = "auto"
+    #: Tables (topics, e.g. ``app.public.docs``) whose rows always keep their source row.
+    merge_tables: list[str] = Field(default_factory=list)
 
 
 class CompactionSettings(_Section):

@@ -10,9 +10,11 @@
 --    "offsets": {"<topic>/<partition>": <highest offset in batch>, ...},
 --    "events": [ {"k": "<row key>", "t": "<table>",
 --                 "o": [[bucket, object_type, object_id, put_checksum, remove_checksum, tail], ...] | false,
---                 "s": "<source row json>" | false,
+--                 "s": "<source row json>" | false (false: no stored copy; tables
+--                       that never need merges keep none, see core.plan_batch),
 --                 "l": [[lookup key, values json], ...]  (optional)} |
 --                {"truncate": "<table>"}, ... ],
+--    "merge_tables": [<table>, ...]  (tables newly known to need source rows; P:merge_tables),
 --    "source_lsn": {"<connector>": <highest PostgreSQL LSN in batch>, ...} | null,
 --    "maxlen": <changes stream maxlen> }
 --   "o" = false means the row is deleted; a list (maybe empty) is the row's complete
@@ -22,7 +24,7 @@
 --   "\31L"), the lookup index P:lookup:<key> is a hash values json -> number of rows
 --   contributing it. A deleted row drops all its entries. Lookup keys whose value set
 --   changed are announced in the change entry (field "l", a JSON array).
--- Returns {"ok", checkpoint, n_ops} or {"stale", "<tp>", stored_offset}.
+-- Returns {"ok", checkpoint, n_ops, number of merge tables} or {"stale", "<tp>", stored_offset}.
 
 local P = ARGV[1]
 local batch = cjson.decode(ARGV[2])
@@ -61,22 +63,62 @@ local function next_op()
   return seq
 end
 
+-- Members to add per bucket, written with one variadic ZADD per bucket at the end:
+-- pending[b] = {ids = {op_id, ...} (in order), m = {op_id -> member}}. An op superseded
+-- within the batch is replaced in memory; one from an earlier batch is removed by score.
+local pending = {}
+local function pend(b)
+  local p = pending[b]
+  if not p then
+    p = {ids = {}, m = {}}
+    pending[b] = p
+  end
+  return p
+end
+
 -- Rewrite the op at old_id as MOVE (same op_id and checksum), remembering its target.
 local function to_move(b, old_id, old_cs, target)
-  local k = P .. ":ops:" .. b
-  redis.call("ZREMRANGEBYSCORE", k, old_id, old_id)
-  redis.call("ZADD", k, old_id,
-    "T" .. target .. "|{\"op_id\":\"" .. old_id .. "\",\"op\":\"MOVE\",\"checksum\":" .. old_cs .. "}")
+  local p = pend(b)
+  if not p.m[old_id] then
+    redis.call("ZREMRANGEBYSCORE", P .. ":ops:" .. b, old_id, old_id)
+    table.insert(p.ids, old_id)
+  end
+  p.m[old_id] = "T" .. target .. "|{\"op_id\":\"" .. old_id .. "\",\"op\":\"MOVE\",\"checksum\":" .. old_cs .. "}"
   local s = bstate(b)
   s.moved = s.moved + 1
 end
 
 local function add_op(b, op_id, cs, member)
-  redis.call("ZADD", P .. ":ops:" .. b, op_id, member)
+  local p = pend(b)
+  table.insert(p.ids, op_id)
+  p.m[op_id] = member
   local s = bstate(b)
   s.cs = (s.cs + cs) % 4294967296
   s.n = s.n + 1
   s.last = op_id
+end
+
+local function flush_ops()
+
+local merge_key = P .. ":merge_tables"
+if batch.merge_tables and #batch.merge_tables > 0 then
+  redis.call("SADD", merge_key, unpack(batch.merge_tables))
+end
+  for b, p in pairs(pending) do
+    local k = P .. ":ops:" .. b
+    local args = {}
+    for _, id in ipairs(p.ids) do
+      args[#args + 1] = id
+      args[#args + 1] = p.m[id]
+      if #args >= 2000 then  -- stay well below Lua's unpack limit
+        redis.call("ZADD", k, unpack(args))
+        args = {}
+      end
+    end
+    if #args > 0 then
+      redis.call("ZADD", k, unpack(args))
+    end
+  end
 end
 
 -- Current index entries of a row: field -> {op_id, checksum, remove_checksum}.
@@ -85,16 +127,19 @@ local function read_row(rk)
   local flat = redis.call("HGETALL", rk)
   local cur = {}
   local lookups = nil
+  local has_src = false
   for i = 1, #flat, 2 do
     local f = flat[i]
     if f == LF then
       lookups = flat[i + 1]
-    elseif f ~= "" then
+    elseif f == "" then
+      has_src = true
+    else
       local a, c, r = string.match(flat[i + 1], "^(%d+):(%d+):(%d+)$")
       cur[f] = {tonumber(a), tonumber(c), tonumber(r)}
     end
   end
-  return cur, #flat > 0, lookups
+  return cur, #flat > 0, lookups, has_src
 end
 
 -- Replace a row's lookup entries (old: stored JSON or nil; new: list or nil = none).
@@ -150,7 +195,7 @@ end
 
 local function apply_row(ev)
   local rk = P .. ":row:" .. ev.k
-  local cur, known, old_lookups = read_row(rk)
+  local cur, known, old_lookups, has_src = read_row(rk)
   local outs = ev.o
   local hset, hdel = {}, {}
   if outs then
@@ -194,6 +239,9 @@ local function apply_row(ev)
         table.insert(hdel, LF)
       end
     end
+    if not ev.s and has_src then
+      table.insert(hdel, "")  -- the table needs no merges: no stored copy
+    end
     if #hdel > 0 then
       redis.call("HDEL", rk, unpack(hdel))
     end
@@ -236,6 +284,13 @@ for _, ev in ipairs(batch.events) do
   else
     apply_row(ev)
   end
+end
+
+flush_ops()
+
+local merge_key = P .. ":merge_tables"
+if batch.merge_tables and #batch.merge_tables > 0 then
+  redis.call("SADD", merge_key, unpack(batch.merge_tables))
 end
 
 local changed = {}
@@ -292,4 +347,4 @@ end
 table.insert(note, "o")
 table.insert(note, cjson.encode(batch.offsets))
 redis.call("XADD", P .. ":changes", "MAXLEN", "~", batch.maxlen, "*", unpack(note))
-return {"ok", cp, n_ops}
+return {"ok", cp, n_ops, redis.call("SCARD", merge_key)}

@@ -114,6 +114,12 @@ def needs_base(ev: Mapping[str, Any]) -> bool:
     return ev.get("action") == "upsert" and bool(ev.get("keep_columns") or ev.get("partial"))
 
 
+def needs_merges(ev: Mapping[str, Any]) -> bool:
+    """Does this decoded event show that its table needs stored source rows? TOAST
+    placeholders (``keep_columns``), MongoDB partial updates, any MongoDB document."""
+    return bool(ev.get("keep_columns") or ev.get("partial") or ev.get("replace_document"))
+
+
 def base_keys(topic: str, ev: Mapping[str, Any]) -> list[str]:
     """Row keys whose stored source rows this event may merge from: its own, and for the
     create half of a primary-key change also the old key's."""
@@ -150,6 +156,7 @@ def plan_batch(
     stored_rows: Mapping[str, Mapping[str, Any]] | None = None,
     *,
     on_unknown_table: Callable[[str], None] | None = None,
+    merge_tables: set[str] | None = None,
 ) -> Plan:
     """Turn decoded events (in consumption order) into one atomic batch.
 
@@ -164,6 +171,13 @@ def plan_batch(
     lookup keys whose value sets changed. A delete (or TRUNCATE) drops all of a row's
     entries there. So the planner needs no stored lookup state, and a membership change
     lands in the same checkpoint as the ops of the batch.
+
+    ``merge_tables``: ``None`` keeps every row's source row (``"s"``) in the store. A set
+    keeps them only for the tables in it (topics); a table whose events show that it
+    needs merges (:func:`needs_merges`) is added to the set and to
+    ``batch.merge_tables`` (the store records it in the same atomic step), so rows of
+    tables that never need merges cost no stored copy (``"s": false``; the store drops a
+    copy kept earlier).
     """
     batch = PlannedBatch()
     dls: list[DeadLetter] = []
@@ -216,6 +230,9 @@ def plan_batch(
             known_rows[rk] = None
             continue
         row: dict[str, Any] = dict(ev["row"])
+        if merge_tables is not None and table not in merge_tables and needs_merges(ev):
+            merge_tables.add(table)
+            batch.merge_tables.append(table)
         if needs_base(ev):
             base = known_rows.get(rk)
             old_key = ev.get("pk_change_from")
@@ -248,7 +265,7 @@ def plan_batch(
             "k": rk,
             "t": table,
             "o": [output_entry(o) for o in outs],
-            "s": source_json,
+            "s": source_json if merge_tables is None or table in merge_tables else False,
         }
         if lookups:
             planned["l"] = lookup_entries(lookups[0])

@@ -90,6 +90,12 @@ STORE_OUTAGES = Counter(
 #: the store is down or still loading its data set: wait and read again, never crash
 STORE_ERRORS = (redis_exceptions.ConnectionError, redis_exceptions.TimeoutError)
 
+MERGES_WITHOUT_BASE = Counter(
+    "bucketsync_processor_merges_without_base_total",
+    "Upserts with TOAST placeholders / partial updates whose stored source row was "
+    "missing (evaluated on the columns the event carries)",
+)
+
 PIPELINE_VERSION = "bucketsync-0.1.0"
 
 #: the driver's seek: {(topic, partition): offset} -> None
@@ -249,6 +255,13 @@ class BatchApplier:
                 max_staged_events=settings.processor.max_staged_events,
                 grace_s=settings.processor.transaction_grace_s,
             )
+        #: tables whose rows keep their source row (None: every row; see core.plan_batch)
+        self.merge_tables: set[str] | None = (
+            None
+            if settings.processor.source_rows == "all"
+            else set(settings.processor.merge_tables)
+        )
+        self._stored_merge_tables = 0
         #: seconds spent per stage, for ``bucketsync bench`` and profiling
         self.timings: dict[str, float] = {"decode": 0.0, "read": 0.0, "plan": 0.0, "apply": 0.0}
 
@@ -271,7 +284,14 @@ class BatchApplier:
 
     async def load_offsets(self) -> dict[str, int]:
         self.applied = await self.store.applied_offsets()
+        await self._load_merge_tables()
         return self.applied
+
+    async def _load_merge_tables(self) -> None:
+        if self.merge_tables is not None:
+            stored = await self.store.merge_tables()
+            self._stored_merge_tables = len(stored)
+            self.merge_tables |= stored
 
     def resume_positions(self, partitions: Iterable[tuple[str, int]]) -> dict[tuple[str, int], int]:
         """Where to read assigned partitions from: right after the store's applied offset
@@ -401,7 +421,16 @@ class BatchApplier:
             if missing:  # old keys of primary-key changes applied in an earlier batch
                 stored.update(await self.store.departed_rows(missing))
             t2 = time.perf_counter()
-            plan = core.plan_batch(items, self.rules, stored, on_unknown_table=self._note_unknown)
+            merge_tables = None if self.merge_tables is None else set(self.merge_tables)
+            plan = core.plan_batch(
+                items,
+                self.rules,
+                stored,
+                on_unknown_table=self._note_unknown,
+                merge_tables=merge_tables,
+            )
+            if plan.merges_without_base:
+                MERGES_WITHOUT_BASE.inc(plan.merges_without_base)
             t3 = time.perf_counter()
             self.timings["read"] += t2 - t1
             self.timings["plan"] += t3 - t2
@@ -430,6 +459,11 @@ class BatchApplier:
                 await self.load_offsets()
                 continue
             self.applied.update(plan.batch.offsets)
+            if merge_tables is not None:
+                self.merge_tables = merge_tables
+                self._stored_merge_tables += len(plan.batch.merge_tables)
+                if res.merge_tables != self._stored_merge_tables:  # learned by another one
+                    await self._load_merge_tables()
             self.timings["apply"] += dt
             APPLY_SECONDS.observe(dt)
             BATCH.observe(len(items))

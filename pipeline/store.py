@@ -9,7 +9,8 @@ Layout under the configured prefix ``P`` (docs/store.md has the long form):
 - ``P:bucket:{bucket}``  hash: checksum (unsigned running total), count, last_op, moved.
 - ``P:row:{row key}``    hash: ``bucket\\x1fobject_type\\x1fobject_id`` -> ``op_id:checksum:
                          remove_checksum`` of the row's current op there; field ``""`` holds
-                         the source row JSON (for TOAST / partial-update merges); field
+                         the source row JSON (for TOAST / partial-update merges; only rows
+                         of tables in ``P:merge_tables`` under ``source_rows: auto``); field
                          ``"\x1fL"`` the row's lookup entries (JSON ``[[lookup, values], ...]``,
                          rows of tables read by parameter queries only).
 - ``P:lookup:{lookup}``  hash: JSON array of bucket parameter values -> number of source rows
@@ -23,6 +24,7 @@ Layout under the configured prefix ``P`` (docs/store.md has the long form):
                          entry's ``o`` as ``lsn:<connector>`` (exact write checkpoints).
 - ``P:changes``          stream: one entry per applied batch (cp, changed buckets ``b``, lookup
                          keys whose value sets changed ``l``, offsets ``o``).
+- ``P:merge_tables``     set of tables (topics) whose events showed they need merges.
 - ``P:dirty``            set of buckets with MOVEs since their last compaction.
 - ``P:gone:{row key}``   source row of a row deleted by a primary-key change (expires in a
                          day): the create half may need it to fill TOAST placeholders.
@@ -146,6 +148,7 @@ class ApplyResult:
     ops: int = 0
     stale_partition: str | None = None
     stored_offset: int | None = None
+    merge_tables: int = 0  # how many tables the store knows to need source rows
 
 
 @dataclass(slots=True)
@@ -157,6 +160,8 @@ class PlannedBatch:
     offsets: dict[str, int] = field(default_factory=dict)  # tp -> highest offset
     #: connector (source.name) -> highest PostgreSQL LSN of the batch's events
     source_lsn: dict[str, int] = field(default_factory=dict)
+    #: tables (topics) newly known to need stored source rows (see core.plan_batch)
+    merge_tables: list[str] = field(default_factory=list)
 
 
 def parse_member(member: bytes, score: float) -> StoredOp:
@@ -203,6 +208,7 @@ class Store:
                 "offsets": batch.offsets,
                 "source_lsn": batch.source_lsn or None,
                 "events": batch.events,
+                "merge_tables": batch.merge_tables,
                 "maxlen": self.changes_maxlen,
             }
         )
@@ -210,11 +216,15 @@ class Store:
         status = res[0].decode() if isinstance(res[0], bytes) else res[0]
         if status == "stale":
             return ApplyResult("stale", stale_partition=res[1].decode(), stored_offset=int(res[2]))
-        return ApplyResult("ok", checkpoint=int(res[1]), ops=int(res[2]))
+        return ApplyResult("ok", checkpoint=int(res[1]), ops=int(res[2]), merge_tables=int(res[3]))
 
     async def applied_offsets(self) -> dict[str, int]:
         raw = await self.r.hgetall(self.k("offsets"))
         return {k.decode(): int(v) for k, v in raw.items()}
+
+    async def merge_tables(self) -> set[str]:
+        """Tables (topics) whose rows keep their source row for merges."""
+        return {m.decode() for m in await self.r.smembers(self.k("merge_tables"))}
 
     async def applied_source_lsns(self) -> dict[str, int]:
         """Highest applied PostgreSQL LSN per connector (``P:source_lsn``)."""

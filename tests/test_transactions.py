@@ -259,7 +259,13 @@ def test_transfers_over_three_partitions_never_show_a_wrong_balance_sum(
     txt = create_topic(f"{prefix}.transaction")
     s = make_settings(
         kafka={"topics": [accounts, txt], "consistency": "transaction"},
-        processor={"batch_max_events": 16, "batch_max_wait_ms": 5, "driver": "kafka"},
+        # source_rows "all": the check below reads each account's stored source row
+        processor={
+            "batch_max_events": 16,
+            "batch_max_wait_ms": 5,
+            "driver": "kafka",
+            "source_rows": "all",
+        },
         sync_rules=write_rules(tmp_path, BANK_RULES),
         compaction={"interval_s": 0},
     )
