@@ -6,12 +6,12 @@ Never timed assertions: these report medians and ratios on a shared, noisy machi
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
+import shutil
+import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -23,9 +23,12 @@ from confluent_kafka import Consumer, TopicPartition
 from rich.console import Console
 from rich.table import Table
 
+from bucketsync.bench_mix import MIX_TABLES
 from bucketsync.config import Settings
 from bucketsync.errors import UserError
-from bucketsync.feed import TodoFeed, ensure_topics, make_producer, produce_events
+from bucketsync.feed import ensure_topics, make_producer
+from bucketsync.run import child_argv
+from pipeline.store import parse_member
 
 BENCH_RULES = """
 bucket_definitions:
@@ -60,7 +63,8 @@ def _write(result: dict[str, Any], out: str | None, name: str) -> None:
     print(f"results: {path}")
 
 
-def raw_consume_rate(settings: Settings, topic: str, n: int) -> float:
+def raw_consume_rate(settings: Settings, topics: list[str], n: int) -> float:
+    """Records/s of a plain confluent-kafka consume of ``topics`` (partition 0 each)."""
     c = Consumer(
         {
             "bootstrap.servers": settings.kafka.bootstrap_servers,
@@ -69,7 +73,7 @@ def raw_consume_rate(settings: Settings, topic: str, n: int) -> float:
             "auto.offset.reset": "earliest",
         }
     )
-    c.assign([TopicPartition(topic, 0, 0)])
+    c.assign([TopicPartition(t, 0, 0) for t in topics])
     got = 0
     t0 = time.perf_counter()
     while got < n:
@@ -80,65 +84,153 @@ def raw_consume_rate(settings: Settings, topic: str, n: int) -> float:
     return n / dt
 
 
-async def _kafka_driver_rate(settings: Settings, n: int) -> tuple[float, dict[str, float]]:
-    from pipeline.membership import Membership
-    from pipeline.processor import BatchApplier, KafkaLoopDriver, load_sync_rules
-    from pipeline.store import Store
-
-    store = Store.from_url(settings.redis.url, settings.redis.prefix)
-    applier = BatchApplier(settings, store, load_sync_rules(settings))
-    driver = KafkaLoopDriver(settings, applier, Membership(None))
-    t0 = time.perf_counter()
-    await driver.run(max_events=n, idle_exit_s=30)
-    dt = time.perf_counter() - t0
-    await store.close()
-    return n / dt, dict(applier.timings)
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
-def _faust_driver_rate(cfg_path: Path, settings: Settings, topic: str, n: int) -> float:
+def _private_redis(tmp: Path) -> tuple[subprocess.Popen[bytes], str] | None:
+    """A redis-server of the benchmark's own, so INFO cpu counts only its work."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        return None
+    port = _free_port()
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        cwd=tmp,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    import redis
+
+    r = redis.Redis(port=port)
+    for _ in range(100):
+        try:
+            r.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    r.close()
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
+def _proc_cpu(pids: list[int]) -> float:
+    """user + system CPU seconds of processes (Linux /proc)."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def _redis_cpu(r: Any) -> float:
+    info = r.info("cpu")
+    return float(info["used_cpu_user_main_thread"]) + float(info["used_cpu_sys_main_thread"])
+
+
+def _run_processors(
+    cfg_path: Path, settings: Settings, driver: str, n_procs: int, events: int
+) -> dict[str, Any]:
+    """Start ``n_procs`` processors (one group) on the prefilled topics; time them from the
+    first applied batch to the last event, sampling applied offsets for the timeline."""
     import redis
 
     r = redis.Redis.from_url(settings.redis.url)
-    env = dict(os.environ)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bucketsync.cli",
-            "--config",
-            str(cfg_path),
-            "processor",
-            "--driver",
-            "faust",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
     key = f"{settings.redis.prefix}:offsets"
-    t0 = None
+    procs = [
+        subprocess.Popen(
+            child_argv("processor", str(cfg_path), "--driver", driver),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(n_procs)
+    ]
+    pids = [p.pid for p in procs]
+    timeline: list[tuple[float, int]] = []
+    t0 = cpu0 = rcpu0 = None
+    first = 0
     try:
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + 900
         while time.monotonic() < deadline:
-            off = r.hget(key, f"{topic}/0")
-            if off is not None and t0 is None:
-                t0 = time.perf_counter()
-                first = int(off)
-            if off is not None and int(off) >= n - 1:
-                assert t0 is not None
-                dt = time.perf_counter() - t0
-                return (n - first) / dt if dt > 0 else float("nan")
-            if proc.poll() is not None:
-                err = proc.stderr.read().decode()[-2000:] if proc.stderr else ""
-                raise UserError(f"faust processor exited early: {err}")
-            time.sleep(0.05)
-        raise UserError("faust processor did not finish in 600 s")
+            done = sum(int(v) + 1 for v in r.hgetall(key).values())
+            now = time.perf_counter()
+            if done and t0 is None:
+                t0, first = now, done
+                cpu0, rcpu0 = _proc_cpu(pids), _redis_cpu(r)
+            if t0 is not None:
+                timeline.append((now - t0, done))
+            if done >= events:
+                assert t0 is not None and cpu0 is not None and rcpu0 is not None
+                dt = now - t0
+                applied = done - first
+                return {
+                    "events_per_s": applied / dt if dt > 0 else float("nan"),
+                    "processor_us_per_event": 1e6 * (_proc_cpu(pids) - cpu0) / applied,
+                    "redis_us_per_event": 1e6 * (_redis_cpu(r) - rcpu0) / applied,
+                    "timeline": timeline,
+                }
+            for p in procs:
+                if p.poll() is not None:
+                    err = p.stderr.read().decode()[-2000:] if p.stderr else ""
+                    raise UserError(f"{driver} processor exited early: {err}")
+            time.sleep(0.1)
+        raise UserError(f"{driver} processors did not finish in 900 s")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        r.close()
+
+
+def memory_stats(settings: Settings, sample: int = 300) -> dict[str, Any]:
+    """Redis bytes per op beyond its wire JSON (sampled buckets: MEMORY USAGE of the op log
+    minus the wire bytes of its ops, per op) and per live row (row index hash; the kept
+    source-row copy separately)."""
+    import redis
+
+    r = redis.Redis.from_url(settings.redis.url)
+    pre = settings.redis.prefix
+    try:
+        ops_keys = []
+        for k in r.scan_iter(match=f"{pre}:ops:*", count=1000):
+            ops_keys.append(k)
+            if len(ops_keys) >= sample:
+                break
+        n_ops = wire = usage = 0
+        for k in ops_keys:
+            rows = r.zrange(k, 0, -1)
+            n_ops += len(rows)
+            wire += sum(len(parse_member(m, 0.0).wire) for m in rows)
+            usage += int(r.memory_usage(k, samples=0) or 0)
+        row_keys = []
+        for k in r.scan_iter(match=f"{pre}:row:*", count=1000):
+            row_keys.append(k)
+            if len(row_keys) >= sample:
+                break
+        row_usage = sum(int(r.memory_usage(k, samples=0) or 0) for k in row_keys)
+        src = sum(int(r.hstrlen(k, "")) for k in row_keys)
+        kept = sum(1 for k in row_keys if r.hexists(k, ""))
+        used = int(r.info("memory")["used_memory"])
+        return {
+            "ops_sampled": n_ops,
+            "op_wire_bytes": round(wire / max(n_ops, 1), 1),
+            "op_bytes_beyond_wire": round((usage - wire) / max(n_ops, 1), 1),
+            "rows_sampled": len(row_keys),
+            "row_index_bytes_per_live_row": round(row_usage / max(len(row_keys), 1), 1),
+            "source_copy_bytes_per_live_row": round(src / max(len(row_keys), 1), 1),
+            "rows_with_source_copy": kept,
+            "redis_used_memory": used,
+        }
+    finally:
         r.close()
 
 
@@ -158,79 +250,186 @@ def _cleanup(settings: Settings, prefixes: list[str]) -> None:
     r.close()
 
 
-def bench_ingest(settings: Settings, events: int, out: str | None) -> int:
+def _plot(path: Path, timelines: dict[str, list[tuple[float, int]]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, tl in timelines.items():
+        xs, ys = [], []
+        j = 0
+        for i in range(len(tl)):
+            while tl[i][0] - tl[j][0] > 1.0:
+                j += 1
+            if i > j and tl[i][0] > tl[j][0]:
+                xs.append(tl[i][0])
+                ys.append((tl[i][1] - tl[j][1]) / (tl[i][0] - tl[j][0]))
+        ax.plot(xs, ys, label=label)
+    ax.set_xlabel("seconds since the first applied batch")
+    ax.set_ylabel("events/s (1 s window)")
+    ax.set_title("bucketsync bench ingest: throughput over time")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"# bench ingest: {result['events']:,} events (realistic mix), median of "
+        f"{result['runs']} run(s)",
+        "",
+        f"raw confluent-kafka consume of the same topics: {result['raw_consume_median']:,}/s",
+        "",
+        "| configuration | events/s | ratio to raw consume | processor CPU µs/event "
+        "| Redis CPU µs/event |",
+        "|---|---|---|---|---|",
+    ]
+    for name, c in result["configs"].items():
+        lines.append(
+            f"| {name} | {c['events_per_s']:,} | {c['ratio_to_raw']:.3f} | "
+            f"{c['processor_us_per_event']} | {c['redis_us_per_event']} |"
+        )
+    m = result.get("memory") or {}
+    if m:
+        lines += [
+            "",
+            "| memory | bytes |",
+            "|---|---|",
+            f"| Redis per op beyond its wire JSON | {m['op_bytes_beyond_wire']} |",
+            f"| op wire JSON (mean) | {m['op_wire_bytes']} |",
+            f"| row index per live row | {m['row_index_bytes_per_live_row']} |",
+            f"| source-row copy per live row (rows kept: {m['rows_with_source_copy']}"
+            f"/{m['rows_sampled']}) | {m['source_copy_bytes_per_live_row']} |",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def bench_ingest(
+    settings: Settings, events: int, out: str | None, drivers: list[str], runs: int
+) -> int:
+    """Issue 11's table: events/s per driver and for 2 processors, ratio to a raw consume
+    of the same topics, processor and Redis CPU per event, Redis bytes per op and per row.
+    The processors run as child processes against a private redis-server (when one is
+    installed) so ``INFO cpu`` counts only their work."""
     from bucketsync import stack
+    from bucketsync.bench_mix import MIX_RULES, MixFeed
+    from bucketsync.config import load_settings
 
     stack.ensure_up(settings)
     run_id = uuid.uuid4().hex[:8]
-    topic = f"bench-{run_id}.public.todos"
     tmp = Path(tempfile.mkdtemp(prefix="bucketsync-bench-"))
-    (tmp / "rules.yaml").write_text(BENCH_RULES)
+    private = _private_redis(tmp)
+    feed = MixFeed(f"bench-{run_id}")
+    topics = [feed.topic(t) for t in MIX_TABLES]
+    (tmp / "rules.yaml").write_text(MIX_RULES)
     base = settings.model_dump(mode="json", exclude={"config_dir"})
     base["sync_rules"] = str(tmp / "rules.yaml")
-    base["kafka"].update({"topics": [topic], "topic_pattern": None, "group_id": f"bench-{run_id}"})
+    base["kafka"].update({"topics": topics, "topic_pattern": None})
     base["kafka"]["dead_letter_topic"] = f"bench-{run_id}.dead-letter"
-    base["redis"]["prefix"] = f"bench-{run_id}"
+    if private is not None:
+        base["redis"]["url"] = private[1]
     base["compaction"]["interval_s"] = 0
-    base["processor"]["batch_max_events"] = 5000
-    cfg = tmp / "bucketsync.yaml"
-    cfg.write_text(yaml.safe_dump(base))
-    from bucketsync.config import load_settings
+    base["processor"].update(
+        {"batch_max_events": 5000, "metrics_port": 0, "instance_id": "", "driver": "kafka"}
+    )
 
-    s = load_settings(cfg)
-    ensure_topics(s, [topic, s.kafka.dead_letter_topic])
-    print(f"prefilling {topic} with {events:,} Debezium JSON events ...", flush=True)
-    feed = TodoFeed(users=1000, rows=100_000, seed=7)
-    t0 = time.perf_counter()
-    produce_events(make_producer(s), topic, feed.events(events))
-    produce_s = time.perf_counter() - t0
+    def config(name: str) -> tuple[Path, Settings]:
+        c = json.loads(json.dumps(base))
+        c["redis"]["prefix"] = f"bench-{run_id}-{name}"
+        c["kafka"]["group_id"] = f"bench-{run_id}-{name}"
+        path = tmp / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(c))
+        return path, load_settings(path)
 
-    raw = [raw_consume_rate(s, topic, events) for _ in range(3)]
-    raw_med = statistics.median(raw)
-    kafka_rate, timings = asyncio.run(_kafka_driver_rate(s, events))
+    _, s = config("setup")
+    try:
+        ensure_topics(s, [*topics, s.kafka.dead_letter_topic])
+        print(f"prefilling {len(topics)} topics with {events:,} Debezium JSON events ...")
+        producer = make_producer(s)
+        sizes = 0
+        t0 = time.perf_counter()
+        for table, key, value in feed.events(events):
+            sizes += len(key) + len(value)
+            while True:
+                try:
+                    producer.produce(feed.topic(table), key=key, value=value)
+                    break
+                except BufferError:
+                    producer.poll(0.05)
+        producer.flush(120)
+        produce_s = time.perf_counter() - t0
 
-    faust_rate = None
-    if os.environ.get("BUCKETSYNC_BENCH_SKIP_FAUST") != "1":
-        s2 = base.copy()
-        s2["redis"] = dict(base["redis"], prefix=f"bench-{run_id}-faust")
-        s2["kafka"] = dict(base["kafka"], group_id=f"bench-{run_id}-faust")
-        cfg2 = tmp / "faust.yaml"
-        cfg2.write_text(yaml.safe_dump(s2))
-        faust_rate = _faust_driver_rate(cfg2, load_settings(cfg2), topic, events)
-
-    _cleanup(s, [s.redis.prefix, f"bench-{run_id}-faust"])
-    total_stage = sum(timings.values()) or 1.0
+        raw = [raw_consume_rate(s, topics, events) for _ in range(max(3, runs))]
+        raw_med = statistics.median(raw)
+        plan = [(d, 1) for d in drivers] + [("kafka", 2)]
+        measured: dict[str, list[dict[str, Any]]] = {}
+        timelines: dict[str, list[tuple[float, int]]] = {}
+        memory: dict[str, Any] = {}
+        for i in range(runs):
+            for driver, n in plan:
+                name = f"{driver} driver" + (f", {n} processors" if n > 1 else "")
+                label = f"{driver}-{n}-{i}"
+                path, cs = config(label)
+                print(f"run {i + 1}/{runs}: {name} ...", flush=True)
+                res = _run_processors(path, cs, driver, n, events)
+                measured.setdefault(name, []).append(res)
+                timelines[f"{name} (run {i + 1})"] = res.pop("timeline")
+                if driver == "kafka" and n == 1 and not memory:
+                    memory = memory_stats(cs)
+                _cleanup(cs, [cs.redis.prefix])
+    finally:
+        if private is not None:
+            private[0].terminate()
+            private[0].wait(20)
+    configs = {}
+    for name, rs in measured.items():
+        rate = statistics.median(x["events_per_s"] for x in rs)
+        configs[name] = {
+            "events_per_s": round(rate),
+            "runs_events_per_s": [round(x["events_per_s"]) for x in rs],
+            "ratio_to_raw": round(rate / raw_med, 4),
+            "processor_us_per_event": round(
+                statistics.median(x["processor_us_per_event"] for x in rs), 1
+            ),
+            "redis_us_per_event": round(statistics.median(x["redis_us_per_event"] for x in rs), 1),
+        }
     result = {
         "benchmark": "ingest",
         "events": events,
-        "topic": topic,
+        "runs": runs,
+        "mix": "Debezium PostgreSQL JSON with schemas, 4 tables (bucketsync/bench_mix.py)",
+        "bytes_per_record": round(sizes / events),
+        "redis": "private redis-server" if private is not None else "the stack's Redis (shared)",
+        "topics": topics,
         "produce_seconds": round(produce_s, 2),
         "raw_consume_events_per_s": [round(x) for x in raw],
         "raw_consume_median": round(raw_med),
-        "kafka_driver_events_per_s": round(kafka_rate),
-        "kafka_driver_ratio_to_raw": round(kafka_rate / raw_med, 3),
-        "faust_driver_events_per_s": round(faust_rate) if faust_rate else None,
-        "faust_ratio_to_kafka_driver": round(faust_rate / kafka_rate, 3) if faust_rate else None,
-        "stage_seconds": {k: round(v, 3) for k, v in timings.items()},
-        "stage_share": {k: round(v / total_stage, 3) for k, v in timings.items()},
+        "configs": configs,
+        "memory": memory,
     }
-    _print_table(
-        f"bench ingest: {events:,} events",
-        [
-            ("raw confluent-kafka consume (median of 3)", f"{raw_med:,.0f}/s"),
-            ("processor, kafka driver", f"{kafka_rate:,.0f}/s"),
-            ("ratio to raw consume", f"{kafka_rate / raw_med:.3f}"),
-            ("processor, faust driver", f"{faust_rate:,.0f}/s" if faust_rate else "skipped"),
-            *[(f"stage {k}", f"{v:.2f}s ({v / total_stage:.0%})") for k, v in timings.items()],
-        ],
+    path = (
+        Path(out)
+        if out
+        else Path("bench-results") / f"ingest-{time.strftime('%Y%m%d-%H%M%S')}.json"
     )
-    _write(result, out, "ingest")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    md = _markdown(result)
+    path.with_suffix(".md").write_text(md)
+    _plot(path.with_suffix(".png"), timelines)
+    print(md)
+    print(f"results: {path} (+ .md, .png)")
     return 0
 
 
 def main(settings: Settings, args: argparse.Namespace) -> int:
     if args.which == "ingest":
-        return bench_ingest(settings, args.events or 500_000, args.out)
+        drivers = ["kafka", "faust"] if args.driver == "both" else [args.driver]
+        return bench_ingest(settings, args.events or 200_000, args.out, drivers, args.runs)
     if args.which == "compact":
         from pipeline.bench_compact import bench_compact
 
