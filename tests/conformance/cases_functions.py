@@ -17,8 +17,18 @@ def call(fn: str, *args: Any) -> tuple[str, dict[str, Any]]:
     return f"{fn}({', '.join(names)})", dict(zip(names, args, strict=True))
 
 
-def fcase(name: str, items: list[tuple[tuple[str, dict[str, Any]], Any]], **kw: Any) -> Case:
-    return Case(FN + name, None, [Expr(want, sql=sql, row=row, **kw) for (sql, row), want in items])
+def fcase(name: str, items: list[tuple[Any, ...]], **kw: Any) -> Case:
+    """Items: ``(call, want)``, or ``(call, want, ours)`` for the legacy-json-null difference."""
+    checks: list[Expr] = []
+    for (sql, row), want, *ours in items:
+        if ours:
+            checks.append(Expr(want, sql=sql, row=row, ours=ours[0], diff=JSON_NULL, **kw))
+        else:
+            checks.append(Expr(want, sql=sql, row=row, **kw))
+    return Case(FN + name, None, checks)
+
+
+JSON_NULL = "legacy-json-null"
 
 
 def opcase(name: str, op: str, items: list[tuple[Any, Any, Any]]) -> Case:
@@ -28,6 +38,14 @@ def opcase(name: str, op: str, items: list[tuple[Any, Any, Any]]) -> Case:
 
 
 B = bytes
+
+
+def _expr(want: Any, sql: str, row: dict[str, Any], *ours: Any) -> Expr:
+    """``ours``: what we give instead (the legacy-json-null difference)."""
+    if ours:
+        return Expr(want, sql=sql, row=row, ours=ours[0], diff=JSON_NULL)
+    return Expr(want, sql=sql, row=row)
+
 
 CASES: list[Case] = [
     fcase(
@@ -41,7 +59,7 @@ CASES: list[Case] = [
             (call("json_extract", '{"foo":42}', "$"), '{"foo":42}'),
             (call("json_extract", '{"foo": 42.0}', "$"), '{"foo":42.0}'),
             (call("json_extract", '{"foo": true}', "$"), '{"foo":true}'),
-            (call("json_extract", '{"foo": null}', "$.foo"), "null"),
+            (call("json_extract", '{"foo": null}', "$.foo"), "null", None),
             (call("json_extract", "{}", "$.foo"), None),
         ],
     ),
@@ -49,8 +67,8 @@ CASES: list[Case] = [
         FN + "->>",
         None,
         [
-            Expr(want, sql=f"a ->> '{path}'", row={"a": doc})
-            for doc, path, want in [
+            _expr(want, f"a ->> '{path}'", {"a": doc}, *ours)
+            for doc, path, want, *ours in [
                 ('{"foo":"bar"}', "$.foo", "bar"),
                 ('{"foo":42}', "$.foo", 42),
                 ('{"foo": 42.0}', "$.foo", 42.0),
@@ -59,7 +77,7 @@ CASES: list[Case] = [
                 ('{"foo": 42.0}', "foo", 42.0),
                 ('{"foo": 42.0}', "$", '{"foo":42.0}'),
                 ('{"foo": true}', "$.foo", 1),
-                ('{"foo": null}', "$.foo", "null"),
+                ('{"foo": null}', "$.foo", "null", None),
                 ("{}", "$.foo", None),
             ]
         ],
@@ -68,8 +86,8 @@ CASES: list[Case] = [
         FN + "->",
         None,
         [
-            Expr(want, sql=f"a -> '{path}'", row={"a": doc})
-            for doc, path, want in [
+            _expr(want, f"a -> '{path}'", {"a": doc}, *ours)
+            for doc, path, want, *ours in [
                 ('{"foo":"bar"}', "$.foo", '"bar"'),
                 ('{"foo":42}', "$.foo", "42"),
                 ('{"foo": 42.0}', "$.foo", "42.0"),
@@ -79,7 +97,7 @@ CASES: list[Case] = [
                 ('{"foo": 42.0}', "foo", "42.0"),
                 ('{"foo": 42.0}', "$", '{"foo":42.0}'),
                 ('{"foo": true}', "$.foo", "true"),
-                ('{"foo": null}', "$.foo", None),
+                ('{"foo": null}', "$.foo", None, "null"),
                 ("{}", "$.foo", None),
             ]
         ],

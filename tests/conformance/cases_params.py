@@ -676,6 +676,10 @@ CASES: list[Case] = [
                 ["mybucket[1]", "mybucket[2]", "mybucket[3]", 'mybucket["null"]'],
                 {},
                 {"array": [1, 2, 3, None]},
+                ours=[
+                    (b, 3) for b in ["mybucket[1]", "mybucket[2]", "mybucket[3]", "mybucket[null]"]
+                ],
+                diff="legacy-json-null",
             ),
         ],
     ),
