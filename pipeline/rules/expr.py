@@ -886,6 +886,20 @@ class Compiler:
 
         return MatchClause((inp,), in_filter)
 
+    def _overlap(self, node: exp.ArrayOverlaps) -> Clause:
+        """``a && b`` (the JSON arrays share an element); ``<request value> && <row array>``
+        in a parameter query over a table is ``<request value> IN <row array>``, like the
+        reference. Sync streams rewrite row/parameter overlaps before they get here."""
+        left = self.compile(node.this)
+        right = self.compile(node.expression)
+        if (
+            self.scope.mode is Mode.LOOKUP
+            and isinstance(left, ParamValue)
+            and isinstance(right, RowValue)
+        ):
+            return self._param_in_row(left, right)
+        return self.compose(sv.op_overlap, [left, right], node)
+
     def _row_in_param(self, value: Static | RowValue, param: ParamValue) -> MatchClause:
         """``column IN request_value`` (parameter query over a table): the request value is a
         JSON array and every element is looked up."""
@@ -1196,6 +1210,7 @@ _DISPATCH: Final[dict[type[exp.Expr], Callable[[Compiler, Any], Clause]]] = {
     exp.Boolean: Compiler._boolean,
     exp.HexString: Compiler._hex,
     exp.Paren: Compiler._paren,
+    exp.ArrayOverlaps: Compiler._overlap,
     exp.Column: Compiler._column,
     exp.Dot: Compiler._dot,
     exp.Anonymous: Compiler._anonymous,

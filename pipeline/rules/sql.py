@@ -19,6 +19,7 @@ import sqlglot
 from sqlglot import exp
 from sqlglot.dialects.sqlite import SQLite
 from sqlglot.errors import ParseError, TokenError
+from sqlglot.parser import binary_range_parser
 from sqlglot.parsers.sqlite import SQLiteParser
 from sqlglot.tokens import TokenType
 
@@ -39,6 +40,11 @@ class _RulesParser(SQLiteParser):
         **SQLiteParser.CONCAT_OPERATORS,
         TokenType.ARROW: _raw_arrow(exp.JSONExtract),
         TokenType.DARROW: _raw_arrow(exp.JSONExtractScalar),
+    }
+    #: `a && b`: the JSON arrays overlap (sync streams)
+    RANGE_PARSERS: ClassVar = {
+        **SQLiteParser.RANGE_PARSERS,
+        TokenType.DAMP: binary_range_parser(exp.ArrayOverlaps),
     }
 
     def _parse_in(self, this: exp.Expr | None, alias: bool = False) -> exp.In:

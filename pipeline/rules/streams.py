@@ -474,7 +474,23 @@ class _Compiler:
 
         for atom in own:
             kind = scope.kind(atom)
-            if kind == "subquery":
+            if kind == "subquery" and isinstance(atom, exp.ArrayOverlaps):
+                # `<row array> && (SELECT c FROM t WHERE ...)`: a bucket per element of the
+                # row's array, the request's buckets from the lookup
+                left = atom.this
+                if scope.kind(left) != "row":
+                    raise SqlSyntaxError(
+                        "The left-hand side of an && operator must be derived from the row to "
+                        "sync.",
+                        node_offset(left),
+                    )
+                lookups += 1
+                as_in = exp.In(this=left.copy(), query=atom.expression.copy())
+                q = self._lookup(ctx, name, lookups, as_in, None)
+                subs = subs or q[1]
+                data_conds.append(exp.In(this=new_param(), field=left.copy()))
+                parts.append(("lookup", q[0]))
+            elif kind == "subquery":
                 assert isinstance(atom, exp.In)
                 lookups += 1
                 left = atom.this
@@ -503,6 +519,16 @@ class _Compiler:
                     if ka in ("row", "static") and kb == "request":
                         data_conds.append(exp.EQ(this=a.copy(), expression=new_param()))
                         parts.append(("value", request_fn(b)))
+                        continue
+                elif isinstance(atom, exp.ArrayOverlaps):
+                    # a row array and a parameter array overlap: a bucket per element
+                    a, b = atom.this, atom.expression
+                    ka, kb = scope.kind(a), scope.kind(b)
+                    if ka == "request" and kb == "row":
+                        a, b, ka, kb = b, a, kb, ka
+                    if ka == "row" and kb == "request":
+                        data_conds.append(exp.In(this=new_param(), field=a.copy()))
+                        parts.append(("expand", request_fn(b)))
                         continue
                 elif isinstance(atom, exp.In) and not atom.args.get("query"):
                     left = atom.this
@@ -790,6 +816,8 @@ class _Classifier:
 
     def kind(self, node: exp.Expr) -> str:
         """``row``, ``request``, ``static``, ``mixed`` or ``subquery``."""
+        if isinstance(node, exp.ArrayOverlaps) and isinstance(node.expression, exp.Subquery):
+            return "subquery"
         if isinstance(node, exp.In):
             fld = node.args.get("field")
             if isinstance(fld, exp.Column) and self._is_cte_ref(fld):

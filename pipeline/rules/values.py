@@ -459,6 +459,20 @@ def op_in_json(a: SqliteValue, array_text: SqliteValue) -> int | None:
     return 0
 
 
+def op_overlap(a: SqliteValue, b: SqliteValue) -> int | None:
+    """``a && b``: both JSON arrays, 1 if they share an element (the reference's ``&&``)."""
+    if a is None or b is None:
+        return None
+    items_a = json_array_items(a)
+    items_b = [y for y in json_array_items(b) or () if y is not None]
+    for x in items_a or ():
+        if x is not None:
+            for y in items_b:
+                if op_eq(x, y) == 1:
+                    return 1
+    return 0
+
+
 # --------------------------------------------------------------------------- arithmetic
 
 
