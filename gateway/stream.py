@@ -133,6 +133,14 @@ class SyncStream:
         self._transport = transport if isinstance(transport, asyncio.WriteTransport) else None
         #: the task waits in ``_wait`` with nothing queued: the hub may deliver for it
         self._parked = False
+        self._by_prio: list[Grant] = []
+        self._levels: list[int] = []
+        #: fast_pages' plan, reused by fast_deliver while nothing new is pending:
+        #: ((pending_cp, cp, len(pending)), checkpoint, states, page keys, newest op bounds)
+        self._memo: (
+            tuple[tuple[int, int, int], int, dict[str, BucketState], list[PageKey], dict[str, int]]
+            | None
+        ) = None
 
     def _set_grants(self, grants: Sequence[Grant]) -> list[str]:
         """Adopt a (re)resolved bucket set; returns the buckets that left it."""
@@ -148,6 +156,8 @@ class SyncStream:
                 # that enters the set later starts from the beginning (§4.4)
                 self.positions[b] = self._after.get(b, 0) if not self._started else 0
         self.grants = new
+        self._by_prio = sorted(new.values(), key=lambda g: (g.priority, g.bucket))
+        self._levels = sorted({g.priority for g in self._by_prio})
         self._started = True
         return removed
 
@@ -421,6 +431,13 @@ class SyncStream:
 
     def _fast_states(self, sub: Subscriber) -> dict[str, BucketState] | None:
         """The pending changes if the hub may deliver them for this stream, else None."""
+        if not self._fast_ok(sub):
+            return None
+        cp0 = self.cp
+        grants = self.grants
+        return {b: st for b, (c, st) in sub.pending.items() if c > cp0 and b in grants}
+
+    def _fast_ok(self, sub: Subscriber) -> bool:
         if (
             not self._parked
             or sub.wake.is_set()
@@ -432,13 +449,9 @@ class SyncStream:
             or self.closing.is_set()
             or self.exp <= time.time()
         ):
-            return None
+            return False
         t = self._transport
-        if t is None or t.is_closing() or t.get_write_buffer_size():
-            return None
-        cp0 = self.cp
-        grants = self.grants
-        return {b: st for b, (c, st) in sub.pending.items() if c > cp0 and b in grants}
+        return t is not None and not t.is_closing() and not t.get_write_buffer_size()
 
     def _fast_plan(
         self, cp: int, states: dict[str, BucketState]
@@ -460,12 +473,15 @@ class SyncStream:
         sub = self.sub
         if sub is None:
             return None
+        self._memo = None
         states = self._fast_states(sub)
         if states is None:
             return None
         if not states:
             return []
-        keys, _ = self._fast_plan(max(self.cp, self.hub.checkpoint), states)
+        cp = max(self.cp, self.hub.checkpoint)
+        keys, newest = self._fast_plan(cp, states)
+        self._memo = ((sub.pending_cp, self.cp, len(sub.pending)), cp, states, keys, newest)
         return keys
 
     def fast_deliver(self, stats: DeliveryStats) -> bool:
@@ -476,10 +492,20 @@ class SyncStream:
         sub = self.sub
         if sub is None:
             return False
-        states = self._fast_states(sub)
-        if states is None:
-            return False
-        cp = max(self.cp, self.hub.checkpoint)
+        memo, self._memo = self._memo, None
+        if memo is not None and memo[0] == (sub.pending_cp, self.cp, len(sub.pending)):
+            # nothing new for this stream since the plan: its checkpoint still holds
+            # (every change up to it is pending here), whatever else moved the hub's
+            if not self._fast_ok(sub):
+                return False
+            _, cp, states, keys, newest = memo
+        else:
+            fresh = self._fast_states(sub)
+            if fresh is None:
+                return False
+            states = fresh
+            cp = max(self.cp, self.hub.checkpoint)
+            keys, newest = self._fast_plan(cp, states) if states else ([], {})
         wcp = self._current_wcp()
         sent = self.sent
         updated = [b for b, st in states.items() if sent.get(b) != (st.checksum, st.count)]
@@ -488,7 +514,6 @@ class SyncStream:
             return True
         if any(b not in sent for b in updated):
             return False  # a bucket joins the set: the stream logs and serves it itself
-        keys, newest = self._fast_plan(cp, states)
         # data lines by priority, as _send_data: read pages must cover each range whole
         grants = self.grants
         pages = self.hub.pages
@@ -530,12 +555,10 @@ class SyncStream:
         lines = [diff]
         positions = self.positions
         n_data = 0
-        levels = sorted({g.priority for g in grants.values()})
-        if by_bucket:
-            by_prio = sorted(grants.values(), key=lambda g: (g.priority, g.bucket))
+        levels = self._levels
         for level in levels:
             if by_bucket:
-                for g in by_prio:
+                for g in self._by_prio:
                     if g.priority == level and g.bucket in by_bucket:
                         data = by_bucket[g.bucket]
                         lines.extend(data)
