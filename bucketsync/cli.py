@@ -99,6 +99,10 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
         from bucketsync.bench_recovery import main as recovery_main
 
         return recovery_main(settings, args)
+    if args.which == "soak":
+        from bucketsync.bench_soak import main as soak_main
+
+        return soak_main(settings, args)
     if args.which == "cdc":
         from bucketsync.bench_cdc import main as cdc_main
 
@@ -195,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("bench", cmd_bench, "Benchmarks; results as JSON plus a short table.")
     p.add_argument(
         "which",
-        choices=["ingest", "fanout", "compact", "cdc", "recovery", "lookups"],
+        choices=["ingest", "fanout", "compact", "cdc", "recovery", "lookups", "soak"],
         help="benchmark",
     )
     p.add_argument(
@@ -203,7 +207,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--runs", type=int, default=3, help="repetitions (recovery)")
     p.add_argument(
-        "--rate", type=float, default=50.0, help="transactions/s (cdc), events/s (recovery)"
+        "--rate",
+        type=float,
+        default=50.0,
+        help="transactions/s (cdc), events/s (recovery, soak)",
+    )
+    p.add_argument("--minutes", type=float, default=30.0, help="duration (soak)")
+    p.add_argument("--clients", type=int, default=5000, help="simulated clients (soak)")
+    p.add_argument("--sample-s", type=float, default=5.0, help="sampling interval (soak)")
+    p.add_argument(
+        "--rss-bound-mb",
+        type=float,
+        default=64.0,
+        help="most RSS growth per process, start to end, for a passing soak (soak)",
     )
     p.add_argument("--events", type=int, default=None, help="events (ingest)")
     p.add_argument("--out", default=None, help="write the JSON result here")
