@@ -32,9 +32,20 @@ def put_checksum(object_type: str, object_id: str, data: str) -> int:
     return op_checksum(f"put.{object_type}.{object_id}.{data}")
 
 
+_REMOVE_CACHE: dict[tuple[str, str], int] = {}
+
+
 def remove_checksum(object_type: str, object_id: str) -> int:
-    """REMOVE is hashed over ``delete.<object_type>/<object_id>`` (documented, never changed)."""
-    return op_checksum(f"delete.{object_type}/{object_id}")
+    """REMOVE is hashed over ``delete.<object_type>/<object_id>`` (documented, never changed).
+    Every PUT carries it (the row index keeps it for a later REMOVE), so recent ones are
+    cached (bounded: cleared when full)."""
+    k = (object_type, object_id)
+    cs = _REMOVE_CACHE.get(k)
+    if cs is None:
+        if len(_REMOVE_CACHE) >= 200_000:
+            _REMOVE_CACHE.clear()
+        cs = _REMOVE_CACHE[k] = op_checksum(f"delete.{object_type}/{object_id}")
+    return cs
 
 
 class RowOutputLike(Protocol):
