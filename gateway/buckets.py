@@ -14,10 +14,13 @@ wakes the connection again).
 from __future__ import annotations
 
 import time
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from prometheus_client import Histogram
 
 from gateway.errors import CODE_TOO_MANY_BUCKETS, ServiceError
@@ -47,6 +50,56 @@ class Resolution:
     cp: int
     grants: list[Grant]
     states: dict[str, BucketState]
+
+
+class ExpansionCache:
+    """Bucket expansions by request signature: the lookup rows last read for it and the
+    bucket set computed from them (``BucketResolver.grants``). Bounded by the buckets held;
+    least recently used first out. A reconnecting client, or a connection whose lookup key
+    changed back and forth, skips the evaluation and the separate lookup read."""
+
+    def __init__(self, max_buckets: int = 200_000):
+        self.max_buckets = max_buckets
+        self.held = 0
+        self._entries: OrderedDict[bytes, tuple[LookupRows, list[Grant]]] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.held = 0
+
+    def get(self, key: bytes) -> tuple[LookupRows, list[Grant]] | None:
+        hit = self._entries.get(key)
+        if hit is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._entries.move_to_end(key)
+        return hit
+
+    def put(self, key: bytes, rows: LookupRows, grants: list[Grant]) -> None:
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.held -= len(old[1])
+        if len(grants) > self.max_buckets // 4:
+            return
+        self._entries[key] = (rows, grants)
+        self.held += len(grants)
+        while self.held > self.max_buckets and self._entries:
+            _, (_, dropped) = self._entries.popitem(last=False)
+            self.held -= len(dropped)
+
+
+_CACHES: weakref.WeakKeyDictionary[SyncRules, ExpansionCache] = weakref.WeakKeyDictionary()
+
+
+def _cache_for(rules: SyncRules) -> ExpansionCache:
+    """One cache per compiled rules object (a reload never sees another's expansions)."""
+    cache = _CACHES.get(rules)
+    if cache is None:
+        cache = _CACHES[rules] = ExpansionCache()
+    return cache
 
 
 class BucketResolver:
@@ -82,6 +135,19 @@ class BucketResolver:
         #: the checkpoint's ``streams``, fixed at the first checkpoint (diffs never change it)
         self.stream_names: list[Any] = [st.wire() for st in self.plan.streams]
         self.lookup_keys: list[str] = self.plan.lookup_keys
+        #: everything the bucket set depends on besides the lookup rows
+        self.signature = orjson.dumps(
+            [
+                payload,
+                parameters,
+                include_defaults,
+                [list(x) for x in subscriptions],
+                max_buckets,
+                max_parameter_results,
+            ],
+            option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS,
+            default=repr,
+        )
 
     def grants(self, lookups: LookupRows | None = None) -> list[Grant]:
         """The bucket set for the given lookup rows (raises the protocol's PSYNC_S2305)."""
@@ -95,14 +161,17 @@ class BucketResolver:
                     f"{self.max_parameter_results} (gateway.max_parameter_query_results)",
                 )
         descs = self.plan.buckets(decode_lookups(lookups) if lookups is not None else None)
-        out = [
-            Grant(
-                d.bucket,
-                d.priority,
-                tuple((k, v) for reason in d.subscriptions for k, v in reason.items()),
-            )
-            for d in descs
-        ]
+        # a request has a few distinct reasons (the plan's entries): convert each once
+        reasons: dict[tuple[int, ...], tuple[tuple[str, int], ...]] = {}
+        out = []
+        for d in descs:
+            rkey = tuple(map(id, d.subscriptions))
+            subs = reasons.get(rkey)
+            if subs is None:
+                subs = reasons[rkey] = tuple(
+                    (k, v) for reason in d.subscriptions for k, v in reason.items()
+                )
+            out.append(Grant(d.bucket, d.priority, subs))
         if len(out) > self.max_buckets:
             raise ServiceError(
                 400,
@@ -129,9 +198,16 @@ class BucketResolver:
                 on_buckets(names)
                 cp, states = await store.read_checkpoint(names)
                 return Resolution(cp, grants, states)
-            rows = await store.read_lookups(self.lookup_keys)
-            for _ in range(_ATTEMPTS):
+            cache = _cache_for(self.rules)
+            hit = cache.get(self.signature)
+            if hit is not None:
+                # the expansion of the rows this request saw last: confirmed (or replaced)
+                # by the atomic read, so a hit costs one round trip and no evaluation
+                rows, grants = hit
+            else:
+                rows = await store.read_lookups(self.lookup_keys)
                 grants = self.grants(rows)
+            for _ in range(_ATTEMPTS):
                 names = [g.bucket for g in grants]
                 on_buckets(names)
                 cp, states, again = await store.read_checkpoint_with_lookups(
@@ -140,6 +216,8 @@ class BucketResolver:
                 if again == rows:
                     break
                 rows = again
+                grants = self.grants(rows)
+            cache.put(self.signature, rows, grants)
             return Resolution(cp, grants, states)
         finally:
             EXPANSION_SECONDS.observe(time.perf_counter() - t0)

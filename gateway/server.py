@@ -363,6 +363,7 @@ async def _sync_stream(gw: Gateway, request: web.Request, token: Any) -> web.Str
     except BaseException:
         gw.hub.unsubscribe(sub)
         raise
+    resp.headers.clear()  # serialized by prepare(); not kept for the stream's lifetime
     if request.transport is not None:
         # bound what a connection may have queued: past it writes wait for the client,
         # and a client that stays behind for slow_client_timeout_s is dropped
@@ -604,6 +605,8 @@ class _GuardedRequestHandler(RequestHandler):
     """aiohttp's connection handler plus a header timeout: once the first byte of a request
     arrives, its headers must be complete within ``header_timeout_s`` or the connection is
     closed. (Idle connections, fresh or between requests, are aiohttp's keepalive_timeout.)"""
+
+    __slots__ = ("_bs_header_timeout_s", "_bs_header_timer")  # no __dict__ per connection
 
     def __init__(self, *args: Any, header_timeout_s: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -77,6 +77,42 @@ BucketGrant = Grant
 
 
 class SyncStream:
+    __slots__ = (
+        "_after",
+        "_buffered",
+        "_by_prio",
+        "_levels",
+        "_memo",
+        "_out",
+        "_out_size",
+        "_parked",
+        "_resolution",
+        "_stall_mark",
+        "_stall_since",
+        "_started",
+        "_transport",
+        "_unsent",
+        "_write",
+        "closing",
+        "cp",
+        "describe",
+        "exp",
+        "grants",
+        "hub",
+        "last_op",
+        "limits",
+        "next_keepalive",
+        "positions",
+        "resolver",
+        "sent",
+        "sent_wcp",
+        "store",
+        "stream_names",
+        "sub",
+        "wcp_key",
+        "write_checkpoints",
+    )
+
     def __init__(
         self,
         *,

@@ -77,6 +77,24 @@ return out
 """
 
 
+# The same, packed for large bucket sets: ARGV = prefix, buckets joined by "\n", keys...;
+# the states come back as one string "checksum count last_op ..." (one argument and one
+# reply string instead of 3 per bucket: redis-py packs and parses 1,000 buckets ~10x faster)
+_READ_WITH_LOOKUPS_PACKED_LUA = """
+local P = ARGV[1]
+local parts = {}
+for b in string.gmatch(ARGV[2], "[^\\n]+") do
+  local v = redis.call("HMGET", P .. ":bucket:" .. b, "checksum", "count", "last_op")
+  parts[#parts + 1] = (v[1] or "0") .. " " .. (v[2] or "0") .. " " .. (v[3] or "0")
+end
+local out = {redis.call("GET", P .. ":checkpoint") or "0", table.concat(parts, " ")}
+for i = 3, #ARGV do
+  out[#out + 1] = redis.call("HKEYS", P .. ":lookup:" .. ARGV[i])
+end
+return out
+"""
+
+
 # Issue the next write-checkpoint id of KEYS[1]. A key that has none yet starts from the
 # counter of its legacy ``sub/client_id`` key (KEYS[2]), so ids stay increasing for
 # clients across the key change (a shared legacy counter only makes them start higher).
@@ -187,6 +205,7 @@ class Store:
         self._notify = client.register_script(_NOTIFY_LUA)
         self._defrag = client.register_script(_lua("defrag_step.lua"))
         self._read_with_lookups = client.register_script(_READ_WITH_LOOKUPS_LUA)
+        self._read_with_lookups_packed = client.register_script(_READ_WITH_LOOKUPS_PACKED_LUA)
         self._issue_wcp = client.register_script(_ISSUE_WCP_LUA)
 
     @classmethod
@@ -290,6 +309,20 @@ class Store:
         """The checkpoint, the state of ``buckets`` and the lookup rows of ``keys``, all in
         one atomic step: when the lookup rows equal those the bucket set was computed from,
         that bucket set is exactly the one at this checkpoint."""
+        if len(buckets) > 16 and not any("\n" in b or not b for b in buckets):
+            res = await self._read_with_lookups_packed(
+                args=[self.prefix, "\n".join(buckets), *keys]
+            )
+            vals = res[1].split()
+            states = {
+                b: BucketState(int(vals[i]), int(vals[i + 1]), int(vals[i + 2]))
+                for b, i in zip(buckets, range(0, 3 * len(buckets), 3), strict=True)
+            }
+            return (
+                int(res[0]),
+                states,
+                {k: frozenset(v) for k, v in zip(keys, res[2:], strict=True)},
+            )
         res = await self._read_with_lookups(args=[self.prefix, len(buckets), *buckets, *keys])
         cp = int(res[0])
         flat = res[1]
