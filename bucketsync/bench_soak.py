@@ -14,9 +14,12 @@ What runs (all on this machine, against the configured Kafka and Redis):
   * idle (most, :data:`IDLE_SHARE`): one stream kept open; reconnect with their ``after``
     positions if the gateway ends it;
   * reconnecting (:data:`RECONNECT_SHARE`): streams of 10-60 s, then a new one with ``after``;
-  * stalling (:data:`STALL_SHARE`): open a stream on a socket with a small receive buffer,
-    read the headers, then stop reading for 30-90 s (past ``gateway.stall_timeout_s`` or
-    not), then close; counted as dropped by the gateway if the stream had ended meanwhile.
+  * stalling (:data:`STALL_SHARE`): users of their own whose bucket holds
+    :data:`HEAVY_ROWS` rows of ~300 bytes (more than the socket buffers take), so the
+    gateway holds unsent bytes: open a stream on a socket with a small receive buffer, read
+    the headers, then stop reading for 30-90 s (past ``gateway.stall_timeout_s`` or not),
+    close, and catch up on a normal stream of 10-30 s; counted as dropped by the gateway if
+    the stalled stream had ended by the time the client reads again.
 
 Every ``--sample-s`` seconds: gateway and processor RSS (``/proc/<pid>/status`` VmRSS), open
 streams, events produced and applied, checksum mismatches, protocol errors, and new ERROR /
@@ -55,7 +58,7 @@ import yaml
 
 from bucketsync.config import Settings, load_settings
 from bucketsync.errors import UserError
-from bucketsync.feed import TodoFeed, ensure_topics, make_producer
+from bucketsync.feed import WORDS, TodoFeed, ensure_topics, envelope, make_producer
 from bucketsync.simclient import ClientState, stream_once
 from bucketsync.tokens import make_dev_token
 
@@ -74,6 +77,8 @@ RECONNECT_SHARE = 0.10
 STALL_SHARE = 0.05
 IDLE_SHARE = 1 - RECONNECT_SHARE - STALL_SHARE
 RAMP_PER_S = 100.0
+#: rows in the bucket of each stalling client's user
+HEAVY_ROWS = 100
 #: log lines that count as errors
 ERROR_RE = re.compile(r"\b(ERROR|CRITICAL)\b|Traceback")
 
@@ -133,6 +138,28 @@ class _Producer(threading.Thread):
             if ahead > 0:
                 time.sleep(ahead)
         p.flush(30)
+
+
+def _seed_heavy(settings: Settings, topic: str, heavy_users: int) -> int:
+    """HEAVY_ROWS rows of ~300 bytes per stalling user (ids apart from the feed's)."""
+    p = make_producer(settings)
+    rng = random.Random(3)
+    n = 0
+    for h in range(heavy_users):
+        for j in range(HEAVY_ROWS):
+            row = {
+                "id": f"h{h + 1}-{j}",
+                "list_id": f"hl{h + 1}",
+                "owner_id": f"heavy{h + 1}",
+                "description": " ".join(rng.choices(WORDS, k=50))[:300],
+                "completed": False,
+            }
+            key = orjson.dumps({"id": row["id"]})
+            p.produce(topic, key=key, value=envelope("todos", "c", None, row, lsn=1 + n))
+            n += 1
+            p.poll(0)
+    p.flush(30)
+    return n
 
 
 class _LogWatch:
@@ -200,6 +227,16 @@ class _Clients:
         for i in order[n_rec : n_rec + n_stall]:
             kinds[i] = "stall"
         self.kinds = kinds
+        #: stalling clients are users heavy1.. (at most CLIENTS_PER_USER each)
+        self.heavy_of = {
+            i: j // CLIENTS_PER_USER
+            for j, i in enumerate(x for x in range(n) if kinds[x] == "stall")
+        }
+        self.heavy_users = max(self.heavy_of.values(), default=-1) + 1
+        self.heavy_tokens = [
+            make_dev_token(settings, sub=f"heavy{h + 1}", ttl_s=ttl_s)
+            for h in range(self.heavy_users)
+        ]
         self.c = _Counters()
         self.stop = asyncio.Event()
         self.session: aiohttp.ClientSession | None = None
@@ -207,6 +244,8 @@ class _Clients:
         self._started = 0
 
     def token(self, i: int) -> str:
+        if i in self.heavy_of:
+            return self.heavy_tokens[self.heavy_of[i]]
         return self.tokens[i % self.users]
 
     def mismatches(self) -> int:
@@ -406,6 +445,8 @@ async def soak(
         raw = r.hgetall(f"{prefix}:offsets")
         return sum(int(v) + 1 for k, v in raw.items() if k.decode().startswith(topic + "/"))
 
+    result["mix"]["stalling_users"] = sim.heavy_users
+    result["events_seeded"] = _seed_heavy(s, topic, sim.heavy_users)
     try:
         proc = _spawn("processor", cfg, plog)
         gw = _spawn("gateway", cfg, glog)
@@ -433,7 +474,7 @@ async def soak(
                     "processor_rss_kb": _rss_kb(proc.pid),
                     "bench_rss_kb": _rss_kb(os.getpid()),
                     "open_streams": sim.c.open_streams,
-                    "produced": producer.produced,
+                    "produced": producer.produced + result["events_seeded"],
                     "applied": applied(),
                     "mismatches": sim.mismatches(),
                     "protocol_errors": sim.protocol_errors(),
@@ -462,10 +503,11 @@ async def soak(
         producer.halt.set()
         await asyncio.to_thread(producer.join, 30)
         t_drain = time.monotonic()
-        while time.monotonic() - t_drain < 60 and applied() < producer.produced:
+        total = producer.produced + result["events_seeded"]
+        while time.monotonic() - t_drain < 60 and applied() < total:
             await asyncio.sleep(0.5)
         result["drain_s"] = round(time.monotonic() - t_drain, 1)
-        result["lag_after_drain"] = producer.produced - applied()
+        result["lag_after_drain"] = total - applied()
         await asyncio.sleep(3)  # the last checkpoints reach the clients
     finally:
         sim.stop.set()
@@ -509,7 +551,7 @@ async def soak(
             "slope_mb_per_min": round(slope_per_min(ts, ys), 3),
         }
     result["ramp_s"] = round(ramp_done_s, 1) if ramp_done_s is not None else None
-    result["events_produced"] = producer.produced
+    result["events_produced"] = producer.produced + result["events_seeded"]
     result["producer_errors"] = producer.errors
     result["clients_final"] = {
         "connects": sim.c.connects,
@@ -623,8 +665,8 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
             else Path("bench-results") / time.strftime("soak-%Y%m%d-%H%M%S.json")
         )
         _report(result, out)
-        # the logs outlive the temporary directory next to the results
-        for name in ("gateway", "processor"):
+        # a failed soak keeps the two logs next to the results
+        for name in ("gateway", "processor") if not result["ok"] else ():
             src = Path(tmp) / f"{name}.log"
             if src.exists():
                 out.with_name(out.stem + f"-{name}.log").write_bytes(src.read_bytes())
