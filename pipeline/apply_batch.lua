@@ -99,11 +99,6 @@ local function add_op(b, op_id, cs, member)
 end
 
 local function flush_ops()
-
-local merge_key = P .. ":merge_tables"
-if batch.merge_tables and #batch.merge_tables > 0 then
-  redis.call("SADD", merge_key, unpack(batch.merge_tables))
-end
   for b, p in pairs(pending) do
     local k = P .. ":ops:" .. b
     local args = {}
@@ -119,6 +114,47 @@ end
       redis.call("ZADD", k, unpack(args))
     end
   end
+end
+
+-- Table set changes (P:table:<table>, for TRUNCATE), written per table at the end (or
+-- before a TRUNCATE reads one): tmembers[table][row key] = true (add) / false (remove).
+local tmembers = {}
+local function tmark(t, k, present)
+  local m = tmembers[t]
+  if not m then
+    m = {}
+    tmembers[t] = m
+  end
+  m[k] = present
+end
+
+local function flush_tables()
+  for t, m in pairs(tmembers) do
+    local tk = P .. ":table:" .. t
+    local add, rem = {}, {}
+    for k, present in pairs(m) do
+      if present then
+        add[#add + 1] = k
+      else
+        rem[#rem + 1] = k
+      end
+      if #add >= 1000 then
+        redis.call("SADD", tk, unpack(add))
+        add = {}
+      end
+      if #rem >= 1000 then
+        redis.call("SREM", tk, unpack(rem))
+        rem = {}
+      end
+    end
+    if #add > 0 then
+      redis.call("SADD", tk, unpack(add))
+    end
+    if #rem > 0 then
+      redis.call("SREM", tk, unpack(rem))
+    end
+  end
+  tmembers = {}
 end
 
 -- Current index entries of a row: field -> {op_id, checksum, remove_checksum}.
@@ -253,7 +289,7 @@ local function apply_row(ev)
       redis.call("HSET", rk, unpack(hset))
     end
     if not known then
-      redis.call("SADD", P .. ":table:" .. ev.t, ev.k)
+      tmark(ev.t, ev.k, true)
     end
   elseif known then
     if old_lookups then
@@ -268,13 +304,14 @@ local function apply_row(ev)
       end
     end
     redis.call("DEL", rk)
-    redis.call("SREM", P .. ":table:" .. ev.t, ev.k)
+    tmark(ev.t, ev.k, false)
   end
 end
 
 for _, ev in ipairs(batch.events) do
   if ev.truncate then
     local tk = P .. ":table:" .. ev.truncate
+    flush_tables()
     local members = redis.call("SMEMBERS", tk)
     table.sort(members)
     for _, k in ipairs(members) do
@@ -287,6 +324,7 @@ for _, ev in ipairs(batch.events) do
 end
 
 flush_ops()
+flush_tables()
 
 local merge_key = P .. ":merge_tables"
 if batch.merge_tables and #batch.merge_tables > 0 then
@@ -295,14 +333,22 @@ end
 
 local changed = {}
 local any = false
+local dirty = {}
 for b, s in pairs(buckets) do
   redis.call("HSET", P .. ":bucket:" .. b, "checksum", s.cs, "count", s.n, "last_op", s.last,
     "moved", s.moved)
   if s.moved > 0 then
-    redis.call("SADD", dirty_key, b)
+    dirty[#dirty + 1] = b
+    if #dirty >= 1000 then
+      redis.call("SADD", dirty_key, unpack(dirty))
+      dirty = {}
+    end
   end
   changed[b] = {s.cs, s.n}
   any = true
+end
+if #dirty > 0 then
+  redis.call("SADD", dirty_key, unpack(dirty))
 end
 
 for tp, high in pairs(batch.offsets) do
