@@ -183,11 +183,13 @@ class ProcessorSettings(_Section):
     metrics_port: int | None = Field(default=9108, ge=0, le=65535)
     #: Which rows keep a copy of their source row in the store (for merging TOAST
     #: placeholders, MongoDB partial updates and primary-key changes of such rows):
-    #: ``auto``: rows of the tables in ``merge_tables`` and of tables whose events showed
-    #: they need merges (a TOAST placeholder, any MongoDB event; remembered in the store);
-    #: ``all``: every row. Under ``auto`` a table's first placeholder arrives before its
-    #: rows were kept: list tables with large TOASTable columns in ``merge_tables``.
-    source_rows: Literal["auto", "all"] = "auto"
+    #: ``all`` (the default): every row, so no placeholder ever meets a row without its
+    #: copy; ``auto``: rows of the tables in ``merge_tables`` and of tables whose events
+    #: showed they need merges (a TOAST placeholder, any MongoDB event; remembered in the
+    #: store) -- less Redis memory, but a table's first placeholder arrives before its rows
+    #: were kept, and the columns it stands for are lost: with ``auto``, list every table
+    #: with TOASTable columns (large text, jsonb, bytea) in ``merge_tables``.
+    source_rows: Literal["auto", "all"] = "all"
     #: Tables (topics, e.g. ``app.public.docs``) whose rows always keep their source row.
     merge_tables: list[str] = Field(default_factory=list)
 
