@@ -527,8 +527,11 @@ class BatchApplier:
         OPS.inc(res.ops)
         if dt > 0:
             OPS_RATE.set(res.ops / dt)
+        per_topic: dict[str, int] = {}
         for r, _ev in items:
-            EVENTS.labels(r.topic).inc()
+            per_topic[r.topic] = per_topic.get(r.topic, 0) + 1
+        for topic, n in per_topic.items():
+            EVENTS.labels(topic).inc(n)
         self._observe_lag([r for r, _ev in items])
         return None
 
