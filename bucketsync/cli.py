@@ -94,6 +94,12 @@ def cmd_loadgen(settings: Settings, args: argparse.Namespace) -> int:
     return loadgen_main(settings, args)
 
 
+def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
+    from bucketsync.simulate import main as simulate_main
+
+    return simulate_main(settings, args)
+
+
 def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     if args.which == "recovery":
         from bucketsync.bench_recovery import main as recovery_main
@@ -195,6 +201,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=int, default=100, help="distinct owners")
     p.add_argument("--rows", type=int, default=1_000, help="distinct rows")
     p.add_argument("--rate", type=float, default=0, help="events/s, 0 = as fast as possible")
+
+    p = add(
+        "simulate",
+        cmd_simulate,
+        "Simulated PowerSync clients against running gateways (checksums checked).",
+    )
+    p.add_argument(
+        "--url",
+        action="append",
+        metavar="URL",
+        help="gateway base URL (repeatable; clients spread over them); "
+        "default http://127.0.0.1:<gateway.port>",
+    )
+    p.add_argument("--clients", type=int, default=1000, help="concurrent streams")
+    p.add_argument("--users", type=int, default=100, help="distinct users (token sub u1..uN)")
+    p.add_argument("--duration", type=float, default=0, help="seconds, 0 = until stopped")
+    p.add_argument("--ramp", type=float, default=200.0, help="new clients per second, 0 = all")
+    p.add_argument(
+        "--reconnect-s",
+        type=float,
+        default=0,
+        help="resume each stream after about this many seconds, 0 = keep it open",
+    )
+    p.add_argument("--report-s", type=float, default=10.0, help="status line interval")
 
     p = add("bench", cmd_bench, "Benchmarks; results as JSON plus a short table.")
     p.add_argument(
