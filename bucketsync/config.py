@@ -184,11 +184,11 @@ class ProcessorSettings(_Section):
     #: Which rows keep a copy of their source row in the store (for merging TOAST
     #: placeholders, MongoDB partial updates and primary-key changes of such rows):
     #: ``all`` (the default): every row, so no placeholder ever meets a row without its
-    #: copy; ``auto``: rows of the tables in ``merge_tables`` and of tables whose events
-    #: showed they need merges (a TOAST placeholder, any MongoDB event; remembered in the
-    #: store) -- less Redis memory, but a table's first placeholder arrives before its rows
-    #: were kept, and the columns it stands for are lost: with ``auto``, list every table
-    #: with TOASTable columns (large text, jsonb, bytea) in ``merge_tables``.
+    #: copy; ``auto``: rows of at least 600 bytes of JSON (smaller PostgreSQL rows hold no
+    #: TOASTed value, see pipeline.core.TOAST_SAFE_BYTES), rows of the tables in
+    #: ``merge_tables`` and of tables whose events showed they need merges (a TOAST
+    #: placeholder, any MongoDB event; remembered in the store) -- less Redis memory; for
+    #: MongoDB sources that start mid-stream, list the collections in ``merge_tables``.
     source_rows: Literal["auto", "all"] = "all"
     #: Tables (topics, e.g. ``app.public.docs``) whose rows always keep their source row.
     merge_tables: list[str] = Field(default_factory=list)

@@ -125,6 +125,16 @@ def needs_base(ev: Mapping[str, Any]) -> bool:
     return ev.get("action") == "upsert" and bool(ev.get("keep_columns") or ev.get("partial"))
 
 
+#: A row whose source JSON is shorter than this keeps no copy under ``source_rows: auto``
+#: (unless its table needs merges): PostgreSQL moves a value out of line (and Debezium then
+#: sends a placeholder for it while it is unchanged) only when the row's tuple exceeds
+#: TOAST_TUPLE_THRESHOLD (~2,032 bytes). A tuple is at most ~2.5x the row's JSON here (the
+#: worst case: one-letter columns of small int8 values, 15 bytes with padding on disk vs
+#: 6 in JSON; text, bytea, timestamps and uuids are longer in JSON than on disk), so a
+#: row under 600 bytes of JSON has no TOASTed value and never needs a merge.
+TOAST_SAFE_BYTES = 600
+
+
 def needs_merges(ev: Mapping[str, Any]) -> bool:
     """Does this decoded event show that its table needs stored source rows? TOAST
     placeholders (``keep_columns``), MongoDB partial updates, any MongoDB document."""
@@ -184,7 +194,8 @@ def plan_batch(
     lands in the same checkpoint as the ops of the batch.
 
     ``merge_tables``: ``None`` keeps every row's source row (``"s"``) in the store. A set
-    keeps them only for the tables in it (topics); a table whose events show that it
+    keeps them only for rows of at least :data:`TOAST_SAFE_BYTES` of JSON and for the
+    tables in it (topics); a table whose events show that it
     needs merges (:func:`needs_merges`) is added to the set and to
     ``batch.merge_tables`` (the store records it in the same atomic step), so rows of
     tables that never need merges cost no stored copy (``"s": false``; the store drops a
@@ -276,7 +287,9 @@ def plan_batch(
             "k": rk,
             "t": table,
             "o": [output_entry(o) for o in outs],
-            "s": source_json if merge_tables is None or table in merge_tables else False,
+            "s": source_json
+            if merge_tables is None or table in merge_tables or len(source_json) >= TOAST_SAFE_BYTES
+            else False,
         }
         if lookups:
             planned["l"] = lookup_entries(lookups[0])

@@ -76,3 +76,26 @@ def test_checksums_match_the_protocol_worked_example() -> None:
     data = '{"id":"t1","description":"Buy milk","completed":0}'
     assert core.put_checksum("todos", "t1", data) == 903225261
     assert core.remove_checksum("todos", "t1") == 2191439428
+
+
+def test_source_copies_only_where_a_merge_can_need_them() -> None:
+    """source_rows: auto (merge_tables is a set): small rows keep no copy; a row large
+    enough to hold a TOASTed value does; a placeholder marks its table for good."""
+    small = {"id": 1, "n": 1}
+    big = {"id": 2, "body": "x" * core.TOAST_SAFE_BYTES}
+    learned: set[str] = set()
+    items = [
+        (rec(1), ev("upsert", {"id": 1}, small)),
+        (rec(2), ev("upsert", {"id": 2}, big)),
+    ]
+    plan = core.plan_batch(items, RULES, {}, merge_tables=learned)
+    assert plan.batch.events[0]["s"] is False
+    assert data_of(plan, 1) == big
+    assert plan.batch.merge_tables == [] and learned == set()
+    toast = [(rec(3), ev("upsert", {"id": 2}, {"id": 2}, keep_columns=["body"]))]
+    stored = {core.row_key(T, {"id": 2}): big}
+    plan = core.plan_batch(
+        [*toast, (rec(4), ev("upsert", {"id": 1}, small))], RULES, stored, merge_tables=learned
+    )
+    assert data_of(plan, 0) == big and data_of(plan, 1) == small
+    assert plan.batch.merge_tables == [T] and learned == {T}
