@@ -9,8 +9,8 @@ Layout under the configured prefix ``P`` (docs/store.md has the long form):
 - ``P:bucket:{bucket}``  hash: checksum (unsigned running total), count, last_op, moved.
 - ``P:row:{row key}``    hash: ``bucket\\x1fobject_type\\x1fobject_id`` -> ``op_id:checksum:
                          remove_checksum`` of the row's current op there; field ``""`` holds
-                         the source row JSON (for TOAST / partial-update merges; only rows
-                         of tables in ``P:merge_tables`` under ``source_rows: auto``); field
+                         the source row JSON (for TOAST / partial-update merges; under
+                         ``source_rows: auto`` only rows that can need one); field
                          ``"\x1fL"`` the row's lookup entries (JSON ``[[lookup, values], ...]``,
                          rows of tables read by parameter queries only).
 - ``P:lookup:{lookup}``  hash: JSON array of bucket parameter values -> number of source rows
