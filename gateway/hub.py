@@ -149,6 +149,33 @@ class Page:
 
 
 class PageCache:
+    """Pages of one bucket's ops, read once and shared by every connection that needs them.
+
+    Reads: :meth:`Store.read_ops` only, once per key ``(bucket, after, upto, max_ops,
+    max_bytes)`` while the key is cached; concurrent :meth:`get` calls for the same key
+    share one read. A failed read is not cached: every waiter gets its exception and the
+    next call reads again.
+
+    Guarantees of a :class:`Page` from ``get(bucket, after, upto, max_ops, max_bytes)``: the
+    ops of ``bucket`` with ``after < op_id <= upto``, ascending, at most ``max_ops`` of
+    them, encoded as ``data`` lines; a line is closed once its ops reach ``max_bytes`` (an
+    op is never split, so one op may exceed it). The first line's ``after`` is ``after``,
+    each next line's ``after`` is the previous ``next_after`` (its last op id);
+    ``has_more`` is true on every line but the last, and on the last exactly when ops in
+    ``(next_after, upto]`` remain (then ``Page.has_more``; continue with ``after =
+    next_after``). ``max_target``: the largest MOVE/CLEAR target among the ops (invariant
+    6: the caller must not complete a checkpoint below it). No ops: an empty page at
+    ``after``. Pages are not invalidated: a page cached before a later batch or compaction
+    rewrote part of its range into MOVE/CLEAR holds the ops as read then (same checksums;
+    its ``max_target`` describes what it holds).
+
+    Bounds: at most ``max_entries`` keys (reads under way included) and ``max_bytes`` of
+    encoded lines over the finished pages; the least recently used go first.
+
+    The caller bounds ``upto`` by a checkpoint it read (ops above it may still change).
+    :meth:`peek` answers from the cache only (no await), for the hub's batched delivery.
+    """
+
     def __init__(self, store: Store, max_entries: int = 2048, max_bytes: int = 64 * 1_048_576):
         self.store = store
         self.max_entries = max_entries
@@ -199,10 +226,14 @@ class PageCache:
         return page
 
     async def _read(self, bucket: str, after: int, upto: int, max_ops: int, max_bytes: int) -> Page:
-        ops = await self.store.read_ops(bucket, after, upto, max_ops)
+        # one op more than the page holds: it tells whether more remain (has_more is
+        # "more ops <= upto remain", sync-protocol.md §3.3, not "the read was full")
+        ops = await self.store.read_ops(bucket, after, upto, max_ops + 1)
+        has_more_store = len(ops) > max_ops
+        if has_more_store:
+            del ops[max_ops:]
         if not ops:
             return Page((), after, False, 0, 0)
-        has_more_store = len(ops) == max_ops and ops[-1].op_id < upto
         lines: list[bytes] = []
         chunk: list[bytes] = []
         size = 0
@@ -224,6 +255,46 @@ class PageCache:
 
 
 class CheckpointHub:
+    """The process's one reader of the store's change stream, and its subscriber index.
+
+    Reads: at :meth:`start` (retrying until the store answers) the change stream's tail,
+    the checkpoint and the applied offsets; then the change entries after that tail
+    (``read_changes``, blocking ``block_ms`` per call; errors are retried with backoff).
+    It reads no bucket states; ops only through :attr:`pages` for the batched delivery.
+
+    What each change entry does (fields as ``apply_batch.lua`` writes them):
+
+    - ``cp``: :attr:`checkpoint` rises to it (never falls).
+    - ``b`` (bucket -> [checksum, count]): every subscriber of that bucket, and only
+      those, gets ``pending[bucket] = (cp, BucketState(checksum, count, last_op=cp))``
+      (``last_op`` an upper bound) merged over earlier pending changes, and is woken, or,
+      when it has an ``owner`` (:class:`FastPath`), queued for the batched delivery, which
+      wakes it whenever it cannot serve it.
+    - ``l`` (lookup keys): the subscribers whose ``lookups`` hold one of the keys, and
+      only those, get ``lookups_dirty`` and are woken.
+    - ``o`` (offsets): :attr:`offsets` take the higher values; subscribers marked by
+      ``await_position(sub, True)`` get ``write_checkpoint_dirty`` and are woken.
+    - ``w`` (a write-checkpoint key): the subscribers of that key get
+      ``write_checkpoint_dirty`` and are woken.
+    - A sequence number ``n`` that does not follow the previous one (entries trimmed
+      unread, or the stream restarted from an older state) sets ``resync`` on every
+      subscriber and wakes it: what it missed must be read again from the store.
+
+    It writes no lines of its own; the batched delivery writes, through each owner's
+    :meth:`FastPath.fast_deliver`, the lines that connection's task would have sent.
+
+    Bounds: per subscriber its index entries and pending states (one per bucket, merged);
+    shared caches of encoded lines (256 diff lines, 256 chunks, 64 complete lines) and
+    :class:`PageCache` (``page_cache_bytes``).
+
+    The caller must: :meth:`subscribe` before reading the states it will serve (no change
+    after the read goes unseen), call :meth:`set_buckets` whenever the connection's bucket
+    set changes (``BucketResolver.resolve``'s ``on_buckets``), :meth:`await_position`
+    while it holds write checkpoints whose position is not reached, clear the flags it
+    handled, and :meth:`unsubscribe` at the end; :meth:`start` once, :meth:`stop` at
+    shutdown.
+    """
+
     def __init__(
         self, store: Store, *, block_ms: int = 5000, page_cache_bytes: int = 64 * 1_048_576
     ):

@@ -77,6 +77,47 @@ BucketGrant = Grant
 
 
 class SyncStream:
+    """One connection's sync stream (sync-protocol.md §4): :meth:`run` writes its lines.
+
+    Reads: the write checkpoints of ``wcp_key`` (at the start, on a write-checkpoint
+    notification, on a resync); the bucket set and its states at one checkpoint through
+    ``resolver`` (at the start unless ``resolution`` is given; again when a lookup key of
+    the request changed or the hub asks for a resync); ops through the hub's
+    :class:`~gateway.hub.PageCache`; ``read_checkpoint`` of its buckets when a checkpoint
+    is invalidated. Later bucket states come from the hub's notifications.
+
+    Lines, through ``write`` (the lines of one burst in one call, always whole lines):
+
+    1. ``checkpoint`` C: every granted bucket with its checksum, count, priority and
+       subscriptions at C, the request's streams, ``write_checkpoint`` when one is reached.
+    2. ``data`` for each bucket with ops in ``(position, C]``, ascending, the position
+       starting at the request's ``after`` for that bucket (0 when absent, and for a
+       bucket that joins later); by priority (0 first), then bucket name; after each
+       priority level but the last, ``partial_checkpoint_complete`` (C, level).
+    3. ``checkpoint_complete`` C, unless a MOVE/CLEAR sent has a target beyond C
+       (invariant 6): then no (partial) completion for C; it reads a newer checkpoint,
+       sends a ``checkpoint_diff`` with the buckets whose checksum or count changed, the
+       remaining ops, and completes that one.
+    4. Then per change that is visible to the connection (a bucket's checksum/count, its
+       bucket set, its write checkpoint): ``checkpoint_diff`` (updated, removed buckets,
+       write checkpoint), the new ops, ``checkpoint_complete``; nothing otherwise.
+    5. ``token_expires_in`` every ``keepalive_s``; at ``exp`` ``token_expires_in`` 0, then
+       :meth:`run` returns.
+
+    Bounds: a data line holds at most ``max_ops_per_line`` ops and is closed at
+    ``max_line_bytes``; a write past ``max_buffered_bytes`` buffered waits at most
+    ``slow_client_timeout_s``, and unsent bytes that see no progress for
+    ``stall_timeout_s`` end the stream (both raise :class:`SlowClient`).
+
+    The caller: calls :meth:`run` once and closes the response when it returns or raises;
+    to end it early sets ``closing`` and wakes the connection (``hub.wake_all()``). A
+    ``sub`` passed in must be subscribed with ``wcp_key`` and ``resolver.lookup_keys``,
+    and ``resolution`` resolved with ``on_buckets`` setting that subscription's buckets.
+    A ``transport`` lets the hub write to the socket directly (batched delivery): pass it
+    only for a chunked, uncompressed response whose headers were sent. :meth:`run`
+    unsubscribes from the hub when it ends.
+    """
+
     __slots__ = (
         "_after",
         "_buffered",
