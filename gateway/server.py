@@ -35,7 +35,7 @@ from gateway.logutil import RateLimitedLog, clip
 from gateway.openapi import openapi_document
 from gateway.source_position import SourcePosition
 from gateway.stream import SlowClient, StreamLimits, SyncStream
-from pipeline.rules import SyncRules
+from pipeline.rules import SyncRules, load_sync_rules
 from pipeline.store import Store, write_checkpoint_key
 
 try:  # the socket send queue (TIOCOUTQ) is read on Linux / BSD only
@@ -550,7 +550,6 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
 
 
 async def build_app(settings: Settings, *, with_position: bool = True) -> web.Application:
-    from pipeline.processor import load_sync_rules
 
     rules = load_sync_rules(settings)
     store = Store.from_url(
@@ -733,7 +732,6 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def main(settings: Settings, args: argparse.Namespace) -> int:
-    from pipeline.processor import load_sync_rules
 
     g = settings.gateway
     host = getattr(args, "host", None) or g.host

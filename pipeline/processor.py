@@ -49,7 +49,7 @@ from pipeline.cdc import (
 )
 from pipeline.gaps import Admission, OffsetGapGuard
 from pipeline.membership import Membership, claim
-from pipeline.rules import SyncRules, load_rules
+from pipeline.rules import SyncRules, load_sync_rules
 from pipeline.store import Store
 from pipeline.transactions import TransactionStager
 
@@ -167,13 +167,6 @@ def make_schema_resolver(settings: Settings) -> SchemaResolver | None:
     if k.avro_schemas_dir:
         return LocalSchemaDir(settings.resolve_path(k.avro_schemas_dir))
     return None
-
-
-def load_sync_rules(settings: Settings) -> SyncRules:
-    path = settings.sync_rules_path
-    if not path.exists():
-        raise UserError(f"sync rules file {path} not found (config key sync_rules)")
-    return load_rules(path)
 
 
 class DeadLetterSink:

@@ -25,7 +25,7 @@ from pipeline.rules.model import (
     LookupResults,
     RowOutput,
 )
-from pipeline.rules.parse import load_rules, parse_rules
+from pipeline.rules.parse import load_rules, load_sync_rules, parse_rules
 from pipeline.rules.values import SqliteValue
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "SyncRules",
     "bucket_id",
     "load_rules",
+    "load_sync_rules",
     "lookup_key",
     "parse_rules",
     "serialize_value",

@@ -75,6 +75,17 @@ def load_rules(path: str | PathLike[str]) -> SyncRules:
     return parse_rules(text, source=str(p))
 
 
+def load_sync_rules(settings: Any) -> SyncRules:
+    """The rules a configuration names (config key ``sync_rules``, a path relative to the
+    config file): what the processor and the gateway both load at start."""
+    path = Path(settings.sync_rules_path)
+    if not path.exists():
+        raise RulesError(
+            f"sync rules file {path} not found (config key sync_rules)", source=str(path)
+        )
+    return load_rules(path)
+
+
 def parse_rules(text: str, source: str = "<rules>") -> SyncRules:
     """Compile sync rules from YAML text; raises :class:`RulesError` if they are invalid."""
     prefix = "sync rules: " if source == "<rules>" else f"sync rules: {source}: "

@@ -1,0 +1,40 @@
+"""Wiring between the top-level packages: the gateway loads sync rules from pipeline.rules,
+not from the processor module (which registered 64 processor metrics on the gateway's
+/metrics), and a missing rules file is a clear error naming the config key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.rules import RulesError, load_sync_rules
+
+
+def test_gateway_does_not_import_the_processor() -> None:
+    code = (
+        "import sys, gateway.server, prometheus_client as p; "
+        "names = [m.name for m in p.REGISTRY.collect()]; "
+        "print('pipeline.processor' in sys.modules, "
+        "any(n.startswith('bucketsync_processor') for n in names))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_missing_rules_file_names_the_key(tmp_path: Path) -> None:
+    class S:
+        sync_rules_path = tmp_path / "nope.yaml"
+
+    with pytest.raises(RulesError, match="config key sync_rules"):
+        load_sync_rules(S())
+
+
+def test_rules_load_from_settings(make_settings: Any, tmp_path: Path) -> None:
+    p = tmp_path / "r.yaml"
+    p.write_text("bucket_definitions:\n  g:\n    data: [SELECT * FROM todos]\n")
+    rules = load_sync_rules(make_settings(sync_rules=str(p)))
+    assert [d.name for d in rules.definitions] == ["g"]
