@@ -602,6 +602,7 @@ class KafkaLoopDriver:
         }
         if self.membership.instance_id:
             conf["group.instance.id"] = self.membership.instance_id
+        self._conf = conf
         self.consumer = Consumer(conf)
         applier.seek = self._seek
         applier.pipelined = True  # plan batch N+1 while batch N is applied (2 cores)
@@ -644,6 +645,23 @@ class KafkaLoopDriver:
         )
         return int(high) if high is not None else None
 
+    async def _replace_consumer(self, err: Any, subs: list[str]) -> None:
+        """A fatal consumer error leaves the consumer unusable for good. Seen in practice:
+        after a broker restart a static member's rejoin raced its own old session and the
+        coordinator fenced it ("static consumer fenced by other consumer with same
+        group.instance.id"). What it read is not lost: the store's applied offsets are the
+        truth, so a new consumer under the same instance id resumes right after them."""
+        log.warning("consumer failed for good (%s); starting a new one", err)
+        loop = asyncio.get_running_loop()
+        await self.applier.flush()  # what was read before the failure is applied first
+        try:
+            await loop.run_in_executor(None, self.consumer.close)
+        except Exception as exc:  # a fenced consumer may refuse to close cleanly
+            log.info("closing the failed consumer: %s", exc)
+        self.applier.revoked(self.applier.guard.partitions())
+        self.consumer = Consumer(self._conf)
+        self.consumer.subscribe(subs, on_assign=self._on_assign, on_revoke=self._on_revoke)
+
     async def run(self, max_events: int | None = None, idle_exit_s: float | None = None) -> int:
         topics, pattern = _topic_matcher(self.settings)
         await self.applier.load_offsets()
@@ -663,10 +681,13 @@ class KafkaLoopDriver:
                     p.batch_max_wait_ms / 1000 or 0.05,
                 )
                 records = []
+                fatal = None
                 for m in msgs:
                     err = m.error()
                     if err is not None:
-                        if err.code() != KafkaError._PARTITION_EOF:
+                        if err.fatal() or err.code() == KafkaError._FATAL:
+                            fatal = err
+                        elif err.code() != KafkaError._PARTITION_EOF:
                             log.warning("consumer error: %s", err)
                         continue
                     ts_type, ts = m.timestamp()
@@ -689,6 +710,9 @@ class KafkaLoopDriver:
                             timestamp_ms=ts if ts_type else None,
                         )
                     )
+                if fatal is not None:
+                    await self._replace_consumer(fatal, subs)
+                    continue
                 if records:
                     await self.applier.handle(records)
                     total += len(records)
