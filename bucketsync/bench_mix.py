@@ -16,6 +16,8 @@ from typing import Any
 
 import orjson
 
+from bucketsync.feed import WORDS as FEED_WORDS
+
 MIX_TABLES = ("todos", "comments", "lists", "tags")
 #: share of events per table
 MIX_WEIGHTS = (0.5, 0.25, 0.15, 0.10)
@@ -85,24 +87,8 @@ _SOURCE_FIELDS = [
     ("txId", "int64"),
     ("lsn", "int64"),
 ]
-WORDS = [
-    "buy",
-    "milk",
-    "call",
-    "mom",
-    "fix",
-    "bike",
-    "write",
-    "report",
-    "plan",
-    "trip",
-    "read",
-    "book",
-    "pay",
-    "rent",
-    "walk",
-    "dog",
-]
+# the todo feed's words and a few more
+WORDS = [*FEED_WORDS, "pay", "rent", "walk", "dog"]
 
 
 def _schemas(prefix: str, table: str) -> tuple[bytes, bytes]:

@@ -4,6 +4,7 @@ kill, restart and race processors, and reading what it reached from the store.""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Iterable
@@ -16,6 +17,12 @@ from confluent_kafka import Consumer, TopicPartition
 
 from bucketsync.config import Settings
 from bucketsync.run import child_argv
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def write_config(tmp: Path, s: Settings, name: str, **over: dict[str, Any]) -> Path:

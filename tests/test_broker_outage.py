@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ from tests.pipeline_helpers import produce, write_rules
 from tests.processes import (
     applied_offsets,
     end_offsets,
+    free_port,
     start_processor,
     stop,
     wait_applied,
@@ -35,12 +35,6 @@ from tests.test_backlog import RULES, TABLES, assert_matches_model, make_backlog
 pytestmark = pytest.mark.stack
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def private_stack(tmp_path: Path) -> Iterator[Settings]:
     """A second broker + Redis; the shared stack's jars are reused through Maven's cache."""
@@ -48,9 +42,9 @@ def private_stack(tmp_path: Path) -> Iterator[Settings]:
     cfg = tmp_path / "bucketsync.yaml"
     section = {
         "state_dir": str(tmp_path / "state"),
-        "kafka_port": _free_port(),
-        "kafka_controller_port": _free_port(),
-        "redis_port": _free_port(),
+        "kafka_port": free_port(),
+        "kafka_controller_port": free_port(),
+        "redis_port": free_port(),
         "kafka_heap": "384m",
         "start_timeout_s": 120,
     }

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from bucketsync.run import child_argv
 from bucketsync.simclient import ClientState, stream_once
 from bucketsync.tokens import make_dev_token
 from tests.gateway_helpers import feed, todo
+from tests.processes import free_port
 from tests.test_gateway_protocol import RULES
 
 pytestmark = pytest.mark.stack
@@ -28,12 +28,6 @@ pytestmark = pytest.mark.stack
 USERS = 100
 CLIENTS_PER_USER = 10
 ROWS_PER_USER = 5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def _until_ready(session: aiohttp.ClientSession, url: str, proc: Any) -> None:
@@ -78,7 +72,7 @@ async def test_gateway_killed_with_1000_clients_they_resume_with_only_what_they_
 ) -> None:
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
-    port = _free_port()
+    port = free_port()
     s = make_settings(
         sync_rules=str(rules),
         gateway={"port": port, "max_connections_per_user": CLIENTS_PER_USER},

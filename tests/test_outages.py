@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import redis
 from tests.processes import (
     applied_offsets,
     drop_prefix,
+    free_port,
     start_processor,
     stop,
     wait_applied,
@@ -32,16 +32,10 @@ from tests.test_backlog import _setup, assert_matches_model
 pytestmark = pytest.mark.stack
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class PrivateRedis:
     def __init__(self, folder: Path):
         exe = shutil.which("redis-server") or "/usr/bin/redis-server"
-        self.port = _free_port()
+        self.port = free_port()
         self.argv = [
             exe,
             "--port",
@@ -162,7 +156,7 @@ async def test_gateway_stays_up_through_redis_outages(
 
     red = PrivateRedis(tmp_path)
     topic = create_topic(ns.topic("app.public.todos"))
-    port = _free_port()
+    port = free_port()
     s = make_settings(
         kafka={"topics": [topic]},
         sync_rules=write_rules(tmp_path),
