@@ -101,18 +101,6 @@ def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
-    if args.which == "recovery":
-        from bucketsync.bench_recovery import main as recovery_main
-
-        return recovery_main(settings, args)
-    if args.which == "soak":
-        from bucketsync.bench_soak import main as soak_main
-
-        return soak_main(settings, args)
-    if args.which == "cdc":
-        from bucketsync.bench_cdc import main as cdc_main
-
-        return cdc_main(settings, args)
     from bucketsync.bench import main as bench_main
 
     return bench_main(settings, args)

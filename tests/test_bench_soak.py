@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bucketsync.bench_soak import _LogWatch, slope_per_min
+from bucketsync.bench.soak import _LogWatch, slope_per_min
 from bucketsync.cli import build_parser
 
 

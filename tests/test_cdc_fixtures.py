@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
+from bucketsync.bench.decode import bench_decode
 from pipeline.cdc import KafkaRecord, LocalSchemaDir, decode_record
-from pipeline.cdc.bench import bench_decode, load_fixture
+from tests.helpers.fixtures import load_fixture
 
 FIXTURES = Path(__file__).parent / "fixtures" / "cdc"
 EXPECTED: dict[str, Any] = json.loads((FIXTURES / "expected.json").read_text(encoding="utf-8"))

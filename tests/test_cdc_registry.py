@@ -24,7 +24,7 @@ from pipeline.cdc import (
     UnknownSchemaId,
     decode_record,
 )
-from pipeline.cdc.bench import load_fixture
+from tests.helpers.fixtures import load_fixture
 
 FIXTURES = Path(__file__).parent / "fixtures" / "cdc"
 SCHEMA_DIR = FIXTURES / "avro-schemas"

@@ -24,8 +24,8 @@ from confluent_kafka import Consumer
 
 from pipeline import core
 from pipeline.cdc import KafkaRecord, LocalSchemaDir, decode_record
-from pipeline.cdc.bench import load_fixture
 from pipeline.rules import parse_rules
+from tests.helpers.fixtures import load_fixture
 from tests.model import BucketModel
 from tests.pipeline_helpers import (
     debezium_json,

@@ -10,8 +10,8 @@ import pytest
 
 from pipeline import core
 from pipeline.cdc import KafkaRecord
-from pipeline.cdc.bench import load_fixture
 from pipeline.store import PlannedBatch, Store
+from tests.helpers.fixtures import load_fixture
 from tests.test_cdc_fixtures import FIXTURES, decode_configured
 
 

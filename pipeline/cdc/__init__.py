@@ -17,14 +17,6 @@ from pipeline.cdc.registry import (
     UnknownSchemaId,
 )
 
-
-def bench_decode(n: int = 100_000) -> float:
-    """Decode fixture 02 ``n`` times and return events/s (see :mod:`pipeline.cdc.bench`)."""
-    from pipeline.cdc.bench import bench_decode as run
-
-    return run(n)
-
-
 __all__ = [
     "DEFAULT_OPTIONS",
     "ColumnSpec",
@@ -38,7 +30,6 @@ __all__ = [
     "SchemaRegistryError",
     "SchemaResolver",
     "UnknownSchemaId",
-    "bench_decode",
     "compact_json",
     "decode_record",
     "format_unscaled",

@@ -16,7 +16,7 @@ hop), kafka->client (ours: processor + Redis + gateway + client) and commit->cli
 
 Runs against the local stack (``stack up --source postgres`` is done if needed) with its own
 schema, publication, slot, connector, topics, Redis prefix and consumer group, all removed
-afterwards. Also: ``python -m bucketsync.bench_cdc [--events N] [--rate R]``.
+afterwards. Also: ``python -m bucketsync.bench.cdc [--events N] [--rate R]``.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from typing import Any
 import aiohttp
 import yaml
 
+from bucketsync.bench.report import print_table, write_json
 from bucketsync.config import Settings, load_settings
 from bucketsync.errors import UserError
 
@@ -328,15 +329,13 @@ def run(
             for fut in admin.delete_topics(doomed, operation_timeout=30).values():
                 fut.result(timeout=60)
         with contextlib.suppress(Exception):
-            from bucketsync.bench import _cleanup
+            from bucketsync.bench.ingest import _cleanup
 
             _cleanup(s, [prefix])
     return result
 
 
 def _report(result: dict[str, Any], out: str | None) -> None:
-    from bucketsync.bench import _print_table, _write
-
     rows = []
     for label, stats in result["ms"].items():
         rows.append(
@@ -350,8 +349,8 @@ def _report(result: dict[str, Any], out: str | None) -> None:
         f"bench cdc: {result['transactions']} single-row transactions at "
         f"{result['rate_per_s']:g}/s ({result['driver']} driver)"
     )
-    _print_table(title, rows)
-    _write(result, out, "cdc")
+    print_table(title, rows)
+    write_json(result, out, "cdc")
 
 
 def main(settings: Settings, args: argparse.Namespace) -> int:
@@ -373,7 +372,7 @@ def _kv(text: str) -> tuple[str, str]:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(prog="python -m bucketsync.bench_cdc", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m bucketsync.bench.cdc", description=__doc__)
     ap.add_argument("--config", default=None)
     ap.add_argument("--events", type=int, default=1000, help="transactions (default 1000)")
     ap.add_argument("--rate", type=float, default=50.0, help="transactions/s (default 50)")

@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from bucketsync.bench import _print_table, _write
+from bucketsync.bench.report import print_table, write_json
 from bucketsync.config import Settings
 from pipeline import core
 from pipeline.compaction import CompactionStats, compact_bucket, defragment_bucket, verify
@@ -127,7 +127,7 @@ def bench_compact(
     settings: Settings, out: str | None, ops: int = 1_000_000, rows: int = 100_000
 ) -> int:
     res = asyncio.run(run(settings, ops, rows))
-    _print_table(
+    print_table(
         f"bench compact: {res['ops_before']:,} ops over {rows:,} rows",
         [
             ("ops after fold only", f"{res['ops_after_fold_only']:,}"),
@@ -154,5 +154,5 @@ def bench_compact(
             ("verify differences", str(len(res["verify_differences"]))),
         ],
     )
-    _write(res, out, "compact")
+    write_json(res, out, "compact")
     return 0 if res["goal_met"] and not res["verify_differences"] else 1

@@ -1,11 +1,10 @@
-"""``bucketsync bench …``: benchmarks with JSON results and a short table.
+"""``bucketsync bench ingest``: events/s per driver against a raw consume of the same topics.
 
 Never timed assertions: these report medians and ratios on a shared, noisy machine.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -20,10 +19,8 @@ from typing import Any
 
 import yaml
 from confluent_kafka import Consumer, TopicPartition
-from rich.console import Console
-from rich.table import Table
 
-from bucketsync.bench_mix import MIX_TABLES
+from bucketsync.bench.mix import MIX_TABLES
 from bucketsync.config import Settings
 from bucketsync.errors import UserError
 from bucketsync.feed import ensure_topics, make_producer
@@ -41,26 +38,6 @@ bucket_definitions:
     data:
       - SELECT id, description, completed FROM todos WHERE list_id = bucket.list_id
 """
-
-
-def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
-    t = Table(title=title)
-    t.add_column("metric")
-    t.add_column("value", justify="right")
-    for k, v in rows:
-        t.add_row(k, v)
-    Console().print(t)
-
-
-def _write(result: dict[str, Any], out: str | None, name: str) -> None:
-    path = (
-        Path(out)
-        if out
-        else Path("bench-results") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
-    print(f"results: {path}")
 
 
 def raw_consume_rate(settings: Settings, topics: list[str], n: int) -> float:
@@ -316,7 +293,7 @@ def bench_ingest(
     The processors run as child processes against a private redis-server (when one is
     installed) so ``INFO cpu`` counts only their work."""
     from bucketsync import stack
-    from bucketsync.bench_mix import MIX_RULES, MixFeed
+    from bucketsync.bench.mix import MIX_RULES, MixFeed
     from bucketsync.config import load_settings
 
     stack.ensure_up(settings)
@@ -401,7 +378,7 @@ def bench_ingest(
         "benchmark": "ingest",
         "events": events,
         "runs": runs,
-        "mix": "Debezium PostgreSQL JSON with schemas, 4 tables (bucketsync/bench_mix.py)",
+        "mix": "Debezium PostgreSQL JSON with schemas, 4 tables (bucketsync/bench/mix.py)",
         "bytes_per_record": round(sizes / events),
         "redis": "private redis-server" if private is not None else "the stack's Redis (shared)",
         "topics": topics,
@@ -424,22 +401,3 @@ def bench_ingest(
     print(md)
     print(f"results: {path} (+ .md, .png)")
     return 0
-
-
-def main(settings: Settings, args: argparse.Namespace) -> int:
-    if args.which == "ingest":
-        drivers = ["kafka", "faust"] if args.driver == "both" else [args.driver]
-        return bench_ingest(settings, args.events or 200_000, args.out, drivers, args.runs)
-    if args.which == "compact":
-        from pipeline.bench_compact import bench_compact
-
-        return bench_compact(settings, args.out)
-    if args.which == "fanout":
-        from gateway.bench_fanout import bench_fanout
-
-        return bench_fanout(settings, args.out)
-    if args.which == "lookups":
-        from gateway.bench_lookups import bench_lookups
-
-        return bench_lookups(settings, args.out)
-    raise UserError(f"unknown benchmark {args.which}")

@@ -23,7 +23,7 @@ import time
 import uuid
 from typing import Any
 
-from bucketsync.bench import _print_table, _write
+from bucketsync.bench.report import print_table, write_json
 from bucketsync.config import Settings
 from gateway.buckets import BucketResolver, _cache_for
 from pipeline import core
@@ -199,6 +199,6 @@ def bench_lookups(
         ("table set member", f"{res['table_set_bytes_per_membership']} B"),
         ("membership rows applied", f"{res['membership_apply_rows_per_s']}/s"),
     ]
-    _print_table("bench lookups (data-dependent buckets)", rows)
-    _write(res, out, "lookups")
+    print_table("bench lookups (data-dependent buckets)", rows)
+    write_json(res, out, "lookups")
     return 0
