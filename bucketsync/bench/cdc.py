@@ -25,8 +25,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import yaml
 
-from bucketsync.bench.report import print_table, write_json
+from bucketsync.bench.procs import delete_prefixes, free_port, spawn_cli, stop, write_config
+from bucketsync.bench.report import bar_plot, report_rows
 from bucketsync.config import Settings, load_settings
 from bucketsync.errors import UserError
 
@@ -50,12 +48,6 @@ bucket_definitions:
     data:
       - SELECT * FROM ticks
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -198,19 +190,22 @@ def run(
     su = stack.PG_SUPERUSER
     tmp = Path(tempfile.mkdtemp(prefix="bucketsync-bench-cdc-"))
     (tmp / "rules.yaml").write_text(RULES)
-    port = _free_port()
-    base = settings.model_dump(mode="json", exclude={"config_dir"})
-    base["sync_rules"] = str(tmp / "rules.yaml")
-    base["kafka"].update(topics=[topic], topic_pattern=None, group_id=prefix)
-    base["kafka"]["dead_letter_topic"] = f"{prefix}.dead-letter"
-    base["redis"]["prefix"] = prefix
-    base["compaction"]["interval_s"] = 0
-    base["processor"]["metrics_port"] = None
-    base["gateway"].update(port=port, host="127.0.0.1", workers=1)
-    base["stack"]["state_dir"] = str(settings.state_dir)
+    port = free_port()
     cfg = tmp / "bucketsync.yaml"
-    cfg.write_text(yaml.safe_dump(base))
-    s = load_settings(cfg)
+    sections: dict[str, dict[str, Any]] = {
+        "kafka": {
+            "topics": [topic],
+            "topic_pattern": None,
+            "group_id": prefix,
+            "dead_letter_topic": f"{prefix}.dead-letter",
+        },
+        "redis": {"prefix": prefix},
+        "compaction": {"interval_s": 0},
+        "processor": {"metrics_port": None},
+        "gateway": {"port": port, "host": "127.0.0.1", "workers": 1},
+        "stack": {"state_dir": str(settings.state_dir)},
+    }
+    s = write_config(settings, cfg, sections, sync_rules=str(tmp / "rules.yaml"))
     admin = AdminClient({"bootstrap.servers": s.kafka.bootstrap_servers})
     new = [
         NewTopic(topic, 1, 1, config={"message.timestamp.type": "LogAppendTime"}),
@@ -218,8 +213,6 @@ def run(
     ]
     for fut in admin.create_topics(new, operation_timeout=30).values():
         fut.result(timeout=60)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BUCKETSYNC_")}
-    cli = [sys.executable, "-m", "bucketsync.cli", "--config", str(cfg)]
     procs: list[subprocess.Popen[bytes]] = []
     result: dict[str, Any] = {}
     try:
@@ -242,12 +235,8 @@ def run(
         }
         _, config = stack.connector_config(settings, overrides)
         stack.register_connector(settings, name, config, timeout=120)
-        for extra in (["processor", "--driver", driver], ["gateway", "--port", str(port)]):
-            procs.append(
-                subprocess.Popen(
-                    [*cli, *extra], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-                )
-            )
+        procs.append(spawn_cli("processor", cfg, "--driver", driver))
+        procs.append(spawn_cli("gateway", cfg, "--port", str(port)))
         url = f"http://127.0.0.1:{port}"
         _wait_http(url, procs[1])
         ids = [f"r{i:06d}" for i in range(events)]
@@ -308,10 +297,7 @@ def run(
         for p in procs:
             p.terminate()
         for p in procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+            stop(p)
         with contextlib.suppress(Exception):
             stack.remove_connector(settings, name)
         with contextlib.suppress(Exception):
@@ -329,9 +315,7 @@ def run(
             for fut in admin.delete_topics(doomed, operation_timeout=30).values():
                 fut.result(timeout=60)
         with contextlib.suppress(Exception):
-            from bucketsync.bench.ingest import _cleanup
-
-            _cleanup(s, [prefix])
+            delete_prefixes(s.redis.url, [prefix])
     return result
 
 
@@ -349,8 +333,8 @@ def _report(result: dict[str, Any], out: str | None) -> None:
         f"bench cdc: {result['transactions']} single-row transactions at "
         f"{result['rate_per_s']:g}/s ({result['driver']} driver)"
     )
-    print_table(title, rows)
-    write_json(result, out, "cdc")
+    p50 = {label: stats["p50"] for label, stats in result["ms"].items()}
+    report_rows(result, out, "cdc", title, rows, bar_plot(title, "ms (p50)", p50))
 
 
 def main(settings: Settings, args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from bucketsync.bench.report import print_table, write_json
+from bucketsync.bench.report import bar_plot, report_rows
 from bucketsync.config import Settings
 from pipeline import core
 from pipeline.compaction import CompactionStats, compact_bucket, defragment_bucket, verify
@@ -127,32 +127,35 @@ def bench_compact(
     settings: Settings, out: str | None, ops: int = 1_000_000, rows: int = 100_000
 ) -> int:
     res = asyncio.run(run(settings, ops, rows))
-    print_table(
-        f"bench compact: {res['ops_before']:,} ops over {rows:,} rows",
-        [
-            ("ops after fold only", f"{res['ops_after_fold_only']:,}"),
-            (
-                "ops after defragment + fold",
-                f"{res['ops_after_defragment_and_fold']:,} (goal <= {rows + 1:,})",
-            ),
-            ("duration", f"{res['duration_s']} s"),
-            (
-                "longest single Redis step (server / client)",
-                f"{res['longest_step_server_ms']} / {res['longest_step_ms']} ms",
-            ),
-            ("steps over 10 ms (server)", str(res["steps_over_10ms_server"])),
-            (
-                "longest fold / defrag step",
-                f"{res['longest_fold_step_ms']} / {res['longest_defrag_step_ms']} ms",
-            ),
-            ("new-client download before", f"{res['new_client_download_bytes_before']:,} B"),
-            ("new-client download after", f"{res['new_client_download_bytes_after']:,} B"),
-            (
-                "Redis used memory before/after",
-                f"{res['redis_used_memory_before']:,} / {res['redis_used_memory_after']:,} B",
-            ),
-            ("verify differences", str(len(res["verify_differences"]))),
-        ],
-    )
-    write_json(res, out, "compact")
+    title = f"bench compact: {res['ops_before']:,} ops over {rows:,} rows"
+    table = [
+        ("ops after fold only", f"{res['ops_after_fold_only']:,}"),
+        (
+            "ops after defragment + fold",
+            f"{res['ops_after_defragment_and_fold']:,} (goal <= {rows + 1:,})",
+        ),
+        ("duration", f"{res['duration_s']} s"),
+        (
+            "longest single Redis step (server / client)",
+            f"{res['longest_step_server_ms']} / {res['longest_step_ms']} ms",
+        ),
+        ("steps over 10 ms (server)", str(res["steps_over_10ms_server"])),
+        (
+            "longest fold / defrag step",
+            f"{res['longest_fold_step_ms']} / {res['longest_defrag_step_ms']} ms",
+        ),
+        ("new-client download before", f"{res['new_client_download_bytes_before']:,} B"),
+        ("new-client download after", f"{res['new_client_download_bytes_after']:,} B"),
+        (
+            "Redis used memory before/after",
+            f"{res['redis_used_memory_before']:,} / {res['redis_used_memory_after']:,} B",
+        ),
+        ("verify differences", str(len(res["verify_differences"]))),
+    ]
+    counts = {
+        "before": res["ops_before"],
+        "after fold only": res["ops_after_fold_only"],
+        "after defragment + fold": res["ops_after_defragment_and_fold"],
+    }
+    report_rows(res, out, "compact", title, table, bar_plot(title, "ops in the bucket", counts))
     return 0 if res["goal_met"] and not res["verify_differences"] else 1

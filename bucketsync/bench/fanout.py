@@ -22,7 +22,6 @@ import resource
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -30,9 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import yaml
 
-from bucketsync.config import Settings, load_settings
+from bucketsync.bench.procs import cpu_seconds, free_port, rss_kb, spawn_cli, write_config
+from bucketsync.bench.report import result_path, write_report
+from bucketsync.config import Settings
 from bucketsync.tokens import make_dev_token
 from pipeline import core
 from pipeline.store import Store
@@ -56,19 +56,6 @@ bucket_definitions:
 REPEAT = 5
 #: per-user and membership changes measured per level
 SAMPLES = 60
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 class Group:
@@ -137,12 +124,6 @@ class Stream(asyncio.Protocol):
             self.transport.close()
 
 
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, max(0, int(len(s) * q) - 1))] if s else 0.0
@@ -209,31 +190,18 @@ async def run(settings: Settings, levels: list[int]) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="bucketsync-fanout-"))
     (tmp / "rules.yaml").write_text(RULES)
     prefix = f"bench-fanout-{uuid.uuid4().hex[:8]}"
-    port = _free_port()
-    data = settings.model_dump(mode="json", exclude={"config_dir"})
-    data["sync_rules"] = str(tmp / "rules.yaml")
-    data["redis"]["prefix"] = prefix
-    data["gateway"].update({"port": port, "workers": 1, "keepalive_s": 20})
+    port = free_port()
     cfg = tmp / "bucketsync.yaml"
-    cfg.write_text(yaml.safe_dump(data))
-    s = load_settings(cfg)
+    sections: dict[str, dict[str, Any]] = {
+        "redis": {"prefix": prefix},
+        "gateway": {"port": port, "workers": 1, "keepalive_s": 20},
+    }
+    s = write_config(settings, cfg, sections, sync_rules=str(tmp / "rules.yaml"))
     store = Store.from_url(s.redis.url, prefix)
     offset = 0
     await _feed(store, [_news(i) for i in range(20)], offset)
     offset += 20
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BUCKETSYNC_")}
-    gw = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import resource as r; h=r.getrlimit(r.RLIMIT_NOFILE)[1]; "
-            "r.setrlimit(r.RLIMIT_NOFILE,(h,h)); from bucketsync.cli import main; "
-            f"main(['--config', {str(cfg)!r}, 'gateway'])",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    gw = spawn_cli("gateway", cfg, raise_nofile=True)
     streams: list[Stream] = []
     result: dict[str, Any] = {
         "benchmark": "fanout",
@@ -255,7 +223,7 @@ async def run(settings: Settings, levels: list[int]) -> dict[str, Any]:
             except OSError:
                 await asyncio.sleep(0.1)
         await asyncio.sleep(0.5)
-        base_rss = _rss_kb(gw.pid)
+        base_rss = rss_kb(gw.pid)
         result["gateway_rss_kb_idle"] = base_rss
         for level in levels:
             while len(streams) < level:
@@ -271,7 +239,7 @@ async def run(settings: Settings, levels: list[int]) -> dict[str, Any]:
                 streams.extend(batch)
                 await asyncio.wait_for(group.done, 120)
             await asyncio.sleep(1.0)
-            rss = _rss_kb(gw.pid)
+            rss = rss_kb(gw.pid)
             entry: dict[str, Any] = {
                 "streams": level,
                 "gateway_rss_kb": rss,
@@ -283,12 +251,12 @@ async def run(settings: Settings, levels: list[int]) -> dict[str, Any]:
             for _ in range(REPEAT):
                 group = Group(streams)
                 marks = [len(st.completes) for st in streams]
-                cpu0 = _cpu_s(gw.pid)
+                cpu0 = cpu_seconds(gw.pid)
                 t0 = time.perf_counter()
                 await _feed(store, [_news(0)], offset)
                 offset += 1
                 await asyncio.wait_for(group.done, 300)
-                cpus.append(_cpu_s(gw.pid) - cpu0)
+                cpus.append(cpu_seconds(gw.pid) - cpu0)
                 lat = sorted(st.completes[m] - t0 for st, m in zip(streams, marks, strict=True))
                 p50s.append(lat[len(lat) // 2] * 1000)
                 p99s.append(_pct(lat, 0.99) * 1000)
@@ -361,8 +329,6 @@ GOALS = {
 
 
 def _report(res: dict[str, Any], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(orjson.dumps(res, option=orjson.OPT_INDENT_2).decode())
     levels = res["levels"]
     head = "| measure | " + " | ".join(f"{e['streams']:,} streams" for e in levels) + " | goal |"
     lines = [head, "|" + "---|" * (len(levels) + 2)]
@@ -398,17 +364,12 @@ def _report(res: dict[str, Any], out: Path) -> None:
         GOALS["membership_change_p99_ms"],
     )
     md = "\n".join(lines) + "\n\n" + res["split"] + "\n"
-    out.with_suffix(".md").write_text(md)
     print(md)
-    try:
-        import matplotlib
+    write_report(res, out, md, lambda plt: _plot(plt, levels))
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no PNG")
-        return
-    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(14, 4))
+
+def _plot(plt: Any, levels: list[dict[str, Any]]) -> None:
+    _fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(14, 4))
     for e in levels:
         cdf = e["shared_change_cdf_ms"]
         a1.plot(cdf, [i / max(1, len(cdf) - 1) for i in range(len(cdf))], label=f"{e['streams']:,}")
@@ -433,14 +394,9 @@ def _report(res: dict[str, Any], out: Path) -> None:
     a3.set_ylabel("ms")
     a3.set_title("latency p99")
     a3.legend()
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=110)
-    plt.close(fig)
-    print(f"results: {out.with_suffix('.json')} (.md, .png)")
 
 
 def bench_fanout(settings: Settings, out: str | None, levels: list[int] | None = None) -> int:
     res = asyncio.run(run(settings, levels or [1000, 5000, 10000]))
-    path = Path(out) if out else Path("bench-results") / time.strftime("fanout-%Y%m%d-%H%M%S.json")
-    _report(res, path)
+    _report(res, result_path(out, "fanout"))
     return 0

@@ -5,10 +5,6 @@ Never timed assertions: these report medians and ratios on a shared, noisy machi
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -17,14 +13,21 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import yaml
 from confluent_kafka import Consumer, TopicPartition
 
 from bucketsync.bench.mix import MIX_TABLES
+from bucketsync.bench.procs import (
+    cpu_seconds,
+    delete_prefixes,
+    private_redis,
+    spawn_cli,
+    stop,
+    write_config,
+)
+from bucketsync.bench.report import Plot, result_path, write_report
 from bucketsync.config import Settings
 from bucketsync.errors import UserError
 from bucketsync.feed import ensure_topics, make_producer
-from bucketsync.run import child_argv
 from pipeline.store import parse_member
 
 BENCH_RULES = """
@@ -61,50 +64,6 @@ def raw_consume_rate(settings: Settings, topics: list[str], n: int) -> float:
     return n / dt
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _private_redis(tmp: Path) -> tuple[subprocess.Popen[bytes], str] | None:
-    """A redis-server of the benchmark's own, so INFO cpu counts only its work."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        return None
-    port = _free_port()
-    proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        cwd=tmp,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    import redis
-
-    r = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            r.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    r.close()
-    return proc, f"redis://127.0.0.1:{port}/0"
-
-
-def _proc_cpu(pids: list[int]) -> float:
-    """user + system CPU seconds of processes (Linux /proc)."""
-    total = 0.0
-    tick = os.sysconf("SC_CLK_TCK")
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / tick
-    return total
-
-
 def _redis_cpu(r: Any) -> float:
     info = r.info("cpu")
     return float(info["used_cpu_user_main_thread"]) + float(info["used_cpu_sys_main_thread"])
@@ -120,11 +79,7 @@ def _run_processors(
     r = redis.Redis.from_url(settings.redis.url)
     key = f"{settings.redis.prefix}:offsets"
     procs = [
-        subprocess.Popen(
-            child_argv("processor", str(cfg_path), "--driver", driver),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        spawn_cli("processor", cfg_path, "--driver", driver, err=subprocess.PIPE)
         for _ in range(n_procs)
     ]
     pids = [p.pid for p in procs]
@@ -138,7 +93,7 @@ def _run_processors(
             now = time.perf_counter()
             if done and t0 is None:
                 t0, first = now, done
-                cpu0, rcpu0 = _proc_cpu(pids), _redis_cpu(r)
+                cpu0, rcpu0 = cpu_seconds(*pids), _redis_cpu(r)
             if t0 is not None:
                 timeline.append((now - t0, done))
             if done >= events:
@@ -147,7 +102,7 @@ def _run_processors(
                 applied = done - first
                 return {
                     "events_per_s": applied / dt if dt > 0 else float("nan"),
-                    "processor_us_per_event": 1e6 * (_proc_cpu(pids) - cpu0) / applied,
+                    "processor_us_per_event": 1e6 * (cpu_seconds(*pids) - cpu0) / applied,
                     "redis_us_per_event": 1e6 * (_redis_cpu(r) - rcpu0) / applied,
                     "timeline": timeline,
                 }
@@ -161,10 +116,7 @@ def _run_processors(
         for p in procs:
             p.terminate()
         for p in procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+            stop(p)
         r.close()
 
 
@@ -211,29 +163,12 @@ def memory_stats(settings: Settings, sample: int = 300) -> dict[str, Any]:
         r.close()
 
 
-def _cleanup(settings: Settings, prefixes: list[str]) -> None:
-    import redis
-
-    r = redis.Redis.from_url(settings.redis.url)
-    for prefix in prefixes:
-        batch = []
-        for key in r.scan_iter(match=f"{prefix}:*", count=5000):
-            batch.append(key)
-            if len(batch) >= 1000:
-                r.unlink(*batch)
-                batch = []
-        if batch:
-            r.unlink(*batch)
-    r.close()
+def _plot(timelines: dict[str, list[tuple[float, int]]]) -> Plot:
+    return lambda plt: _draw(plt, timelines)
 
 
-def _plot(path: Path, timelines: dict[str, list[tuple[float, int]]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+def _draw(plt: Any, timelines: dict[str, list[tuple[float, int]]]) -> None:
+    _fig, ax = plt.subplots(figsize=(8, 4.5))
     for label, tl in timelines.items():
         xs, ys = [], []
         j = 0
@@ -249,9 +184,6 @@ def _plot(path: Path, timelines: dict[str, list[tuple[float, int]]]) -> None:
     ax.set_title("bucketsync bench ingest: throughput over time")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _markdown(result: dict[str, Any]) -> str:
@@ -294,33 +226,31 @@ def bench_ingest(
     installed) so ``INFO cpu`` counts only their work."""
     from bucketsync import stack
     from bucketsync.bench.mix import MIX_RULES, MixFeed
-    from bucketsync.config import load_settings
 
     stack.ensure_up(settings)
     run_id = uuid.uuid4().hex[:8]
     tmp = Path(tempfile.mkdtemp(prefix="bucketsync-bench-"))
-    private = _private_redis(tmp)
+    private = private_redis(tmp)
     feed = MixFeed(f"bench-{run_id}")
     topics = [feed.topic(t) for t in MIX_TABLES]
     (tmp / "rules.yaml").write_text(MIX_RULES)
-    base = settings.model_dump(mode="json", exclude={"config_dir"})
-    base["sync_rules"] = str(tmp / "rules.yaml")
-    base["kafka"].update({"topics": topics, "topic_pattern": None})
-    base["kafka"]["dead_letter_topic"] = f"bench-{run_id}.dead-letter"
-    if private is not None:
-        base["redis"]["url"] = private[1]
-    base["compaction"]["interval_s"] = 0
-    base["processor"].update(
-        {"batch_max_events": 5000, "metrics_port": 0, "instance_id": "", "driver": "kafka"}
-    )
+    redis_url = private[1] if private is not None else settings.redis.url
+    processor = {"batch_max_events": 5000, "metrics_port": 0, "instance_id": "", "driver": "kafka"}
 
     def config(name: str) -> tuple[Path, Settings]:
-        c = json.loads(json.dumps(base))
-        c["redis"]["prefix"] = f"bench-{run_id}-{name}"
-        c["kafka"]["group_id"] = f"bench-{run_id}-{name}"
         path = tmp / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(c))
-        return path, load_settings(path)
+        sections: dict[str, dict[str, Any]] = {
+            "kafka": {
+                "topics": topics,
+                "topic_pattern": None,
+                "dead_letter_topic": f"bench-{run_id}.dead-letter",
+                "group_id": f"bench-{run_id}-{name}",
+            },
+            "redis": {"url": redis_url, "prefix": f"bench-{run_id}-{name}"},
+            "compaction": {"interval_s": 0},
+            "processor": processor,
+        }
+        return path, write_config(settings, path, sections, sync_rules=str(tmp / "rules.yaml"))
 
     _, s = config("setup")
     try:
@@ -357,7 +287,7 @@ def bench_ingest(
                 timelines[f"{name} (run {i + 1})"] = res.pop("timeline")
                 if driver == "kafka" and n == 1 and not memory:
                     memory = memory_stats(cs)
-                _cleanup(cs, [cs.redis.prefix])
+                delete_prefixes(cs.redis.url, [cs.redis.prefix])
     finally:
         if private is not None:
             private[0].terminate()
@@ -388,16 +318,7 @@ def bench_ingest(
         "configs": configs,
         "memory": memory,
     }
-    path = (
-        Path(out)
-        if out
-        else Path("bench-results") / f"ingest-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
     md = _markdown(result)
-    path.with_suffix(".md").write_text(md)
-    _plot(path.with_suffix(".png"), timelines)
     print(md)
-    print(f"results: {path} (+ .md, .png)")
+    write_report(result, result_path(out, "ingest"), md, _plot(timelines))
     return 0

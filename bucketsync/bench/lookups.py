@@ -23,7 +23,7 @@ import time
 import uuid
 from typing import Any
 
-from bucketsync.bench.report import print_table, write_json
+from bucketsync.bench.report import bar_plot, report_rows
 from bucketsync.config import Settings
 from gateway.buckets import BucketResolver, _cache_for
 from pipeline import core
@@ -199,6 +199,12 @@ def bench_lookups(
         ("table set member", f"{res['table_set_bytes_per_membership']} B"),
         ("membership rows applied", f"{res['membership_apply_rows_per_s']}/s"),
     ]
-    print_table("bench lookups (data-dependent buckets)", rows)
-    write_json(res, out, "lookups")
+    title = "bench lookups (data-dependent buckets)"
+    ms = {
+        "expansion median": res["expansion_ms_median"],
+        "expansion p99": res["expansion_ms_p99"],
+        "cold expansion median": res["expansion_cold_ms_median"],
+        "cold expansion p99": res["expansion_cold_ms_p99"],
+    }
+    report_rows(res, out, "lookups", title, rows, bar_plot(title, "ms", ms))
     return 0

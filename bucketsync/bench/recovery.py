@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import signal
 import statistics
-import subprocess
 import threading
 import time
 import uuid
@@ -28,12 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import redis
-import yaml
 
+from bucketsync.bench.procs import delete_prefixes, kill, spawn_cli, write_config
+from bucketsync.bench.report import result_path, write_report
 from bucketsync.config import Settings
 from bucketsync.errors import UserError
 from bucketsync.feed import TodoFeed, ensure_topics, make_producer
-from bucketsync.run import child_argv
 
 RULES = """
 bucket_definitions:
@@ -67,18 +65,6 @@ class _Feed(threading.Thread):
                 p.poll(0)
                 time.sleep(ahead)
         p.flush(30)
-
-
-def _spawn(cfg: Path, driver: str) -> subprocess.Popen[bytes]:
-    argv = child_argv("processor", str(cfg), "--driver", driver)
-    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def _reap(*procs: subprocess.Popen[bytes] | None) -> None:
-    for p in procs:
-        if p is not None and p.poll() is None:
-            p.send_signal(signal.SIGKILL)
-            p.wait(10)
 
 
 class _Offsets:
@@ -119,31 +105,32 @@ def _one_run(settings: Settings, driver: str, tmp: Path, rate: float) -> dict[st
     ensure_topics(settings, [topic], partitions=PARTITIONS)
     rules = tmp / "rules.yaml"
     rules.write_text(RULES)
-    data = settings.model_dump(mode="json", exclude={"config_dir"})
-    data["kafka"].update(topics=[topic], group_id=f"bench-recovery-{run}")
-    data["redis"]["prefix"] = f"bench-recovery-{run}"
-    data["sync_rules"] = str(rules)
-    data["processor"].update(metrics_port=0, batch_max_events=200)
-    data["compaction"]["interval_s"] = 0
-    data["stack"]["state_dir"] = str(settings.state_dir)
+    prefix = f"bench-recovery-{run}"
     cfg = tmp / f"{run}.yaml"
-    cfg.write_text(yaml.safe_dump(data))
+    sections: dict[str, dict[str, Any]] = {
+        "kafka": {"topics": [topic], "group_id": prefix},
+        "redis": {"prefix": prefix},
+        "processor": {"metrics_port": 0, "batch_max_events": 200},
+        "compaction": {"interval_s": 0},
+        "stack": {"state_dir": str(settings.state_dir)},
+    }
+    write_config(settings, cfg, sections, sync_rules=str(rules))
     r = redis.Redis.from_url(settings.redis.url)
-    offsets = _Offsets(r, data["redis"]["prefix"], topic)
+    offsets = _Offsets(r, prefix, topic)
     feed = _Feed(settings, topic, rate)
     feed.start()
     a = b = c = None
     out: dict[str, float] = {}
     try:
         # restart
-        a = _spawn(cfg, driver)
+        a = spawn_cli("processor", cfg, "--driver", driver)
         offsets.wait_all_moving(120)
         time.sleep(1.0)  # steady state: batches are being applied
         offsets.wait_any_moving(10)
         a.send_signal(signal.SIGKILL)
         t_kill = time.monotonic()
         a.wait(10)
-        b = _spawn(cfg, driver)
+        b = spawn_cli("processor", cfg, "--driver", driver)
         t_start = time.monotonic()
         first = offsets.wait_any_moving(120)
         out["restart_kill_to_first_batch_s"] = t_start - t_kill + first
@@ -152,7 +139,7 @@ def _one_run(settings: Settings, driver: str, tmp: Path, rate: float) -> dict[st
             time.monotonic() - t_kill + offsets.wait_all_moving(120)
         )
         # takeover: a second processor joins, then one of the two dies
-        c = _spawn(cfg, driver)
+        c = spawn_cli("processor", cfg, "--driver", driver)
         time.sleep(8.0)  # the group rebalances onto both
         offsets.wait_all_moving(120)
         b.send_signal(signal.SIGKILL)
@@ -165,17 +152,13 @@ def _one_run(settings: Settings, driver: str, tmp: Path, rate: float) -> dict[st
     finally:
         feed.halt.set()
         feed.join(30)
-        _reap(a, b, c)
-        keys = list(r.scan_iter(match=f"{data['redis']['prefix']}:*", count=1000))
-        if keys:
-            r.unlink(*keys)
+        kill(a, b, c)
         r.close()
+        delete_prefixes(settings.redis.url, [prefix])
     return out
 
 
 def _report(result: dict[str, Any], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     metrics = list(next(iter(result["drivers"].values()))["median"])
     lines = ["| metric | " + " | ".join(result["drivers"]) + " | goal |", "|---|"]
     lines[1] = "|" + "---|" * (len(result["drivers"]) + 2)
@@ -186,17 +169,12 @@ def _report(result: dict[str, Any], out: Path) -> None:
     for m in metrics:
         vals = " | ".join(f"{d['median'][m]:.2f} s" for d in result["drivers"].values())
         lines.append(f"| {m} (median) | {vals} | {goals.get(m, '')} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    try:
-        import matplotlib
+    write_report(result, out, "\n".join(lines) + "\n", lambda plt: _plot(plt, result, metrics))
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no PNG")
-        return
-    fig, ax = plt.subplots(figsize=(9, 4))
+
+def _plot(plt: Any, result: dict[str, Any], metrics: list[str]) -> None:
+    _fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.8 / max(1, len(result["drivers"]))
     for i, (name, d) in enumerate(result["drivers"].items()):
         xs = [j + i * width for j in range(len(metrics))]
@@ -208,9 +186,6 @@ def _report(result: dict[str, Any], out: Path) -> None:
     ax.set_ylabel("seconds")
     ax.set_title("bucketsync bench recovery (bars: median, dots: runs)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=110)
-    print(f"results: {out.with_suffix('.json')} (.md, .png)")
 
 
 def main(settings: Settings, args: argparse.Namespace) -> int:
@@ -235,11 +210,6 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
                 "runs": runs,
                 "median": {k: statistics.median(r[k] for r in runs) for k in runs[0]},
             }
-    out = (
-        Path(args.out)
-        if args.out
-        else Path("bench-results") / time.strftime("recovery-%Y%m%d-%H%M%S.json")
-    )
     with contextlib.suppress(KeyboardInterrupt):
-        _report(result, out)
+        _report(result, result_path(args.out, "recovery"))
     return 0

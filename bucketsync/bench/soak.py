@@ -34,15 +34,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import random
 import re
 import resource
-import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -54,9 +50,10 @@ from typing import Any
 import aiohttp
 import orjson
 import redis
-import yaml
 
-from bucketsync.config import Settings, load_settings
+from bucketsync.bench.procs import free_port, rss_kb, spawn_cli, stop, write_config
+from bucketsync.bench.report import result_path, write_report
+from bucketsync.config import Settings
 from bucketsync.errors import UserError
 from bucketsync.feed import WORDS, TodoFeed, ensure_topics, envelope, make_producer
 from bucketsync.simclient import ClientState, stream_once
@@ -81,22 +78,6 @@ RAMP_PER_S = 100.0
 HEAVY_ROWS = 100
 #: log lines that count as errors
 ERROR_RE = re.compile(r"\b(ERROR|CRITICAL)\b|Traceback")
-
-
-def _rss_kb(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def slope_per_min(ts: list[float], ys: list[float]) -> float:
@@ -358,30 +339,6 @@ class _Clients:
         ]
 
 
-def _spawn(command: str, cfg: Path, log: Path) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BUCKETSYNC_")}
-    code = (
-        "import resource as r; h=r.getrlimit(r.RLIMIT_NOFILE)[1]; "
-        "r.setrlimit(r.RLIMIT_NOFILE,(h,h)); from bucketsync.cli import main; "
-        f"raise SystemExit(main(['--config', {str(cfg)!r}, {command!r}]))"
-    )
-    with log.open("ab") as f:
-        return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=f, stderr=f)
-
-
-def _stop(proc: subprocess.Popen[bytes] | None) -> int | None:
-    if proc is None:
-        return None
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-    return proc.returncode
-
-
 async def soak(
     settings: Settings,
     *,
@@ -399,18 +356,17 @@ async def soak(
     topic = f"{prefix}.public.todos"
     ensure_topics(settings, [topic], partitions=PARTITIONS)
     (workdir / "rules.yaml").write_text(RULES)
-    port = _free_port()
-    data = settings.model_dump(mode="json", exclude={"config_dir"})
-    data["kafka"].update(topics=[topic], group_id=prefix)
-    data["redis"]["prefix"] = prefix
-    data["sync_rules"] = str(workdir / "rules.yaml")
-    data["processor"].update(metrics_port=0)
-    data["gateway"].update(port=port, host="127.0.0.1", workers=1)
-    data["compaction"]["interval_s"] = 0
-    data["stack"]["state_dir"] = str(settings.state_dir)
+    port = free_port()
     cfg = workdir / "bucketsync.yaml"
-    cfg.write_text(yaml.safe_dump(data))
-    s = load_settings(cfg)
+    sections: dict[str, dict[str, Any]] = {
+        "kafka": {"topics": [topic], "group_id": prefix},
+        "redis": {"prefix": prefix},
+        "processor": {"metrics_port": 0},
+        "gateway": {"port": port, "host": "127.0.0.1", "workers": 1},
+        "compaction": {"interval_s": 0},
+        "stack": {"state_dir": str(settings.state_dir)},
+    }
+    s = write_config(settings, cfg, sections, sync_rules=str(workdir / "rules.yaml"))
     url = f"http://127.0.0.1:{port}"
     glog, plog = workdir / "gateway.log", workdir / "processor.log"
     watches = {"gateway": _LogWatch(glog), "processor": _LogWatch(plog)}
@@ -433,7 +389,7 @@ async def soak(
         "rss_bound_mb": rss_bound_mb,
         "cores": os.cpu_count(),
         "gateway": {
-            k: data["gateway"][k]
+            k: getattr(s.gateway, k)
             for k in ("stall_timeout_s", "max_connections_per_user", "keepalive_s")
         },
         "split": "gateway and processor: one process each (`bucketsync gateway`, workers 1; "
@@ -448,8 +404,9 @@ async def soak(
     result["mix"]["stalling_users"] = sim.heavy_users
     result["events_seeded"] = _seed_heavy(s, topic, sim.heavy_users)
     try:
-        proc = _spawn("processor", cfg, plog)
-        gw = _spawn("gateway", cfg, glog)
+        with plog.open("ab") as pf, glog.open("ab") as gf:
+            proc = spawn_cli("processor", cfg, out=pf, raise_nofile=True)
+            gw = spawn_cli("gateway", cfg, out=gf, raise_nofile=True)
         for _ in range(300):
             with contextlib.suppress(OSError):
                 socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
@@ -470,9 +427,9 @@ async def soak(
             samples.append(
                 {
                     "t_s": round(now, 1),
-                    "gateway_rss_kb": _rss_kb(gw.pid),
-                    "processor_rss_kb": _rss_kb(proc.pid),
-                    "bench_rss_kb": _rss_kb(os.getpid()),
+                    "gateway_rss_kb": rss_kb(gw.pid),
+                    "processor_rss_kb": rss_kb(proc.pid),
+                    "bench_rss_kb": rss_kb(os.getpid()),
                     "open_streams": sim.c.open_streams,
                     "produced": producer.produced + result["events_seeded"],
                     "applied": applied(),
@@ -519,8 +476,8 @@ async def soak(
             await asyncio.gather(*tasks, return_exceptions=True)
         if sim.session is not None:
             await sim.session.close()
-        result["gateway_exit"] = _stop(gw)
-        result["processor_exit"] = _stop(proc)
+        result["gateway_exit"] = stop(gw)
+        result["processor_exit"] = stop(proc)
         for w in watches.values():
             w.scan()
         with contextlib.suppress(Exception):
@@ -583,8 +540,6 @@ async def soak(
 
 
 def _report(result: dict[str, Any], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     g, p = result["gateway_rss_mb"], result["processor_rss_mb"]
     cf = result["clients_final"]
     lines = [
@@ -615,18 +570,13 @@ def _report(result: dict[str, Any], out: Path) -> None:
         f"checkpoints completed {cf['checkpoints_completed']}; verdict: "
         f"{'ok' if result['ok'] else 'NOT OK'}",
     ]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    try:
-        import matplotlib
+    write_report(result, out, "\n".join(lines) + "\n", lambda plt: _plot(plt, result))
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no PNG")
-        return
+
+def _plot(plt: Any, result: dict[str, Any]) -> None:
     xs = [x["t_s"] / 60 for x in result["samples"]]
-    fig, ax = plt.subplots(figsize=(9, 4))
+    _fig, ax = plt.subplots(figsize=(9, 4))
     for name in ("gateway", "processor"):
         ax.plot(xs, [x[f"{name}_rss_kb"] / 1024 for x in result["samples"]], label=f"{name} RSS")
     ax.set_xlabel("minutes")
@@ -641,9 +591,6 @@ def _report(result: dict[str, Any], out: Path) -> None:
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=110)
-    print(f"results: {out.with_suffix('.json')} (.md, .png)")
 
 
 def main(settings: Settings, args: argparse.Namespace) -> int:
@@ -659,11 +606,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
                 workdir=Path(tmp),
             )
         )
-        out = (
-            Path(args.out)
-            if args.out
-            else Path("bench-results") / time.strftime("soak-%Y%m%d-%H%M%S.json")
-        )
+        out = result_path(args.out, "soak")
         _report(result, out)
         # a failed soak keeps the two logs next to the results
         for name in ("gateway", "processor") if not result["ok"] else ():
