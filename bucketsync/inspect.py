@@ -10,7 +10,7 @@ from pipeline.store import Store
 
 
 async def _inspect(settings: Settings, bucket: str | None, limit: int) -> None:
-    store = Store.from_url(settings.redis.url, settings.redis.prefix)
+    store = Store.from_settings(settings)
     try:
         print(f"prefix      {settings.redis.prefix}")
         print(f"checkpoint  {await store.checkpoint()}")

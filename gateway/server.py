@@ -552,9 +552,7 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
 async def build_app(settings: Settings, *, with_position: bool = True) -> web.Application:
 
     rules = load_sync_rules(settings)
-    store = Store.from_url(
-        settings.redis.url, settings.redis.prefix, changes_maxlen=settings.redis.changes_maxlen
-    )
+    store = Store.from_settings(settings)
     hub = CheckpointHub(store, page_cache_bytes=settings.gateway.page_cache_max_bytes)
     verifier = TokenVerifier(settings.auth, base_dir=settings.config_dir)
     gw = Gateway(settings, rules, store, hub, verifier)

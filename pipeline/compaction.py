@@ -197,7 +197,7 @@ async def schedule(settings: Settings, store: Store, stop: asyncio.Event) -> Non
 
 
 def _store(settings: Settings) -> Store:
-    return Store.from_url(settings.redis.url, settings.redis.prefix)
+    return Store.from_settings(settings)
 
 
 def main(settings: Settings, args: argparse.Namespace) -> int:

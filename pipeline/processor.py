@@ -884,9 +884,7 @@ def build_faust_app(
 
 async def _make_applier(settings: Settings) -> BatchApplier:
     rules = load_sync_rules(settings)
-    store = Store.from_url(
-        settings.redis.url, settings.redis.prefix, changes_maxlen=settings.redis.changes_maxlen
-    )
+    store = Store.from_settings(settings)
     return BatchApplier(settings, store, rules)
 
 

@@ -41,10 +41,13 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import redis.asyncio as aioredis
+
+if TYPE_CHECKING:
+    from bucketsync.config import Settings
 
 SEP = "\x1f"
 
@@ -211,6 +214,17 @@ class Store:
     @classmethod
     def from_url(cls, url: str, prefix: str, **kw: Any) -> Store:
         return cls(aioredis.Redis.from_url(url, decode_responses=False), prefix, **kw)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, prefix: str | None = None) -> Store:
+        """The store the settings name: ``redis.url``, ``redis.prefix`` (or ``prefix``, for a
+        benchmark's own keys) and ``redis.changes_maxlen``. Every process opens its store
+        this way, so no command trims the change stream to a length of its own."""
+        return cls.from_url(
+            settings.redis.url,
+            settings.redis.prefix if prefix is None else prefix,
+            changes_maxlen=settings.redis.changes_maxlen,
+        )
 
     async def close(self) -> None:
         await self.r.aclose()  # type: ignore[attr-defined]

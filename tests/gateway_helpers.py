@@ -25,7 +25,7 @@ _offsets = itertools.count()
 async def feed(settings: Settings, events: Sequence[dict[str, Any]]) -> int:
     """Apply normalised row events as one atomic batch (the processor's core and store)."""
     rules = load_sync_rules(settings)
-    store = Store.from_url(settings.redis.url, settings.redis.prefix)
+    store = Store.from_settings(settings)
     try:
         items = []
         for ev in events:

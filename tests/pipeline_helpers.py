@@ -88,7 +88,7 @@ async def run_processor(
     settings: Settings, expect_events: int, *, idle_exit_s: float = 10.0
 ) -> int:
     rules = load_sync_rules(settings)
-    store = Store.from_url(settings.redis.url, settings.redis.prefix)
+    store = Store.from_settings(settings)
     applier = BatchApplier(settings, store, rules)
     driver = KafkaLoopDriver(settings, applier, Membership(None))
     try:
@@ -105,7 +105,7 @@ def write_rules(tmp_path: Path, text: str = TEST_RULES) -> str:
 
 async def store_view(settings: Settings, buckets: Sequence[str]) -> dict[str, Any]:
     """Every bucket's ops (op_id, op, checksum, type, id, data, target), count and checksum."""
-    store = Store.from_url(settings.redis.url, settings.redis.prefix)
+    store = Store.from_settings(settings)
     try:
         out: dict[str, Any] = {}
         for b in buckets:
@@ -132,7 +132,7 @@ async def store_view(settings: Settings, buckets: Sequence[str]) -> dict[str, An
 
 async def store_buckets(settings: Settings) -> list[str]:
     """Every bucket the store holds under the settings' prefix, sorted."""
-    store = Store.from_url(settings.redis.url, settings.redis.prefix)
+    store = Store.from_settings(settings)
     try:
         return await store.all_buckets()
     finally:

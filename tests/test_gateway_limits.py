@@ -367,7 +367,7 @@ async def test_write_checkpoint_ids_keep_increasing_across_the_key_change(
     """A client with ids under the old ``sub/client_id`` key continues above them."""
     s = gw_settings()
     redis_client.hset(f"{s.redis.prefix}:wcp:u9/c1", "id", 41)
-    store = Store.from_url(s.redis.url, s.redis.prefix)
+    store = Store.from_settings(s)
     try:
         assert await store.issue_write_checkpoint(write_checkpoint_key("u9", "c1"), {}) == 42
         assert await store.issue_write_checkpoint(write_checkpoint_key("u9", "c1"), {}) == 43

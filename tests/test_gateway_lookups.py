@@ -107,7 +107,7 @@ def todo_ev(tid: str, lst: str, title: str = "x") -> dict[str, Any]:
 @asynccontextmanager
 async def running_processor(settings: Settings) -> AsyncIterator[None]:
     """The real processor (Kafka loop driver) in the background."""
-    store = Store.from_url(settings.redis.url, settings.redis.prefix)
+    store = Store.from_settings(settings)
     driver = KafkaLoopDriver(
         settings, BatchApplier(settings, store, load_sync_rules(settings)), Membership(None)
     )

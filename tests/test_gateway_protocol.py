@@ -252,7 +252,7 @@ async def test_compaction_mid_download_and_resume_inside_folded_range(gw_setting
         await feed(s, [todo("t1", "u1", "a2")])
         await feed(s, [delete_todo("t1")])
         await feed(s, [todo("t2", "u1", "b2")])
-        store = Store.from_url(s.redis.url, s.redis.prefix)
+        store = Store.from_settings(s)
         try:
             st = await compact(store, chunk=2)
             assert st.ops_removed > 0

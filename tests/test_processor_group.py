@@ -27,7 +27,7 @@ pytestmark = pytest.mark.stack
 
 
 async def _one_processor(settings) -> tuple[int, set[str]]:
-    store = Store.from_url(settings.redis.url, settings.redis.prefix)
+    store = Store.from_settings(settings)
     applier = BatchApplier(settings, store, load_sync_rules(settings))
     driver = KafkaLoopDriver(settings, applier, Membership(None))
     try:

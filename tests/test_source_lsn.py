@@ -51,7 +51,7 @@ def test_planner_keeps_the_highest_lsn_per_connector_even_of_skipped_tables() ->
 @pytest.mark.stack
 async def test_store_records_the_lsn_atomically_and_never_lowers_it(make_settings) -> None:
     s = make_settings()
-    store = Store.from_url(s.redis.url, s.redis.prefix)
+    store = Store.from_settings(s)
     try:
         for off, lsn in [(0, 1000), (1, 400), (2, 2**40 + 5)]:
             batch = PlannedBatch(guard={"t/0": off}, offsets={"t/0": off}, source_lsn={"app": lsn})

@@ -332,7 +332,7 @@ def test_transfers_over_three_partitions_never_show_a_wrong_balance_sum(
         assert p.flush(30) == 0
 
     async def go() -> tuple[int, list[str], dict[int, int], int]:
-        store = Store.from_url(s.redis.url, s.redis.prefix)
+        store = Store.from_settings(s)
         applier = BatchApplier(s, store, load_sync_rules(s))
         driver = KafkaLoopDriver(s, applier, Membership(None))
         keys = {a: store.k("row", row_key(accounts, {"id": a})) for a in ids}

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from pipeline.rules import RulesError, load_sync_rules
+from pipeline.store import Store
 
 
 def test_gateway_does_not_import_the_processor() -> None:
@@ -38,3 +39,18 @@ def test_rules_load_from_settings(make_settings: Any, tmp_path: Path) -> None:
     p.write_text("bucket_definitions:\n  g:\n    data: [SELECT * FROM todos]\n")
     rules = load_sync_rules(make_settings(sync_rules=str(p)))
     assert [d.name for d in rules.definitions] == ["g"]
+
+
+def test_every_command_opens_the_store_its_settings_describe(tmp_path: Path) -> None:
+    """``compact --defragment`` used ``Store.from_url`` without ``changes_maxlen`` and so
+    trimmed the change stream to the default 10,000 entries; every process now opens the
+    store through ``Store.from_settings``."""
+    from bucketsync.config import load_settings
+    from pipeline import compaction
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("redis:\n  prefix: t-wiring\n  changes_maxlen: 123\n")
+    settings = load_settings(cfg)
+    store = compaction._store(settings)
+    assert (store.prefix, store.changes_maxlen) == ("t-wiring", 123)
+    assert Store.from_settings(settings, prefix="other").prefix == "other"

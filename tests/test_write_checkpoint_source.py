@@ -66,7 +66,7 @@ async def test_source_mode_acknowledges_at_the_applied_lsn(
         },
     )
     await feed(s, [todo("t0", "u1")])
-    store = Store.from_url(s.redis.url, s.redis.prefix)
+    store = Store.from_settings(s)
     try:
         async with running_gateway(s, with_position=True) as url, Client(url, s, "u1") as c:
             await c.sync_until()

@@ -67,7 +67,7 @@ async def wire_bytes(store: Store, bucket: str) -> int:
 
 
 async def run(settings: Settings, ops: int, rows: int) -> dict[str, Any]:
-    store = Store.from_url(settings.redis.url, f"bench-compact-{uuid.uuid4().hex[:8]}")
+    store = Store.from_settings(settings, prefix=f"bench-compact-{uuid.uuid4().hex[:8]}")
     try:
         await fill(store, ops, rows)
         before = await store.bucket_state(BUCKET)

@@ -197,7 +197,7 @@ async def run(settings: Settings, levels: list[int]) -> dict[str, Any]:
         "gateway": {"port": port, "workers": 1, "keepalive_s": 20},
     }
     s = write_config(settings, cfg, sections, sync_rules=str(tmp / "rules.yaml"))
-    store = Store.from_url(s.redis.url, prefix)
+    store = Store.from_settings(s)
     offset = 0
     await _feed(store, [_news(i) for i in range(20)], offset)
     offset += 20

@@ -86,7 +86,7 @@ async def _mem(store: Store, key: str) -> int:
 
 async def _run(settings: Settings, memberships: int, requests: int) -> dict[str, Any]:
     prefix = f"bench-lookups-{uuid.uuid4().hex[:8]}"
-    store = Store.from_url(settings.redis.url, prefix)
+    store = Store.from_settings(settings, prefix=prefix)
     rules = parse_rules(RULES)
     try:
         # one user in `memberships` lists, each list with one todo
