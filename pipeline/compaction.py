@@ -56,9 +56,9 @@ class CompactionStats:
 
 async def compact_bucket(store: Store, bucket: str, chunk: int, stats: CompactionStats) -> None:
     while True:
-        folded, freed, more, step_s = await store.compact_step(bucket, chunk)
-        stats.add(folded, freed, step_s)
-        if not more or folded == 0:
+        step = await store.compact_step(bucket, chunk)
+        stats.add(step.folded, step.bytes_freed, step.seconds)
+        if not step.more or step.folded == 0:
             return
 
 
@@ -69,13 +69,14 @@ async def defragment_bucket(store: Store, bucket: str, chunk: int, stats: Compac
     # re-appending a PUT costs several writes, so a defrag step takes a fifth of the ops
     chunk = max(1, chunk // 5)
     while True:
-        n, cursor, done, step_s = await store.defrag_step(bucket, chunk, cursor, cutoff)
-        moved += n
+        step = await store.defrag_step(bucket, chunk, cursor, cutoff)
+        cursor = step.cursor
+        moved += step.moved
         stats.steps += 1
-        stats.longest_step_s = max(stats.longest_step_s, step_s)
-        stats.longest_defrag_step_s = max(stats.longest_defrag_step_s, step_s)
-        STEP_SECONDS.observe(step_s)
-        if done:
+        stats.longest_step_s = max(stats.longest_step_s, step.seconds)
+        stats.longest_defrag_step_s = max(stats.longest_defrag_step_s, step.seconds)
+        STEP_SECONDS.observe(step.seconds)
+        if step.done:
             stats.rows_reappended += moved
             return moved
 

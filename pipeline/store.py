@@ -41,7 +41,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 import redis.asyncio as aioredis
@@ -183,6 +183,32 @@ class PlannedBatch:
     source_lsn: dict[str, int] = field(default_factory=dict)
     #: tables (topics) newly known to need stored source rows (see core.plan_batch)
     merge_tables: list[str] = field(default_factory=list)
+
+
+class CompactStep(NamedTuple):
+    """One ``compact_step.lua`` call on a bucket."""
+
+    #: ops folded into the leading CLEAR (0: nothing left to fold)
+    folded: int
+    #: bytes of op wire JSON the fold removed
+    bytes_freed: int
+    #: the leading run may go on past this chunk: call again
+    more: bool
+    #: wall time of the call, client side
+    seconds: float
+
+
+class DefragStep(NamedTuple):
+    """One ``defrag_step.lua`` call on a bucket."""
+
+    #: live PUTs re-appended at the end of the bucket (each old one became a MOVE)
+    moved: int
+    #: op_id to pass as the next call's cursor (exclusive)
+    cursor: int
+    #: no live PUT left below the cutoff
+    done: bool
+    #: wall time of the call, client side
+    seconds: float
 
 
 def parse_member(member: bytes, score: float) -> StoredOp:
@@ -420,19 +446,17 @@ class Store:
     async def take_dirty(self, bucket: str) -> None:
         await self.r.srem(self.k("dirty"), bucket)
 
-    async def compact_step(self, bucket: str, chunk: int) -> tuple[int, int, bool, float]:
+    async def compact_step(self, bucket: str, chunk: int) -> CompactStep:
         t0 = time.perf_counter()
         folded, freed, more = await self._compact(args=[self.prefix, bucket, chunk])
-        return int(folded), int(freed), bool(more), time.perf_counter() - t0
+        return CompactStep(int(folded), int(freed), bool(more), time.perf_counter() - t0)
 
-    async def defrag_step(
-        self, bucket: str, chunk: int, cursor: int, cutoff: int
-    ) -> tuple[int, int, bool, float]:
+    async def defrag_step(self, bucket: str, chunk: int, cursor: int, cutoff: int) -> DefragStep:
         t0 = time.perf_counter()
         moved, new_cursor, done = await self._defrag(
             args=[self.prefix, bucket, chunk, cursor, cutoff, self.changes_maxlen]
         )
-        return int(moved), int(new_cursor), bool(done), time.perf_counter() - t0
+        return DefragStep(int(moved), int(new_cursor), bool(done), time.perf_counter() - t0)
 
     async def live_share(self, bucket: str, chunk: int = 5000) -> tuple[int, int]:
         """(PUT ops, all ops) of a bucket, counted in bounded reads."""
