@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
-from pipeline.store import SEP, PlannedBatch
+from pipeline.store import SEP, PlannedBatch, row_change, row_delete, table_truncate
 
 if TYPE_CHECKING:
     from pipeline.cdc import KafkaRecord
@@ -239,14 +239,14 @@ def plan_batch(
                 on_unknown_table(src_table)
             continue
         if action == "truncate":
-            batch.events.append({"truncate": table})
+            batch.events.append(table_truncate(table))
             for rk in [k for k in known_rows if k.startswith(table + SEP)]:
                 known_rows[rk] = None
             continue
         rk = row_key(table, ev["key"])
         if action == "delete":
             pk_change = bool(ev.get("pk_change_to"))
-            batch.events.append({"k": rk, "t": table, "o": False, "s": False, "g": pk_change})
+            batch.events.append(row_delete(rk, table, pk_change=pk_change))
             if pk_change and known_rows.get(rk) is not None:
                 departed[rk] = known_rows[rk]  # type: ignore[assignment]
             known_rows[rk] = None
@@ -283,15 +283,16 @@ def plan_batch(
             dls.append(DeadLetter(rec, "type_conversion_error", str(exc), {"table": table}))
             continue
         known_rows[rk] = row
-        planned: dict[str, Any] = {
-            "k": rk,
-            "t": table,
-            "o": [output_entry(o) for o in outs],
-            "s": source_json
-            if merge_tables is None or table in merge_tables or len(source_json) >= TOAST_SAFE_BYTES
-            else False,
-        }
-        if lookups:
-            planned["l"] = lookup_entries(lookups[0])
-        batch.events.append(planned)
+        keep_source = (
+            merge_tables is None or table in merge_tables or len(source_json) >= TOAST_SAFE_BYTES
+        )
+        batch.events.append(
+            row_change(
+                rk,
+                table,
+                [output_entry(o) for o in outs],
+                source_json if keep_source else False,
+                lookup_entries(lookups[0]) if lookups else None,
+            )
+        )
     return plan

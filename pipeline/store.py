@@ -41,7 +41,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, NotRequired, TypedDict
 
 import orjson
 import redis.asyncio as aioredis
@@ -172,11 +172,68 @@ class ApplyResult:
     merge_tables: int = 0  # how many tables the store knows to need source rows
 
 
+# ---- the batch payload of apply_batch.lua (its header comment is the wire contract) ----
+
+#: one output of a row: [bucket, object_type, object_id, put_checksum, remove_checksum, tail]
+OutputEntry = list[Any]
+
+
+class RowChange(TypedDict):
+    """A row after an insert or update: its complete set of outputs and its source row."""
+
+    k: str
+    t: str
+    o: list[OutputEntry]
+    s: str | Literal[False]
+    l: NotRequired[list[list[str]]]  # noqa: E741 (the wire key)
+
+
+class RowDelete(TypedDict):
+    """A deleted row; ``g``: the delete half of a primary-key change (the store keeps the
+    old source row a while, ``P:gone:<row key>``)."""
+
+    k: str
+    t: str
+    o: Literal[False]
+    s: Literal[False]
+    g: NotRequired[bool]
+
+
+class TableTruncate(TypedDict):
+    truncate: str
+
+
+BatchEvent = RowChange | RowDelete | TableTruncate
+
+
+def row_change(
+    row_key: str,
+    table: str,
+    outputs: list[OutputEntry],
+    source: str | Literal[False],
+    lookups: list[list[str]] | None = None,
+) -> RowChange:
+    """``source`` False keeps no stored copy of the source row; ``lookups`` (rows of
+    tables read by parameter queries) is the row's complete set of lookup entries."""
+    ev: RowChange = {"k": row_key, "t": table, "o": outputs, "s": source}
+    if lookups is not None:
+        ev["l"] = lookups
+    return ev
+
+
+def row_delete(row_key: str, table: str, *, pk_change: bool = False) -> RowDelete:
+    return {"k": row_key, "t": table, "o": False, "s": False, "g": pk_change}
+
+
+def table_truncate(table: str) -> TableTruncate:
+    return {"truncate": table}
+
+
 @dataclass(slots=True)
 class PlannedBatch:
     """What one atomic apply needs; built by :mod:`pipeline.core` (pure)."""
 
-    events: list[dict[str, Any]] = field(default_factory=list)
+    events: list[BatchEvent] = field(default_factory=list)
     guard: dict[str, int] = field(default_factory=dict)  # tp -> lowest offset
     offsets: dict[str, int] = field(default_factory=dict)  # tp -> highest offset
     #: connector (source.name) -> highest PostgreSQL LSN of the batch's events

@@ -18,7 +18,7 @@ from bucketsync.bench.report import bar_plot, report_rows
 from bucketsync.config import Settings
 from pipeline import core
 from pipeline.compaction import CompactionStats, compact_bucket, defragment_bucket, verify
-from pipeline.store import PlannedBatch, Store
+from pipeline.store import BatchEvent, PlannedBatch, Store, row_change
 
 BUCKET = "bench_all[]"
 
@@ -42,18 +42,13 @@ async def fill(store: Store, ops: int, rows: int, batch: int = 5000, seed: int =
         # every row once, then random updates: 90% of the ops end up superseded
         order = list(range(rows)) + [rng.randrange(rows) for _ in range(ops - rows)]
         for start in range(0, ops, batch):
-            events: list[dict[str, Any]] = []
+            events: list[BatchEvent] = []
             for rid in order[start : start + batch]:
                 version += 1
                 data = f'{{"id":"r{rid}","v":{version},"pad":"{"x" * 40}"}}'
                 out = _Out(BUCKET, "items", f"r{rid}", data)
                 events.append(
-                    {
-                        "k": f"bench{core.SEP}{rid}",
-                        "t": "bench",
-                        "o": [core.output_entry(out)],
-                        "s": False,
-                    }
+                    row_change(f"bench{core.SEP}{rid}", "bench", [core.output_entry(out)], False)
                 )
             await store.apply(
                 PlannedBatch(events, {"bench/0": start}, {"bench/0": start + len(events) - 1})
