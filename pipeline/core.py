@@ -18,7 +18,7 @@ import orjson
 from pipeline.store import SEP, PlannedBatch, row_change, row_delete, table_truncate
 
 if TYPE_CHECKING:
-    from pipeline.cdc import KafkaRecord
+    from pipeline.cdc import DeadLetterEvent, DecodedEvent, KafkaRecord
 
 _unpack = struct.Struct("<I").unpack_from
 
@@ -103,6 +103,12 @@ class DeadLetter:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+def dead_letter(rec: KafkaRecord, ev: DeadLetterEvent) -> DeadLetter:
+    """The decoder's verdict on a record it could not use, with its details."""
+    details = {k: v for k, v in ev.items() if k not in ("action", "reason", "message")}
+    return DeadLetter(rec, str(ev["reason"]), str(ev.get("message") or ""), details)
+
+
 @dataclass(slots=True)
 class Plan:
     batch: PlannedBatch
@@ -120,9 +126,9 @@ def row_key(table: str, key: Mapping[str, Any]) -> str:
     return table + SEP + orjson.dumps(key, option=orjson.OPT_SORT_KEYS).decode()
 
 
-def needs_base(ev: Mapping[str, Any]) -> bool:
+def needs_base(ev: DecodedEvent) -> bool:
     """Does this decoded upsert need the stored row to be complete?"""
-    return ev.get("action") == "upsert" and bool(ev.get("keep_columns") or ev.get("partial"))
+    return ev["action"] == "upsert" and bool(ev.get("keep_columns") or ev.get("partial"))
 
 
 #: A row whose source JSON is shorter than this keeps no copy under ``source_rows: auto``
@@ -135,16 +141,18 @@ def needs_base(ev: Mapping[str, Any]) -> bool:
 TOAST_SAFE_BYTES = 600
 
 
-def needs_merges(ev: Mapping[str, Any]) -> bool:
+def needs_merges(ev: DecodedEvent) -> bool:
     """Does this decoded event show that its table needs stored source rows? TOAST
     placeholders (``keep_columns``), MongoDB partial updates, any MongoDB document."""
+    if ev["action"] != "upsert":
+        return False
     return bool(ev.get("keep_columns") or ev.get("partial") or ev.get("replace_document"))
 
 
-def base_keys(topic: str, ev: Mapping[str, Any]) -> list[str]:
+def base_keys(topic: str, ev: DecodedEvent) -> list[str]:
     """Row keys whose stored source rows this event may merge from: its own, and for the
     create half of a primary-key change also the old key's."""
-    if not needs_base(ev):
+    if ev["action"] != "upsert" or not needs_base(ev):
         return []
     keys = [row_key(topic, ev["key"])]
     old = ev.get("pk_change_from")
@@ -172,7 +180,7 @@ def output_entry(out: RowOutputLike) -> list[Any]:
 
 
 def plan_batch(
-    items: Iterable[tuple[KafkaRecord, Mapping[str, Any]]],
+    items: Iterable[tuple[KafkaRecord, DecodedEvent]],
     rules: RulesLike,
     stored_rows: Mapping[str, Mapping[str, Any]] | None = None,
     *,
@@ -217,19 +225,15 @@ def plan_batch(
         if tp not in batch.guard:
             batch.guard[tp] = rec.offset
         batch.offsets[tp] = rec.offset
+        if ev["action"] == "dead_letter":
+            dls.append(dead_letter(rec, ev))
+            continue
+        if ev["action"] != "upsert" and ev["action"] != "delete" and ev["action"] != "truncate":
+            continue  # tx markers, heartbeats, ignored records: the offset still advances
         lsn = ev.get("source_lsn")
         if lsn is not None:  # PostgreSQL WAL position: exact write checkpoints
             name = str(ev.get("source_name"))
             batch.source_lsn[name] = max(lsn, batch.source_lsn.get(name, -1))
-        action = ev.get("action")
-        if action == "dead_letter":
-            details = {k: v for k, v in ev.items() if k not in ("action", "reason", "message")}
-            dls.append(
-                DeadLetter(rec, str(ev.get("reason")), str(ev.get("message") or ""), details)
-            )
-            continue
-        if action not in ("upsert", "delete", "truncate"):
-            continue  # tx markers, heartbeats, ignored records: the offset still advances
         # Rows are identified by topic + key, not by the envelope's table id: a tombstone
         # carries no envelope, so only the topic ties it to the row it deletes.
         table = rec.topic
@@ -238,13 +242,13 @@ def plan_batch(
             if on_unknown_table:
                 on_unknown_table(src_table)
             continue
-        if action == "truncate":
+        if ev["action"] == "truncate":
             batch.events.append(table_truncate(table))
             for rk in [k for k in known_rows if k.startswith(table + SEP)]:
                 known_rows[rk] = None
             continue
         rk = row_key(table, ev["key"])
-        if action == "delete":
+        if ev["action"] == "delete":
             pk_change = bool(ev.get("pk_change_to"))
             batch.events.append(row_delete(rk, table, pk_change=pk_change))
             if pk_change and known_rows.get(rk) is not None:

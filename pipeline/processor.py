@@ -40,6 +40,7 @@ from bucketsync.config import Settings
 from bucketsync.errors import UserError
 from pipeline import compaction, core
 from pipeline.cdc import (
+    DecodedEvent,
     HttpSchemaRegistry,
     KafkaRecord,
     LocalSchemaDir,
@@ -318,12 +319,12 @@ class BatchApplier:
         if self._probe is not None:
             self._probe.close()
 
-    def _decode(self, rec: KafkaRecord) -> dict[str, Any]:
+    def _decode(self, rec: KafkaRecord) -> DecodedEvent:
         return decode_record(
             rec, schemas=self.schemas, max_record_bytes=self.settings.kafka.max_record_bytes
         )
 
-    async def _decode_all(self, records: Sequence[KafkaRecord]) -> list[dict[str, Any]]:
+    async def _decode_all(self, records: Sequence[KafkaRecord]) -> list[DecodedEvent]:
         delay = 0.5
         while True:
             try:
@@ -408,7 +409,7 @@ class BatchApplier:
         t = time.perf_counter()
         decoded = await self._decode_all(fresh)
         self.timings["decode"] += time.perf_counter() - t
-        items: list[tuple[KafkaRecord, Any]] = list(zip(fresh, decoded, strict=True))
+        items: list[tuple[KafkaRecord, DecodedEvent]] = list(zip(fresh, decoded, strict=True))
         if self.stager is not None:
             for rec, ev in items:
                 self.stager.push(rec, ev)
@@ -416,7 +417,7 @@ class BatchApplier:
             STAGED.set(self.stager.staged)
         return await self._apply_items(items)
 
-    async def _apply_items(self, items: list[tuple[KafkaRecord, Any]]) -> int:
+    async def _apply_items(self, items: list[tuple[KafkaRecord, DecodedEvent]]) -> int:
         """Plan and apply; with :attr:`pipelined`, the apply is left in flight (awaited by
         the next batch once it is planned, or by :meth:`flush`). Applies stay strictly
         sequential: a batch is sent only after the previous one's result is known, so a
@@ -486,7 +487,7 @@ class BatchApplier:
             items = redo
         raise RuntimeError("batch kept colliding with another processor's offsets")
 
-    async def _settle(self) -> list[tuple[KafkaRecord, Any]] | None:
+    async def _settle(self) -> list[tuple[KafkaRecord, DecodedEvent]] | None:
         """Wait for the apply in flight. None when it was applied (or there was none);
         its items when the store refused it as stale (offsets are reloaded)."""
         if self._inflight is None:

@@ -43,13 +43,12 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
-from pipeline.cdc import KafkaRecord
+from pipeline.cdc import DecodedEvent, KafkaRecord, TxEndEvent
 
 log = logging.getLogger("bucketsync.transactions")
 
-Item = tuple[KafkaRecord, Mapping[str, Any]]
+Item = tuple[KafkaRecord, DecodedEvent]
 
 _BEGIN_ORDER = -1
 _END_ORDER = 1 << 62
@@ -60,7 +59,7 @@ class _Tx:
     first_seen: float
     orders: set[int] = field(default_factory=set)
     counts: dict[str, int] = field(default_factory=dict)
-    end: Mapping[str, Any] | None = None
+    end: TxEndEvent | None = None
     #: position of its END among the END markers read (commit order)
     end_seq: int | None = None
     #: position of its first event among all events read (tie-break without an END)
@@ -73,7 +72,7 @@ class _Tx:
 @dataclass(slots=True)
 class _Staged:
     rec: KafkaRecord
-    ev: Mapping[str, Any]
+    ev: DecodedEvent
     txid: str | None
     #: BEGIN -1, data ``total_order``, END 2**62 (release order inside a transaction)
     order: int
@@ -82,12 +81,14 @@ class _Staged:
     contrib: tuple[int, str] | str | None
 
 
-def tx_of(ev: Mapping[str, Any]) -> str | None:
-    if ev.get("action") in ("tx_begin", "tx_end"):
-        return str(ev.get("tx_id"))
-    tx = ev.get("tx")
-    if isinstance(tx, Mapping) and tx.get("id") is not None:
-        return str(tx["id"])
+def tx_of(ev: DecodedEvent) -> str | None:
+    """The transaction an event belongs to: a marker's ``tx_id``, a row event's ``tx.id``."""
+    if ev["action"] == "tx_begin" or ev["action"] == "tx_end":
+        return str(ev["tx_id"])
+    if ev["action"] == "upsert" or ev["action"] == "delete" or ev["action"] == "truncate":
+        tx = ev.get("tx")
+        if isinstance(tx, Mapping) and tx.get("id") is not None:
+            return str(tx["id"])
     return None
 
 
@@ -124,7 +125,7 @@ class TransactionStager:
 
     # ------------------------------------------------------------------ input
 
-    def push(self, rec: KafkaRecord, ev: Mapping[str, Any]) -> None:
+    def push(self, rec: KafkaRecord, ev: DecodedEvent) -> None:
         tp = f"{rec.topic}/{rec.partition}"
         q = self._pending.get(tp)
         if q and q[-1].rec.offset >= rec.offset:
@@ -148,22 +149,21 @@ class TransactionStager:
             st = self._txs.get(txid)
             if st is None:
                 st = self._txs[txid] = _Tx(self.clock(), first_seq=self._seq)
-            action = ev.get("action")
-            if action == "tx_begin":
+            if ev["action"] == "tx_begin":
                 order = _BEGIN_ORDER
-            elif action == "tx_end":
+            elif ev["action"] == "tx_end":
                 order = _END_ORDER
                 if st.end is None:
                     st.end = ev
                     self._end_seq += 1
                     st.end_seq = self._end_seq
                     contrib = "end"
-            elif action in ("upsert", "delete", "truncate"):
+            elif ev["action"] == "upsert" or ev["action"] == "delete" or ev["action"] == "truncate":
                 order = int(ev["tx"].get("total_order") or 0)
                 if order in st.orders:
                     ev = {"action": "ignore", "reason": "duplicate_in_transaction"}
                 else:
-                    table = str(ev.get("table"))
+                    table = str(ev["table"])
                     st.orders.add(order)
                     st.counts[table] = st.counts.get(table, 0) + 1
                     contrib = (order, table)

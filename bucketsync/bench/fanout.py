@@ -35,6 +35,7 @@ from bucketsync.bench.report import result_path, write_report
 from bucketsync.config import Settings
 from bucketsync.tokens import make_dev_token
 from pipeline import core
+from pipeline.cdc import UpsertEvent
 from pipeline.store import Store
 
 RULES = """
@@ -129,7 +130,7 @@ def _pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, int(len(s) * q) - 1))] if s else 0.0
 
 
-async def _feed(store: Store, events: list[dict[str, Any]], offset: int) -> None:
+async def _feed(store: Store, events: list[UpsertEvent], offset: int) -> None:
     from pipeline.rules import parse_rules
 
     rules = parse_rules(RULES)
@@ -144,7 +145,7 @@ async def _feed(store: Store, events: list[dict[str, Any]], offset: int) -> None
     assert res.status == "ok", res
 
 
-def _news(i: int) -> dict[str, Any]:
+def _news(i: int) -> UpsertEvent:
     return {
         "action": "upsert",
         "table": "news",
@@ -154,7 +155,7 @@ def _news(i: int) -> dict[str, Any]:
     }
 
 
-def _member(user: str, lst: str) -> dict[str, Any]:
+def _member(user: str, lst: str) -> UpsertEvent:
     return {
         "action": "upsert",
         "table": "memberships",
@@ -164,7 +165,7 @@ def _member(user: str, lst: str) -> dict[str, Any]:
     }
 
 
-def _item(lst: str, i: int) -> dict[str, Any]:
+def _item(lst: str, i: int) -> UpsertEvent:
     return {
         "action": "upsert",
         "table": "items",
@@ -174,7 +175,7 @@ def _item(lst: str, i: int) -> dict[str, Any]:
     }
 
 
-def _todo(user: str, i: int) -> dict[str, Any]:
+def _todo(user: str, i: int) -> UpsertEvent:
     return {
         "action": "upsert",
         "table": "todos",

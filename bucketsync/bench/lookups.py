@@ -27,7 +27,7 @@ from bucketsync.bench.report import bar_plot, report_rows
 from bucketsync.config import Settings
 from gateway.buckets import BucketResolver, _cache_for
 from pipeline import core
-from pipeline.cdc import KafkaRecord
+from pipeline.cdc import KafkaRecord, UpsertEvent
 from pipeline.rules import parse_rules
 from pipeline.store import Store
 
@@ -43,7 +43,7 @@ _MT = "bench.public.memberships"
 _TT = "bench.public.todos"
 
 
-def _member(mid: int, user: str, lst: str) -> dict[str, Any]:
+def _member(mid: int, user: str, lst: str) -> UpsertEvent:
     return {
         "action": "upsert",
         "table": _MT,
@@ -53,7 +53,7 @@ def _member(mid: int, user: str, lst: str) -> dict[str, Any]:
     }
 
 
-def _todo(tid: int, lst: str) -> dict[str, Any]:
+def _todo(tid: int, lst: str) -> UpsertEvent:
     return {
         "action": "upsert",
         "table": _TT,
@@ -63,7 +63,7 @@ def _todo(tid: int, lst: str) -> dict[str, Any]:
     }
 
 
-async def _apply(store: Store, rules: Any, events: list[dict[str, Any]], topic: str) -> float:
+async def _apply(store: Store, rules: Any, events: list[UpsertEvent], topic: str) -> float:
     """Apply in batches of 500 (the processor's core and store); returns seconds."""
     off = 0
     spent = 0.0

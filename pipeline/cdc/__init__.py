@@ -6,6 +6,19 @@ result dict (§8.1). The only I/O is the schema resolver used for Avro records.
 
 from pipeline.cdc.convert import ColumnSpec, ConversionError, compact_json, format_unscaled
 from pipeline.cdc.decode import decode_record, normalise_tx_id
+from pipeline.cdc.events import (
+    DeadLetterEvent,
+    DecodedEvent,
+    DeleteEvent,
+    IgnoreEvent,
+    ProgressEvent,
+    RowEvent,
+    TruncateEvent,
+    TxBeginEvent,
+    TxBlock,
+    TxEndEvent,
+    UpsertEvent,
+)
 from pipeline.cdc.record import DEFAULT_OPTIONS, DecodeOptions, KafkaRecord
 from pipeline.cdc.registry import (
     HttpSchemaRegistry,
@@ -21,15 +34,26 @@ __all__ = [
     "DEFAULT_OPTIONS",
     "ColumnSpec",
     "ConversionError",
+    "DeadLetterEvent",
     "DecodeOptions",
+    "DecodedEvent",
+    "DeleteEvent",
     "HttpSchemaRegistry",
+    "IgnoreEvent",
     "InvalidSchema",
     "KafkaRecord",
     "LocalSchemaDir",
+    "ProgressEvent",
     "RegistryUnavailable",
+    "RowEvent",
     "SchemaRegistryError",
     "SchemaResolver",
+    "TruncateEvent",
+    "TxBeginEvent",
+    "TxBlock",
+    "TxEndEvent",
     "UnknownSchemaId",
+    "UpsertEvent",
     "compact_json",
     "decode_record",
     "format_unscaled",

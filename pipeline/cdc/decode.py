@@ -12,7 +12,7 @@ import json
 import logging
 from collections.abc import Mapping
 from decimal import Decimal
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar, cast
 
 import orjson
 
@@ -33,6 +33,20 @@ from pipeline.cdc.convert import (
     generic_top,
     mongo_native,
     mongo_top,
+)
+from pipeline.cdc.events import (
+    DeadLetterEvent,
+    DecodedEvent,
+    DeleteEvent,
+    IgnoreEvent,
+    JsonPatch,
+    ProgressEvent,
+    RowEvent,
+    TruncateEvent,
+    TxBeginEvent,
+    TxBlock,
+    TxEndEvent,
+    UpsertEvent,
 )
 from pipeline.cdc.record import DEFAULT_OPTIONS, DecodeOptions, KafkaRecord
 from pipeline.cdc.registry import (
@@ -56,10 +70,10 @@ KNOWN_KINDS: Final = frozenset(
 )  # fmt: skip
 _CACHE_MAX: Final = 1024
 
+_R = TypeVar("_R", UpsertEvent, DeleteEvent, TruncateEvent)
 
-def _with_source_lsn(
-    out: dict[str, Any], src: dict[str, Any] | None, kind: str | None
-) -> dict[str, Any]:
+
+def _with_source_lsn(out: _R, src: dict[str, Any] | None, kind: str | None) -> _R:
     """PostgreSQL events carry their WAL position: ``source_lsn`` (``source.lsn``) and
     ``source_name`` (``source.name``, the connector's topic prefix), for exact write
     checkpoints (the processor records the highest applied LSN per connector)."""
@@ -73,7 +87,7 @@ def _with_source_lsn(
 
 
 class _DL(Exception):
-    def __init__(self, result: dict[str, Any]) -> None:
+    def __init__(self, result: DeadLetterEvent) -> None:
         self.result = result
 
 
@@ -81,10 +95,10 @@ def _dead(reason: str, message: str, **details: Any) -> _DL:
     out: dict[str, Any] = {"action": "dead_letter", "reason": reason}
     out.update(details)
     out["message"] = message
-    return _DL(out)
+    return _DL(cast(DeadLetterEvent, out))
 
 
-def _ignore(reason: str) -> dict[str, Any]:
+def _ignore(reason: str) -> IgnoreEvent:
     return {"action": "ignore", "reason": reason}
 
 
@@ -478,7 +492,7 @@ class _Ctx:
             except ConversionError:
                 return None
 
-    def _tx_block(self, t: Any, kind: str | None) -> dict[str, Any] | None:
+    def _tx_block(self, t: Any, kind: str | None) -> TxBlock | None:
         if t is None:
             return None
         if type(t) is not dict:
@@ -499,7 +513,7 @@ class _Ctx:
 
     # -- record kinds -------------------------------------------------------------------
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> DecodedEvent:
         rec = self.rec
         topic = rec.topic
         hb = self.opts.heartbeat_topic_prefix
@@ -531,7 +545,7 @@ class _Ctx:
             return _ignore("schema_change_topic")
         return self._flat(payload, plan)
 
-    def _heartbeat(self, connector: str) -> dict[str, Any]:
+    def _heartbeat(self, connector: str) -> ProgressEvent | IgnoreEvent:
         if self.rec.value is None:
             return _ignore("heartbeat_tombstone")
         payload, _ = self._part(self.rec.value, "value")
@@ -557,7 +571,7 @@ class _Ctx:
             return topic[: -len(suffix)]
         return topic.rsplit(".", 1)[0]
 
-    def _tx(self, p: dict[str, Any]) -> dict[str, Any]:
+    def _tx(self, p: dict[str, Any]) -> TxBeginEvent | TxEndEvent:
         connector = self._tx_connector()
         kind = (self.kinds.get(connector) if self.kinds else None) or self._kind_hint()
         raw_id = p["id"]
@@ -587,31 +601,30 @@ class _Ctx:
             "data_collections": collections,
         }
 
-    def _with_ids(
-        self, out: dict[str, Any], source_schema: str | None, source_table: str | None
-    ) -> dict[str, Any]:
+    def _with_ids(self, out: _R, source_schema: str | None, source_table: str | None) -> _R:
         if source_table:
             out["source_table"] = source_table
         if source_schema:
             out["source_schema"] = source_schema
         return out
 
-    def _tombstone(self) -> dict[str, Any]:
+    def _tombstone(self) -> DeleteEvent:
         kind = self._kind_hint()
         topic = self.rec.topic
         key = self._key(kind, topic, kind == "mongodb")
         sschema, stable = self._topic_ids()
-        out = {"action": "delete", "table": topic, "key": key, "tombstone": True}
+        out: DeleteEvent = {"action": "delete", "table": topic, "key": key, "tombstone": True}
         return self._with_ids(out, sschema, stable)
 
-    def _flat_null(self) -> dict[str, Any]:
+    def _flat_null(self) -> DeleteEvent:
         kind = self._kind_hint()
         topic = self.rec.topic
         key = self._key(kind, topic, kind == "mongodb")
         sschema, stable = self._topic_ids()
-        return self._with_ids({"action": "delete", "table": topic, "key": key}, sschema, stable)
+        out: DeleteEvent = {"action": "delete", "table": topic, "key": key}
+        return self._with_ids(out, sschema, stable)
 
-    def _flat(self, p: dict[str, Any], plan: _Plan | None) -> dict[str, Any]:
+    def _flat(self, p: dict[str, Any], plan: _Plan | None) -> UpsertEvent | DeleteEvent:
         meta = self.opts.metadata_prefix
         kind = self._kind_hint()
         topic = self.rec.topic
@@ -631,21 +644,22 @@ class _Ctx:
         mongo = kind == "mongodb"
         key = self._key(kind, topic, mongo)
         if deleted is True or deleted == "true" or fop == "d":
-            return self._with_ids({"action": "delete", "table": topic, "key": key}, sschema, stable)
+            gone: DeleteEvent = {"action": "delete", "table": topic, "key": key}
+            return self._with_ids(gone, sschema, stable)
         keep: list[str] | None = None
         if mongo:
             row = {k: mongo_top(v) for k, v in p.items() if not k.startswith(meta)}
         else:
             cols = plan.flat if plan is not None else self._hint_cols(topic)
             row, keep = self._row(p, cols, skip_prefix=meta)
-        out: dict[str, Any] = {"action": "upsert", "table": topic, "key": key, "row": row}
+        out: UpsertEvent = {"action": "upsert", "table": topic, "key": key, "row": row}
         if keep:
             out["keep_columns"] = keep
         if fop == "r":
             out["snapshot"] = True
         return self._with_ids(out, sschema, stable)
 
-    def _envelope(self, p: dict[str, Any], plan: _Plan | None) -> dict[str, Any]:
+    def _envelope(self, p: dict[str, Any], plan: _Plan | None) -> RowEvent | IgnoreEvent:
         op = p.get("op")
         if op is None:
             raise _dead("missing_op", "envelope without 'op'")
@@ -680,24 +694,24 @@ class _Ctx:
         if stable is None:
             sschema, stable = self._topic_ids()
         tx = self._tx_block(p.get("transaction"), kind)
-        out: dict[str, Any]
         if op == "t":
-            out = {"action": "truncate", "table": table}
+            trunc: TruncateEvent = {"action": "truncate", "table": table}
             if tx is not None:
-                out["tx"] = tx
-            return _with_source_lsn(self._with_ids(out, sschema, stable), src, kind)
+                trunc["tx"] = tx
+            return _with_source_lsn(self._with_ids(trunc, sschema, stable), src, kind)
         after = p.get("after")
         mongo = kind == "mongodb" or type(after) is str or type(p.get("before")) is str
         if op == "d":
             key = self._key(kind, table, mongo)
-            out = {"action": "delete", "table": table, "key": key}
+            dele: DeleteEvent = {"action": "delete", "table": table, "key": key}
             if tx is not None:
-                out["tx"] = tx
+                dele["tx"] = tx
             if not mongo:
                 to = self._header_key("__debezium.newkey", kind, table)
                 if to is not None:
-                    out["pk_change_to"] = to
-            return _with_source_lsn(self._with_ids(out, sschema, stable), src, kind)
+                    dele["pk_change_to"] = to
+            return _with_source_lsn(self._with_ids(dele, sschema, stable), src, kind)
+        out: UpsertEvent
         if mongo:
             out = self._mongo_upsert(p, after, op, kind, table)
         else:
@@ -720,7 +734,7 @@ class _Ctx:
 
     def _mongo_upsert(
         self, p: dict[str, Any], after: Any, op: str, kind: str | None, table: str
-    ) -> dict[str, Any]:
+    ) -> UpsertEvent:
         doc: Any = None
         if type(after) is str:
             try:
@@ -763,7 +777,7 @@ class _Ctx:
         key = self._key(kind, table, True)
         row: dict[str, Any] = {}
         nulls: list[str] = []
-        patches: list[dict[str, Any]] = []
+        patches: list[JsonPatch] = []
         for f, v in updated.items():
             if "." in f:
                 col, path = _mongo_path(f)
@@ -795,7 +809,7 @@ class _Ctx:
                 raise _dead(
                     "envelope_inconsistent", f"malformed truncatedArrays entry {t!r}"
                 ) from None
-        out: dict[str, Any] = {
+        out: UpsertEvent = {
             "action": "upsert",
             "table": table,
             "key": key,
@@ -840,7 +854,7 @@ def decode_record(
     type_hints: Mapping[str, Mapping[str, str]] | None = None,
     connector_kinds: Mapping[str, str] | None = None,
     options: DecodeOptions | None = None,
-) -> dict[str, Any]:
+) -> DecodedEvent:
     """Decode one Kafka record into one normalised result (cdc-events.md §8.1).
 
     * ``topic_format="auto"`` treats the record as Confluent Avro when its key or value
