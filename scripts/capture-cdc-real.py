@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Capture real Debezium records into tests/fixtures/cdc-real/ (see its README.md).
+"""Capture real Debezium records into tests/fixtures/cdc-real/ (tests/fixtures/cdc-real/README.md).
 
 Runs a fixed scenario against the local stack's PostgreSQL source (`bucketsync stack up
 --source postgres`, started if needed) with its own connector (topic prefix ``real``,

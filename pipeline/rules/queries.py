@@ -339,7 +339,7 @@ class Projection:
                 else:
                     d[item[0]] = item[1](row, None)
             for k in [k for k, v in d.items() if type(v) is bytes]:
-                del d[k]  # binary values are dropped (§8.3)
+                del d[k]  # binary values are dropped (sync-protocol.md §8.3)
             oid = d.get("id")
             return (oid if type(oid) is str else _object_id(oid)), dumps(d)
 
