@@ -43,25 +43,25 @@ def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_stack(settings: Settings, args: argparse.Namespace) -> int:
     from bucketsync import stack
 
-    return stack.main(settings, args)
+    return stack.main(settings, args.action, source=args.source or "none", as_json=args.json)
 
 
 def cmd_processor(settings: Settings, args: argparse.Namespace) -> int:
     from pipeline.processor import main as processor_main
 
-    return processor_main(settings, args)
+    return processor_main(settings, driver=args.driver)
 
 
 def cmd_gateway(settings: Settings, args: argparse.Namespace) -> int:
     from gateway.server import main as gateway_main
 
-    return gateway_main(settings, args)
+    return gateway_main(settings, host=args.host, port=args.port, workers=args.workers)
 
 
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     from bucketsync.run import main as run_main
 
-    return run_main(settings, args)
+    return run_main(settings, config_path=args.config, port=args.port)
 
 
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
@@ -73,13 +73,15 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_compact(settings: Settings, args: argparse.Namespace) -> int:
     from pipeline.compaction import main as compact_main
 
-    return compact_main(settings, args)
+    return compact_main(
+        settings, bucket=args.bucket, every_bucket=args.all, defragment=args.defragment
+    )
 
 
 def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
     from pipeline.compaction import verify_main
 
-    return verify_main(settings, args)
+    return verify_main(settings, bucket=args.bucket)
 
 
 def cmd_inspect(settings: Settings, args: argparse.Namespace) -> int:

@@ -6,7 +6,6 @@ Each part runs as its own child process, exactly as ``bucketsync processor`` and
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import subprocess
@@ -90,10 +89,11 @@ def start_pipeline(
     sup.start("gateway", child_argv("gateway", config_path, *extra), env)
 
 
-def main(settings: Settings, args: argparse.Namespace) -> int:
+def main(settings: Settings, *, config_path: str | None, port: int | None = None) -> int:
+    """``bucketsync run [--port P]``: processor and gateway as children of this process."""
     sup = Supervisor()
     sup.install_signals()
-    start_pipeline(sup, settings, args.config, getattr(args, "port", None))
+    start_pipeline(sup, settings, config_path, port)
     try:
         return sup.wait_any()
     finally:

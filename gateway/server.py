@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import gc
@@ -729,12 +728,18 @@ def _check_port_free(host: str, port: int) -> None:
             ) from None
 
 
-def main(settings: Settings, args: argparse.Namespace) -> int:
-
+def main(
+    settings: Settings,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    workers: int | None = None,
+) -> int:
+    """``bucketsync gateway [--host H] [--port P] [--workers N]`` (defaults: ``gateway.*``)."""
     g = settings.gateway
-    host = getattr(args, "host", None) or g.host
-    port = getattr(args, "port", None) or g.port
-    workers = getattr(args, "workers", None) or g.workers
+    host = host or g.host
+    port = port or g.port
+    workers = workers or g.workers
     load_sync_rules(settings)  # refuse bad rules before binding anything
     _check_port_free(host, port)
     if workers <= 1:

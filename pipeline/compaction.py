@@ -7,7 +7,6 @@ bounded atomic step at a time, and verifies running totals against the logs.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import time
@@ -201,17 +200,25 @@ def _store(settings: Settings) -> Store:
     return Store.from_settings(settings)
 
 
-def main(settings: Settings, args: argparse.Namespace) -> int:
+def main(
+    settings: Settings,
+    *,
+    bucket: str | None = None,
+    every_bucket: bool = False,
+    defragment: bool = False,
+) -> int:
+    """``bucketsync compact [--bucket B | --all] [--defragment]``."""
+
     async def go() -> int:
         store = _store(settings)
         try:
             st = await compact(
                 store,
                 settings.compaction.chunk_ops,
-                bucket=args.bucket,
-                every_bucket=bool(args.all),
+                bucket=bucket,
+                every_bucket=every_bucket,
                 progress=True,
-                defragment=bool(args.defragment),
+                defragment=defragment,
                 defragment_threshold=settings.compaction.defragment_threshold,
             )
         finally:
@@ -227,11 +234,13 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     return asyncio.run(go())
 
 
-def verify_main(settings: Settings, args: argparse.Namespace) -> int:
+def verify_main(settings: Settings, *, bucket: str | None = None) -> int:
+    """``bucketsync verify [--bucket B]``: exit code 1 when a bucket differs."""
+
     async def go() -> int:
         store = _store(settings)
         try:
-            res = await verify(store, args.bucket)
+            res = await verify(store, bucket)
         finally:
             await store.close()
         for d in res.differences:

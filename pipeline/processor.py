@@ -13,7 +13,6 @@ same atomic step as the ops, and anything at or below them is skipped.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
 import logging
@@ -22,7 +21,7 @@ import signal
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from confluent_kafka import (
@@ -170,8 +169,44 @@ def make_schema_resolver(settings: Settings) -> SchemaResolver | None:
     return None
 
 
+class DeadLetterWriter(Protocol):
+    """Where the applier puts records the decoder or the rules could not use: ``send``
+    queues one, ``flush`` returns once all queued ones are stored (raises otherwise: the
+    batch is then not applied, so its offsets do not move past a lost dead letter)."""
+
+    def send(self, dl: core.DeadLetter) -> None: ...
+
+    def flush(self, timeout: float = 30.0) -> None: ...
+
+
+#: partition end offset as the consumer last saw it, or None
+Highwater = Callable[[str, int], "int | None"]
+
+
+class Watermarks:
+    """The lag gauge's source of partition end offsets. Wiring creates one and hands it to
+    both the applier (which reads it after each applied batch) and the driver that owns
+    the consumer (which connects its reader, :meth:`connect`, once the consumer exists);
+    until then, or without a driver that has one, no lag is reported."""
+
+    def __init__(self, read: Highwater | None = None) -> None:
+        self._read = read
+
+    def connect(self, read: Highwater) -> None:
+        self._read = read
+
+    def high(self, topic: str, partition: int) -> int | None:
+        if self._read is None:
+            return None
+        try:
+            return self._read(topic, partition)
+        except Exception:  # a consumer mid-rebalance: no reading this time
+            return None
+
+
 class DeadLetterSink:
-    """Writes dead letters to the configured topic: original bytes plus reason headers."""
+    """Writes dead letters to the configured topic: original bytes plus reason headers
+    (the production :class:`DeadLetterWriter`)."""
 
     def __init__(self, settings: Settings):
         self.topic = settings.kafka.dead_letter_topic
@@ -226,6 +261,8 @@ class BatchApplier:
         store: Store,
         rules: SyncRules,
         *,
+        dead_letters: DeadLetterWriter,
+        watermarks: Watermarks | None = None,
         probe: Callable[[str, int, int], Awaitable[int | None]] | None = None,
     ):
         self.settings = settings
@@ -239,7 +276,8 @@ class BatchApplier:
         #: set by the driver: seeks partitions back for records the consumer dropped
         self.seek: Seeker | None = None
         self.schemas = make_schema_resolver(settings)
-        self.dead_letters = DeadLetterSink(settings)
+        self.dead_letters = dead_letters
+        self.watermarks = watermarks or Watermarks()
         self.applied: dict[str, int] = {}
         self._unknown_tables: set[str] = set()
         self._lock = asyncio.Lock()
@@ -266,20 +304,12 @@ class BatchApplier:
         #: seconds spent per stage, for ``bucketsync bench`` and profiling
         self.timings: dict[str, float] = {"decode": 0.0, "read": 0.0, "plan": 0.0, "apply": 0.0}
 
-    #: the driver's view of partition end offsets, for the lag gauge: (topic, partition) -> high
-    highwater: Any = None
-
     def _observe_lag(self, records: Sequence[KafkaRecord]) -> None:
-        if self.highwater is None:
-            return
         last: dict[tuple[str, int], int] = {}
         for r in records:
             last[(r.topic, r.partition)] = r.offset
         for (topic, part), off in last.items():
-            try:
-                high = self.highwater(topic, part)
-            except Exception:
-                continue
+            high = self.watermarks.high(topic, part)
             if high is not None and high >= 0:
                 LAG.labels(f"{topic}/{part}").set(max(0, high - off - 1))
 
@@ -666,7 +696,7 @@ class KafkaLoopDriver:
     async def run(self, max_events: int | None = None, idle_exit_s: float | None = None) -> int:
         topics, pattern = _topic_matcher(self.settings)
         await self.applier.load_offsets()
-        self.applier.highwater = self._highwater
+        self.applier.watermarks.connect(self._highwater)
         subs = topics if not pattern else ["^" + pattern.pattern.lstrip("^")]
         self.consumer.subscribe(subs, on_assign=self._on_assign, on_revoke=self._on_revoke)
         p = self.settings.processor
@@ -792,7 +822,7 @@ def build_faust_app(
 
                     return int(app.consumer.highwater(TP(topic, partition)))
 
-                applier.highwater = highwater
+                applier.watermarks.connect(highwater)
 
                 async def seek(positions: dict[tuple[str, int], int]) -> None:
                     from faust.types import TP
@@ -886,7 +916,7 @@ def build_faust_app(
 async def _make_applier(settings: Settings) -> BatchApplier:
     rules = load_sync_rules(settings)
     store = Store.from_settings(settings)
-    return BatchApplier(settings, store, rules)
+    return BatchApplier(settings, store, rules, dead_letters=DeadLetterSink(settings))
 
 
 def run_kafka_driver(settings: Settings) -> int:
@@ -945,7 +975,8 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
-def main(settings: Settings, args: argparse.Namespace) -> int:
+def main(settings: Settings, *, driver: str | None = None) -> int:
+    """``bucketsync processor [--driver kafka|faust]`` (default: ``processor.driver``)."""
     tune_gc()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     load_sync_rules(settings)  # fail fast on bad rules, before any consumer starts
@@ -957,7 +988,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
             log.info("processor metrics at http://127.0.0.1:%d/metrics", port)
         except OSError as exc:
             log.warning("metrics port %d unavailable (%s); set processor.metrics_port", port, exc)
-    driver = getattr(args, "driver", None) or settings.processor.driver
+    driver = driver or settings.processor.driver
     if driver == "faust" and settings.kafka.topic_pattern:
         # faust-streaming's aiokafka driver cannot subscribe by pattern (it subscribes to an
         # empty topic set and crashes); librdkafka follows new matching topics natively

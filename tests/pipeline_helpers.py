@@ -13,7 +13,7 @@ from confluent_kafka import Producer
 
 from bucketsync.config import Settings
 from pipeline.membership import Membership
-from pipeline.processor import BatchApplier, KafkaLoopDriver, load_sync_rules
+from pipeline.processor import BatchApplier, DeadLetterSink, KafkaLoopDriver, load_sync_rules
 from pipeline.store import Store
 from tests.model import BucketModel
 
@@ -89,7 +89,7 @@ async def run_processor(
 ) -> int:
     rules = load_sync_rules(settings)
     store = Store.from_settings(settings)
-    applier = BatchApplier(settings, store, rules)
+    applier = BatchApplier(settings, store, rules, dead_letters=DeadLetterSink(settings))
     driver = KafkaLoopDriver(settings, applier, Membership(None))
     try:
         return await driver.run(max_events=expect_events, idle_exit_s=idle_exit_s)

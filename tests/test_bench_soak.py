@@ -36,3 +36,17 @@ def test_cli_wires_soak() -> None:
     args = build_parser().parse_args(["bench", "soak", "--minutes", "3", "--clients", "2000"])
     assert (args.which, args.minutes, args.clients, args.sample_s) == ("soak", 3.0, 2000, 5.0)
     assert args.rss_bound_mb == 64.0
+
+
+def test_cli_gives_one_driver_to_single_processor_benches() -> None:
+    """``bench cdc`` passed the CLI's default ``--driver both`` on to ``bucketsync processor
+    --driver both``, which refuses it: the benchmark waited for rows that never came."""
+    from bucketsync.bench import drivers_for, one_driver
+    from bucketsync.config import Settings
+
+    args = build_parser().parse_args(["bench", "cdc"])
+    assert args.driver == "both"
+    settings = Settings(processor={"driver": "faust"})
+    assert one_driver(args.driver, settings) == "faust"
+    assert one_driver("kafka", settings) == "kafka"
+    assert drivers_for("both") == ["kafka", "faust"] and drivers_for("faust") == ["faust"]

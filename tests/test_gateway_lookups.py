@@ -25,7 +25,7 @@ from bucketsync.config import Settings
 from bucketsync.simclient import ClientState
 from bucketsync.tokens import make_dev_token
 from pipeline.membership import Membership
-from pipeline.processor import BatchApplier, KafkaLoopDriver, load_sync_rules
+from pipeline.processor import BatchApplier, DeadLetterSink, KafkaLoopDriver, load_sync_rules
 from pipeline.store import Store
 from tests.gateway_helpers import feed, running_gateway
 from tests.pipeline_helpers import debezium_json, produce, write_rules
@@ -109,7 +109,11 @@ async def running_processor(settings: Settings) -> AsyncIterator[None]:
     """The real processor (Kafka loop driver) in the background."""
     store = Store.from_settings(settings)
     driver = KafkaLoopDriver(
-        settings, BatchApplier(settings, store, load_sync_rules(settings)), Membership(None)
+        settings,
+        BatchApplier(
+            settings, store, load_sync_rules(settings), dead_letters=DeadLetterSink(settings)
+        ),
+        Membership(None),
     )
     task = asyncio.create_task(driver.run())
     try:

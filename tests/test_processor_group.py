@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.membership import Membership
-from pipeline.processor import BatchApplier, KafkaLoopDriver, load_sync_rules
+from pipeline.processor import BatchApplier, DeadLetterSink, KafkaLoopDriver, load_sync_rules
 from pipeline.store import Store
 from tests.model import BucketModel
 from tests.pipeline_helpers import (
@@ -28,7 +28,9 @@ pytestmark = pytest.mark.stack
 
 async def _one_processor(settings) -> tuple[int, set[str]]:
     store = Store.from_settings(settings)
-    applier = BatchApplier(settings, store, load_sync_rules(settings))
+    applier = BatchApplier(
+        settings, store, load_sync_rules(settings), dead_letters=DeadLetterSink(settings)
+    )
     driver = KafkaLoopDriver(settings, applier, Membership(None))
     try:
         n = await driver.run(idle_exit_s=6)

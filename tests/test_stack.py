@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
 import json
@@ -289,8 +288,7 @@ def test_heap_mib(heap: str, mib: int) -> None:
 
 def test_down_never_started_is_noop(throwaway: Callable[..., Settings]) -> None:
     settings = throwaway()
-    args = argparse.Namespace(action="down", source="none", json=False)
-    assert stack.main(settings, args) == 0
+    assert stack.main(settings, "down", source="none", as_json=False) == 0
     stack.down(settings)
     assert not settings.state_dir.exists()
 
@@ -299,8 +297,7 @@ def test_status_never_started(
     throwaway: Callable[..., Settings], capsys: pytest.CaptureFixture[str]
 ) -> None:
     settings = throwaway()
-    args = argparse.Namespace(action="status", source="none", json=True)
-    assert stack.main(settings, args) == 1
+    assert stack.main(settings, "status", source="none", as_json=True) == 1
     rows = json.loads(capsys.readouterr().out)
     assert [(r["name"], r["state"], r["pid"]) for r in rows] == [
         ("kafka", "stopped", None),

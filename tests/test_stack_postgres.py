@@ -4,7 +4,6 @@ The live path (PostgreSQL + Connect + Debezium) is exercised by tests/e2e/test_p
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -291,9 +290,8 @@ def test_source_port_collides_with_kafka(throwaway: Callable[..., Settings]) -> 
 
 
 def test_unknown_source(throwaway: Callable[..., Settings]) -> None:
-    args = argparse.Namespace(action="status", source="mysql", json=True)
     with pytest.raises(UserError, match="unknown source 'mysql'"):
-        stack.main(throwaway(), args)
+        stack.main(throwaway(), "status", source="mysql", as_json=True)
 
 
 def test_connect_download_failure_names_the_cause(
@@ -330,8 +328,7 @@ def test_status_with_source_never_started(
     throwaway: Callable[..., Settings], capsys: pytest.CaptureFixture[str]
 ) -> None:
     settings = throwaway()
-    args = argparse.Namespace(action="status", source="postgres", json=True)
-    assert stack.main(settings, args) == 1
+    assert stack.main(settings, "status", source="postgres", as_json=True) == 1
     rows = json.loads(capsys.readouterr().out)
     assert [(r["name"], r["state"]) for r in rows] == [
         ("kafka", "stopped"),

@@ -251,7 +251,7 @@ def test_transfers_over_three_partitions_never_show_a_wrong_balance_sum(
 
     from pipeline.core import row_key
     from pipeline.membership import Membership
-    from pipeline.processor import BatchApplier, KafkaLoopDriver, load_sync_rules
+    from pipeline.processor import BatchApplier, DeadLetterSink, KafkaLoopDriver, load_sync_rules
     from pipeline.store import Store
 
     prefix = ns.topic("bank")
@@ -333,7 +333,7 @@ def test_transfers_over_three_partitions_never_show_a_wrong_balance_sum(
 
     async def go() -> tuple[int, list[str], dict[int, int], int]:
         store = Store.from_settings(s)
-        applier = BatchApplier(s, store, load_sync_rules(s))
+        applier = BatchApplier(s, store, load_sync_rules(s), dead_letters=DeadLetterSink(s))
         driver = KafkaLoopDriver(s, applier, Membership(None))
         keys = {a: store.k("row", row_key(accounts, {"id": a})) for a in ids}
         target: dict[str, int] = {}

@@ -54,3 +54,66 @@ def test_every_command_opens_the_store_its_settings_describe(tmp_path: Path) -> 
     store = compaction._store(settings)
     assert (store.prefix, store.changes_maxlen) == ("t-wiring", 123)
     assert Store.from_settings(settings, prefix="other").prefix == "other"
+
+
+class _Recorded:
+    """A dead-letter writer that keeps what it is given (the applier's injected sink)."""
+
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+        self.flushes = 0
+
+    def send(self, dl: Any) -> None:
+        self.sent.append(dl)
+
+    def flush(self, timeout: float = 30.0) -> None:
+        self.flushes += 1
+
+
+def test_applier_uses_the_injected_dead_letter_sink_and_watermarks(
+    make_settings: Any, tmp_path: Path
+) -> None:
+    """No Kafka producer of its own: a record the decoder refuses goes to the given sink
+    (flushed before the batch's offsets are applied), and lag comes from the given
+    watermark source."""
+    import asyncio
+
+    from pipeline.cdc import KafkaRecord
+    from pipeline.processor import LAG, BatchApplier, Watermarks
+
+    p = tmp_path / "r.yaml"
+    p.write_text("bucket_definitions:\n  g:\n    data: [SELECT * FROM todos]\n")
+    settings = make_settings(sync_rules=str(p))
+    sink = _Recorded()
+    seen: list[tuple[str, int]] = []
+
+    def high(topic: str, partition: int) -> int:
+        seen.append((topic, partition))
+        return 10
+
+    async def go() -> dict[str, int]:
+        store = Store.from_settings(settings)
+        applier = BatchApplier(
+            settings,
+            store,
+            load_sync_rules(settings),
+            dead_letters=sink,
+            watermarks=Watermarks(high),
+            probe=lambda _t, _p, _o: asyncio.sleep(0, result=None),
+        )
+        try:
+            await applier.load_offsets()
+            applier.resume_positions([("app.public.todos", 0)])
+            await applier.handle(
+                [KafkaRecord("app.public.todos", 0, 0, b'{"id": 1}', b"{not json")]
+            )
+            return await store.applied_offsets()
+        finally:
+            applier.close()
+            await store.close()
+
+    offsets = asyncio.run(go())
+    assert [d.reason for d in sink.sent] == ["invalid_json"] and sink.flushes == 1
+    assert offsets == {"app.public.todos/0": 0}
+    assert seen == [("app.public.todos", 0)]
+    assert LAG.labels("app.public.todos/0")._value.get() == 9

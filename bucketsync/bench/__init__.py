@@ -12,11 +12,23 @@ from bucketsync.config import Settings
 from bucketsync.errors import UserError
 
 
+def drivers_for(choice: str) -> list[str]:
+    """``--driver``: ``both`` measures the kafka and the faust driver."""
+    return ["kafka", "faust"] if choice == "both" else [choice]
+
+
+def one_driver(choice: str, settings: Settings) -> str:
+    """``--driver`` for a benchmark that runs one processor: ``both`` (the CLI's default)
+    means the configured ``processor.driver``."""
+    return settings.processor.driver if choice == "both" else choice
+
+
 def main(settings: Settings, args: argparse.Namespace) -> int:
+    """``bucketsync bench <mode>``: the CLI's arguments become each mode's typed ones."""
     if args.which == "ingest":
         from bucketsync.bench.ingest import bench_ingest
 
-        drivers = ["kafka", "faust"] if args.driver == "both" else [args.driver]
+        drivers = drivers_for(args.driver)
         return bench_ingest(settings, args.events or 200_000, args.out, drivers, args.runs)
     if args.which == "compact":
         from bucketsync.bench.compact import bench_compact
@@ -33,13 +45,29 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     if args.which == "recovery":
         from bucketsync.bench.recovery import main as recovery_main
 
-        return recovery_main(settings, args)
+        return recovery_main(
+            settings, drivers=drivers_for(args.driver), runs=args.runs, rate=args.rate, out=args.out
+        )
     if args.which == "soak":
         from bucketsync.bench.soak import main as soak_main
 
-        return soak_main(settings, args)
+        return soak_main(
+            settings,
+            minutes=args.minutes,
+            clients=args.clients,
+            rate=args.rate,
+            sample_s=args.sample_s,
+            rss_bound_mb=args.rss_bound_mb,
+            out=args.out,
+        )
     if args.which == "cdc":
         from bucketsync.bench.cdc import main as cdc_main
 
-        return cdc_main(settings, args)
+        return cdc_main(
+            settings,
+            events=args.events or 1000,
+            rate=args.rate,
+            driver=one_driver(args.driver, settings),
+            out=args.out,
+        )
     raise UserError(f"unknown benchmark {args.which}")

@@ -337,14 +337,24 @@ def _report(result: dict[str, Any], out: str | None) -> None:
     report_rows(result, out, "cdc", title, rows, bar_plot(title, "ms (p50)", p50))
 
 
-def main(settings: Settings, args: argparse.Namespace) -> int:
-    """``bucketsync bench cdc`` (reads ``events``, ``rate``, ``driver``, ``out`` from args)."""
-    events = getattr(args, "events", None) or 1000
-    rate = getattr(args, "rate", None) or 50.0
-    driver = getattr(args, "driver", None) or settings.processor.driver
-    overrides = dict(getattr(args, "connector_set", None) or [])
-    result = run(settings, events=events, rate=rate, driver=driver, connector_overrides=overrides)
-    _report(result, getattr(args, "out", None))
+def main(
+    settings: Settings,
+    *,
+    events: int = 1000,
+    rate: float = 50.0,
+    driver: str | None = None,
+    connector_overrides: dict[str, str] | None = None,
+    out: str | None = None,
+) -> int:
+    """``bucketsync bench cdc``: ``driver`` defaults to ``processor.driver``."""
+    result = run(
+        settings,
+        events=events,
+        rate=rate,
+        driver=driver or settings.processor.driver,
+        connector_overrides=connector_overrides,
+    )
+    _report(result, out)
     return 0
 
 
@@ -368,7 +378,16 @@ if __name__ == "__main__":
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     try:
-        sys.exit(main(load_settings(a.config), a))
+        sys.exit(
+            main(
+                load_settings(a.config),
+                events=a.events,
+                rate=a.rate,
+                driver=a.driver,
+                connector_overrides=dict(a.connector_set or []),
+                out=a.out,
+            )
+        )
     except UserError as exc:
         print(f"bench cdc: error: {exc}", file=sys.stderr)
         sys.exit(2)

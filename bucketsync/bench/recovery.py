@@ -15,7 +15,6 @@ Medians over ``--runs``; JSON, a markdown table and a PNG next to each other.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import signal
 import statistics
@@ -188,28 +187,27 @@ def _plot(plt: Any, result: dict[str, Any], metrics: list[str]) -> None:
     ax.legend()
 
 
-def main(settings: Settings, args: argparse.Namespace) -> int:
+def main(settings: Settings, *, drivers: list[str], runs: int, rate: float, out: str | None) -> int:
     import tempfile
 
-    drivers = ["kafka", "faust"] if args.driver == "both" else [args.driver]
     result: dict[str, Any] = {
         "bench": "recovery",
         "session_timeout_ms": settings.processor.session_timeout_ms,
         "instance_id": settings.processor.instance_id,
-        "rate_events_per_s": args.rate,
+        "rate_events_per_s": rate,
         "drivers": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
         for d in drivers:
-            runs = []
-            for i in range(args.runs):
-                print(f"recovery: driver {d}, run {i + 1}/{args.runs} ...", flush=True)
-                runs.append(_one_run(settings, d, Path(tmp), args.rate))
-                print("  " + ", ".join(f"{k} {v:.2f}" for k, v in runs[-1].items()), flush=True)
+            measured: list[dict[str, float]] = []
+            for i in range(runs):
+                print(f"recovery: driver {d}, run {i + 1}/{runs} ...", flush=True)
+                measured.append(_one_run(settings, d, Path(tmp), rate))
+                print("  " + ", ".join(f"{k} {v:.2f}" for k, v in measured[-1].items()), flush=True)
             result["drivers"][d] = {
-                "runs": runs,
-                "median": {k: statistics.median(r[k] for r in runs) for k in runs[0]},
+                "runs": measured,
+                "median": {k: statistics.median(r[k] for r in measured) for k in measured[0]},
             }
     with contextlib.suppress(KeyboardInterrupt):
-        _report(result, result_path(args.out, "recovery"))
+        _report(result, result_path(out, "recovery"))
     return 0

@@ -31,7 +31,6 @@ start. JSON, a markdown table and a PNG next to each other, like the other bench
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import os
@@ -593,24 +592,33 @@ def _plot(plt: Any, result: dict[str, Any]) -> None:
     ax.legend(h1 + h2, l1 + l2, loc="lower right")
 
 
-def main(settings: Settings, args: argparse.Namespace) -> int:
+def main(
+    settings: Settings,
+    *,
+    minutes: float,
+    clients: int,
+    rate: float,
+    sample_s: float,
+    rss_bound_mb: float,
+    out: str | None,
+) -> int:
     with tempfile.TemporaryDirectory(prefix="bucketsync-soak-") as tmp:
         result = asyncio.run(
             soak(
                 settings,
-                minutes=args.minutes,
-                clients=args.clients,
-                rate=args.rate,
-                sample_s=args.sample_s,
-                rss_bound_mb=args.rss_bound_mb,
+                minutes=minutes,
+                clients=clients,
+                rate=rate,
+                sample_s=sample_s,
+                rss_bound_mb=rss_bound_mb,
                 workdir=Path(tmp),
             )
         )
-        out = result_path(args.out, "soak")
-        _report(result, out)
+        path = result_path(out, "soak")
+        _report(result, path)
         # a failed soak keeps the two logs next to the results
         for name in ("gateway", "processor") if not result["ok"] else ():
             src = Path(tmp) / f"{name}.log"
             if src.exists():
-                out.with_name(out.stem + f"-{name}.log").write_bytes(src.read_bytes())
+                path.with_name(path.stem + f"-{name}.log").write_bytes(src.read_bytes())
     return 0 if result["ok"] else 1

@@ -11,7 +11,6 @@ prepare therefore leaves nothing started. Nothing here knows a particular servic
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import time
@@ -218,11 +217,9 @@ def _other_sources_running(settings: Settings, source: str) -> list[str]:
     ]
 
 
-def main(settings: Settings, args: argparse.Namespace) -> int:
-    """``bucketsync stack ACTION [--source postgres]``; returns the exit code."""
-    source = getattr(args, "source", "none") or "none"
+def main(settings: Settings, action: str, *, source: str = "none", as_json: bool = False) -> int:
+    """``bucketsync stack ACTION [--source postgres] [--json]``; returns the exit code."""
     components = components_for(source)
-    action = args.action
     if action == "up":
         t0 = time.monotonic()
         addresses = ensure_up(settings, source=source)
@@ -237,7 +234,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     if action == "status":
         rows = stack_status(settings, source=source)
-        _print_status(rows, bool(getattr(args, "json", False)))
+        _print_status(rows, as_json)
         for other in _other_sources_running(settings, source):
             say(f"stack: the {other} source runs too; `bucketsync stack status --source {other}`")
         return 0 if all(r["state"] == "running" for r in rows) else 1
