@@ -383,6 +383,7 @@ def make_stream(
     resolver: BucketResolver | None = None,
     resolution: Resolution | None = None,
     sub: Any = None,
+    transport: asyncio.BaseTransport | None = None,
 ) -> tuple[SyncStream, Capture]:
     out = Capture()
     stream = SyncStream(
@@ -398,6 +399,7 @@ def make_stream(
         describe="test",
         sub=sub,
         resolution=resolution,
+        transport=transport,
     )
     return stream, out
 
@@ -626,4 +628,109 @@ async def test_lookup_change_moves_the_bucket_set() -> None:
                 },
                 data_line(mem, l2, 0, [2, 3], False),  # a bucket that joins starts at 0
                 {"checkpoint_complete": {"last_op_id": "3"}},
+            ]
+
+
+# --------------------------------------------------------------------------- batched delivery
+
+
+class FakeTransport(asyncio.WriteTransport):
+    """The connection's socket for the hub's batched delivery: records the HTTP/1.1 chunks
+    written to it; ``backlog`` stands for bytes the kernel has not sent yet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.chunks: list[bytes] = []
+        self.backlog = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.chunks.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return self.backlog
+
+    def lines(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for chunk in self.chunks:
+            size, _, rest = chunk.partition(b"\r\n")
+            body = rest[: int(size, 16)]
+            assert rest == body + b"\r\n" and body.endswith(b"\n")  # one whole chunk
+            out.extend(orjson.loads(line) for line in body.splitlines())
+        return out
+
+
+async def test_hub_delivers_a_change_itself_on_the_transport(mem8: MemoryStore) -> None:
+    """A parked stream with an idle socket: the hub's delivery round writes the same lines
+    the stream's task would (diff, the new ops, complete) straight to the transport, as
+    one chunk, and the stream's own ``write`` sees nothing; its positions move on, so the
+    next change starts after it."""
+    async with running_hub(mem8) as hub:
+        tr = FakeTransport()
+        stream, out = make_stream(mem8, hub, transport=tr)
+        async with running(stream):
+            await until(lambda: out.completes() == 1)
+            n = len(out.lines)
+            await until(lambda: stream._parked)  # waiting, nothing queued: the hub may serve
+            mem8.apply([put(U2, "x1", v=2)])  # op 9: not this client's bucket
+            mem8.apply([put(U1, "t1", v=2)])  # op 10
+            await until(lambda: hub.fast_deliveries == 1)
+            assert len(tr.chunks) == 1 and out.lines[n:] == []
+            assert tr.lines() == [
+                {
+                    "checkpoint_diff": {
+                        "last_op_id": "10",
+                        "write_checkpoint": None,
+                        "updated_buckets": [bucket_entry(mem8, U1)],
+                        "removed_buckets": [],
+                    }
+                },
+                data_line(mem8, U1, 8, [10], False),
+                {"checkpoint_complete": {"last_op_id": "10"}},
+            ]
+            await until(lambda: stream._parked)
+            mem8.apply([Remove(U1, "todos", "t2")])  # op 11
+            await until(lambda: hub.fast_deliveries == 2)
+            assert tr.lines()[3:] == [
+                {
+                    "checkpoint_diff": {
+                        "last_op_id": "11",
+                        "write_checkpoint": None,
+                        "updated_buckets": [bucket_entry(mem8, U1)],
+                        "removed_buckets": [],
+                    }
+                },
+                data_line(mem8, U1, 10, [11], False),
+                {"checkpoint_complete": {"last_op_id": "11"}},
+            ]
+            assert out.lines[n:] == []
+
+
+async def test_hub_leaves_a_busy_socket_to_the_stream(mem8: MemoryStore) -> None:
+    """Bytes still queued on the socket: the hub wakes the stream instead, and its task
+    sends the change through ``write`` (the slow client's stall accounting stays with it)."""
+    async with running_hub(mem8) as hub:
+        tr = FakeTransport()
+        stream, out = make_stream(mem8, hub, transport=tr)
+        async with running(stream):
+            await until(lambda: out.completes() == 1)
+            n = len(out.lines)
+            await until(lambda: stream._parked)
+            tr.backlog = 1
+            mem8.apply([put(U1, "t1", v=2)])  # op 9
+            await until(lambda: out.completes() == 2)
+            assert tr.chunks == [] and hub.fast_deliveries == 0
+            assert out.lines[n:] == [
+                {
+                    "checkpoint_diff": {
+                        "last_op_id": "9",
+                        "write_checkpoint": None,
+                        "updated_buckets": [bucket_entry(mem8, U1)],
+                        "removed_buckets": [],
+                    }
+                },
+                data_line(mem8, U1, 8, [9], False),
+                {"checkpoint_complete": {"last_op_id": "9"}},
             ]
