@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from bucketsync.bench.procs import drop_store
 from bucketsync.bench.report import bar_plot, report_rows
 from bucketsync.config import Settings
 from pipeline import core
@@ -112,10 +113,7 @@ async def run(settings: Settings, ops: int, rows: int) -> dict[str, Any]:
             "verify_differences": ver.differences,
         }
     finally:
-        keys = [k async for k in store.r.scan_iter(match=f"{store.prefix}:*", count=5000)]
-        for i in range(0, len(keys), 1000):
-            await store.r.unlink(*keys[i : i + 1000])
-        await store.close()
+        await drop_store(store)
 
 
 def bench_compact(

@@ -30,7 +30,14 @@ from typing import Any
 
 import orjson
 
-from bucketsync.bench.procs import cpu_seconds, free_port, rss_kb, spawn_cli, write_config
+from bucketsync.bench.procs import (
+    cpu_seconds,
+    drop_store,
+    free_port,
+    rss_kb,
+    spawn_cli,
+    write_config,
+)
 from bucketsync.bench.report import result_path, write_report
 from bucketsync.config import Settings
 from bucketsync.tokens import make_dev_token
@@ -314,10 +321,7 @@ async def run(settings: Settings, levels: list[int]) -> dict[str, Any]:
             gw.wait(20)
         except subprocess.TimeoutExpired:
             gw.kill()
-        keys = [k async for k in store.r.scan_iter(match=f"{prefix}:*", count=5000)]
-        for i in range(0, len(keys), 1000):
-            await store.r.unlink(*keys[i : i + 1000])
-        await store.close()
+        await drop_store(store)
     return result
 
 

@@ -23,6 +23,7 @@ import time
 import uuid
 from typing import Any
 
+from bucketsync.bench.procs import drop_store
 from bucketsync.bench.report import bar_plot, report_rows
 from bucketsync.config import Settings
 from gateway.buckets import BucketResolver, _cache_for
@@ -163,10 +164,7 @@ async def _run(settings: Settings, memberships: int, requests: int) -> dict[str,
             "membership_apply_rows_per_s": round(n / apply_s),
         }
     finally:
-        keys = [k async for k in store.r.scan_iter(match=f"{prefix}:*", count=5000)]
-        for i in range(0, len(keys), 1000):
-            await store.r.delete(*keys[i : i + 1000])
-        await store.close()
+        await drop_store(store)
 
 
 def bench_lookups(

@@ -17,6 +17,7 @@ import redis
 import yaml
 
 from bucketsync.config import Settings, load_settings
+from pipeline.store import Store
 
 #: raises the child's open-file limit to its hard limit before the CLI starts (many streams)
 _RAISE_NOFILE = (
@@ -155,3 +156,13 @@ def delete_prefixes(url: str, prefixes: list[str]) -> None:
                 r.unlink(*batch)
     finally:
         r.close()
+
+
+async def drop_store(store: Store) -> None:
+    """Remove every key under the store's prefix, then close it (an async benchmark's end)."""
+    try:
+        keys = [k async for k in store.r.scan_iter(match=f"{store.prefix}:*", count=5000)]
+        for i in range(0, len(keys), 1000):
+            await store.r.unlink(*keys[i : i + 1000])
+    finally:
+        await store.close()

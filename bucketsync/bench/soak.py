@@ -50,7 +50,7 @@ import aiohttp
 import orjson
 import redis
 
-from bucketsync.bench.procs import free_port, rss_kb, spawn_cli, stop, write_config
+from bucketsync.bench.procs import delete_prefixes, free_port, rss_kb, spawn_cli, stop, write_config
 from bucketsync.bench.report import result_path, write_report
 from bucketsync.config import Settings
 from bucketsync.errors import UserError
@@ -479,11 +479,9 @@ async def soak(
         result["processor_exit"] = stop(proc)
         for w in watches.values():
             w.scan()
-        with contextlib.suppress(Exception):
-            keys = list(r.scan_iter(match=f"{prefix}:*", count=1000))
-            for i in range(0, len(keys), 500):
-                r.unlink(*keys[i : i + 500])
         r.close()
+        with contextlib.suppress(Exception):
+            delete_prefixes(s.redis.url, [prefix])
         with contextlib.suppress(Exception):
             from confluent_kafka.admin import AdminClient
 
