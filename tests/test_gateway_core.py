@@ -634,6 +634,21 @@ async def test_lookup_change_moves_the_bucket_set() -> None:
 # --------------------------------------------------------------------------- batched delivery
 
 
+def one_change(mem: MemoryStore, bucket: str, after: int, op: int) -> list[dict[str, Any]]:
+    """The lines of a change that adds op ``op`` (the new checkpoint) to ``bucket``."""
+    diff = {
+        "last_op_id": str(op),
+        "write_checkpoint": None,
+        "updated_buckets": [bucket_entry(mem, bucket)],
+        "removed_buckets": [],
+    }
+    return [
+        {"checkpoint_diff": diff},
+        data_line(mem, bucket, after, [op], False),
+        {"checkpoint_complete": {"last_op_id": str(op)}},
+    ]
+
+
 class FakeTransport(asyncio.WriteTransport):
     """The connection's socket for the hub's batched delivery: records the HTTP/1.1 chunks
     written to it; ``backlog`` stands for bytes the kernel has not sent yet."""
@@ -678,33 +693,11 @@ async def test_hub_delivers_a_change_itself_on_the_transport(mem8: MemoryStore) 
             mem8.apply([put(U1, "t1", v=2)])  # op 10
             await until(lambda: hub.fast_deliveries == 1)
             assert len(tr.chunks) == 1 and out.lines[n:] == []
-            assert tr.lines() == [
-                {
-                    "checkpoint_diff": {
-                        "last_op_id": "10",
-                        "write_checkpoint": None,
-                        "updated_buckets": [bucket_entry(mem8, U1)],
-                        "removed_buckets": [],
-                    }
-                },
-                data_line(mem8, U1, 8, [10], False),
-                {"checkpoint_complete": {"last_op_id": "10"}},
-            ]
+            assert tr.lines() == one_change(mem8, U1, 8, 10)
             await until(lambda: stream._parked)
             mem8.apply([Remove(U1, "todos", "t2")])  # op 11
             await until(lambda: hub.fast_deliveries == 2)
-            assert tr.lines()[3:] == [
-                {
-                    "checkpoint_diff": {
-                        "last_op_id": "11",
-                        "write_checkpoint": None,
-                        "updated_buckets": [bucket_entry(mem8, U1)],
-                        "removed_buckets": [],
-                    }
-                },
-                data_line(mem8, U1, 10, [11], False),
-                {"checkpoint_complete": {"last_op_id": "11"}},
-            ]
+            assert tr.lines()[3:] == one_change(mem8, U1, 10, 11)
             assert out.lines[n:] == []
 
 
@@ -722,15 +715,4 @@ async def test_hub_leaves_a_busy_socket_to_the_stream(mem8: MemoryStore) -> None
             mem8.apply([put(U1, "t1", v=2)])  # op 9
             await until(lambda: out.completes() == 2)
             assert tr.chunks == [] and hub.fast_deliveries == 0
-            assert out.lines[n:] == [
-                {
-                    "checkpoint_diff": {
-                        "last_op_id": "9",
-                        "write_checkpoint": None,
-                        "updated_buckets": [bucket_entry(mem8, U1)],
-                        "removed_buckets": [],
-                    }
-                },
-                data_line(mem8, U1, 8, [9], False),
-                {"checkpoint_complete": {"last_op_id": "9"}},
-            ]
+            assert out.lines[n:] == one_change(mem8, U1, 8, 9)
