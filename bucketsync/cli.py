@@ -67,7 +67,13 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     from bucketsync.demo import main as demo_main
 
-    return demo_main(settings, args)
+    return demo_main(
+        settings,
+        data_source=args.source,
+        no_stack=args.no_stack,
+        config_path=args.config,
+        duration=args.duration,
+    )
 
 
 def cmd_compact(settings: Settings, args: argparse.Namespace) -> int:
@@ -87,19 +93,35 @@ def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_inspect(settings: Settings, args: argparse.Namespace) -> int:
     from bucketsync.inspect import main as inspect_main
 
-    return inspect_main(settings, args)
+    return inspect_main(settings, bucket=args.bucket, limit=args.limit)
 
 
 def cmd_loadgen(settings: Settings, args: argparse.Namespace) -> int:
     from bucketsync.feed import loadgen_main
 
-    return loadgen_main(settings, args)
+    return loadgen_main(
+        settings,
+        topic=args.topic,
+        events=args.events,
+        users=args.users,
+        rows=args.rows,
+        rate=args.rate,
+    )
 
 
 def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
     from bucketsync.simulate import main as simulate_main
 
-    return simulate_main(settings, args)
+    return simulate_main(
+        settings,
+        url=args.url,
+        clients=args.clients,
+        users=args.users,
+        duration=args.duration,
+        ramp=args.ramp,
+        reconnect_s=args.reconnect_s,
+        report_s=args.report_s,
+    )
 
 
 def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:

@@ -18,7 +18,6 @@ PostgreSQL (one psql session), Debezium publishes them to ``app.public.todos``.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import random
@@ -271,11 +270,13 @@ def _holds_foreign_events(settings: Settings, topic: str) -> bool:
         c.close()
 
 
-def _postgres_demo(settings: Settings, args: argparse.Namespace) -> int:
+def _postgres_demo(
+    settings: Settings, *, no_stack: bool, config_path: str | None, duration: float | None
+) -> int:
     """``demo --source postgres``: real CDC. PostgreSQL writes -> Debezium -> Kafka -> the rest."""
     from bucketsync import stack
 
-    if not args.no_stack:
+    if not no_stack:
         stack.ensure_up(settings, source="postgres")
     _, connector = stack.connector_config(settings)
     prefix = connector.get("topic.prefix", "app")
@@ -288,7 +289,6 @@ def _postgres_demo(settings: Settings, args: argparse.Namespace) -> int:
             "client shows those rows too; `bucketsync stack reset` gives a clean start",
             flush=True,
         )
-    config_path = args.config
     tmp: tempfile.TemporaryDirectory[str] | None = None
     if not set(topics) <= set(settings.kafka.topics):
         # the processor must read the connector's topics: a copy of the config that says so
@@ -317,9 +317,9 @@ def _postgres_demo(settings: Settings, args: argparse.Namespace) -> int:
             settings, {"todos": topics[0], "lists": topics[1]}, users=PG_DEMO_USERS
         )
         source.seed()
-        web_server = _start_web(settings, source, url, int(args.duration or 3600) + 600)
-        until = time.monotonic() + args.duration if args.duration else None
-        token = make_dev_token(settings, sub="u1", ttl_s=int(args.duration or 3600) + 600)
+        web_server = _start_web(settings, source, url, int(duration or 3600) + 600)
+        until = time.monotonic() + duration if duration else None
+        token = make_dev_token(settings, sub="u1", ttl_s=int(duration or 3600) + 600)
         client = threading.Thread(
             target=lambda: asyncio.run(_client(url, token, stop, until)), daemon=True
         )
@@ -334,10 +334,20 @@ def _postgres_demo(settings: Settings, args: argparse.Namespace) -> int:
             tmp.cleanup()
 
 
-def main(settings: Settings, args: argparse.Namespace) -> int:
-    if args.source == "postgres":
-        return _postgres_demo(settings, args)
-    if not args.no_stack:
+def main(
+    settings: Settings,
+    *,
+    data_source: str = "feed",
+    no_stack: bool = False,
+    config_path: str | None = None,
+    duration: float | None = None,
+) -> int:
+    """``bucketsync demo [--source postgres] [--duration S] [--no-stack]``."""
+    if data_source == "postgres":
+        return _postgres_demo(
+            settings, no_stack=no_stack, config_path=config_path, duration=duration
+        )
+    if not no_stack:
         from bucketsync import stack
 
         stack.ensure_up(settings)
@@ -353,7 +363,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     stop = threading.Event()
     web_server: demo_web.WebServer | None = None
     try:
-        start_pipeline(sup, settings, derived_path or args.config)
+        start_pipeline(sup, settings, derived_path or config_path)
         _wait_ready(url, 60, sup)
         print(
             f"bucketsync: gateway ready at {url}; feeding {', '.join(topics)} and syncing user "
@@ -368,9 +378,9 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         source.seed()
         feeder = threading.Thread(target=source.run_activity, args=(stop, 2.0), daemon=True)
         feeder.start()
-        web_server = _start_web(settings, source, url, int(args.duration or 3600) + 600)
-        until = time.monotonic() + args.duration if args.duration else None
-        token = make_dev_token(settings, sub="u1", ttl_s=int(args.duration or 3600) + 600)
+        web_server = _start_web(settings, source, url, int(duration or 3600) + 600)
+        until = time.monotonic() + duration if duration else None
+        token = make_dev_token(settings, sub="u1", ttl_s=int(duration or 3600) + 600)
         client = threading.Thread(
             target=lambda: asyncio.run(_client(url, token, stop, until)), daemon=True
         )

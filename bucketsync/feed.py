@@ -6,7 +6,6 @@ Events are what a Debezium PostgreSQL connector with the JSON converter and
 
 from __future__ import annotations
 
-import argparse
 import random
 import time
 from collections.abc import Iterator
@@ -171,24 +170,33 @@ def produce_events(
     return n
 
 
-def loadgen_main(settings: Settings, args: argparse.Namespace) -> int:
-    topic = args.topic or (settings.kafka.topics[0] if settings.kafka.topics else None)
+def loadgen_main(
+    settings: Settings,
+    *,
+    topic: str | None = None,
+    events: int = 10_000,
+    users: int = 100,
+    rows: int = 1_000,
+    rate: float = 0,
+) -> int:
+    """``bucketsync loadgen``: ``events`` synthetic todo changes to ``topic``."""
+    topic = topic or (settings.kafka.topics[0] if settings.kafka.topics else None)
     if not topic:
         raise UserError("no topic: pass --topic or configure kafka.topics")
     ensure_topics(settings, [topic])
-    feed = TodoFeed(users=args.users, rows=args.rows, topic_table=topic.rsplit(".", 1)[-1])
+    feed = TodoFeed(users=users, rows=rows, topic_table=topic.rsplit(".", 1)[-1])
     from rich.progress import Progress
 
     producer = make_producer(settings)
     t0 = time.monotonic()
     with Progress() as bar:
-        task = bar.add_task(f"producing to {topic}", total=args.events)
+        task = bar.add_task(f"producing to {topic}", total=events)
         done = 0
-        while done < args.events:
-            chunk = min(10_000, args.events - done)
-            produce_events(producer, topic, feed.events(chunk), args.rate)
+        while done < events:
+            chunk = min(10_000, events - done)
+            produce_events(producer, topic, feed.events(chunk), rate)
             done += chunk
             bar.update(task, completed=done)
     dt = time.monotonic() - t0
-    print(f"produced {args.events} events to {topic} in {dt:.1f}s ({args.events / dt:,.0f}/s)")
+    print(f"produced {events} events to {topic} in {dt:.1f}s ({events / dt:,.0f}/s)")
     return 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 
 from bucketsync.config import Settings
@@ -34,6 +33,7 @@ async def _inspect(settings: Settings, bucket: str | None, limit: int) -> None:
         await store.close()
 
 
-def main(settings: Settings, args: argparse.Namespace) -> int:
-    asyncio.run(_inspect(settings, args.bucket, args.limit))
+def main(settings: Settings, *, bucket: str | None = None, limit: int = 50) -> int:
+    """``bucketsync inspect [--bucket B] [--limit N]``."""
+    asyncio.run(_inspect(settings, bucket, limit))
     return 0

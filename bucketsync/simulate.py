@@ -12,7 +12,6 @@ summary at the end; exits 1 on any checksum mismatch or protocol error.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import random
@@ -123,19 +122,30 @@ async def simulate(
     return 1 if bad else 0
 
 
-def main(settings: Settings, args: argparse.Namespace) -> int:
-    urls = args.url or [f"http://127.0.0.1:{settings.gateway.port}"]
-    if args.clients < 1 or args.users < 1:
+def main(
+    settings: Settings,
+    *,
+    url: list[str] | None = None,
+    clients: int = 1000,
+    users: int = 100,
+    duration: float = 0,
+    ramp: float = 200.0,
+    reconnect_s: float = 0,
+    report_s: float = 10.0,
+) -> int:
+    """``bucketsync simulate``: ``clients`` protocol clients against the gateway(s)."""
+    urls = url or [f"http://127.0.0.1:{settings.gateway.port}"]
+    if clients < 1 or users < 1:
         raise UserError("--clients and --users must be at least 1")
     return asyncio.run(
         simulate(
             settings,
             [u.rstrip("/") for u in urls],
-            clients=args.clients,
-            users=args.users,
-            duration_s=args.duration,
-            ramp_per_s=args.ramp,
-            reconnect_s=args.reconnect_s,
-            report_s=args.report_s,
+            clients=clients,
+            users=users,
+            duration_s=duration,
+            ramp_per_s=ramp,
+            reconnect_s=reconnect_s,
+            report_s=report_s,
         )
     )
