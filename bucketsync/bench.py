@@ -433,7 +433,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     if args.which == "compact":
         from pipeline.bench_compact import bench_compact
 
-        return bench_compact(settings, args.out)
+        return bench_compact(settings, args.out, history=args.history, events=args.events)
     if args.which == "fanout":
         from gateway.bench_fanout import bench_fanout
 

@@ -185,6 +185,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--defragment", action="store_true", help="also defragment (clients re-download)"
     )
+    p.add_argument(
+        "--reappend-budget",
+        type=float,
+        default=None,
+        help="ops folded per live row re-appended (default: compaction.reappend_budget; 0 = off)",
+    )
+    p.add_argument(
+        "--reappend-target",
+        type=float,
+        default=None,
+        help="ops per live row to bring a bucket back to (default: compaction.reappend_target)",
+    )
 
     p = add(
         "verify", cmd_verify, "Recompute bucket checksums and counts from the logs and compare."
@@ -251,7 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=64.0,
         help="most RSS growth per process, start to end, for a passing soak (soak)",
     )
-    p.add_argument("--events", type=int, default=None, help="events (ingest)")
+    p.add_argument("--events", type=int, default=None, help="events (ingest, compact)")
+    p.add_argument(
+        "--history",
+        choices=["mix", "uniform"],
+        default="mix",
+        help="compact: realistic todo mix (budget sweep) or 1M uniform ops in one bucket",
+    )
     p.add_argument("--out", default=None, help="write the JSON result here")
     return parser
 
