@@ -208,7 +208,7 @@ class CompactionSettings(_Section):
     reappend_budget: float = Field(default=4.0, ge=0)
     #: ... and, for a bucket holding more than this many ops per live row, the fewest live
     #: rows (those at the head) that bring it back to this; 0 disables it.
-    reappend_target: float = Field(default=1.1, ge=0)
+    reappend_target: float = Field(default=1.15, ge=0)
 
 
 class StackSettings(_Section):

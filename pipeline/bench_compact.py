@@ -20,6 +20,7 @@ import resource
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from bucketsync.bench import _print_table, _write
@@ -190,20 +191,29 @@ async def run_mix(
     target: float = 0.0,
     batch: int = 500,
     seed: int = 11,
+    schedule: int = 5,
+    private: bool = False,
 ) -> dict[str, Any]:
-    """One history; ``budget`` None = full defragmentation at every scheduled run."""
+    """One history; ``budget`` None = full defragmentation at every scheduled run;
+    ``private``: ``settings.redis.url`` is the benchmark's own server (slowlog is read)."""
     store = Store.from_url(settings.redis.url, f"bench-compact-{uuid.uuid4().hex[:8]}")
     feed = SkewedMix("bc", users=40, lists=120, todos=4000, comments=2000, tags=200, seed=seed)
     rules = parse_rules(MIX_RULES)
     chunk = settings.compaction.chunk_ops
-    every = max(batch, events // 5)
+    every = max(batch, events // schedule // batch * batch)
     stats = CompactionStats()
     redownloaded = 0
     runs = 0
+    server_ms: list[float] = []
+    shas = {getattr(s, "sha", "") for s in (store._compact, store._defrag, store._defrag_scan)}
 
     async def scheduled() -> None:
         nonlocal redownloaded, runs
         cp = await store.checkpoint()
+        if private:  # the server's own view of each compaction step (a private server)
+            await store.r.config_set("slowlog-log-slower-than", 0)
+            await store.r.config_set("slowlog-max-len", 1_000_000)
+            await store.r.slowlog_reset()
         st = await compact(
             store,
             chunk,
@@ -213,6 +223,13 @@ async def run_mix(
             scan_ops=scan_ops(settings),
         )
         runs += 1
+        if private:
+            for e in await store.r.slowlog_get(1_000_000):
+                cmd = e["command"]
+                cmd = cmd.decode() if isinstance(cmd, bytes) else str(cmd)
+                if any(sha in cmd for sha in shas if sha):
+                    server_ms.append(e["duration"] / 1000)
+            await store.r.config_set("slowlog-log-slower-than", 10_000)
         stats.rows_reappended += st.rows_reappended
         stats.ops_removed += st.ops_removed
         stats.steps += st.steps
@@ -269,6 +286,12 @@ async def run_mix(
             "ops_folded": stats.ops_removed,
             "compaction_steps": stats.steps,
             "longest_step_ms": round(stats.longest_step_s * 1000, 2),
+            "longest_step_server_ms": round(max(server_ms), 2) if server_ms else None,
+            "steps_over_10ms_server": sum(1 for x in server_ms if x > 10) if private else None,
+            "p99_step_server_ms": (
+                round(sorted(server_ms)[int(0.99 * (len(server_ms) - 1))], 2) if server_ms else None
+            ),
+            "server_steps": len(server_ms),
             "verify_differences": ver.differences,
         }
     finally:
@@ -284,8 +307,9 @@ MIX_MODES: tuple[tuple[float | None, float], ...] = (
     (1.0, 0.0),
     (4.0, 0.0),
     (16.0, 0.0),
-    (0.0, 1.1),
+    (0.0, 1.15),
     (4.0, 1.1),
+    (4.0, 1.15),
     (4.0, 1.2),
     (None, 0.0),
 )
@@ -313,37 +337,73 @@ def _plot_mix(path: Any, results: list[dict[str, Any]]) -> None:
 
 
 def bench_compact_mix(settings: Settings, out: str | None, events: int) -> int:
-    from pathlib import Path
+    import tempfile
 
-    results = [asyncio.run(run_mix(settings, events, b, t)) for b, t in MIX_MODES]
+    from bucketsync.bench import _private_redis
+
     c = settings.compaction
+    with tempfile.TemporaryDirectory(prefix="bench-compact-") as tmp:
+        own = _private_redis(Path(tmp))
+        private = own is not None
+        if own is not None:
+            settings = settings.model_copy(
+                update={"redis": settings.redis.model_copy(update={"url": own[1]})}
+            )
+        try:
+            results = [
+                asyncio.run(run_mix(settings, events, b, t, private=private)) for b, t in MIX_MODES
+            ]
+            # one scheduled run at the end of the history (as a deployment's first compaction)
+            once = [
+                asyncio.run(run_mix(settings, events, b, t, schedule=1, private=private))
+                for b, t in ((0.0, 0.0), (c.reappend_budget, c.reappend_target), (None, 0.0))
+            ]
+        finally:
+            if own is not None:
+                own[0].terminate()
+                own[0].wait()
     default = (c.reappend_budget, c.reappend_target)
     head = (
         "| mode | live rows | new-client ops | ops / live row | worst bucket "
-        "| rows re-appended | existing-client re-downloads | folded | longest step ms |\n"
-        "|---|---|---|---|---|---|---|---|---|\n"
+        "| rows re-appended | existing-client re-downloads | folded "
+        "| compaction steps | p99 / longest step ms (server) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = [
         f"| {r['mode']}{' (default)' if (r['budget'], r['target']) == default else ''} "
         f"| {r['live_rows']:,} "
         f"| {r['new_client_ops']:,} | {r['ops_per_live_row']} "
         f"| {r['worst_bucket_ops_per_live_row']} | {r['rows_reappended']:,} "
-        f"| {r['existing_client_redownloads']:,} | {r['ops_folded']:,} | {r['longest_step_ms']} |"
+        f"| {r['existing_client_redownloads']:,} | {r['ops_folded']:,} "
+        f"| {r['server_steps']:,} | {r['p99_step_server_ms']} / {r['longest_step_server_ms']} |"
         for r in results
     ]
+    lines_once = [
+        f"| {r['mode']} | {r['live_rows']:,} | {r['new_client_ops']:,} | {r['ops_per_live_row']} "
+        f"| {r['worst_bucket_ops_per_live_row']} | {r['rows_reappended']:,} "
+        f"| {r['existing_client_redownloads']:,} | {r['ops_folded']:,} "
+        f"| {r['server_steps']:,} | {r['p99_step_server_ms']} / {r['longest_step_server_ms']} |"
+        for r in once
+    ]
     md = (
-        f"# bench compact --history mix ({events:,} events, scheduled compaction every "
-        f"{max(500, events // 5):,})\n\n" + head + "\n".join(lines) + "\n"
+        f"# bench compact --history mix ({events:,} events)\n\n"
+        f"## Scheduled compaction every {max(500, events // 5 // 500 * 500):,} events (5 runs)\n\n"
+        + head
+        + "\n".join(lines)
+        + "\n\n## One scheduled compaction at the end of the history\n\n"
+        + head
+        + "\n".join(lines_once)
+        + "\n"
     )
     print(md)
-    res = {"benchmark": "compact", "history": "mix", "results": results}
+    res = {"benchmark": "compact", "history": "mix", "results": results, "one_run": once}
     _write(res, out, "compact-mix")
     path = Path(out) if out else None
     if path is not None:
         path.with_suffix(".md").write_text(md)
         _plot_mix(path.with_suffix(".png"), results)
-    ok = all(not r["verify_differences"] for r in results) and all(
-        r["existing_client_redownloads"] == r["rows_reappended"] for r in results
+    ok = all(not r["verify_differences"] for r in results + once) and all(
+        r["existing_client_redownloads"] == r["rows_reappended"] for r in results + once
     )
     return 0 if ok else 1
 

@@ -101,7 +101,9 @@ def plan_reappend(
       pays ``budget`` folded ops per row);
     * ``target`` (ops per live row, 0 = none): when the bucket holds more than ``target`` ops
       per live row and the budget's prefix leaves it above, the shortest prefix that brings
-      it to ``target`` instead (the fewest rows moved that reach it).
+      it to ``target`` instead (the fewest rows moved that reach it); where no prefix can
+      (small buckets: the CLEAR alone is one op), the prefix that folds the most while each
+      moved row still folds at least one op, when that folds more than the budget's.
 
     ``None`` when nothing is worth moving (a prefix without live rows folds without help).
     """
@@ -110,8 +112,9 @@ def plan_reappend(
     if budget <= 0 and target <= 0:
         return None
     moved = folded = 0
-    gain = best_gain = 0.0
+    gain = best_gain = even_gain = 0.0
     best: ReappendPlan | None = None
+    even: ReappendPlan | None = None  # the budget-1 choice: folded - moved is largest
     reach: ReappendPlan | None = None
     for is_put, n, last in runs:
         if is_put:
@@ -124,11 +127,18 @@ def plan_reappend(
             continue
         if budget > 0 and gain > best_gain:
             best_gain, best = gain, ReappendPlan(last, moved, folded)
+        if folded - moved > even_gain:
+            even_gain, even = folded - moved, ReappendPlan(last, moved, folded)
         if reach is None and target > 0 and ops - folded + 1 <= target * live:
             reach = ReappendPlan(last, moved, folded)
-    too_many = target > 0 and ops > target * live
-    if too_many and reach is not None and (best is None or ops - best.folded + 1 > target * live):
+    if target <= 0 or ops <= target * live:
+        return best
+    if best is not None and ops - best.folded + 1 <= target * live:
+        return best
+    if reach is not None:
         return reach
+    if even is not None and (best is None or even.folded > best.folded):
+        return even
     return best
 
 
@@ -291,7 +301,7 @@ async def verify(store: Store, bucket: str | None = None) -> VerifyResult:
 
 def scan_ops(settings: Settings) -> int:
     """Ops one read-only planning step reads: the scan is cheaper per op than a fold."""
-    return settings.compaction.chunk_ops * 25
+    return settings.compaction.chunk_ops * 10
 
 
 async def compact_marked(store: Store, settings: Settings) -> CompactionStats:

@@ -36,15 +36,24 @@ def brute_force(log: list[bool], budget: float, target: float) -> int:
         if not put and any(log[:i]):
             moved = sum(log[: i + 1])
             cuts.append((moved, i + 1 - moved))
-    best = None
-    if budget > 0:
-        gains = [f - budget * m for m, f in cuts]
+
+    def argmax(weight: float) -> tuple[int, int] | None:
+        gains = [f - weight * m for m, f in cuts]
         if gains and max(gains) > 0:
-            best = cuts[gains.index(max(gains))]
+            return cuts[gains.index(max(gains))]
+        return None
+
+    best = argmax(budget) if budget > 0 else None
     if target > 0 and n > target * live:
         reach = [c for c in cuts if n - c[1] + 1 <= target * live]
-        if reach and (best is None or n - best[1] + 1 > target * live):
+        if best is not None and n - best[1] + 1 <= target * live:
+            pass
+        elif reach:
             return reach[0][0]
+        else:
+            even = argmax(1.0)
+            if even is not None and (best is None or even[1] > best[1]):
+                return even[0]
     return best[0] if best else 0
 
 
