@@ -387,6 +387,16 @@ def bench_compact_mix(settings: Settings, out: str | None, events: int) -> int:
     ]
     md = (
         f"# bench compact --history mix ({events:,} events)\n\n"
+        f"`python3 -m bucketsync.cli bench compact --events {events}` (private redis-server; "
+        "default config: chunk_ops "
+        f"{c.chunk_ops}, reappend_budget {c.reappend_budget:g}, reappend_target "
+        f"{c.reappend_target:g}). The todo mix of `bucketsync/bench_mix.py` (four tables, "
+        "MIX_RULES) where 80% of the picks go to 5% of the rows: hot rows are updated many "
+        "times, most rows never change after their insert. `plain fold` is the compaction "
+        "before the re-append; `new-client ops` is what a fresh client downloads (all "
+        "buckets); `existing-client re-downloads` counts, over every run, the ops after the "
+        "checkpoint a fully synced client held just before that run (exactly the moved rows). "
+        "Step times are the server's (SLOWLOG) on a shared 2-core machine.\n\n"
         f"## Scheduled compaction every {max(500, events // 5 // 500 * 500):,} events (5 runs)\n\n"
         + head
         + "\n".join(lines)
