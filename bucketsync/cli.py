@@ -80,7 +80,12 @@ def cmd_compact(settings: Settings, args: argparse.Namespace) -> int:
     from pipeline.compaction import main as compact_main
 
     return compact_main(
-        settings, bucket=args.bucket, every_bucket=args.all, defragment=args.defragment
+        settings,
+        bucket=args.bucket,
+        every_bucket=args.all,
+        defragment=args.defragment,
+        reappend_budget=args.reappend_budget,
+        reappend_target=args.reappend_target,
     )
 
 
@@ -197,6 +202,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--defragment", action="store_true", help="also defragment (clients re-download)"
     )
+    p.add_argument(
+        "--reappend-budget",
+        type=float,
+        default=None,
+        help="ops folded per live row re-appended (default: compaction.reappend_budget; 0 = off)",
+    )
+    p.add_argument(
+        "--reappend-target",
+        type=float,
+        default=None,
+        help="ops per live row to bring a bucket back to (default: compaction.reappend_target)",
+    )
 
     p = add(
         "verify", cmd_verify, "Recompute bucket checksums and counts from the logs and compare."
@@ -263,7 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=64.0,
         help="most RSS growth per process, start to end, for a passing soak (soak)",
     )
-    p.add_argument("--events", type=int, default=None, help="events (ingest)")
+    p.add_argument("--events", type=int, default=None, help="events (ingest, compact)")
+    p.add_argument(
+        "--history",
+        choices=["mix", "uniform"],
+        default="mix",
+        help="compact: realistic todo mix (budget sweep) or 1M uniform ops in one bucket",
+    )
     p.add_argument("--out", default=None, help="write the JSON result here")
     return parser
 

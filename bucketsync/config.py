@@ -202,6 +202,13 @@ class CompactionSettings(_Section):
     #: Opt-in defragmentation: re-append live rows when at least this fraction of a
     #: bucket's ops are MOVEs stuck behind them. ``null`` disables it.
     defragment_threshold: float | None = Field(default=None, gt=0, le=1)
+    #: Automatic re-append: the scheduled compaction re-appends the live rows that block a
+    #: long foldable run when each row moved lets at least this many more ops fold (existing
+    #: clients re-download only the moved rows); 0 disables it.
+    reappend_budget: float = Field(default=4.0, ge=0)
+    #: ... and, for a bucket holding more than this many ops per live row, the fewest live
+    #: rows (those at the head) that bring it back to this; 0 disables it.
+    reappend_target: float = Field(default=1.15, ge=0)
 
 
 class StackSettings(_Section):

@@ -3,6 +3,11 @@
 Online MOVE happens in the write path (``apply_batch.lua``). This module folds
 the leading MOVE/REMOVE/CLEAR run of each marked bucket into one CLEAR, one
 bounded atomic step at a time, and verifies running totals against the logs.
+
+A live row at a bucket's head blocks the fold of everything behind it. The scheduled
+compaction therefore re-appends the few live rows that block a long foldable run
+(:func:`plan_reappend`: each row moved must pay for itself with ``reappend_budget``
+folded ops), then folds; existing clients re-download only the rows it moved.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import orjson
@@ -22,6 +28,10 @@ log = logging.getLogger("bucketsync.compaction")
 
 OPS_REMOVED = Counter("bucketsync_compaction_ops_removed_total", "Ops folded away by compaction")
 BYTES_FREED = Counter("bucketsync_compaction_bytes_freed_total", "Op bytes freed by compaction")
+REAPPENDED = Counter(
+    "bucketsync_compaction_rows_reappended_total",
+    "Live rows re-appended by compaction (existing clients download them again)",
+)
 RUN_SECONDS = Histogram("bucketsync_compaction_run_seconds", "Duration of one compaction run")
 STEP_SECONDS = Histogram(
     "bucketsync_compaction_step_seconds",
@@ -62,8 +72,97 @@ async def compact_bucket(store: Store, bucket: str, chunk: int, stats: Compactio
 
 
 async def defragment_bucket(store: Store, bucket: str, chunk: int, stats: CompactionStats) -> int:
-    """Re-append the bucket's live PUTs at its end so compaction can fold what was before."""
+    """Re-append all of the bucket's live PUTs at its end so compaction can fold what was before."""
     cutoff = (await store.bucket_state(bucket)).last_op
+    return await reappend_bucket(store, bucket, cutoff, chunk, stats)
+
+
+@dataclass(frozen=True, slots=True)
+class ReappendPlan:
+    """Re-append the live PUTs with op_id <= ``cutoff``; then ``folded`` more ops fold."""
+
+    cutoff: int
+    moved: int
+    folded: int
+
+
+def plan_reappend(
+    runs: Sequence[tuple[bool, int, int]], budget: float, target: float = 0.0
+) -> ReappendPlan | None:
+    """The log prefix whose live rows are worth re-appending (pure).
+
+    ``runs`` is the bucket's log in op order, run-length encoded as (live PUT?, length, last
+    op_id). Re-appending the live PUTs of a prefix ending in a foldable run lets the whole
+    prefix fold: a new client downloads ``folded`` fewer ops (the moved rows come back at the
+    end) and an existing one re-downloads ``moved`` rows.
+
+    * ``budget``: the prefix maximising ``folded - budget * moved`` (every run of moved rows
+      pays ``budget`` folded ops per row);
+    * ``target`` (ops per live row, 0 = none): when the bucket holds more than ``target`` ops
+      per live row and the budget's prefix leaves it above, the shortest prefix that brings
+      it to ``target`` instead (the fewest rows moved that reach it); where no prefix can
+      (small buckets: the CLEAR alone is one op), the prefix that folds the most while each
+      moved row still folds at least one op, when that folds more than the budget's.
+
+    ``None`` when nothing is worth moving (a prefix without live rows folds without help).
+    """
+    live = sum(n for is_put, n, _ in runs if is_put)
+    ops = sum(n for _, n, _ in runs)
+    if budget <= 0 and target <= 0:
+        return None
+    moved = folded = 0
+    gain = best_gain = even_gain = 0.0
+    best: ReappendPlan | None = None
+    even: ReappendPlan | None = None  # the budget-1 choice: folded - moved is largest
+    reach: ReappendPlan | None = None
+    for is_put, n, last in runs:
+        if is_put:
+            moved += n
+            gain -= budget * n
+            continue
+        folded += n
+        gain += n
+        if not moved:
+            continue
+        if budget > 0 and gain > best_gain:
+            best_gain, best = gain, ReappendPlan(last, moved, folded)
+        if folded - moved > even_gain:
+            even_gain, even = folded - moved, ReappendPlan(last, moved, folded)
+        if reach is None and target > 0 and ops - folded + 1 <= target * live:
+            reach = ReappendPlan(last, moved, folded)
+    if target <= 0 or ops <= target * live:
+        return best
+    if best is not None and ops - best.folded + 1 <= target * live:
+        return best
+    if reach is not None:
+        return reach
+    if even is not None and (best is None or even.folded > best.folded):
+        return even
+    return best
+
+
+async def plan_bucket(
+    store: Store, bucket: str, budget: float, scan_ops: int, target: float = 0.0
+) -> ReappendPlan | None:
+    """Scan one bucket in bounded read-only steps and plan its re-append."""
+    runs: list[tuple[bool, int, int]] = []
+    cursor = 0
+    while True:
+        n, chunk = await store.defrag_scan(bucket, cursor, scan_ops)
+        for r in chunk:  # merge runs split by the scan's chunking
+            if runs and runs[-1][0] == r[0]:
+                runs[-1] = (r[0], runs[-1][1] + r[1], r[2])
+            else:
+                runs.append(r)
+        if n < scan_ops or not chunk:
+            return plan_reappend(runs, budget, target)
+        cursor = chunk[-1][2]
+
+
+async def reappend_bucket(
+    store: Store, bucket: str, cutoff: int, chunk: int, stats: CompactionStats
+) -> int:
+    """Re-append the bucket's live PUTs with op_id <= ``cutoff`` at its end."""
     cursor, moved = 0, 0
     # re-appending a PUT costs several writes, so a defrag step takes a fifth of the ops
     chunk = max(1, chunk // 5)
@@ -77,6 +176,7 @@ async def defragment_bucket(store: Store, bucket: str, chunk: int, stats: Compac
         STEP_SECONDS.observe(step.seconds)
         if step.done:
             stats.rows_reappended += moved
+            REAPPENDED.inc(moved)
             return moved
 
 
@@ -89,6 +189,9 @@ async def compact(
     progress: bool = False,
     defragment: bool = False,
     defragment_threshold: float | None = None,
+    reappend_budget: float = 0.0,
+    reappend_target: float = 0.0,
+    scan_ops: int = 5000,
 ) -> CompactionStats:
     """Compact one bucket, every bucket, or (default) the buckets marked since last time."""
     t0 = time.perf_counter()
@@ -105,11 +208,31 @@ async def compact(
         with Progress(transient=False) as bar:
             task = bar.add_task("compacting", total=len(targets))
             for b in targets:
-                await _one(store, b, chunk, stats, defragment, defragment_threshold)
+                await _one(
+                    store,
+                    b,
+                    chunk,
+                    stats,
+                    defragment,
+                    defragment_threshold,
+                    reappend_budget,
+                    reappend_target,
+                    scan_ops,
+                )
                 bar.advance(task)
     else:
         for b in targets:
-            await _one(store, b, chunk, stats, defragment, defragment_threshold)
+            await _one(
+                store,
+                b,
+                chunk,
+                stats,
+                defragment,
+                defragment_threshold,
+                reappend_budget,
+                reappend_target,
+                scan_ops,
+            )
     stats.duration_s = time.perf_counter() - t0
     RUN_SECONDS.observe(stats.duration_s)
     return stats
@@ -122,6 +245,9 @@ async def _one(
     stats: CompactionStats,
     defragment: bool,
     threshold: float | None,
+    budget: float = 0.0,
+    target: float = 0.0,
+    scan_ops: int = 5000,
 ) -> None:
     # unmark first: MOVEs written while we work mark the bucket again
     await store.take_dirty(bucket)
@@ -133,6 +259,12 @@ async def _one(
         await defragment_bucket(store, bucket, chunk, stats)
         await store.take_dirty(bucket)
         await compact_bucket(store, bucket, chunk, stats)
+    elif budget > 0 or target > 0:
+        plan = await plan_bucket(store, bucket, budget, scan_ops, target)
+        if plan is not None:
+            await reappend_bucket(store, bucket, plan.cutoff, chunk, stats)
+            await store.take_dirty(bucket)
+            await compact_bucket(store, bucket, chunk, stats)
     stats.buckets += 1
 
 
@@ -167,6 +299,23 @@ async def verify(store: Store, bucket: str | None = None) -> VerifyResult:
     return res
 
 
+def scan_ops(settings: Settings) -> int:
+    """Ops one read-only planning step reads: the scan is cheaper per op than a fold."""
+    return settings.compaction.chunk_ops * 10
+
+
+async def compact_marked(store: Store, settings: Settings) -> CompactionStats:
+    """One scheduled run over the marked buckets, with the configured re-append budget."""
+    return await compact(
+        store,
+        settings.compaction.chunk_ops,
+        defragment_threshold=settings.compaction.defragment_threshold,
+        reappend_budget=settings.compaction.reappend_budget,
+        reappend_target=settings.compaction.reappend_target,
+        scan_ops=scan_ops(settings),
+    )
+
+
 async def schedule(settings: Settings, store: Store, stop: asyncio.Event) -> None:
     """The periodic job inside the processor and ``bucketsync run``."""
     interval = settings.compaction.interval_s
@@ -179,17 +328,15 @@ async def schedule(settings: Settings, store: Store, stop: asyncio.Event) -> Non
         except TimeoutError:
             pass
         try:
-            st = await compact(
-                store,
-                settings.compaction.chunk_ops,
-                defragment_threshold=settings.compaction.defragment_threshold,
-            )
+            st = await compact_marked(store, settings)
             if st.ops_removed:
                 log.info(
-                    "compaction: %d buckets, %d ops removed, %d bytes freed, longest step %.1f ms",
+                    "compaction: %d buckets, %d ops removed, %d bytes freed, %d rows re-appended, "
+                    "longest step %.1f ms",
                     st.buckets,
                     st.ops_removed,
                     st.bytes_freed,
+                    st.rows_reappended,
                     st.longest_step_s * 1000,
                 )
         except Exception:
@@ -206,8 +353,11 @@ def main(
     bucket: str | None = None,
     every_bucket: bool = False,
     defragment: bool = False,
+    reappend_budget: float | None = None,
+    reappend_target: float | None = None,
 ) -> int:
-    """``bucketsync compact [--bucket B | --all] [--defragment]``."""
+    """``bucketsync compact [--bucket B | --all] [--defragment] [--reappend-budget X]
+    [--reappend-target Y]`` (None: the configured ``compaction.reappend_*``)."""
 
     async def go() -> int:
         store = _store(settings)
@@ -220,6 +370,17 @@ def main(
                 progress=True,
                 defragment=defragment,
                 defragment_threshold=settings.compaction.defragment_threshold,
+                reappend_budget=(
+                    settings.compaction.reappend_budget
+                    if reappend_budget is None
+                    else reappend_budget
+                ),
+                reappend_target=(
+                    settings.compaction.reappend_target
+                    if reappend_target is None
+                    else reappend_target
+                ),
+                scan_ops=scan_ops(settings),
             )
         finally:
             await store.close()

@@ -862,7 +862,7 @@ def build_faust_app(
         async def compact_marked() -> None:
             a = state.get("a")
             if a is not None:
-                st = await compaction.compact(a.store, settings.compaction.chunk_ops)
+                st = await compaction.compact_marked(a.store, settings)
                 if st.ops_removed:
                     log.info("compaction: %d buckets, %d ops removed", st.buckets, st.ops_removed)
 

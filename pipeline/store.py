@@ -290,6 +290,7 @@ class Store:
         self._compact = client.register_script(_lua("compact_step.lua"))
         self._notify = client.register_script(_NOTIFY_LUA)
         self._defrag = client.register_script(_lua("defrag_step.lua"))
+        self._defrag_scan = client.register_script(_lua("defrag_scan.lua"))
         self._read_with_lookups = client.register_script(_READ_WITH_LOOKUPS_LUA)
         self._read_with_lookups_packed = client.register_script(_READ_WITH_LOOKUPS_PACKED_LUA)
         self._issue_wcp = client.register_script(_ISSUE_WCP_LUA)
@@ -514,6 +515,15 @@ class Store:
             args=[self.prefix, bucket, chunk, cursor, cutoff, self.changes_maxlen]
         )
         return DefragStep(int(moved), int(new_cursor), bool(done), time.perf_counter() - t0)
+
+    async def defrag_scan(
+        self, bucket: str, cursor: int, count: int
+    ) -> tuple[int, list[tuple[bool, int, int]]]:
+        """Up to ``count`` ops after op ``cursor``, run-length encoded: (ops read, runs of
+        (live PUT?, length, last op_id)). Read-only and bounded (defrag_scan.lua)."""
+        raw = await self._defrag_scan(args=[self.prefix, bucket, cursor, count])
+        runs = [(int(raw[i]) == 1, int(raw[i + 1]), int(raw[i + 2])) for i in range(1, len(raw), 3)]
+        return int(raw[0]), runs
 
     async def live_share(self, bucket: str, chunk: int = 5000) -> tuple[int, int]:
         """(PUT ops, all ops) of a bucket, counted in bounded reads."""

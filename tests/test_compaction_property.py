@@ -37,7 +37,17 @@ step = st.one_of(
         st.sampled_from([0, 1]),
     ),
     st.tuples(st.just("del"), st.integers(1, 5), st.none(), st.none(), st.none()),
-    st.tuples(st.just("compact"), st.none(), st.none(), st.none(), st.booleans()),
+    # plain fold, full defragmentation, or the scheduled re-append (budget, target)
+    st.tuples(
+        st.just("compact"),
+        st.none(),
+        st.none(),
+        st.none(),
+        st.one_of(
+            st.sampled_from(["plain", "full"]),
+            st.tuples(st.sampled_from([0.0, 0.5, 1.0, 4.0]), st.sampled_from([0.0, 1.0, 1.5])),
+        ),
+    ),
     st.tuples(st.just("snap"), st.none(), st.none(), st.none(), st.none()),
 )
 
@@ -88,9 +98,29 @@ async def scenario(redis_url: str, raw: list[tuple[Any, ...]]) -> None:
                 offset += 1
                 assert (await store.apply(plan.batch)).status == "ok"
             elif kind == "compact":
-                await compact(store, chunk=2, every_bucket=True, defragment=bool(flag))
-                defragmented = defragmented or bool(flag)
+                budget, target = flag if isinstance(flag, tuple) else (0.0, 0.0)
+                cp = await store.checkpoint()
+                before = {b: await bucket_ops(store, b) for b in model.buckets}
+                st_ = await compact(
+                    store,
+                    chunk=2,
+                    every_bucket=True,
+                    defragment=flag == "full",
+                    reappend_budget=budget,
+                    reappend_target=target,
+                    scan_ops=3,
+                )
+                defragmented = defragmented or st_.rows_reappended > 0
                 assert (await verify(store)).differences == []
+                # a client synced at cp re-downloads exactly the moved rows, as PUTs of
+                # rows it already holds with the same data
+                after_cp = [op for b in model.buckets for op in await bucket_ops(store, b, cp)]
+                assert len(after_cp) == st_.rows_reappended
+                for b in model.buckets:
+                    held, _ = reduce_ops(before[b])
+                    for op in await bucket_ops(store, b, cp):
+                        assert op["op"] == "PUT"
+                        assert held[(op["object_type"], op["object_id"])] == op["data"]
             else:  # a client stops here, holding what it reduced at this checkpoint
                 cp = await store.checkpoint()
                 held = {b: reduce_ops(await bucket_ops(store, b)) for b in model.buckets}

@@ -269,6 +269,38 @@ async def test_compaction_mid_download_and_resume_inside_folded_range(gw_setting
     assert isinstance(PlannedBatch(), PlannedBatch)
 
 
+async def test_scheduled_reappend_existing_client_gets_only_the_moved_row(gw_settings) -> None:
+    """A row that never changes heads the bucket and blocks the fold of another row's eight
+    superseded versions: the scheduled re-append moves it, an existing client downloads it
+    (and nothing else) again, a new client downloads CLEAR + the two live rows."""
+    from pipeline.compaction import compact
+
+    s = gw_settings()
+    await feed(s, [todo("t0", "u1", "never changes")])
+    for i in range(9):
+        await feed(s, [todo("t1", "u1", f"v{i}")])
+    want = {
+        "t0": {"id": "t0", "owner_id": "u1", "description": "never changes", "completed": 0},
+        "t1": {"id": "t1", "owner_id": "u1", "description": "v8", "completed": 0},
+    }
+    async with running_gateway(s) as url, Client(url, s, "u1") as old, Client(url, s, "u1") as new:
+        await old.sync_until()
+        held = old.state.ops
+        store = Store.from_url(s.redis.url, s.redis.prefix)
+        try:
+            st = await compact(store, chunk=200, reappend_budget=4.0, reappend_target=1.15)
+            assert st.rows_reappended == 1
+        finally:
+            await store.close()
+        await old.sync_until()
+        await new.sync_until()
+        assert old.state.ops - held == 1
+        assert new.state.ops == 3
+        for c in (old, new):
+            assert rows_of(c) == want
+            assert c.state.mismatches == []
+
+
 async def test_client_that_stops_reading_is_dropped(gw_settings, caplog) -> None:
     import logging
     import socket

@@ -45,7 +45,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     if args.which == "compact":
         from bucketsync.bench.compact import bench_compact
 
-        return bench_compact(settings, args.out)
+        return bench_compact(settings, args.out, history=args.history, events=args.events)
     if args.which == "fanout":
         from bucketsync.bench.fanout import bench_fanout
 

@@ -18,6 +18,7 @@ import binascii
 import hashlib
 import json
 import logging
+import re
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -437,6 +438,11 @@ def parse_iso_datetime(v: str) -> datetime:
         raise ConversionError(f"invalid ISO-8601 timestamp {_short(v)}") from None
 
 
+_UTC_TEXT: Final = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.([0-9]{0,9}))?Z"
+)
+
+
 def _zoned(v: Any) -> Any:
     """``io.debezium.time.ZonedTimestamp`` -> UTC ``YYYY-MM-DDTHH:MM:SS.ffffffZ``."""
     if v is None:
@@ -456,6 +462,9 @@ def _zoned(v: Any) -> Any:
         return v  # already canonical (the common case)
     if v in ("infinity", "-infinity"):
         return v
+    m = _UTC_TEXT.fullmatch(v)
+    if m is not None:  # already UTC in ASCII digits (the branch below, without its slicing)
+        return v[:19] + "." + ((m.group(1) or "") + "000000")[:6] + "Z"
     n = len(v)
     if (
         n >= 20
@@ -788,6 +797,61 @@ def _compile_struct(fields: tuple[tuple[str, ColumnSpec], ...] | None) -> tuple[
 # ---------------------------------------------------------------------------------------
 # type hints for schemaless JSON (§2.3)
 # ---------------------------------------------------------------------------------------
+
+
+RowFast = Callable[[Mapping[str, Any], "Placeholder"], "dict[str, Any] | None"]
+
+
+def compile_row_fast(cols: Mapping[str, Column], toast: bool = True) -> RowFast | None:
+    """A straight-line converter for rows whose columns are exactly ``cols``, in order.
+
+    Generated once per schema: no per-column dictionary lookups, type dispatch inlined for
+    strings, integers and booleans, every other column through its compiled converter. It
+    returns ``None`` (the caller then takes the general path, which decides everything the
+    same way) for any row it does not cover: other columns or order, a TOAST placeholder, a
+    value of another type than the column's plain one. Its results are those of the
+    general path (``decode._Ctx._row``) for the rows it covers.
+    """
+    if not cols or len(cols) > 200:
+        return None
+    names = list(cols)
+    env: dict[str, Any] = {"NAMES": tuple(names), "_tuple": tuple, "_str": str, "_int": int}
+    lines = [
+        "def fast(data, ph):",
+        "    if _tuple(data) != NAMES:",
+        "        return None",
+        "    text = ph.text",
+    ]
+    out = []
+    for i, name in enumerate(names):
+        conv, tk = cols[name]
+        env[f"C{i}"], env[f"K{i}"] = conv, tk
+        v, x = f"v{i}", f"x{i}"
+        lines.append(f"    {v} = data[{name!r}]")
+        lines.append(f"    if {v} is None:")
+        lines.append(f"        {x} = None")
+        if conv is _str and (tk == T_STR or not toast):
+            cond = f"type({v}) is _str" + (f" and {v} != text" if toast else "")
+            lines += [f"    elif {cond}:", f"        {x} = {v}"]
+        elif conv is _int and tk == T_NONE:
+            lines += [f"    elif type({v}) is _int:", f"        {x} = {v}"]
+        elif conv is _bool and tk == T_NONE:
+            lines += [f"    elif {v} is True:", f"        {x} = 1"]
+            lines += [f"    elif {v} is False:", f"        {x} = 0"]
+        elif not toast or tk == T_NONE:
+            lines += ["    else:", f"        {x} = C{i}({v})"]
+            out.append(f"{name!r}: {x}")
+            continue
+        elif tk == T_STR:
+            lines += [f"    elif type({v}) is _str and {v} != text:", f"        {x} = C{i}({v})"]
+        else:
+            lines += [f"    elif not ph.matches(K{i}, {v}):", f"        {x} = C{i}({v})"]
+        lines += ["    else:", "        return None"]
+        out.append(f"{name!r}: {x}")
+    lines.append("    return {" + ", ".join(out) + "}")
+    exec("\n".join(lines), env)  # generated from column names through repr() only
+    fast: RowFast = env["fast"]
+    return fast
 
 
 def spec_from_hint(hint: str) -> ColumnSpec:

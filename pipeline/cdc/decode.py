@@ -27,8 +27,10 @@ from pipeline.cdc.convert import (
     ConversionError,
     NeedsExactNumbers,
     Placeholder,
+    RowFast,
     compact_json,
     compile_hints,
+    compile_row_fast,
     compile_struct,
     generic_top,
     mongo_native,
@@ -110,13 +112,16 @@ def _ignore(reason: str) -> IgnoreEvent:
 class _Plan:
     """Compiled converters for one key/value schema."""
 
-    __slots__ = ("flat", "row")
+    __slots__ = ("flat", "key_fast", "row", "row_fast")
 
     def __init__(self, spec: ColumnSpec) -> None:
         #: converters of the envelope's before/after row (envelope schemas)
         self.row: dict[str, Column] | None = None
         #: converters of the top-level struct's fields (keys, flattened rows)
         self.flat: dict[str, Column] | None = None
+        #: straight-line versions for the common rows (None where not compiled)
+        self.row_fast: RowFast | None = None
+        self.key_fast: RowFast | None = None
         if spec.type != "struct" or not spec.fields:
             return
         fields = dict(spec.fields)
@@ -124,8 +129,10 @@ class _Plan:
             image = fields.get("after") or fields.get("before")
             if image is not None and image.type == "struct":
                 self.row = compile_struct(image)
+                self.row_fast = compile_row_fast(self.row)
         else:
             self.flat = compile_struct(spec)
+            self.key_fast = compile_row_fast(self.flat, toast=False)
 
 
 def _put(cache: dict[Any, Any], key: Any, value: Any) -> None:
@@ -302,6 +309,8 @@ class _Ctx:
                 text, plan, end = last
                 if data.startswith(text, 10) and data.startswith(b',"payload":', end):
                     try:
+                        if not self.exact:  # no copy of the payload
+                            return orjson.loads(memoryview(data)[end + 11 : -1]), plan
                         return self._loads_payload(data[end + 11 : -1]), plan
                     except ValueError:
                         pass  # let the full parse decide
@@ -461,6 +470,10 @@ class _Ctx:
             raise _dead("not_an_envelope", f"key is not a struct: {str(payload)[:80]}")
         if mongo or (kind is None and _looks_like_mongo_key(payload)):
             return {"_id": _mongo_key(payload)}
+        if plan is not None and plan.key_fast is not None:
+            key = plan.key_fast(payload, self.ph)
+            if key is not None:
+                return key
         cols = plan.flat if plan is not None else self._hint_cols(table)
         return self._row(payload, cols, toast=False)[0]
 
@@ -468,7 +481,7 @@ class _Ctx:
         raw = self.rec.key
         if raw is None:
             raise _dead("missing_key", "row event without a Kafka key")
-        payload, plan = self._part(raw, "key")
+        payload, plan = self._avro_part(raw, "key") if self.avro else self._json_part(raw, "key")
         self.key_plan = plan
         return self._key_value(payload, plan, kind, table, mongo)
 
@@ -522,9 +535,13 @@ class _Ctx:
         kinds = self.kinds
         if kinds and topic in kinds:
             return _ignore("schema_change_topic")  # the topic named exactly like a prefix
-        if rec.value is None:
+        value = rec.value
+        if value is None:
             return self._tombstone()
-        payload, plan = self._part(rec.value, "value")
+        if self.avro:
+            payload, plan = self._avro_part(value, "value")
+        else:
+            payload, plan = self._json_part(value, "value")
         if payload is None:
             return self._flat_null()
         if type(payload) is not dict:
@@ -693,7 +710,8 @@ class _Ctx:
                 raise _dead("envelope_inconsistent", "truncate event whose source names no table")
         if stable is None:
             sschema, stable = self._topic_ids()
-        tx = self._tx_block(p.get("transaction"), kind)
+        t = p.get("transaction")
+        tx = None if t is None else self._tx_block(t, kind)
         if op == "t":
             trunc: TruncateEvent = {"action": "truncate", "table": table}
             if tx is not None:
@@ -718,7 +736,12 @@ class _Ctx:
             if type(after) is not dict:
                 raise _dead("envelope_inconsistent", f"op '{op}' without an 'after' row")
             key = self._key(kind, table, False)
-            row, keep = self._row(after, plan.row if plan is not None else self._hint_cols(table))
+            fast = plan.row_fast(after, self.ph) if plan is not None and plan.row_fast else None
+            if fast is not None:
+                row, keep = fast, None
+            else:
+                cols = plan.row if plan is not None else self._hint_cols(table)
+                row, keep = self._row(after, cols)
             out = {"action": "upsert", "table": table, "key": key, "row": row}
             if keep:
                 out["keep_columns"] = keep
@@ -726,7 +749,7 @@ class _Ctx:
             out["snapshot"] = True
         if tx is not None:
             out["tx"] = tx
-        if not mongo:
+        if not mongo and self.rec.headers:
             frm = self._header_key("__debezium.oldkey", kind, table)
             if frm is not None:
                 out["pk_change_from"] = frm

@@ -1,0 +1,144 @@
+"""The decoder's fast paths decide every row exactly like its general path.
+
+* ``compile_row_fast`` (straight-line row converters generated per schema) against the
+  general per-column loop ``decode._Ctx._row``, on random schemas and random rows (nulls,
+  TOAST placeholders, wrong types, missing, extra and reordered columns);
+* ``_zoned``'s regular-expression path against the slicing rule it shortcuts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.cdc import DEFAULT_OPTIONS, ColumnSpec, ConversionError, KafkaRecord
+from pipeline.cdc import decode as D
+from pipeline.cdc.convert import (
+    DEFAULT_PLACEHOLDER,
+    NeedsExactNumbers,
+    _zoned,
+    compile_row_fast,
+    compile_struct,
+)
+
+SPECS = [
+    ColumnSpec("string"),
+    ColumnSpec("int32"),
+    ColumnSpec("int64"),
+    ColumnSpec("boolean"),
+    ColumnSpec("double"),
+    ColumnSpec("bytes"),
+    ColumnSpec("any"),
+    ColumnSpec("string", "io.debezium.time.ZonedTimestamp"),
+    ColumnSpec("string", "io.debezium.data.Json"),
+    ColumnSpec("int32", "io.debezium.time.Date"),
+    ColumnSpec("int64", "io.debezium.time.MicroTimestamp"),
+    ColumnSpec("bytes", "org.apache.kafka.connect.data.Decimal", (("scale", "2"),)),
+    ColumnSpec("array", items=ColumnSpec("string")),
+    ColumnSpec("map", values=ColumnSpec("int32")),
+    ColumnSpec("string", "io.debezium.data.Uuid"),
+]
+PH = DEFAULT_PLACEHOLDER
+VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**40), 2**40),
+    st.floats(allow_nan=True),
+    st.text(max_size=8),
+    st.sampled_from(
+        [
+            PH.text,
+            PH.b64,
+            [PH.text],
+            PH.int_list,
+            {PH.text: PH.text},
+            "2026-01-01T00:00:00Z",
+            "2026-01-01T10:20:30.123456789Z",
+            "AAE=",
+            "12.5",
+            "123e4567-e89b-12d3-a456-426614174000",
+        ]
+    ),
+    st.lists(st.integers(0, 3), max_size=2),
+    st.dictionaries(st.sampled_from(["a", "b"]), st.integers(0, 3), max_size=2),
+)
+
+
+def general(cols: dict[str, Any], data: dict[str, Any], toast: bool) -> tuple[str, Any]:
+    ctx = D._Ctx(KafkaRecord("t", 0, 0, b"", b""), None, None, None, DEFAULT_OPTIONS, False)
+    try:
+        return "ok", ctx._row(data, cols, toast=toast)
+    except (ConversionError, NeedsExactNumbers) as exc:
+        return type(exc).__name__, str(exc)
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    specs=st.lists(st.sampled_from(SPECS), min_size=1, max_size=6),
+    values=st.lists(VALUES, min_size=6, max_size=6),
+    shape=st.sampled_from(["same", "same", "same", "missing", "extra", "reversed"]),
+    toast=st.booleans(),
+)
+def test_fast_row_matches_general_path(specs, values, shape, toast) -> None:
+    names = [f"c{i}" for i in range(len(specs))]
+    cols = compile_struct(ColumnSpec("struct", fields=tuple(zip(names, specs, strict=True))))
+    fast = compile_row_fast(cols, toast=toast)
+    assert fast is not None
+    data = dict(zip(names, values, strict=False))
+    if shape == "missing":
+        data.pop(names[-1])
+    elif shape == "extra":
+        data["zz"] = 1
+    elif shape == "reversed":
+        data = dict(reversed(list(data.items())))
+    want = general(cols, data, toast)
+    try:
+        got = fast(data, PH)
+    except (ConversionError, NeedsExactNumbers) as exc:
+        assert want == (type(exc).__name__, str(exc))
+        return
+    if got is not None:
+        assert want[0] == "ok"
+        row, keep = want[1]
+        assert keep is None
+        assert list(got.items()) == list(row.items())  # same values, same column order
+        assert [type(v) for v in got.values()] == [type(v) for v in row.values()]
+    if shape != "same" and len(data) > 1:
+        assert got is None
+
+
+def _zoned_by_slicing(v: str) -> str | None:
+    """The rule the regular expression shortcuts (as it stood before it)."""
+    n = len(v)
+    if (
+        n >= 20
+        and v[n - 1] == "Z"
+        and v[10] == "T"
+        and v[4] == "-"
+        and v[7] == "-"
+        and v[13] == ":"
+        and v[16] == ":"
+        and (n == 20 or (v[19] == "." and n <= 30))
+        and (v[:4] + v[5:7] + v[8:10] + v[11:13] + v[14:16] + v[17:19] + v[20 : n - 1]).isdigit()
+    ):
+        return v[:19] + "." + (v[20 : n - 1] + "000000")[:6] + "Z"
+    return None
+
+
+DIGITS = st.sampled_from("0123456789٣")  # one non-ASCII digit, which isdigit() accepts
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    parts=st.lists(DIGITS, min_size=14, max_size=14),
+    frac=st.one_of(st.none(), st.lists(DIGITS, max_size=10)),
+)
+def test_zoned_fast_path_matches_slicing(parts: list[str], frac: list[str] | None) -> None:
+    d = "".join(parts)
+    v = f"{d[:4]}-{d[4:6]}-{d[6:8]}T{d[8:10]}:{d[10:12]}:{d[12:14]}"
+    v += ("" if frac is None else "." + "".join(frac)) + "Z"
+    want = _zoned_by_slicing(v)
+    if want is not None:
+        assert _zoned(v) == want
