@@ -44,12 +44,27 @@ local n_ops = 0
 local buckets = {}   -- bucket -> {cs=, n=, last=, moved=}
 local LF = SEP .. "L"  -- row hash field: the row's lookup entries (JSON)
 
+-- Bucket states live in one hash, P:states: bucket -> "checksum count last_op moved"
+-- (so a reader gets a connection's 1,000 states with one HMGET; docs/store.md). These
+-- two functions are the only places this script reads or writes a bucket's state.
+local states_key = P .. ":states"
+local function read_state(b)
+  local v = redis.call("HGET", states_key, b)
+  local cs, n, last, moved = 0, 0, 0, 0
+  if v then
+    cs, n, last, moved = string.match(v, "^(%d+) (%-?%d+) (%d+) (%d+)$")
+  end
+  return {cs = tonumber(cs), n = tonumber(n), last = tonumber(last), moved = tonumber(moved)}
+end
+local function write_state(b, s)
+  redis.call("HSET", states_key, b,
+    string.format("%d %d %d %d", s.cs, s.n, s.last, s.moved))
+end
+
 local function bstate(b)
   local s = buckets[b]
   if not s then
-    local v = redis.call("HMGET", P .. ":bucket:" .. b, "checksum", "count", "last_op", "moved")
-    s = {cs = tonumber(v[1]) or 0, n = tonumber(v[2]) or 0, last = tonumber(v[3]) or 0,
-         moved = tonumber(v[4]) or 0}
+    s = read_state(b)
     buckets[b] = s
   end
   return s
@@ -335,8 +350,7 @@ local changed = {}
 local any = false
 local dirty = {}
 for b, s in pairs(buckets) do
-  redis.call("HSET", P .. ":bucket:" .. b, "checksum", s.cs, "count", s.n, "last_op", s.last,
-    "moved", s.moved)
+  write_state(b, s)
   if s.moved > 0 then
     dirty[#dirty + 1] = b
     if #dirty >= 1000 then

@@ -46,7 +46,11 @@ local clear = "T" .. target .. "|{\"op_id\":\"" .. string.format("%d", last_id)
   .. "\",\"op\":\"CLEAR\",\"checksum\":" .. string.format("%d", sum) .. "}"
 redis.call("ZREMRANGEBYRANK", k, 0, n - 1)
 redis.call("ZADD", k, last_id, clear)
-local bk = P .. ":bucket:" .. b
-redis.call("HINCRBY", bk, "count", 1 - n)
-redis.call("HSET", bk, "moved", 0)
+-- the bucket's state (P:states: "checksum count last_op moved"): n ops became one, and
+-- every MOVE up to here is folded
+local sk = P .. ":states"
+local cs, count, last_op = string.match(redis.call("HGET", sk, b) or "0 0 0 0",
+  "^(%d+) (%-?%d+) (%d+) ")
+redis.call("HSET", sk, b, cs .. " " .. string.format("%d", tonumber(count) + 1 - n) .. " "
+  .. last_op .. " 0")
 return {n - 1, bytes - #clear, more}

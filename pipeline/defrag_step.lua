@@ -13,9 +13,11 @@ local cursor, cutoff = ARGV[4], ARGV[5]
 local k = P .. ":ops:" .. b
 local rows = redis.call("ZRANGEBYSCORE", k, "(" .. cursor, cutoff, "WITHSCORES", "LIMIT", 0, chunk)
 local SEP = "\31"
-local bk = P .. ":bucket:" .. b
-local v = redis.call("HMGET", bk, "checksum", "count", "moved")
-local total, count, moved = tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]) or 0
+-- the bucket's state: P:states field b = "checksum count last_op moved"
+local sk = P .. ":states"
+local v = {string.match(redis.call("HGET", sk, b) or "0 0 0 0",
+  "^(%d+) (%-?%d+) (%d+) (%d+)$")}
+local total, count, moved = tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[4]) or 0
 local n = 0
 local last = tonumber(cursor)
 local op_id = nil
@@ -52,7 +54,7 @@ end
 local done = 0
 if #rows < chunk * 2 then done = 1 end
 if n > 0 then
-  redis.call("HSET", bk, "checksum", string.format("%d", total), "count", count, "last_op", op_id, "moved", moved)
+  redis.call("HSET", sk, b, string.format("%d %d %d %d", total, count, op_id, moved))
   redis.call("SADD", P .. ":dirty", b)
   local cp = tonumber(redis.call("GET", P .. ":seq"))
   redis.call("SET", P .. ":checkpoint", cp)

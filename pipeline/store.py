@@ -6,7 +6,10 @@ Layout under the configured prefix ``P`` (docs/store.md has the long form):
                          tag: ``R<len>:<row key>`` for PUT (defragmentation needs the row),
                          ``T<target>|`` for MOVE/CLEAR (target = the op that superseded it),
                          none for REMOVE. Tags are never sent to clients.
-- ``P:bucket:{bucket}``  hash: checksum (unsigned running total), count, last_op, moved.
+- ``P:states``          hash: bucket -> its state ``"checksum count last_op moved"``
+                         (checksum: unsigned running total; moved: MOVEs since the last
+                         compaction). One hash for all buckets, so a connection's 1,000
+                         states are one HMGET.
 - ``P:row:{row key}``    hash: ``bucket\\x1fobject_type\\x1fobject_id`` -> ``op_id:checksum:
                          remove_checksum`` of the row's current op there; field ``""`` holds
                          the source row JSON (for TOAST / partial-update merges; under
@@ -61,16 +64,15 @@ return n
 """
 
 
-# The checkpoint, bucket states (flat: checksum, count, last_op per bucket) and lookup
-# rows in one atomic step and one command: ARGV = prefix, n buckets, buckets..., keys...
+# The checkpoint, bucket states and lookup rows in one atomic step and one command:
+# ARGV = prefix, n buckets, buckets..., lookup keys...; the states come back as HMGET's
+# array (false for a bucket without one). For bucket names that cannot be packed.
 _READ_WITH_LOOKUPS_LUA = """
 local P, nb = ARGV[1], tonumber(ARGV[2])
 local flat = {}
-for i = 1, nb do
-  local v = redis.call("HMGET", P .. ":bucket:" .. ARGV[2 + i], "checksum", "count", "last_op")
-  flat[#flat + 1] = v[1] or "0"
-  flat[#flat + 1] = v[2] or "0"
-  flat[#flat + 1] = v[3] or "0"
+for i = 1, nb, 1000 do
+  local v = redis.call("HMGET", P .. ":states", unpack(ARGV, 2 + i, 2 + math.min(nb, i + 999)))
+  for j = 1, #v do flat[#flat + 1] = v[j] end
 end
 local out = {redis.call("GET", P .. ":checkpoint") or "0", flat}
 for i = 3 + nb, #ARGV do
@@ -81,14 +83,16 @@ return out
 
 
 # The same, packed for large bucket sets: ARGV = prefix, buckets joined by "\n", keys...;
-# the states come back as one string "checksum count last_op ..." (one argument and one
-# reply string instead of 3 per bucket: redis-py packs and parses 1,000 buckets ~10x faster)
+# the states come back as one string "checksum count last_op moved ..." (one argument and
+# one reply string instead of one per bucket: redis-py packs and parses 1,000 buckets ~10x
+# faster). All states are in one hash (P:states), so 1,000 buckets are one HMGET.
 _READ_WITH_LOOKUPS_PACKED_LUA = """
 local P = ARGV[1]
-local parts = {}
-for b in string.gmatch(ARGV[2], "[^\\n]+") do
-  local v = redis.call("HMGET", P .. ":bucket:" .. b, "checksum", "count", "last_op")
-  parts[#parts + 1] = (v[1] or "0") .. " " .. (v[2] or "0") .. " " .. (v[3] or "0")
+local names, parts = {}, {}
+for b in string.gmatch(ARGV[2], "[^\\n]+") do names[#names + 1] = b end
+for i = 1, #names, 1000 do
+  local v = redis.call("HMGET", P .. ":states", unpack(names, i, math.min(#names, i + 999)))
+  for j = 1, #v do parts[#parts + 1] = v[j] or "0 0 0 0" end
 end
 local out = {redis.call("GET", P .. ":checkpoint") or "0", table.concat(parts, " ")}
 for i = 3, #ARGV do
@@ -150,6 +154,14 @@ class BucketState:
     checksum: int  # unsigned 32-bit
     count: int
     last_op: int
+
+
+def parse_state(value: bytes | None) -> BucketState:
+    """A ``P:states`` field (``b"checksum count last_op moved"``; none: an empty bucket)."""
+    if not value:
+        return BucketState(0, 0, 0)
+    cs, n, last = value.split()[:3]
+    return BucketState(int(cs), int(n), int(last))
 
 
 LookupRows = dict[str, frozenset[bytes]]
@@ -379,16 +391,18 @@ class Store:
 
     async def read_checkpoint(self, buckets: Sequence[str]) -> tuple[int, dict[str, BucketState]]:
         """The checkpoint and the state of ``buckets`` in one atomic step (invariant 5)."""
+        if len(buckets) > 16:
+            cp, states, _ = await self.read_checkpoint_with_lookups(buckets, ())
+            return cp, states
         pipe = self.r.pipeline(transaction=True)
         pipe.get(self.k("checkpoint"))
-        for b in buckets:
-            pipe.hmget(self.k("bucket", b), "checksum", "count", "last_op")
+        if buckets:
+            pipe.hmget(self.k("states"), list(buckets))
         res = await pipe.execute()
         cp = int(res[0]) if res[0] else 0
-        states = {}
-        for b, (cs, n, last) in zip(buckets, res[1:], strict=True):
-            states[b] = BucketState(int(cs or 0), int(n or 0), int(last or 0))
-        return cp, states
+        if not buckets:
+            return cp, {}
+        return cp, {b: parse_state(v) for b, v in zip(buckets, res[1], strict=True)}
 
     async def read_lookups(self, keys: Sequence[str]) -> LookupRows:
         """The value arrays stored under each lookup key, in one round trip (not atomic
@@ -411,11 +425,12 @@ class Store:
             res = await self._read_with_lookups_packed(
                 args=[self.prefix, "\n".join(buckets), *keys]
             )
-            vals = res[1].split()
-            states = {
-                b: BucketState(int(vals[i]), int(vals[i + 1]), int(vals[i + 2]))
-                for b, i in zip(buckets, range(0, 3 * len(buckets), 3), strict=True)
-            }
+            vals = list(map(int, res[1].split()))
+            if len(vals) != 4 * len(buckets):
+                raise ValueError(f"{len(vals)} state numbers for {len(buckets)} buckets")
+            states = dict(
+                zip(buckets, map(BucketState, vals[0::4], vals[1::4], vals[2::4]), strict=True)
+            )
             return (
                 int(res[0]),
                 states,
@@ -423,11 +438,7 @@ class Store:
             )
         res = await self._read_with_lookups(args=[self.prefix, len(buckets), *buckets, *keys])
         cp = int(res[0])
-        flat = res[1]
-        states = {
-            b: BucketState(int(flat[i]), int(flat[i + 1]), int(flat[i + 2]))
-            for b, i in zip(buckets, range(0, 3 * len(buckets), 3), strict=True)
-        }
+        states = {b: parse_state(v) for b, v in zip(buckets, res[1], strict=True)}
         lookups = {key: frozenset(v) for key, v in zip(keys, res[2:], strict=True)}
         return cp, states, lookups
 
@@ -446,10 +457,10 @@ class Store:
         """A bucket's whole log and its running totals, read in one atomic step."""
         pipe = self.r.pipeline(transaction=True)
         pipe.zrange(self.k("ops", bucket), 0, -1, withscores=True)
-        pipe.hmget(self.k("bucket", bucket), "checksum", "count", "last_op")
-        rows, (cs, n, last) = await pipe.execute()
+        pipe.hget(self.k("states"), bucket)
+        rows, state = await pipe.execute()
         ops = [parse_member(m, s) for m, s in rows]
-        return ops, BucketState(int(cs or 0), int(n or 0), int(last or 0))
+        return ops, parse_state(state)
 
     async def bucket_state(self, bucket: str) -> BucketState:
         _, states = await self.read_checkpoint([bucket])
@@ -538,11 +549,9 @@ class Store:
             start += chunk
 
     async def all_buckets(self) -> list[str]:
-        pat = self.k("bucket", "*")
-        cut = len(self.k("bucket", ""))
         out = []
-        async for key in self.r.scan_iter(match=pat, count=1000):
-            out.append(key.decode()[cut:])
+        async for key, _ in self.r.hscan_iter(self.k("states"), count=1000):
+            out.append(key.decode())
         return sorted(out)
 
     async def stored_totals(self, buckets: Iterable[str]) -> dict[str, BucketState]:

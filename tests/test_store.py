@@ -133,3 +133,75 @@ def test_row_moves_between_buckets_and_truncate(stack, ns) -> None:
         assert (await verify(store)).differences == []
 
     run(_with_store(stack, ns, go))
+
+
+def test_bucket_states_read_back_atomically_with_the_checkpoint(stack, ns) -> None:
+    """All bucket states live in one hash (``P:states``): every read path (a few buckets,
+    the packed path for many, names that cannot be packed) gives the states recomputed from
+    the op logs, and a read concurrent with batches never mixes two checkpoints."""
+    n_buckets, n_batches = 40, 30
+    buckets = [f'b["{i}"]' for i in range(n_buckets - 1)] + ['odd["x\\ny"]']
+
+    def batch(k: int) -> PlannedBatch:
+        # batch k rewrites one row per bucket: one op per bucket, every bucket's count = k
+        return PlannedBatch(
+            events=[
+                upsert(f"r{i}", Out(b, "todos", f"t{i}", f'{{"v":{k}}}'))
+                for i, b in enumerate(buckets)
+            ],
+            guard={"t/0": k},
+            offsets={"t/0": k},
+        )
+
+    async def from_logs(store: Store, names: list[str]) -> dict[str, tuple[int, int, int]]:
+        out = {}
+        for b in names:
+            ops = await store.all_ops(b)
+            total = 0
+            for op in ops:
+                i = op.wire.index(b'"checksum":') + 11
+                total += int(op.wire[i:].split(b",")[0].split(b"}")[0])
+            out[b] = (total % 2**32, len(ops), ops[-1].op_id if ops else 0)
+        return out
+
+    async def go(store: Store) -> None:
+        first = await store.apply(batch(1))
+        assert first.status == "ok"
+        reads: list[tuple[int, dict]] = []
+
+        async def reader() -> None:
+            for _ in range(60):
+                cp, states, _ = await store.read_checkpoint_with_lookups(buckets[:-1], [])
+                reads.append((cp, states))
+                await asyncio.sleep(0)
+
+        async def writer() -> None:
+            for k in range(2, n_batches + 1):
+                assert (await store.apply(batch(k))).status == "ok"
+                await asyncio.sleep(0)
+
+        await asyncio.gather(reader(), writer())
+        # batch k ends at op k * n_buckets; at checkpoint cp every bucket holds cp/n ops
+        for cp, states in reads:
+            k, rest = divmod(cp, n_buckets)
+            assert rest == 0
+            assert {st.count for st in states.values()} == {k}
+            # bucket i got op i + 1 of each batch
+            assert [states[b].last_op for b in buckets[:-1]] == [
+                (k - 1) * n_buckets + i + 1 for i in range(n_buckets - 1)
+            ]
+        want = await from_logs(store, [*buckets, "never"])
+        assert want["never"] == (0, 0, 0)
+        got_small = (await store.read_checkpoint([*buckets[:3], "never"]))[1]
+        got_packed = (await store.read_checkpoint_with_lookups([*buckets[:-1], "never"], []))[1]
+        got_unpacked = (await store.read_checkpoint_with_lookups([*buckets, "never"], []))[1]
+        for got in (got_small, got_packed, got_unpacked):
+            assert {b: (s.checksum, s.count, s.last_op) for b, s in got.items()} == {
+                b: want[b] for b in got
+            }
+        assert len(got_unpacked) == n_buckets + 1
+        _ops, state = await store.snapshot_bucket(buckets[5])
+        assert (state.checksum, state.count, state.last_op) == want[buckets[5]]
+        assert await store.all_buckets() == sorted(buckets)
+
+    run(_with_store(stack, ns, go))

@@ -463,6 +463,22 @@ class PowerSyncNodeClient:
             timeout_ms=int(timeout * 1000),
         )
 
+    async def wait_first_sync_priority(
+        self, priority: int, count_tables: Sequence[str] = (), *, timeout: float = 30.0
+    ) -> dict[str, Any]:
+        """``db.waitForFirstSync({priority})``; returns the status captured when it resolved
+        (``status_at_resolve``, ``status_for_priority``), the row counts of ``count_tables``
+        read right after in one read transaction (``counts``, and ``oplog_rows``: the ops the
+        client had downloaded by then, all buckets) and the status after them
+        (``status_after_counts``)."""
+        return await self.command(
+            "wait_first_sync_priority",
+            timeout=timeout + 10,
+            priority=priority,
+            count_tables=list(count_tables),
+            timeout_ms=int(timeout * 1000),
+        )
+
     async def set_token(self, token: str | None) -> None:
         """Token returned by the next ``fetchCredentials`` call (e.g. after a 401 / expiry)."""
         await self.command("set_token", token=token)

@@ -459,6 +459,51 @@ const commands = {
     return { status: statusSnapshot() };
   },
 
+  // db.waitForFirstSync({priority}): resolves once statusForPriority(priority).hasSynced. At
+  // that moment (before anything else is awaited) the status is captured, then row counts of
+  // "count_tables" are read in one read transaction, then the status once more: whether the
+  // full sync had completed by the time the counts were read.
+  async wait_first_sync_priority(req) {
+    const priority = Number(req.priority);
+    if (!Number.isInteger(priority)) throw new Error('wait_first_sync_priority needs an integer "priority"');
+    const timeoutMs = numberOr(req.timeout_ms, 30000);
+    const abort = new AbortController();
+    const timer = setTimeout(() => abort.abort(), timeoutMs);
+    try {
+      await db.waitForFirstSync({ priority, signal: abort.signal });
+    } finally {
+      clearTimeout(timer);
+    }
+    if (abort.signal.aborted) {
+      return { ok: false, error: `waitForFirstSync({priority: ${priority}}) timed out`, error_code: 'timeout',
+               status: statusSnapshot() };
+    }
+    const at = db.currentStatus;
+    const prio = at.statusForPriority(priority);
+    const statusAt = statusSnapshot(at);
+    const counts = {};
+    let oplogRows = null;
+    const tables = Array.isArray(req.count_tables) ? req.count_tables.map(String) : [];
+    await db.readTransaction(async (tx) => {
+      for (const t of tables) {
+        const r = await tx.getAll(`SELECT count(*) AS n FROM "${t.replace(/"/g, '""')}"`);
+        counts[t] = Number(r[0].n);
+      }
+      const o = await tx.getAll('SELECT count(*) AS n FROM ps_oplog');
+      oplogRows = Number(o[0].n);
+    });
+    return {
+      status_at_resolve: statusAt,
+      status_for_priority: prio
+        ? { priority: prio.priority, has_synced: prio.hasSynced ?? null }
+        : null,
+      counts,
+      oplog_rows: oplogRows, // ops downloaded (all buckets) when the counts were read
+      status_after_counts: statusSnapshot(),
+      ...driverState()
+    };
+  },
+
   async set_token(req) {
     currentToken = req.token ?? null;
     return {};
