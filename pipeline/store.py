@@ -194,26 +194,52 @@ def parse_member(member: bytes, score: float) -> StoredOp:
 
 
 class Store:
-    """Async access to one deployment's keys (prefix)."""
+    """Async access to one deployment's keys (prefix).
 
-    def __init__(self, client: aioredis.Redis, prefix: str, *, changes_maxlen: int = 10_000):
+    ``reader``: a read-only replica of ``client`` (the gateway's ``redis.replica_urls``).
+    The read side (every method under "read side" and :meth:`write_checkpoints`) then reads
+    only from it; the write side and the processor's reads stay on ``client``. A replica is
+    always at a batch boundary: every apply, compaction and defragmentation step is one Lua
+    script, and Redis 7 replicates a script's effects as one MULTI/EXEC, so a replica never
+    shows part of one (``tests/test_replica.py`` checks it). Reading all of a gateway's
+    state from the one replica keeps what it serves consistent: a change entry it read there
+    means that replica holds the ops and states of that checkpoint.
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        prefix: str,
+        *,
+        changes_maxlen: int = 10_000,
+        reader: aioredis.Redis | None = None,
+    ):
         self.r = client
+        #: where the gateway's reads go: the replica, or ``client`` itself
+        self.rr = reader if reader is not None else client
+        self.replica = reader is not None
         self.prefix = prefix
         self.changes_maxlen = changes_maxlen
         self._apply = client.register_script(_lua("apply_batch.lua"))
         self._compact = client.register_script(_lua("compact_step.lua"))
         self._notify = client.register_script(_NOTIFY_LUA)
         self._defrag = client.register_script(_lua("defrag_step.lua"))
-        self._read_with_lookups = client.register_script(_READ_WITH_LOOKUPS_LUA)
-        self._read_with_lookups_packed = client.register_script(_READ_WITH_LOOKUPS_PACKED_LUA)
+        # read-only scripts: EVALSHA runs on a read-only replica (a write would be refused)
+        self._read_with_lookups = self.rr.register_script(_READ_WITH_LOOKUPS_LUA)
+        self._read_with_lookups_packed = self.rr.register_script(_READ_WITH_LOOKUPS_PACKED_LUA)
         self._issue_wcp = client.register_script(_ISSUE_WCP_LUA)
 
     @classmethod
-    def from_url(cls, url: str, prefix: str, **kw: Any) -> Store:
-        return cls(aioredis.Redis.from_url(url, decode_responses=False), prefix, **kw)
+    def from_url(cls, url: str, prefix: str, *, reader_url: str | None = None, **kw: Any) -> Store:
+        reader = aioredis.Redis.from_url(reader_url, decode_responses=False) if reader_url else None
+        return cls(
+            aioredis.Redis.from_url(url, decode_responses=False), prefix, reader=reader, **kw
+        )
 
     async def close(self) -> None:
         await self.r.aclose()  # type: ignore[attr-defined]
+        if self.rr is not self.r:
+            await self.rr.aclose()  # type: ignore[attr-defined]
 
     def k(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -276,12 +302,12 @@ class Store:
     # ---- read side (gateway) ---------------------------------------------
 
     async def checkpoint(self) -> int:
-        v = await self.r.get(self.k("checkpoint"))
+        v = await self.rr.get(self.k("checkpoint"))
         return int(v) if v else 0
 
     async def read_checkpoint(self, buckets: Sequence[str]) -> tuple[int, dict[str, BucketState]]:
         """The checkpoint and the state of ``buckets`` in one atomic step (invariant 5)."""
-        pipe = self.r.pipeline(transaction=True)
+        pipe = self.rr.pipeline(transaction=True)
         pipe.get(self.k("checkpoint"))
         for b in buckets:
             pipe.hmget(self.k("bucket", b), "checksum", "count", "last_op")
@@ -297,7 +323,7 @@ class Store:
         with anything: confirm with :meth:`read_checkpoint_with_lookups`)."""
         if not keys:
             return {}
-        pipe = self.r.pipeline(transaction=False)
+        pipe = self.rr.pipeline(transaction=False)
         for key in keys:
             pipe.hkeys(self.k("lookup", key))
         res = await pipe.execute()
@@ -335,18 +361,18 @@ class Store:
 
     async def read_ops(self, bucket: str, after: int, upto: int, limit: int) -> list[StoredOp]:
         """Ops with ``after < op_id <= upto``, ascending, at most ``limit``."""
-        rows = await self.r.zrangebyscore(
+        rows = await self.rr.zrangebyscore(
             self.k("ops", bucket), f"({after}", upto, start=0, num=limit, withscores=True
         )
         return [parse_member(m, s) for m, s in rows]
 
     async def all_ops(self, bucket: str) -> list[StoredOp]:
-        rows = await self.r.zrange(self.k("ops", bucket), 0, -1, withscores=True)
+        rows = await self.rr.zrange(self.k("ops", bucket), 0, -1, withscores=True)
         return [parse_member(m, s) for m, s in rows]
 
     async def snapshot_bucket(self, bucket: str) -> tuple[list[StoredOp], BucketState]:
         """A bucket's whole log and its running totals, read in one atomic step."""
-        pipe = self.r.pipeline(transaction=True)
+        pipe = self.rr.pipeline(transaction=True)
         pipe.zrange(self.k("ops", bucket), 0, -1, withscores=True)
         pipe.hmget(self.k("bucket", bucket), "checksum", "count", "last_op")
         rows, (cs, n, last) = await pipe.execute()
@@ -357,9 +383,29 @@ class Store:
         _, states = await self.read_checkpoint([bucket])
         return states[bucket]
 
+    async def read_tail(self) -> tuple[bytes, int, int, dict[str, int]]:
+        """The newest change entry's id and ``n``, the checkpoint and the applied offsets
+        (with ``lsn:<connector>`` entries, as change entries announce them), in one atomic
+        step: a reader that starts after this entry knows the offsets of this checkpoint."""
+        pipe = self.rr.pipeline(transaction=True)
+        pipe.xrevrange(self.k("changes"), count=1)
+        pipe.get(self.k("checkpoint"))
+        pipe.hgetall(self.k("offsets"))
+        pipe.hgetall(self.k("source_lsn"))
+        tail, cp, offs, lsns = await pipe.execute()
+        entry_id, n = (tail[0][0], int(tail[0][1].get(b"n", 0))) if tail else (b"0-0", 0)
+        offsets = {k.decode(): int(v) for k, v in offs.items()}
+        offsets.update({f"lsn:{k.decode()}": int(v) for k, v in lsns.items()})
+        return entry_id, n, int(cp) if cp else 0, offsets
+
+    async def read_source_lsns(self) -> dict[str, int]:
+        """:meth:`applied_source_lsns` as the gateway's reads see them (the replica's)."""
+        raw = await self.rr.hgetall(self.k("source_lsn"))
+        return {k.decode(): int(v) for k, v in raw.items()}
+
     async def changes_tail(self) -> tuple[bytes, int]:
         """Id and sequence number of the newest change entry (start reading after it)."""
-        res = await self.r.xrevrange(self.k("changes"), count=1)
+        res = await self.rr.xrevrange(self.k("changes"), count=1)
         if not res:
             return b"0-0", 0
         return res[0][0], int(res[0][1].get(b"n", 0))
@@ -367,13 +413,13 @@ class Store:
     async def read_changes(
         self, last_id: bytes, block_ms: int, count: int = 500
     ) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        res = await self.r.xread({self.k("changes"): last_id}, count=count, block=block_ms)
+        res = await self.rr.xread({self.k("changes"): last_id}, count=count, block=block_ms)
         if not res:
             return []
         return list(res[0][1])
 
     async def changes_first_id(self) -> bytes | None:
-        res = await self.r.xrange(self.k("changes"), count=1)
+        res = await self.rr.xrange(self.k("changes"), count=1)
         return res[0][0] if res else None
 
     # ---- write checkpoints --------------------------------------------------
@@ -386,7 +432,7 @@ class Store:
         return wid
 
     async def write_checkpoints(self, key: str) -> dict[int, dict[str, int]]:
-        raw = await self.r.hgetall(self.k("wcp", key))
+        raw = await self.rr.hgetall(self.k("wcp", key))
         out = {}
         for f, v in raw.items():
             if f.startswith(b"pos:"):
@@ -394,7 +440,9 @@ class Store:
         return out
 
     async def forget_write_checkpoints(self, key: str, upto: int) -> None:
-        fields = [f"pos:{i}" for i in (await self.write_checkpoints(key)) if i < upto]
+        raw = await self.r.hkeys(self.k("wcp", key))
+        ids = [int(f[4:]) for f in raw if f.startswith(b"pos:")]
+        fields = [f"pos:{i}" for i in ids if i < upto]
         if fields:
             await self.r.hdel(self.k("wcp", key), *fields)
 
@@ -446,4 +494,8 @@ class Store:
         return states
 
     async def ping(self) -> bool:
-        return bool(await self.r.ping())
+        """The primary answers (and the replica, when the gateway reads one)."""
+        ok = bool(await self.r.ping())
+        if self.rr is not self.r:
+            ok = ok and bool(await self.rr.ping())
+        return ok

@@ -28,7 +28,7 @@ from bucketsync.stack.locking import locked
 from bucketsync.stack.ports import check_ports_distinct, check_ports_free
 from bucketsync.stack.postgres import POSTGRES
 from bucketsync.stack.processes import alive, children, log_tail, read_pid, spawn, stop
-from bucketsync.stack.redis import REDIS
+from bucketsync.stack.redis import REDIS, REDIS_REPLICA
 
 AnyComponent = Component[Any]
 
@@ -42,15 +42,19 @@ SOURCE_COMPONENTS: dict[str, tuple[AnyComponent, ...]] = {
 SOURCES = tuple(SOURCE_COMPONENTS)
 #: every component, for ``down``/``reset`` (which act on whatever runs)
 ALL: tuple[AnyComponent, ...] = tuple(
-    dict.fromkeys(c for comps in (BASE, *SOURCE_COMPONENTS.values()) for c in comps)
+    dict.fromkeys(
+        c for comps in (BASE, (REDIS_REPLICA,), *SOURCE_COMPONENTS.values()) for c in comps
+    )
 )
 
 
-def components_for(source: str) -> list[AnyComponent]:
-    """The base components plus those of ``source``; UserError for an unknown source."""
+def components_for(source: str, settings: Settings | None = None) -> list[AnyComponent]:
+    """The base components (with the Redis replica when ``stack.redis_replica_port`` is
+    set) plus those of ``source``; UserError for an unknown source."""
     if source not in SOURCE_COMPONENTS:
         raise UserError(f"unknown source '{source}'; use one of: {', '.join(SOURCES)}")
-    return [*BASE, *SOURCE_COMPONENTS[source]]
+    replica = [REDIS_REPLICA] if settings is not None and settings.stack.redis_replica_port else []
+    return [*BASE, *replica, *SOURCE_COMPONENTS[source]]
 
 
 def _stages(components: list[AnyComponent] | tuple[AnyComponent, ...]) -> list[list[AnyComponent]]:
@@ -109,7 +113,7 @@ def ensure_up(settings: Settings, source: str = "none") -> dict[str, str]:
     ``source="postgres"`` also ``postgres`` (the app user's URL), ``connect`` (REST URL) and
     ``connector`` (the registered connector's name).
     """
-    components = components_for(source)
+    components = components_for(source, settings)
     check_ports_distinct([port for c in components for port in c.ports(settings)])
     with locked(layout_for(settings)):
         plans: dict[str, Any] = {}
@@ -147,7 +151,7 @@ def stack_status(settings: Settings, source: str = "none") -> list[dict[str, Any
     ``source="postgres"`` adds PostgreSQL, the Connect worker and the Debezium connector
     (its state from Connect's REST API, ``detail`` with task states and replication-slot lag).
     """
-    return [row for comp in components_for(source) for row in comp.status(settings)]
+    return [row for comp in components_for(source, settings) for row in comp.status(settings)]
 
 
 def _stop_all(settings: Settings) -> None:
@@ -210,7 +214,7 @@ def _print_status(rows: list[dict[str, Any]], as_json: bool) -> None:
 
 
 def _other_sources_running(settings: Settings, source: str) -> list[str]:
-    shown = set(components_for(source))
+    shown = set(components_for(source, settings))
     return [
         name
         for name, comps in SOURCE_COMPONENTS.items()
@@ -221,7 +225,7 @@ def _other_sources_running(settings: Settings, source: str) -> list[str]:
 def main(settings: Settings, args: argparse.Namespace) -> int:
     """``bucketsync stack ACTION [--source postgres]``; returns the exit code."""
     source = getattr(args, "source", "none") or "none"
-    components = components_for(source)
+    components = components_for(source, settings)
     action = args.action
     if action == "up":
         t0 = time.monotonic()

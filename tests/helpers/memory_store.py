@@ -70,6 +70,8 @@ class GatewayStoreReads(Protocol):
 
     async def changes_tail(self) -> tuple[bytes, int]: ...
 
+    async def read_tail(self) -> tuple[bytes, int, int, dict[str, int]]: ...
+
     async def read_changes(
         self, last_id: bytes, block_ms: int, count: int = 500
     ) -> list[tuple[bytes, dict[bytes, bytes]]]: ...
@@ -192,6 +194,13 @@ class MemoryStore:
             return b"0-0", 0
         entry_id, fields = self.changes[-1]
         return entry_id, int(fields[b"n"])
+
+    async def read_tail(self) -> tuple[bytes, int, int, dict[str, int]]:
+        self.calls["read_tail"] += 1
+        entry_id, n = (
+            (self.changes[-1][0], int(self.changes[-1][1][b"n"])) if self.changes else (b"0-0", 0)
+        )
+        return entry_id, n, self.cp, dict(self.offsets)
 
     async def read_changes(
         self, last_id: bytes, block_ms: int, count: int = 500
