@@ -343,6 +343,8 @@ class CheckpointHub:
         backoff = 0.2
         while True:
             try:
+                if not await self.store.reader_synced():
+                    raise RuntimeError("the replica has not synced with the primary yet")
                 self._last_id, self._last_n, cp, offsets = await self.store.read_tail()
                 self.checkpoint = max(self.checkpoint, cp)
                 for tp, off in offsets.items():

@@ -493,9 +493,23 @@ class Store:
         _, states = await self.read_checkpoint(blist)
         return states
 
+    async def reader_synced(self) -> bool:
+        """Whether the read side holds the primary's data: always for the primary itself;
+        a replica once it has finished a first sync (before it, a replica serves an empty
+        data set, which would look like a store without a checkpoint)."""
+        if self.rr is self.r:
+            return True
+        info = await self.rr.info("replication")
+        if info.get("role") != "slave":
+            return True  # promoted, or pointed at a primary
+        if int(info.get("master_sync_in_progress", 0)):
+            return False
+        never = int(info.get("master_link_down_since_seconds", 0)) == -1
+        return not (info.get("master_link_status") != "up" and never)
+
     async def ping(self) -> bool:
-        """The primary answers (and the replica, when the gateway reads one)."""
+        """The primary answers (and the replica, synced, when the gateway reads one)."""
         ok = bool(await self.r.ping())
         if self.rr is not self.r:
-            ok = ok and bool(await self.rr.ping())
+            ok = ok and await self.reader_synced()
         return ok

@@ -263,3 +263,24 @@ async def test_gateway_on_a_lagging_replica_stays_correct(
         # nothing downloaded twice: the mover had everything, the other client lacked 2 ops
         assert mover.state.ops == mover_ops
         assert a.state.ops == a_ops + 2
+
+
+async def test_a_replica_that_never_synced_is_not_ready(tmp_path: Path) -> None:
+    """Before its first sync a replica serves an empty data set: the gateway's store reports
+    not ready (readiness 400) rather than a store without a checkpoint."""
+    async with primary_and_replica(tmp_path) as (primary, replica, _proxy):
+        port = free_port()
+        orphan = _redis_server(tmp_path / "orphan", port, "--replicaof", "127.0.0.1", "1")
+        try:
+            await _wait_for(lambda: redis.Redis(port=port).ping(), what="orphan replica")
+            bad = Store.from_url(primary, "p", reader_url=f"redis://127.0.0.1:{port}/0")
+            good = Store.from_url(primary, "p", reader_url=replica)
+            try:
+                assert not await bad.ping() and not await bad.reader_synced()
+                assert await good.ping() and await good.reader_synced()
+            finally:
+                await bad.close()
+                await good.close()
+        finally:
+            orphan.terminate()
+            orphan.wait(10)

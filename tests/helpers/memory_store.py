@@ -72,6 +72,8 @@ class GatewayStoreReads(Protocol):
 
     async def read_tail(self) -> tuple[bytes, int, int, dict[str, int]]: ...
 
+    async def reader_synced(self) -> bool: ...
+
     async def read_changes(
         self, last_id: bytes, block_ms: int, count: int = 500
     ) -> list[tuple[bytes, dict[bytes, bytes]]]: ...
@@ -194,6 +196,9 @@ class MemoryStore:
             return b"0-0", 0
         entry_id, fields = self.changes[-1]
         return entry_id, int(fields[b"n"])
+
+    async def reader_synced(self) -> bool:
+        return True
 
     async def read_tail(self) -> tuple[bytes, int, int, dict[str, int]]:
         self.calls["read_tail"] += 1
