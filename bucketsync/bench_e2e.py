@@ -1,0 +1,335 @@
+"""``bucketsync bench e2e``: produce → ``checkpoint_complete`` latency under load.
+
+A producer thread in the bench process writes Debezium todo events to a Kafka topic of the
+run's own (3 partitions) at ``--rate`` events/s for ``--seconds``; each row carries its
+produce time (``ts``, epoch seconds). One ``bucketsync processor`` applies them to Redis;
+``bucketsync gateway`` (``--workers``) serves ``--clients`` simulated clients (one per user;
+each event changes a row of one connected user), which run in a process of their own
+(:class:`bucketsync.bench_clients.ClientPool`: checksums verified at every checkpoint) and
+record ``now - ts`` for every op when its checkpoint completes.
+
+The split of the cores: nothing is pinned; the gateway, the processor, the client process,
+the producer (this process), Kafka and Redis share the machine's cores, and the report gives
+each one's CPU seconds over the measured window (so its share of the cores).
+
+Writes ``<out>.json``, ``<out>.md`` and ``<out>.png`` (latency CDF; produced, applied and
+client-received ops per second).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import random
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis
+import yaml
+
+from bucketsync import bench_clients as kit
+from bucketsync.config import Settings, load_settings
+from bucketsync.feed import WORDS, ensure_topics, envelope, make_producer
+from bucketsync.tokens import make_dev_token
+
+RULES = """
+bucket_definitions:
+  by_user:
+    parameters: SELECT request.user_id() AS user_id
+    data:
+      - SELECT * FROM todos WHERE owner_id = bucket.user_id
+"""
+
+PARTITIONS = 3
+ROWS_PER_USER = 2
+GOALS = {"p50_ms": 50.0, "p99_ms": 250.0, "rate": 5000, "clients": 10_000}
+
+
+class Producer(threading.Thread):
+    """Paced Debezium todo events, each row stamped with its produce time."""
+
+    def __init__(self, settings: Settings, topic: str, rate: float, seconds: float, users: int):
+        super().__init__(daemon=True)
+        self.settings, self.topic = settings, topic
+        self.rate, self.seconds, self.users = rate, seconds, users
+        self.produced = 0
+        self.started_at = 0.0
+        self.ended_at = 0.0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # reported by the bench
+            self.error = exc
+
+    def _run(self) -> None:
+        p = make_producer(self.settings)
+        p_conf_rows = self.users * ROWS_PER_USER
+        live: dict[int, dict[str, Any]] = {}
+        rng = random.Random(7)
+        lsn = 10_000
+        self.started_at = t0 = time.monotonic()
+        total = int(self.rate * self.seconds)
+        while self.produced < total:
+            due = min(total, int((time.monotonic() - t0) * self.rate) + 1)
+            while self.produced < due:
+                rid = rng.randrange(p_conf_rows)
+                lsn += 1
+                before = live.get(rid)
+                row = {
+                    "id": f"t{rid}",
+                    "owner_id": f"u{rid % self.users}",
+                    "description": " ".join(rng.choices(WORDS, k=3)),
+                    "completed": rng.random() < 0.5,
+                    "ts": time.time(),
+                }
+                live[rid] = row
+                value = envelope("todos", "u" if before else "c", before, row, lsn=lsn)
+                while True:
+                    try:
+                        p.produce(self.topic, key=orjson.dumps({"id": row["id"]}), value=value)
+                        break
+                    except BufferError:
+                        p.poll(0.01)
+                self.produced += 1
+            p.poll(0)
+            time.sleep(0.002)
+        p.flush(60)
+        self.ended_at = time.monotonic()
+
+
+def run(
+    settings: Settings,
+    *,
+    clients: int,
+    rate: float,
+    seconds: float,
+    workers: int,
+    batch_wait_ms: int,
+    workdir: Path,
+) -> dict[str, Any]:
+    from bucketsync import stack
+
+    kit.raise_nofile()
+    stack.ensure_up(settings)
+    run_id = uuid.uuid4().hex[:8]
+    prefix = f"bench-e2e-{run_id}"
+    topic = f"{prefix}.public.todos"
+    ensure_topics(settings, [topic], partitions=PARTITIONS)
+    (workdir / "rules.yaml").write_text(RULES)
+    port = kit.free_port()
+    data = settings.model_dump(mode="json", exclude={"config_dir"})
+    data["kafka"].update(topics=[topic], topic_pattern=None, group_id=prefix)
+    data["kafka"]["dead_letter_topic"] = f"{prefix}.dead-letter"
+    data["redis"]["prefix"] = prefix
+    data["sync_rules"] = str(workdir / "rules.yaml")
+    data["processor"].update(metrics_port=0, batch_max_wait_ms=batch_wait_ms)
+    data["gateway"].update(
+        port=port, host="127.0.0.1", workers=workers, max_connections_per_user=10
+    )
+    data["compaction"]["interval_s"] = 0
+    data["stack"]["state_dir"] = str(settings.state_dir)
+    cfg = workdir / "bucketsync.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    s = load_settings(cfg)
+    r = redis.Redis.from_url(s.redis.url)
+    users = clients
+    tokens = [make_dev_token(s, sub=f"u{i}", ttl_s=int(seconds) + 3600) for i in range(users)]
+    glog, plog = workdir / "gateway.log", workdir / "processor.log"
+    gw = proc = None
+    pool: kit.ClientPool | None = None
+    result: dict[str, Any] = {
+        "benchmark": "e2e",
+        "clients": clients,
+        "users": users,
+        "target_rate_events_per_s": rate,
+        "seconds": seconds,
+        "gateway_workers": workers,
+        "processor_batch_max_wait_ms": batch_wait_ms,
+        "partitions": PARTITIONS,
+        "cores": os.cpu_count(),
+        "split": "no pinning: gateway (`bucketsync gateway`, workers as given), one "
+        "`bucketsync processor`, the simulated clients (one process, aiohttp + the checksum-"
+        "verifying simulator), the producer (bench process), Kafka and Redis share the cores; "
+        "cpu_s gives each one's CPU seconds over the measured window",
+    }
+
+    def applied() -> int:
+        raw = r.hgetall(f"{prefix}:offsets")
+        return sum(int(v) + 1 for k, v in raw.items() if k.decode().startswith(topic + "/"))
+
+    try:
+        proc = kit.spawn("processor", cfg, plog)
+        gw = kit.spawn("gateway", cfg, glog)
+        kit.wait_listening(port, gw, glog)
+        pool = kit.ClientPool(f"http://127.0.0.1:{port}", tokens)
+        t_open = time.monotonic()
+        opened = pool.open(concurrency=500, timeout=300)
+        result["connect"] = {
+            "took_s": round(time.monotonic() - t_open, 2),
+            "connected": opened["resumed"],
+        }
+        print(f"{opened['resumed']}/{clients} clients synced; producing ...", flush=True)
+        pool.call("mark")
+        pids = {"gateway": gw.pid, "processor": proc.pid, "clients": pool.pid}
+        cpu0 = {k: kit.cpu_s(p) for k, p in pids.items()}
+        cpu0["producer (bench process)"] = kit.cpu_s(os.getpid())
+        rcpu0 = _redis_cpu(r)
+        producer = Producer(s, topic, rate, seconds, users)
+        t0 = time.time()
+        producer.start()
+        series: list[tuple[float, int, int]] = []
+        deadline = time.monotonic() + seconds + 120
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            done = applied()
+            series.append((time.time() - t0, producer.produced, done))
+            if not producer.is_alive() and done >= producer.produced:
+                break
+            if producer.error is not None:
+                raise RuntimeError(f"producer failed: {producer.error}")
+        window = time.time() - t0
+        time.sleep(2.0)  # the last checkpoints reach the clients
+        cpu = {k: kit.cpu_s(p) - cpu0[k] for k, p in pids.items()}
+        cpu["producer (bench process)"] = kit.cpu_s(os.getpid()) - cpu0["producer (bench process)"]
+        cpu["redis"] = _redis_cpu(r) - rcpu0
+        got = pool.call("collect")
+        lat_ms = [x * 1000 for x in got.pop("latencies_s")]
+        produce_s = (producer.ended_at - producer.started_at) or float("nan")
+        result.update(
+            {
+                "produced": producer.produced,
+                "applied": series[-1][2] if series else 0,
+                "achieved_rate_events_per_s": round(producer.produced / produce_s),
+                "latency_samples": len(lat_ms),
+                "latency_p50_ms": round(kit.pct(lat_ms, 0.5), 1),
+                "latency_p90_ms": round(kit.pct(lat_ms, 0.9), 1),
+                "latency_p99_ms": round(kit.pct(lat_ms, 0.99), 1),
+                "latency_max_ms": round(max(lat_ms), 1) if lat_ms else None,
+                "mismatches": got["mismatches"],
+                "protocol_errors": got["protocol_errors"],
+                "reconnects": got["reconnects"],
+                "http_errors": got["http_errors"],
+                "cpu_s": {k: round(v, 2) for k, v in cpu.items()},
+                "cpu_share_of_window": {k: round(v / window, 3) for k, v in cpu.items()},
+                "window_s": round(window, 2),
+                "latency_cdf_ms": [
+                    round(x, 2) for x in sorted(lat_ms)[:: max(1, len(lat_ms) // 400)]
+                ],
+                "series": {
+                    "produced": [(round(t, 2), n) for t, n, _ in series],
+                    "applied": [(round(t, 2), n) for t, _, n in series],
+                    "client_ops_per_s": kit.per_second(got["ops_per_s"], t0),
+                },
+            }
+        )
+    finally:
+        if pool is not None:
+            pool.quit()
+        kit.stop(gw)
+        kit.stop(proc)
+        _drop_prefix(r, prefix)
+        r.close()
+    return result
+
+
+def _redis_cpu(r: redis.Redis) -> float:
+    info = r.info("cpu")
+    return float(info["used_cpu_user_main_thread"]) + float(info["used_cpu_sys_main_thread"])
+
+
+def _drop_prefix(r: redis.Redis, prefix: str) -> None:
+    batch = []
+    for key in r.scan_iter(match=f"{prefix}:*", count=5000):
+        batch.append(key)
+        if len(batch) >= 1000:
+            r.unlink(*batch)
+            batch = []
+    if batch:
+        r.unlink(*batch)
+
+
+def _rates(points: list[tuple[float, int]]) -> list[tuple[float, float]]:
+    out = []
+    for (t0, n0), (t1, n1) in itertools.pairwise(points):
+        if t1 > t0:
+            out.append((t1, (n1 - n0) / (t1 - t0)))
+    return out
+
+
+def report(res: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(orjson.dumps(res, option=orjson.OPT_INDENT_2).decode())
+    ok = res["mismatches"] == 0 and res["protocol_errors"] == 0
+    md = "\n".join(
+        [
+            f"# bench e2e: {res['clients']:,} clients, {res['target_rate_events_per_s']:,.0f} "
+            f"events/s target for {res['seconds']:g} s",
+            "",
+            "| measure | value | goal (issue 12) |",
+            "|---|---|---|",
+            f"| events produced / applied | {res['produced']:,} / {res['applied']:,} | - |",
+            f"| achieved produce rate | {res['achieved_rate_events_per_s']:,}/s "
+            f"| {GOALS['rate']:,}/s with {GOALS['clients']:,} clients |",
+            f"| produce → checkpoint_complete p50 | {res['latency_p50_ms']} ms "
+            f"| ≤ {GOALS['p50_ms']:g} ms |",
+            f"| p90 / p99 / max | {res['latency_p90_ms']} / {res['latency_p99_ms']} / "
+            f"{res['latency_max_ms']} ms | p99 ≤ {GOALS['p99_ms']:g} ms |",
+            f"| ops measured (one per received op) | {res['latency_samples']:,} | - |",
+            f"| checksum mismatches / protocol errors | {res['mismatches']} / "
+            f"{res['protocol_errors']} | 0 / 0 |",
+            f"| client reconnects / HTTP errors | {res['reconnects']} / {res['http_errors']} | - |",
+            "| CPU share of the window (cores) | "
+            + ", ".join(f"{k} {v}" for k, v in res["cpu_share_of_window"].items())
+            + " | - |",
+            "",
+            f"Gateway workers {res['gateway_workers']}; processor batch_max_wait_ms "
+            f"{res['processor_batch_max_wait_ms']}; {res['partitions']} partitions; "
+            f"{res['cores']} cores. {res['split']}. Verdict: "
+            + ("no mismatches, no protocol errors." if ok else "ERRORS (see JSON)."),
+            "",
+        ]
+    )
+    out.with_suffix(".md").write_text(md)
+    print(md)
+    ser = res["series"]
+    kit.plot(
+        out.with_suffix(".png"),
+        f"bench e2e: {res['clients']:,} clients, {res['target_rate_events_per_s']:,.0f} events/s",
+        {"produce → checkpoint_complete": res["latency_cdf_ms"]},
+        {
+            "produced/s": _rates([tuple(x) for x in ser["produced"]]),
+            "applied/s": _rates([tuple(x) for x in ser["applied"]]),
+            "ops received by clients/s": [tuple(x) for x in ser["client_ops_per_s"]],
+        },
+        cdf_xlabel="ms from produce to checkpoint_complete",
+        series_ylabel="events or ops per second",
+    )
+    print(f"results: {out.with_suffix('.json')} (.md, .png)")
+
+
+def main(settings: Settings, args: argparse.Namespace) -> int:
+    out = (
+        Path(args.out)
+        if args.out
+        else Path("bench-results") / time.strftime("e2e-%Y%m%d-%H%M%S.json")
+    )
+    with tempfile.TemporaryDirectory(prefix="bucketsync-e2e-") as tmp:
+        res = run(
+            settings,
+            clients=args.clients if args.clients is not None else 2000,
+            rate=args.rate if args.rate is not None else 5000.0,
+            seconds=args.seconds,
+            workers=args.workers,
+            batch_wait_ms=args.batch_wait_ms,
+            workdir=Path(tmp),
+        )
+    report(res, out)
+    return 0 if res["mismatches"] == 0 and res["protocol_errors"] == 0 else 1
