@@ -54,8 +54,17 @@ GOALS = {"p50_ms": 50.0, "p99_ms": 250.0, "rate": 5000, "clients": 10_000}
 class Producer(threading.Thread):
     """Paced Debezium todo events, each row stamped with its produce time."""
 
-    def __init__(self, settings: Settings, topic: str, rate: float, seconds: float, users: int):
+    def __init__(
+        self,
+        settings: Settings,
+        topic: str,
+        rate: float,
+        seconds: float,
+        users: int,
+        lsn: int = 1_000_000,
+    ):
         super().__init__(daemon=True)
+        self.lsn = lsn
         self.settings, self.topic = settings, topic
         self.rate, self.seconds, self.users = rate, seconds, users
         self.produced = 0
@@ -74,7 +83,7 @@ class Producer(threading.Thread):
         p_conf_rows = self.users * ROWS_PER_USER
         live: dict[int, dict[str, Any]] = {}
         rng = random.Random(7)
-        lsn = 10_000
+        lsn = self.lsn
         self.started_at = t0 = time.monotonic()
         total = int(self.rate * self.seconds)
         while self.produced < total:
@@ -176,6 +185,13 @@ def run(
             "took_s": round(time.monotonic() - t_open, 2),
             "connected": opened["resumed"],
         }
+        # warm-up: the processor has joined its group and applies before the window opens
+        warm = Producer(s, topic, 50, 1.0, users, lsn=1_000)
+        warm.run()
+        deadline = time.monotonic() + 120
+        while applied() < warm.produced and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)
         print(f"{opened['resumed']}/{clients} clients synced; producing ...", flush=True)
         pool.call("mark")
         pids = {"gateway": gw.pid, "processor": proc.pid, "clients": pool.pid}
@@ -189,7 +205,7 @@ def run(
         deadline = time.monotonic() + seconds + 120
         while time.monotonic() < deadline:
             time.sleep(0.5)
-            done = applied()
+            done = applied() - warm.produced
             series.append((time.time() - t0, producer.produced, done))
             if not producer.is_alive() and done >= producer.produced:
                 break
@@ -201,6 +217,7 @@ def run(
         cpu["producer (bench process)"] = kit.cpu_s(os.getpid()) - cpu0["producer (bench process)"]
         cpu["redis"] = _redis_cpu(r) - rcpu0
         got = pool.call("collect")
+        result["gateway_metrics"] = _gateway_metrics(port)
         lat_ms = [x * 1000 for x in got.pop("latencies_s")]
         produce_s = (producer.ended_at - producer.started_at) or float("nan")
         result.update(
@@ -238,6 +255,32 @@ def run(
         _drop_prefix(r, prefix)
         r.close()
     return result
+
+
+_METRICS = (
+    "bucketsync_gateway_invalidated_checkpoints_total",
+    'bucketsync_gateway_lines_total{type="checkpoint_complete"}',
+    'bucketsync_gateway_lines_total{type="checkpoint_diff"}',
+    'bucketsync_gateway_lines_total{type="data"}',
+    "bucketsync_gateway_ops_sent_total",
+)
+
+
+def _gateway_metrics(port: int) -> dict[str, float]:
+    """A few counters from the gateway's /metrics (one worker's, with ``--workers`` > 1)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name in _METRICS:
+            out[name] = float(value)
+    return out
 
 
 def _redis_cpu(r: redis.Redis) -> float:

@@ -24,7 +24,7 @@ import orjson
 from prometheus_client import Counter, Gauge
 
 from gateway import protocol
-from pipeline.store import BucketState, Store
+from pipeline.store import BucketState, Store, StoredOp
 
 log = logging.getLogger("bucketsync.gateway.hub")
 
@@ -232,26 +232,34 @@ class PageCache:
         has_more_store = len(ops) > max_ops
         if has_more_store:
             del ops[max_ops:]
-        if not ops:
-            return Page((), after, False, 0, 0)
-        lines: list[bytes] = []
-        chunk: list[bytes] = []
-        size = 0
-        pos = after
-        max_target = 0
-        for i, op in enumerate(ops):
-            if op.target > max_target:
-                max_target = op.target
-            chunk.append(op.wire)
-            size += len(op.wire)
-            last = i == len(ops) - 1
-            if size >= max_bytes or last:
-                nxt = op.op_id
-                more = has_more_store or not last
-                lines.append(protocol.data(bucket, pos, nxt, more, chunk))
-                pos = nxt
-                chunk, size = [], 0
-        return Page(tuple(lines), pos, has_more_store, len(ops), max_target)
+        return encode_page(bucket, after, ops, has_more_store, max_bytes)
+
+
+def encode_page(
+    bucket: str, after: int, ops: list[StoredOp], has_more_store: bool, max_bytes: int
+) -> Page:
+    """``ops`` (ascending, all after ``after``) as a :class:`Page` of ``data`` lines, closed
+    at ``max_bytes``; ``has_more_store``: more ops up to the checkpoint remain after them."""
+    if not ops:
+        return Page((), after, False, 0, 0)
+    lines: list[bytes] = []
+    chunk: list[bytes] = []
+    size = 0
+    pos = after
+    max_target = 0
+    for i, op in enumerate(ops):
+        if op.target > max_target:
+            max_target = op.target
+        chunk.append(op.wire)
+        size += len(op.wire)
+        last = i == len(ops) - 1
+        if size >= max_bytes or last:
+            nxt = op.op_id
+            more = has_more_store or not last
+            lines.append(protocol.data(bucket, pos, nxt, more, chunk))
+            pos = nxt
+            chunk, size = [], 0
+    return Page(tuple(lines), pos, has_more_store, len(ops), max_target)
 
 
 class CheckpointHub:

@@ -318,6 +318,35 @@ class Store:
             states[b] = BucketState(int(cs or 0), int(n or 0), int(last or 0))
         return cp, states
 
+    async def read_checkpoint_with_ops(
+        self, buckets: Sequence[str], after: Mapping[str, int], limit: int
+    ) -> tuple[int, dict[str, BucketState], dict[str, tuple[list[StoredOp], bool]]]:
+        """The checkpoint, the state of ``buckets`` and, per bucket of ``after``, its first
+        ops with ``after[b] < op_id <= checkpoint`` (at most ``limit``; the flag says more
+        remain), all in one atomic step. Every MOVE/CLEAR among them targets an op at or
+        below that checkpoint (a batch supersedes an op and raises the checkpoint past its
+        target in one step), so a connection serving these ops can complete the checkpoint
+        however hot its rows are: no newer write can turn them into MOVEs in between."""
+        pipe = self.rr.pipeline(transaction=True)
+        pipe.get(self.k("checkpoint"))
+        for b in buckets:
+            pipe.hmget(self.k("bucket", b), "checksum", "count", "last_op")
+        order = list(after)
+        for b in order:
+            pipe.zrangebyscore(
+                self.k("ops", b), f"({after[b]}", "+inf", start=0, num=limit + 1, withscores=True
+            )
+        res = await pipe.execute()
+        cp = int(res[0]) if res[0] else 0
+        states = {}
+        for b, (cs, n, last) in zip(buckets, res[1 : 1 + len(buckets)], strict=True):
+            states[b] = BucketState(int(cs or 0), int(n or 0), int(last or 0))
+        ops: dict[str, tuple[list[StoredOp], bool]] = {}
+        for b, rows in zip(order, res[1 + len(buckets) :], strict=True):
+            got = [parse_member(m, sc) for m, sc in rows if sc <= cp]
+            ops[b] = (got[:limit], len(got) > limit)
+        return cp, states, ops
+
     async def read_lookups(self, keys: Sequence[str]) -> LookupRows:
         """The value arrays stored under each lookup key, in one round trip (not atomic
         with anything: confirm with :meth:`read_checkpoint_with_lookups`)."""
