@@ -197,11 +197,11 @@ def run(
         time.sleep(0.5)
         pool.call("mark")
         pids = {f"gateway-{i}": gw.pid for i, gw in enumerate(gws)} | {"clients": pool.pid}
-        cpu0 = {k: kit.cpu_s(p) for k, p in pids.items()}
+        cpu0 = {k: kit.cpu_tree_s(p) for k, p in pids.items()}
         rss0 = {k: kit.rss_kb(p) for k, p in pids.items() if k.startswith("gateway")}
         t0 = time.time()
         storm = pool.open(concurrency=0, timeout=120)
-        cpu = {k: round(kit.cpu_s(p) - cpu0[k], 2) for k, p in pids.items()}
+        cpu = {k: round(kit.cpu_tree_s(p) - cpu0[k], 2) for k, p in pids.items()}
         got = pool.call("collect")
         tables = pool.call("tables")
         expected = [1 if u in changed else 0 for u in users]
