@@ -123,11 +123,14 @@ def run(
     workers: int,
     batch_wait_ms: int,
     workdir: Path,
+    replica: bool = False,
 ) -> dict[str, Any]:
     from bucketsync import stack
+    from bucketsync.bench_reconnect import primary_and_replica
 
     kit.raise_nofile()
     stack.ensure_up(settings)
+    servers: list[Any] = []
     run_id = uuid.uuid4().hex[:8]
     prefix = f"bench-e2e-{run_id}"
     topic = f"{prefix}.public.todos"
@@ -145,14 +148,27 @@ def run(
     )
     data["compaction"]["interval_s"] = 0
     data["stack"]["state_dir"] = str(settings.state_dir)
+    if replica:
+        servers, primary, replica_url = primary_and_replica(workdir)
+        data["redis"]["url"] = primary
+        data["redis"]["replica_urls"] = [replica_url]
     cfg = workdir / "bucketsync.yaml"
     cfg.write_text(yaml.safe_dump(data))
     s = load_settings(cfg)
+    # with --replica a second gateway on the same replica; clients alternate between them
+    ports = [port]
+    gw_cfgs = [cfg]
+    if replica:
+        ports.append(kit.free_port())
+        d2 = orjson.loads(orjson.dumps(data))
+        d2["gateway"]["port"] = ports[1]
+        gw_cfgs.append(workdir / "gateway-2.yaml")
+        gw_cfgs[1].write_text(yaml.safe_dump(d2))
     r = redis.Redis.from_url(s.redis.url)
     users = clients
     tokens = [make_dev_token(s, sub=f"u{i}", ttl_s=int(seconds) + 3600) for i in range(users)]
     glog, plog = workdir / "gateway.log", workdir / "processor.log"
-    gw = proc = None
+    gw = proc = gw2 = None
     pool: kit.ClientPool | None = None
     result: dict[str, Any] = {
         "benchmark": "e2e",
@@ -161,6 +177,12 @@ def run(
         "target_rate_events_per_s": rate,
         "seconds": seconds,
         "gateway_workers": workers,
+        "topology": (
+            "private Redis primary + 1 replica; the processor writes the primary; 2 gateway "
+            "processes read the replica; clients alternate between them"
+            if replica
+            else "the configured Redis; 1 gateway"
+        ),
         "processor_batch_max_wait_ms": batch_wait_ms,
         "partitions": PARTITIONS,
         "cores": os.cpu_count(),
@@ -178,7 +200,10 @@ def run(
         proc = kit.spawn("processor", cfg, plog)
         gw = kit.spawn("gateway", cfg, glog)
         kit.wait_listening(port, gw, glog)
-        pool = kit.ClientPool(f"http://127.0.0.1:{port}", tokens)
+        if replica:
+            gw2 = kit.spawn("gateway", gw_cfgs[1], glog)
+            kit.wait_listening(ports[1], gw2, glog)
+        pool = kit.ClientPool([f"http://127.0.0.1:{p}" for p in ports], tokens)
         t_open = time.monotonic()
         opened = pool.open(concurrency=500, timeout=300)
         result["connect"] = {
@@ -195,6 +220,8 @@ def run(
         print(f"{opened['resumed']}/{clients} clients synced; producing ...", flush=True)
         pool.call("mark")
         pids = {"gateway": gw.pid, "processor": proc.pid, "clients": pool.pid}
+        if gw2 is not None:
+            pids["gateway-2"] = gw2.pid
         cpu0 = {k: kit.cpu_tree_s(p) for k, p in pids.items()}
         cpu0["producer (bench process)"] = kit.cpu_s(os.getpid())
         rcpu0 = _redis_cpu(r)
@@ -252,9 +279,13 @@ def run(
         if pool is not None:
             pool.quit()
         kit.stop(gw)
+        kit.stop(gw2)
         kit.stop(proc)
         _drop_prefix(r, prefix)
         r.close()
+        for srv in servers:
+            srv.terminate()
+            srv.wait(10)
     return result
 
 
@@ -361,7 +392,7 @@ def report(res: dict[str, Any], out: Path) -> None:
             + ", ".join(f"{k} {v}" for k, v in res["cpu_share_of_window"].items())
             + " | - |",
             "",
-            f"Gateway workers {res['gateway_workers']}; processor batch_max_wait_ms "
+            f"Topology: {res['topology']}. Gateway workers {res['gateway_workers']}; processor batch_max_wait_ms "
             f"{res['processor_batch_max_wait_ms']}; {res['partitions']} partitions; "
             f"{res['cores']} cores. {res['split']}. Verdict: "
             + ("no mismatches, no protocol errors." if ok else "ERRORS (see JSON)."),
@@ -401,6 +432,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
             workers=args.workers,
             batch_wait_ms=args.batch_wait_ms,
             workdir=Path(tmp),
+            replica=bool(getattr(args, "replica", False)),
         )
     report(res, out)
     return 0 if res["mismatches"] == 0 and res["protocol_errors"] == 0 else 1

@@ -101,16 +101,12 @@ def _wait(pred: Any, timeout: float, what: str) -> None:
     raise RuntimeError(f"timed out waiting for {what}")
 
 
-def run(
-    settings: Settings, *, clients: int, workers: int, replica: bool, workdir: Path
-) -> dict[str, Any]:
-    kit.raise_nofile()
-    prefix = f"bench-reconnect-{uuid.uuid4().hex[:8]}"
-    servers: list[subprocess.Popen[bytes]] = []
-    data = settings.model_dump(mode="json", exclude={"config_dir"})
-    if replica:
-        pport, rport = kit.free_port(), kit.free_port()
-        servers.append(_redis_server(workdir / "primary", pport))
+def primary_and_replica(workdir: Path) -> tuple[list[subprocess.Popen[bytes]], str, str]:
+    """A private redis-server primary and a replica of it (no persistence): the processes
+    and the two URLs."""
+    pport, rport = kit.free_port(), kit.free_port()
+    servers = [_redis_server(workdir / "primary", pport)]
+    try:
         _wait(lambda: redis.Redis(port=pport).ping(), 20, "primary")
         servers.append(
             _redis_server(workdir / "replica", rport, "--replicaof", "127.0.0.1", str(pport))
@@ -120,8 +116,24 @@ def run(
             30,
             "replica link",
         )
-        data["redis"]["url"] = f"redis://127.0.0.1:{pport}/0"
-        data["redis"]["replica_urls"] = [f"redis://127.0.0.1:{rport}/0"]
+    except BaseException:
+        for srv in servers:
+            srv.terminate()
+        raise
+    return servers, f"redis://127.0.0.1:{pport}/0", f"redis://127.0.0.1:{rport}/0"
+
+
+def run(
+    settings: Settings, *, clients: int, workers: int, replica: bool, workdir: Path
+) -> dict[str, Any]:
+    kit.raise_nofile()
+    prefix = f"bench-reconnect-{uuid.uuid4().hex[:8]}"
+    servers: list[subprocess.Popen[bytes]] = []
+    data = settings.model_dump(mode="json", exclude={"config_dir"})
+    if replica:
+        servers, primary, replica_url = primary_and_replica(workdir)
+        data["redis"]["url"] = primary
+        data["redis"]["replica_urls"] = [replica_url]
     else:
         from bucketsync import stack
 

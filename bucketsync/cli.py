@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--replica",
         action="store_true",
-        help="2 gateways reading from a private Redis replica (reconnect)",
+        help="a private Redis primary + replica, 2 gateways reading the replica (reconnect, e2e)",
     )
     p.add_argument("--sample-s", type=float, default=5.0, help="sampling interval (soak)")
     p.add_argument(

@@ -26,13 +26,16 @@ def _run(settings: Any, out: Path, *argv: str) -> dict[str, Any]:
     return res
 
 
-def test_bench_e2e_tiny(make_settings: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("replica", [False, True])
+def test_bench_e2e_tiny(make_settings: Any, tmp_path: Path, replica: bool) -> None:
     res = _run(
         make_settings(),
         tmp_path / "e2e.json",
         "e2e",
         "--clients", "20", "--rate", "100", "--seconds", "2",
+        *(["--replica"] if replica else []),
     )  # fmt: skip
+    assert ("replica" in res["topology"]) is replica
     assert res["produced"] == res["applied"] == 200
     assert res["mismatches"] == res["protocol_errors"] == 0
     assert 0 < res["latency_samples"] <= 200
