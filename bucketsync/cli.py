@@ -258,7 +258,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("bench", cmd_bench, "Benchmarks; results as JSON plus a short table.")
     p.add_argument(
         "which",
-        choices=["ingest", "fanout", "compact", "cdc", "recovery", "lookups", "soak"],
+        choices=[
+            "ingest",
+            "fanout",
+            "compact",
+            "cdc",
+            "recovery",
+            "lookups",
+            "soak",
+            "e2e",
+            "initial-sync",
+            "reconnect",
+        ],
         help="benchmark",
     )
     p.add_argument(
@@ -268,11 +279,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rate",
         type=float,
-        default=50.0,
-        help="transactions/s (cdc), events/s (recovery, soak)",
+        default=None,
+        help="transactions/s (cdc, default 50), events/s (recovery, soak: 50; e2e: 5000)",
     )
     p.add_argument("--minutes", type=float, default=30.0, help="duration (soak)")
-    p.add_argument("--clients", type=int, default=5000, help="simulated clients (soak)")
+    p.add_argument(
+        "--clients",
+        type=int,
+        default=None,
+        help="simulated clients (soak: 5000; e2e, reconnect: 2000)",
+    )
+    p.add_argument("--seconds", type=float, default=20.0, help="producing time (e2e)")
+    p.add_argument(
+        "--workers", type=int, default=1, help="gateway worker processes (e2e, reconnect)"
+    )
+    p.add_argument(
+        "--batch-wait-ms",
+        type=int,
+        default=10,
+        help="processor.batch_max_wait_ms for the run (e2e)",
+    )
+    p.add_argument(
+        "--ops", type=int, default=200_000, help="ops in the one big bucket (initial-sync)"
+    )
+    p.add_argument(
+        "--no-node",
+        action="store_true",
+        help="skip the official Node client's timing (initial-sync)",
+    )
+    p.add_argument(
+        "--replica",
+        action="store_true",
+        help="a private Redis primary + replica, 2 gateways reading the replica (reconnect, e2e)",
+    )
     p.add_argument("--sample-s", type=float, default=5.0, help="sampling interval (soak)")
     p.add_argument(
         "--rss-bound-mb",

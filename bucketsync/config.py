@@ -69,6 +69,21 @@ class RedisSettings(_Section):
     prefix: str = "bs"
     #: Length the change-notification stream is trimmed to (approximate).
     changes_maxlen: int = Field(default=10_000, gt=0)
+    #: Read-only replicas of ``url`` the gateway reads from (checkpoints, bucket states,
+    #: op pages, the change stream); writes (write checkpoints) still go to ``url``. Each
+    #: gateway process reads from one of them (by process id) and only from it, so
+    #: everything it serves is at one batch boundary of that replica. Empty: read ``url``.
+    replica_urls: list[str] = Field(default_factory=list)
+    #: Seconds a new stream waits for a lagging replica to reach the client's positions
+    #: (its ``after`` op ids) before its first checkpoint (then it proceeds anyway).
+    replica_wait_s: float = Field(default=5.0, ge=0)
+
+    @field_validator("replica_urls", mode="before")
+    @classmethod
+    def _replica_list(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [u for u in (x.strip() for x in v.split(",")) if u]
+        return v
 
 
 class AuthSettings(_Section):
@@ -219,6 +234,9 @@ class StackSettings(_Section):
     kafka_heap: str = "512m"
     redis_port: int = Field(default=6379, ge=1, le=65535)
     redis_appendfsync: Literal["always", "everysec", "no"] = "everysec"
+    #: Port of a read-only Redis replica of ``redis_port`` that ``stack up`` starts too
+    #: (point ``redis.replica_urls`` at it); 0: no replica.
+    redis_replica_port: int = Field(default=0, ge=0, le=65535)
     postgres_port: int = Field(default=5432, ge=1, le=65535)
     connect_port: int = Field(default=8083, ge=1, le=65535)
     start_timeout_s: float = Field(default=90.0, gt=0)

@@ -24,7 +24,7 @@ import orjson
 from prometheus_client import Counter, Gauge
 
 from gateway import protocol
-from pipeline.store import BucketState, Store
+from pipeline.store import BucketState, Store, StoredOp
 
 log = logging.getLogger("bucketsync.gateway.hub")
 
@@ -232,26 +232,34 @@ class PageCache:
         has_more_store = len(ops) > max_ops
         if has_more_store:
             del ops[max_ops:]
-        if not ops:
-            return Page((), after, False, 0, 0)
-        lines: list[bytes] = []
-        chunk: list[bytes] = []
-        size = 0
-        pos = after
-        max_target = 0
-        for i, op in enumerate(ops):
-            if op.target > max_target:
-                max_target = op.target
-            chunk.append(op.wire)
-            size += len(op.wire)
-            last = i == len(ops) - 1
-            if size >= max_bytes or last:
-                nxt = op.op_id
-                more = has_more_store or not last
-                lines.append(protocol.data(bucket, pos, nxt, more, chunk))
-                pos = nxt
-                chunk, size = [], 0
-        return Page(tuple(lines), pos, has_more_store, len(ops), max_target)
+        return encode_page(bucket, after, ops, has_more_store, max_bytes)
+
+
+def encode_page(
+    bucket: str, after: int, ops: list[StoredOp], has_more_store: bool, max_bytes: int
+) -> Page:
+    """``ops`` (ascending, all after ``after``) as a :class:`Page` of ``data`` lines, closed
+    at ``max_bytes``; ``has_more_store``: more ops up to the checkpoint remain after them."""
+    if not ops:
+        return Page((), after, False, 0, 0)
+    lines: list[bytes] = []
+    chunk: list[bytes] = []
+    size = 0
+    pos = after
+    max_target = 0
+    for i, op in enumerate(ops):
+        if op.target > max_target:
+            max_target = op.target
+        chunk.append(op.wire)
+        size += len(op.wire)
+        last = i == len(ops) - 1
+        if size >= max_bytes or last:
+            nxt = op.op_id
+            more = has_more_store or not last
+            lines.append(protocol.data(bucket, pos, nxt, more, chunk))
+            pos = nxt
+            chunk, size = [], 0
+    return Page(tuple(lines), pos, has_more_store, len(ops), max_target)
 
 
 class CheckpointHub:
@@ -327,6 +335,10 @@ class CheckpointHub:
         self.slow_wakes = 0
         #: Redis time (ms) of the newest change entry read: the lag gauge's reference
         self.last_change_ms = 0
+        #: streams waiting for :attr:`checkpoint` to reach a client's position (replicas)
+        self._cp_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        #: False until the change stream's tail was read (``checkpoint`` is not known yet)
+        self.started = False
 
     # ---- lifecycle ----------------------------------------------------------
 
@@ -339,9 +351,14 @@ class CheckpointHub:
         backoff = 0.2
         while True:
             try:
-                self._last_id, self._last_n = await self.store.changes_tail()
-                self.checkpoint = await self.store.checkpoint()
-                self.offsets = await self.store.applied_offsets()
+                if not await self.store.reader_synced():
+                    raise RuntimeError("the replica has not synced with the primary yet")
+                self._last_id, self._last_n, cp, offsets = await self.store.read_tail()
+                self.checkpoint = max(self.checkpoint, cp)
+                for tp, off in offsets.items():
+                    self.offsets[tp] = max(off, self.offsets.get(tp, -1))
+                self.started = True
+                self._release_waiters()
                 return
             except asyncio.CancelledError:
                 raise
@@ -357,6 +374,33 @@ class CheckpointHub:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+    async def wait_checkpoint(self, cp: int, timeout: float) -> bool:
+        """Wait until :attr:`checkpoint` (what this gateway's store, e.g. a lagging replica,
+        holds) reaches ``cp``; False after ``timeout`` seconds."""
+        if self.started and self.checkpoint >= cp:
+            return True
+        if timeout <= 0:
+            return False
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (cp, fut)
+        self._cp_waiters.append(entry)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            with contextlib.suppress(ValueError):
+                self._cp_waiters.remove(entry)
+
+    def _release_waiters(self) -> None:
+        if not self._cp_waiters:
+            return
+        cp = self.checkpoint
+        for want, fut in self._cp_waiters:
+            if want <= cp and not fut.done():
+                fut.set_result(None)
 
     def complete_line(self, cp: int) -> bytes:
         """The ``checkpoint_complete`` line of ``cp``, encoded once for every connection."""
@@ -479,6 +523,7 @@ class CheckpointHub:
         cp = int(cp_raw) if cp_raw is not None else self.checkpoint
         if cp > self.checkpoint:
             self.checkpoint = cp
+            self._release_waiters()
         raw_b = fields.get(b"b")
         if raw_b:
             changed = orjson.loads(raw_b)

@@ -46,6 +46,10 @@ except ImportError:  # pragma: no cover
 
 log = logging.getLogger("bucketsync.gateway")
 
+REPLICA_BEHIND = Counter(
+    "bucketsync_gateway_replica_behind_total",
+    "Streams started while the replica was still behind the client's position",
+)
 AUTH_FAILURES = Counter("bucketsync_gateway_auth_failures_total", "Rejected tokens", ["code"])
 _REFUSED_LOG = RateLimitedLog(log, interval_s=10.0)
 TOO_MANY = Counter(
@@ -343,6 +347,20 @@ async def _sync_stream(gw: Gateway, request: web.Request, token: Any) -> web.Str
     # the 200, so a bucket limit is answered as a PSYNC_S2305 error response
     sub = gw.hub.subscribe((), wcp_key, resolver.lookup_keys)
     try:
+        if gw.store.replica and req.after:
+            # a client that synced elsewhere (the primary, a replica further ahead) may be
+            # past what this gateway's replica holds: its first checkpoint would then lack
+            # ops the client has (a checksum failure and a full download). Wait for it.
+            need = max(req.after.values())
+            if not await gw.hub.wait_checkpoint(need, gw.settings.redis.replica_wait_s):
+                REPLICA_BEHIND.inc()
+                log.warning(
+                    "replica at checkpoint %d is still behind the client's position %d "
+                    "after %.1fs (redis.replica_wait_s); serving it anyway",
+                    gw.hub.checkpoint,
+                    need,
+                    gw.settings.redis.replica_wait_s,
+                )
         first = await resolver.resolve(gw.store, lambda names: gw.hub.set_buckets(sub, names))
     except BaseException:
         gw.hub.unsubscribe(sub)
@@ -447,7 +465,7 @@ async def write_checkpoint(request: web.Request) -> web.Response:
             position = await gw.source.read()
             # the hub learns applied LSNs from change entries; after a gateway restart it
             # has none until the next batch: take the stored ones (never lowered)
-            for key, lsn in (await gw.store.applied_source_lsns()).items():
+            for key, lsn in (await gw.store.read_source_lsns()).items():
                 name = f"lsn:{key}"
                 gw.hub.offsets[name] = max(lsn, gw.hub.offsets.get(name, -1))
         except Exception as exc:
@@ -551,7 +569,11 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
 async def build_app(settings: Settings, *, with_position: bool = True) -> web.Application:
 
     rules = load_sync_rules(settings)
-    store = Store.from_settings(settings)
+    replicas = settings.redis.replica_urls
+    # one replica per process, and every read of the process from it (Store docstring)
+    store = Store.from_settings(
+        settings, reader_url=replicas[os.getpid() % len(replicas)] if replicas else None
+    )
     hub = CheckpointHub(store, page_cache_bytes=settings.gateway.page_cache_max_bytes)
     verifier = TokenVerifier(settings.auth, base_dir=settings.config_dir)
     gw = Gateway(settings, rules, store, hub, verifier)

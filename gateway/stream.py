@@ -34,6 +34,7 @@ from gateway.hub import (
     DeliveryStats,
     PageKey,
     Subscriber,
+    encode_page,
 )
 from pipeline.store import BucketState, Store
 
@@ -480,17 +481,24 @@ class SyncStream:
 
     async def _serve(self, states: dict[str, BucketState]) -> None:
         """Send every missing op up to ``self.cp``; complete unless invalidated (§4.5)."""
+        target = await self._send_data()
         while True:
-            target = await self._send_data()
             if target <= self.cp:
                 await self.send(protocol.checkpoint_complete(self.cp), "checkpoint_complete")
                 if self.hub.last_change_ms:
                     CHECKPOINT_LAG.set(max(0.0, time.time() - self.hub.last_change_ms / 1000))
                 return
-            # a MOVE/CLEAR points past this checkpoint: move on to a newer one first
+            # a MOVE/CLEAR points past this checkpoint: move on to a newer one first. The
+            # newer checkpoint and the ops after our positions are read in one atomic step:
+            # a page read after its checkpoint may hold ops that later writes turned into
+            # MOVEs targeting past it, and with hot rows every such round would be
+            # invalidated again (a connection that never completes while writes go on)
             INVALIDATED.inc()
             buckets = list(self.grants)
-            cp, fresh = await self.store.read_checkpoint(buckets)
+            lim = self.limits
+            cp, fresh, read = await self.store.read_checkpoint_with_ops(
+                buckets, {b: self.positions[b] for b in buckets}, lim.max_ops_per_line
+            )
             changed = [b for b, st in fresh.items() if self.sent.get(b) != (st.checksum, st.count)]
             self.cp = max(self.cp, cp)
             for b, st in fresh.items():
@@ -503,6 +511,23 @@ class SyncStream:
                 ),
                 "checkpoint_diff",
             )
+            target = 0
+            if cp == self.cp:  # (a lagging read below what was sent already: page as usual)
+                for g in self._by_prio:
+                    b = g.bucket
+                    ops, more = read[b]
+                    if not ops:
+                        if not more:
+                            self.positions[b] = max(self.positions[b], cp)
+                        continue
+                    page = encode_page(b, self.positions[b], ops, more, lim.max_line_bytes)
+                    for line in page.lines:
+                        await self.send(line, "data")
+                    OPS_SENT.inc(page.ops)
+                    target = max(target, page.max_target)
+                    self.positions[b] = page.next_after if more else cp
+            # what remains (buckets with more than one read's worth) through the page cache
+            target = await self._send_data(target)
 
     # ---- the hub's batched delivery (no await, no task switch) ----------------
 
@@ -667,11 +692,11 @@ class SyncStream:
         stats.line("checkpoint_complete")
         return True
 
-    async def _send_data(self) -> int:
+    async def _send_data(self, max_target: int = 0) -> int:
         """Send ops in ``(position, cp]`` for every bucket, by priority. Returns the largest
-        MOVE/CLEAR target sent (0 if none)."""
+        MOVE/CLEAR target sent (0 if none; at least ``max_target``, the largest already sent
+        for this checkpoint)."""
         cp = self.cp
-        max_target = 0
         by_prio = sorted(self.grants.values(), key=lambda g: (g.priority, g.bucket))
         levels = sorted({g.priority for g in by_prio})
         for level in levels:

@@ -292,10 +292,30 @@ def parse_member(member: bytes, score: float) -> StoredOp:
 
 
 class Store:
-    """Async access to one deployment's keys (prefix)."""
+    """Async access to one deployment's keys (prefix).
 
-    def __init__(self, client: aioredis.Redis, prefix: str, *, changes_maxlen: int = 10_000):
+    ``reader``: a read-only replica of ``client`` (the gateway's ``redis.replica_urls``).
+    The read side (every method under "read side" and :meth:`write_checkpoints`) then reads
+    only from it; the write side and the processor's reads stay on ``client``. A replica is
+    always at a batch boundary: every apply, compaction and defragmentation step is one Lua
+    script, and Redis 7 replicates a script's effects as one MULTI/EXEC, so a replica never
+    shows part of one (``tests/test_replica.py`` checks it). Reading all of a gateway's
+    state from the one replica keeps what it serves consistent: a change entry it read there
+    means that replica holds the ops and states of that checkpoint.
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        prefix: str,
+        *,
+        changes_maxlen: int = 10_000,
+        reader: aioredis.Redis | None = None,
+    ):
         self.r = client
+        #: where the gateway's reads go: the replica, or ``client`` itself
+        self.rr = reader if reader is not None else client
+        self.replica = reader is not None
         self.prefix = prefix
         self.changes_maxlen = changes_maxlen
         self._apply = client.register_script(_lua("apply_batch.lua"))
@@ -303,27 +323,37 @@ class Store:
         self._notify = client.register_script(_NOTIFY_LUA)
         self._defrag = client.register_script(_lua("defrag_step.lua"))
         self._defrag_scan = client.register_script(_lua("defrag_scan.lua"))
-        self._read_with_lookups = client.register_script(_READ_WITH_LOOKUPS_LUA)
-        self._read_with_lookups_packed = client.register_script(_READ_WITH_LOOKUPS_PACKED_LUA)
+        # read-only scripts: EVALSHA runs on a read-only replica (a write would be refused)
+        self._read_with_lookups = self.rr.register_script(_READ_WITH_LOOKUPS_LUA)
+        self._read_with_lookups_packed = self.rr.register_script(_READ_WITH_LOOKUPS_PACKED_LUA)
         self._issue_wcp = client.register_script(_ISSUE_WCP_LUA)
 
     @classmethod
-    def from_url(cls, url: str, prefix: str, **kw: Any) -> Store:
-        return cls(aioredis.Redis.from_url(url, decode_responses=False), prefix, **kw)
+    def from_url(cls, url: str, prefix: str, *, reader_url: str | None = None, **kw: Any) -> Store:
+        reader = aioredis.Redis.from_url(reader_url, decode_responses=False) if reader_url else None
+        return cls(
+            aioredis.Redis.from_url(url, decode_responses=False), prefix, reader=reader, **kw
+        )
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, prefix: str | None = None) -> Store:
+    def from_settings(
+        cls, settings: Settings, *, prefix: str | None = None, reader_url: str | None = None
+    ) -> Store:
         """The store the settings name: ``redis.url``, ``redis.prefix`` (or ``prefix``, for a
-        benchmark's own keys) and ``redis.changes_maxlen``. Every process opens its store
-        this way, so no command trims the change stream to a length of its own."""
+        benchmark's own keys) and ``redis.changes_maxlen``; reads from ``reader_url`` (a
+        replica) when given. Every process opens its store this way, so no command trims the
+        change stream to a length of its own."""
         return cls.from_url(
             settings.redis.url,
             settings.redis.prefix if prefix is None else prefix,
             changes_maxlen=settings.redis.changes_maxlen,
+            reader_url=reader_url,
         )
 
     async def close(self) -> None:
         await self.r.aclose()  # type: ignore[attr-defined]
+        if self.rr is not self.r:
+            await self.rr.aclose()  # type: ignore[attr-defined]
 
     def k(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -386,7 +416,7 @@ class Store:
     # ---- read side (gateway) ---------------------------------------------
 
     async def checkpoint(self) -> int:
-        v = await self.r.get(self.k("checkpoint"))
+        v = await self.rr.get(self.k("checkpoint"))
         return int(v) if v else 0
 
     async def read_checkpoint(self, buckets: Sequence[str]) -> tuple[int, dict[str, BucketState]]:
@@ -394,7 +424,7 @@ class Store:
         if len(buckets) > 16:
             cp, states, _ = await self.read_checkpoint_with_lookups(buckets, ())
             return cp, states
-        pipe = self.r.pipeline(transaction=True)
+        pipe = self.rr.pipeline(transaction=True)
         pipe.get(self.k("checkpoint"))
         if buckets:
             pipe.hmget(self.k("states"), list(buckets))
@@ -404,12 +434,42 @@ class Store:
             return cp, {}
         return cp, {b: parse_state(v) for b, v in zip(buckets, res[1], strict=True)}
 
+    async def read_checkpoint_with_ops(
+        self, buckets: Sequence[str], after: Mapping[str, int], limit: int
+    ) -> tuple[int, dict[str, BucketState], dict[str, tuple[list[StoredOp], bool]]]:
+        """The checkpoint, the state of ``buckets`` and, per bucket of ``after``, its first
+        ops with ``after[b] < op_id <= checkpoint`` (at most ``limit``; the flag says more
+        remain), all in one atomic step. Every MOVE/CLEAR among them targets an op at or
+        below that checkpoint (a batch supersedes an op and raises the checkpoint past its
+        target in one step), so a connection serving these ops can complete the checkpoint
+        however hot its rows are: no newer write can turn them into MOVEs in between."""
+        pipe = self.rr.pipeline(transaction=True)
+        pipe.get(self.k("checkpoint"))
+        if buckets:
+            pipe.hmget(self.k("states"), list(buckets))
+        order = list(after)
+        for b in order:
+            pipe.zrangebyscore(
+                self.k("ops", b), f"({after[b]}", "+inf", start=0, num=limit + 1, withscores=True
+            )
+        res = await pipe.execute()
+        cp = int(res[0]) if res[0] else 0
+        first = 2 if buckets else 1
+        states = (
+            {b: parse_state(v) for b, v in zip(buckets, res[1], strict=True)} if buckets else {}
+        )
+        ops: dict[str, tuple[list[StoredOp], bool]] = {}
+        for b, rows in zip(order, res[first:], strict=True):
+            got = [parse_member(m, sc) for m, sc in rows if sc <= cp]
+            ops[b] = (got[:limit], len(got) > limit)
+        return cp, states, ops
+
     async def read_lookups(self, keys: Sequence[str]) -> LookupRows:
         """The value arrays stored under each lookup key, in one round trip (not atomic
         with anything: confirm with :meth:`read_checkpoint_with_lookups`)."""
         if not keys:
             return {}
-        pipe = self.r.pipeline(transaction=False)
+        pipe = self.rr.pipeline(transaction=False)
         for key in keys:
             pipe.hkeys(self.k("lookup", key))
         res = await pipe.execute()
@@ -444,18 +504,18 @@ class Store:
 
     async def read_ops(self, bucket: str, after: int, upto: int, limit: int) -> list[StoredOp]:
         """Ops with ``after < op_id <= upto``, ascending, at most ``limit``."""
-        rows = await self.r.zrangebyscore(
+        rows = await self.rr.zrangebyscore(
             self.k("ops", bucket), f"({after}", upto, start=0, num=limit, withscores=True
         )
         return [parse_member(m, s) for m, s in rows]
 
     async def all_ops(self, bucket: str) -> list[StoredOp]:
-        rows = await self.r.zrange(self.k("ops", bucket), 0, -1, withscores=True)
+        rows = await self.rr.zrange(self.k("ops", bucket), 0, -1, withscores=True)
         return [parse_member(m, s) for m, s in rows]
 
     async def snapshot_bucket(self, bucket: str) -> tuple[list[StoredOp], BucketState]:
         """A bucket's whole log and its running totals, read in one atomic step."""
-        pipe = self.r.pipeline(transaction=True)
+        pipe = self.rr.pipeline(transaction=True)
         pipe.zrange(self.k("ops", bucket), 0, -1, withscores=True)
         pipe.hget(self.k("states"), bucket)
         rows, state = await pipe.execute()
@@ -466,9 +526,29 @@ class Store:
         _, states = await self.read_checkpoint([bucket])
         return states[bucket]
 
+    async def read_tail(self) -> tuple[bytes, int, int, dict[str, int]]:
+        """The newest change entry's id and ``n``, the checkpoint and the applied offsets
+        (with ``lsn:<connector>`` entries, as change entries announce them), in one atomic
+        step: a reader that starts after this entry knows the offsets of this checkpoint."""
+        pipe = self.rr.pipeline(transaction=True)
+        pipe.xrevrange(self.k("changes"), count=1)
+        pipe.get(self.k("checkpoint"))
+        pipe.hgetall(self.k("offsets"))
+        pipe.hgetall(self.k("source_lsn"))
+        tail, cp, offs, lsns = await pipe.execute()
+        entry_id, n = (tail[0][0], int(tail[0][1].get(b"n", 0))) if tail else (b"0-0", 0)
+        offsets = {k.decode(): int(v) for k, v in offs.items()}
+        offsets.update({f"lsn:{k.decode()}": int(v) for k, v in lsns.items()})
+        return entry_id, n, int(cp) if cp else 0, offsets
+
+    async def read_source_lsns(self) -> dict[str, int]:
+        """:meth:`applied_source_lsns` as the gateway's reads see them (the replica's)."""
+        raw = await self.rr.hgetall(self.k("source_lsn"))
+        return {k.decode(): int(v) for k, v in raw.items()}
+
     async def changes_tail(self) -> tuple[bytes, int]:
         """Id and sequence number of the newest change entry (start reading after it)."""
-        res = await self.r.xrevrange(self.k("changes"), count=1)
+        res = await self.rr.xrevrange(self.k("changes"), count=1)
         if not res:
             return b"0-0", 0
         return res[0][0], int(res[0][1].get(b"n", 0))
@@ -476,13 +556,13 @@ class Store:
     async def read_changes(
         self, last_id: bytes, block_ms: int, count: int = 500
     ) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        res = await self.r.xread({self.k("changes"): last_id}, count=count, block=block_ms)
+        res = await self.rr.xread({self.k("changes"): last_id}, count=count, block=block_ms)
         if not res:
             return []
         return list(res[0][1])
 
     async def changes_first_id(self) -> bytes | None:
-        res = await self.r.xrange(self.k("changes"), count=1)
+        res = await self.rr.xrange(self.k("changes"), count=1)
         return res[0][0] if res else None
 
     # ---- write checkpoints --------------------------------------------------
@@ -495,7 +575,7 @@ class Store:
         return wid
 
     async def write_checkpoints(self, key: str) -> dict[int, dict[str, int]]:
-        raw = await self.r.hgetall(self.k("wcp", key))
+        raw = await self.rr.hgetall(self.k("wcp", key))
         out = {}
         for f, v in raw.items():
             if f.startswith(b"pos:"):
@@ -503,7 +583,9 @@ class Store:
         return out
 
     async def forget_write_checkpoints(self, key: str, upto: int) -> None:
-        fields = [f"pos:{i}" for i in (await self.write_checkpoints(key)) if i < upto]
+        raw = await self.r.hkeys(self.k("wcp", key))
+        ids = [int(f[4:]) for f in raw if f.startswith(b"pos:")]
+        fields = [f"pos:{i}" for i in ids if i < upto]
         if fields:
             await self.r.hdel(self.k("wcp", key), *fields)
 
@@ -559,5 +641,23 @@ class Store:
         _, states = await self.read_checkpoint(blist)
         return states
 
+    async def reader_synced(self) -> bool:
+        """Whether the read side holds the primary's data: always for the primary itself;
+        a replica once it has finished a first sync (before it, a replica serves an empty
+        data set, which would look like a store without a checkpoint)."""
+        if self.rr is self.r:
+            return True
+        info = await self.rr.info("replication")
+        if info.get("role") != "slave":
+            return True  # promoted, or pointed at a primary
+        if int(info.get("master_sync_in_progress", 0)):
+            return False
+        never = int(info.get("master_link_down_since_seconds", 0)) == -1
+        return not (info.get("master_link_status") != "up" and never)
+
     async def ping(self) -> bool:
-        return bool(await self.r.ping())
+        """The primary answers (and the replica, synced, when the gateway reads one)."""
+        ok = bool(await self.r.ping())
+        if self.rr is not self.r:
+            ok = ok and await self.reader_synced()
+        return ok

@@ -85,6 +85,19 @@ def test_kafka_is_kraft_and_redis_has_a_replica() -> None:
     assert SERVICES["redis-replica"]["depends_on"]["redis"]["condition"] == "service_healthy"
 
 
+def test_gateways_read_from_the_replica_and_processors_write_the_primary(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for name in BUCKETSYNC:
+        s = _load(monkeypatch, tmp_path, _env(name), None)
+        assert s.redis.url == "redis://redis:6379/0"
+        if name in GATEWAYS:
+            assert s.redis.replica_urls == ["redis://redis-replica:6379/0"], name
+            assert SERVICES[name]["depends_on"]["redis-replica"]["condition"] == "service_healthy"
+        else:
+            assert s.redis.replica_urls == [], name
+
+
 def test_depends_on_names_real_services_with_valid_conditions() -> None:
     conditions = {"service_started", "service_healthy", "service_completed_successfully"}
     for name, svc in SERVICES.items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import json
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -21,7 +22,7 @@ from gateway.buckets import BucketResolver, Resolution
 from gateway.hub import CheckpointHub, PageCache
 from gateway.stream import StreamLimits, SyncStream
 from pipeline.rules.parse import parse_rules
-from pipeline.store import BucketState, Store, write_checkpoint_key
+from pipeline.store import BucketState, Store, StoredOp, write_checkpoint_key
 from tests.helpers.memory_store import (
     GatewayStoreReads,
     Lookup,
@@ -115,7 +116,7 @@ def kind(line: dict[str, Any]) -> str:
 def test_memory_store_matches_the_store_read_api() -> None:
     """The double offers the gateway's reads with the real store's signatures."""
     names = [n for n in vars(GatewayStoreReads) if not n.startswith("_")]
-    assert len(names) == 9
+    assert len(names) == 12
     for name in names:
         real, fake = getattr(Store, name), getattr(MemoryStore, name)
         assert inspect.signature(real) == inspect.signature(fake), name
@@ -533,6 +534,49 @@ async def test_target_beyond_checkpoint_keeps_it_from_completing(compacted: bool
             data_line(mem, U1, 2, [3], False),
             {"checkpoint_complete": {"last_op_id": "3"}},
         ]
+
+
+class _HotStore(MemoryStore):
+    """A row written again between every checkpoint read and the page read after it (a row
+    updated faster than the gateway reads, as under sustained load): each page then holds
+    a MOVE targeting past its checkpoint."""
+
+    def __init__(self, rounds: int):
+        super().__init__()
+        self.left = rounds
+
+    async def read_ops(self, bucket: str, after: int, upto: int, limit: int) -> list[StoredOp]:
+        if self.left > 0:
+            self.left -= 1
+            self.apply([put(U1, "t1", v=100 + self.left)])
+        return await super().read_ops(bucket, after, upto, limit)
+
+
+async def test_hot_row_completes_after_one_invalidation() -> None:
+    """An invalidated checkpoint is followed by one read of the next checkpoint and the ops
+    after the connection's positions in one atomic step, so it completes however often the
+    row is written meanwhile. Before, each round read its pages after the checkpoint and was
+    invalidated again: 20 writes, 20 checkpoint_diffs before the first complete (under
+    sustained writes a connection completed nothing; bench e2e found it)."""
+    mem = _HotStore(rounds=20)
+    mem.apply([put(U1, "t1", v=1), put(U1, "t2")])
+    async with running_hub(mem) as hub:
+        stream, out = make_stream(mem, hub)
+        async with running(stream):
+            await until(lambda: out.completes() >= 1)
+        kinds = out.kinds()
+        first = kinds.index("checkpoint_complete")
+        assert kinds[:first].count("checkpoint_diff") == 1, kinds
+        assert mem.calls["read_checkpoint_with_ops"] == 1
+        # what the client holds at that checkpoint is the row's newest version
+        rows: dict[str, Any] = {}
+        for line in out.lines[:first]:
+            for op in line.get("data", {}).get("data", []):
+                if op["op"] == "PUT":
+                    rows[op["object_id"]] = json.loads(op["data"])
+        # ops 1, 2; the first page read wrote op 3 (v=119), and op 1 became its MOVE
+        assert out.lines[first] == {"checkpoint_complete": {"last_op_id": "3"}}
+        assert rows == {"t1": {"id": "t1", "v": 119}, "t2": {"id": "t2"}}
 
 
 class _AnyStreams:

@@ -363,6 +363,47 @@ def test_start_timeout_names_log(throwaway: Callable[..., Settings]) -> None:
         processes.children.pop(pid).wait()
 
 
+def test_redis_replica_component(throwaway: Callable[..., Settings]) -> None:
+    """``stack.redis_replica_port`` adds a read-only replica of the stack's Redis: started
+    after it (stage 1), ready once its link is up, holding what the primary writes."""
+    import redis
+
+    from bucketsync.stack.redis import REDIS_REPLICA
+
+    assert REDIS_REPLICA not in actions.components_for("none", throwaway())
+    settings = throwaway(redis_replica_port=_free_port())
+    assert [c.name for c in actions.components_for("none", settings)] == [
+        "kafka", "redis", "redis-replica",
+    ]  # fmt: skip
+    conf = stack_redis.render_replica_conf(settings)
+    assert f"replicaof 127.0.0.1 {settings.stack.redis_port}\n" in conf
+    assert "replica-read-only yes\n" in conf
+    pids = []
+    try:
+        for comp in (REDIS, REDIS_REPLICA):
+            plan = comp.preflight(settings)
+            comp.prepare(settings, plan)
+            launch, svc = comp.command(settings, plan), comp.service(settings)
+            pids.append(
+                processes.spawn(
+                    launch.argv, cwd=launch.cwd, log=svc.log_file, pid_file=svc.pid_file
+                )
+            )
+            actions.wait_ready(settings, [comp], {comp.name: 0.0})
+        primary = redis.Redis(port=settings.stack.redis_port)
+        replica = redis.Redis(port=settings.stack.redis_replica_port)
+        primary.set("k", "v")
+        primary.wait(1, 5000)
+        assert replica.get("k") == b"v"
+        with pytest.raises(redis.ReadOnlyError):
+            replica.set("k", "w")
+        assert REDIS_REPLICA.status(settings)[0]["state"] == "running"
+    finally:
+        for pid in pids:
+            os.kill(pid, 9)
+            processes.children.pop(pid).wait()
+
+
 # --------------------------------------------------------------------------- package shape
 
 
@@ -385,9 +426,9 @@ def test_every_component_stops_and_resets(throwaway: Callable[..., Settings]) ->
     """``down``/``reset`` act on every component; Connect (a later stage) stops first."""
     settings = throwaway()
     names = [c.name for c in actions.ALL]
-    assert names == ["kafka", "redis", "postgres", "connect"]
+    assert names == ["kafka", "redis", "redis-replica", "postgres", "connect"]
     order = [[c.name for c in stage] for stage in reversed(actions._stages(actions.ALL))]
-    assert order == [["connect"], ["kafka", "redis", "postgres"]]
+    assert order == [["redis-replica", "connect"], ["kafka", "redis", "postgres"]]
     assert all(comp.data(settings) for comp in actions.ALL)
 
 

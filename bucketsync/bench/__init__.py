@@ -54,11 +54,26 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         from bucketsync.bench.lookups import bench_lookups
 
         return bench_lookups(settings, args.out)
+    if args.which == "e2e":
+        from bucketsync.bench.e2e import main as e2e_main
+
+        return e2e_main(settings, args)
+    if args.which == "initial-sync":
+        from bucketsync.bench.initial_sync import main as initial_sync_main
+
+        return initial_sync_main(settings, args)
+    if args.which == "reconnect":
+        from bucketsync.bench.reconnect import main as reconnect_main
+
+        return reconnect_main(settings, args)
+    # the older modes' defaults (the new ones choose their own when these are unset)
+    rate = 50.0 if args.rate is None else args.rate
+    clients = 5000 if args.clients is None else args.clients
     if args.which == "recovery":
         from bucketsync.bench.recovery import main as recovery_main
 
         return recovery_main(
-            settings, drivers=drivers_for(args.driver), runs=args.runs, rate=args.rate, out=args.out
+            settings, drivers=drivers_for(args.driver), runs=args.runs, rate=rate, out=args.out
         )
     if args.which == "soak":
         from bucketsync.bench.soak import main as soak_main
@@ -66,8 +81,8 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         return soak_main(
             settings,
             minutes=args.minutes,
-            clients=args.clients,
-            rate=args.rate,
+            clients=clients,
+            rate=rate,
             sample_s=args.sample_s,
             rss_bound_mb=args.rss_bound_mb,
             out=args.out,
@@ -78,7 +93,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         return cdc_main(
             settings,
             events=args.events or 1000,
-            rate=args.rate,
+            rate=rate,
             driver=one_driver(args.driver, settings),
             out=args.out,
         )

@@ -27,7 +27,7 @@ from bucketsync.stack.locking import locked
 from bucketsync.stack.ports import check_ports_distinct, check_ports_free
 from bucketsync.stack.postgres import POSTGRES
 from bucketsync.stack.processes import alive, children, log_tail, read_pid, spawn, stop
-from bucketsync.stack.redis import REDIS
+from bucketsync.stack.redis import REDIS, REDIS_REPLICA
 
 AnyComponent = Component[Any]
 
@@ -41,15 +41,19 @@ SOURCE_COMPONENTS: dict[str, tuple[AnyComponent, ...]] = {
 SOURCES = tuple(SOURCE_COMPONENTS)
 #: every component, for ``down``/``reset`` (which act on whatever runs)
 ALL: tuple[AnyComponent, ...] = tuple(
-    dict.fromkeys(c for comps in (BASE, *SOURCE_COMPONENTS.values()) for c in comps)
+    dict.fromkeys(
+        c for comps in (BASE, (REDIS_REPLICA,), *SOURCE_COMPONENTS.values()) for c in comps
+    )
 )
 
 
-def components_for(source: str) -> list[AnyComponent]:
-    """The base components plus those of ``source``; UserError for an unknown source."""
+def components_for(source: str, settings: Settings | None = None) -> list[AnyComponent]:
+    """The base components (with the Redis replica when ``stack.redis_replica_port`` is
+    set) plus those of ``source``; UserError for an unknown source."""
     if source not in SOURCE_COMPONENTS:
         raise UserError(f"unknown source '{source}'; use one of: {', '.join(SOURCES)}")
-    return [*BASE, *SOURCE_COMPONENTS[source]]
+    replica = [REDIS_REPLICA] if settings is not None and settings.stack.redis_replica_port else []
+    return [*BASE, *replica, *SOURCE_COMPONENTS[source]]
 
 
 def _stages(components: list[AnyComponent] | tuple[AnyComponent, ...]) -> list[list[AnyComponent]]:
@@ -108,7 +112,7 @@ def ensure_up(settings: Settings, source: str = "none") -> dict[str, str]:
     ``source="postgres"`` also ``postgres`` (the app user's URL), ``connect`` (REST URL) and
     ``connector`` (the registered connector's name).
     """
-    components = components_for(source)
+    components = components_for(source, settings)
     check_ports_distinct([port for c in components for port in c.ports(settings)])
     with locked(layout_for(settings)):
         plans: dict[str, Any] = {}
@@ -146,7 +150,7 @@ def stack_status(settings: Settings, source: str = "none") -> list[dict[str, Any
     ``source="postgres"`` adds PostgreSQL, the Connect worker and the Debezium connector
     (its state from Connect's REST API, ``detail`` with task states and replication-slot lag).
     """
-    return [row for comp in components_for(source) for row in comp.status(settings)]
+    return [row for comp in components_for(source, settings) for row in comp.status(settings)]
 
 
 def _stop_all(settings: Settings) -> None:
@@ -209,7 +213,7 @@ def _print_status(rows: list[dict[str, Any]], as_json: bool) -> None:
 
 
 def _other_sources_running(settings: Settings, source: str) -> list[str]:
-    shown = set(components_for(source))
+    shown = set(components_for(source, settings))
     return [
         name
         for name, comps in SOURCE_COMPONENTS.items()
@@ -219,7 +223,7 @@ def _other_sources_running(settings: Settings, source: str) -> list[str]:
 
 def main(settings: Settings, action: str, *, source: str = "none", as_json: bool = False) -> int:
     """``bucketsync stack ACTION [--source postgres] [--json]``; returns the exit code."""
-    components = components_for(source)
+    components = components_for(source, settings)
     if action == "up":
         t0 = time.monotonic()
         addresses = ensure_up(settings, source=source)

@@ -68,7 +68,15 @@ class GatewayStoreReads(Protocol):
 
     async def read_ops(self, bucket: str, after: int, upto: int, limit: int) -> list[StoredOp]: ...
 
+    async def read_checkpoint_with_ops(
+        self, buckets: Sequence[str], after: Mapping[str, int], limit: int
+    ) -> tuple[int, dict[str, BucketState], dict[str, tuple[list[StoredOp], bool]]]: ...
+
     async def changes_tail(self) -> tuple[bytes, int]: ...
+
+    async def read_tail(self) -> tuple[bytes, int, int, dict[str, int]]: ...
+
+    async def reader_synced(self) -> bool: ...
 
     async def read_changes(
         self, last_id: bytes, block_ms: int, count: int = 500
@@ -186,12 +194,34 @@ class MemoryStore:
         ids = sorted(i for i in b.members if after < i <= upto)[:limit]
         return [parse_member(b.members[i], float(i)) for i in ids]
 
+    async def read_checkpoint_with_ops(
+        self, buckets: Sequence[str], after: Mapping[str, int], limit: int
+    ) -> tuple[int, dict[str, BucketState], dict[str, tuple[list[StoredOp], bool]]]:
+        self.calls["read_checkpoint_with_ops"] += 1
+        ops: dict[str, tuple[list[StoredOp], bool]] = {}
+        for b, a in after.items():
+            bk = self.buckets.get(b)
+            ids = sorted(i for i in bk.members if a < i <= self.cp) if bk else []
+            got = [parse_member(bk.members[i], float(i)) for i in ids[:limit]] if bk else []
+            ops[b] = (got, len(ids) > limit)
+        return self.cp, {b: self._state(b) for b in buckets}, ops
+
     async def changes_tail(self) -> tuple[bytes, int]:
         self.calls["changes_tail"] += 1
         if not self.changes:
             return b"0-0", 0
         entry_id, fields = self.changes[-1]
         return entry_id, int(fields[b"n"])
+
+    async def reader_synced(self) -> bool:
+        return True
+
+    async def read_tail(self) -> tuple[bytes, int, int, dict[str, int]]:
+        self.calls["read_tail"] += 1
+        entry_id, n = (
+            (self.changes[-1][0], int(self.changes[-1][1][b"n"])) if self.changes else (b"0-0", 0)
+        )
+        return entry_id, n, self.cp, dict(self.offsets)
 
     async def read_changes(
         self, last_id: bytes, block_ms: int, count: int = 500

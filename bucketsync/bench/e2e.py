@@ -1,0 +1,444 @@
+"""``bucketsync bench e2e``: produce → ``checkpoint_complete`` latency under load.
+
+A producer thread in the bench process writes Debezium todo events to a Kafka topic of the
+run's own (3 partitions) at ``--rate`` events/s for ``--seconds``; each row carries its
+produce time (``ts``, epoch seconds). One ``bucketsync processor`` applies them to Redis;
+``bucketsync gateway`` (``--workers``) serves ``--clients`` simulated clients (one per user;
+each event changes a row of one connected user), which run in a process of their own
+(:class:`bucketsync.bench.clients.ClientPool`: checksums verified at every checkpoint) and
+record ``now - ts`` for every op when its checkpoint completes.
+
+The split of the cores: nothing is pinned; the gateway, the processor, the client process,
+the producer (this process), Kafka and Redis share the machine's cores, and the report gives
+each one's CPU seconds over the measured window (so its share of the cores).
+
+Writes ``<out>.json``, ``<out>.md`` and ``<out>.png`` (latency CDF; produced, applied and
+client-received ops per second).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import random
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis
+import yaml
+from confluent_kafka import Producer as KafkaProducer
+
+from bucketsync.bench import clients as kit
+from bucketsync.config import Settings, load_settings
+from bucketsync.feed import WORDS, ensure_topics, envelope, make_producer
+from bucketsync.tokens import make_dev_token
+
+RULES = """
+bucket_definitions:
+  by_user:
+    parameters: SELECT request.user_id() AS user_id
+    data:
+      - SELECT * FROM todos WHERE owner_id = bucket.user_id
+"""
+
+PARTITIONS = 3
+ROWS_PER_USER = 2
+GOALS = {"p50_ms": 50.0, "p99_ms": 250.0, "rate": 5000, "clients": 10_000}
+
+
+class Producer(threading.Thread):
+    """Paced Debezium todo events, each row stamped with its produce time."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        topic: str,
+        rate: float,
+        seconds: float,
+        users: int,
+        lsn: int = 1_000_000,
+        producer: KafkaProducer | None = None,
+    ):
+        super().__init__(daemon=True)
+        self.lsn = lsn
+        #: shared with the warm-up, so the measured window has no producer start-up (its
+        #: metadata and idempotence handshake held the first events back ~0.5 s)
+        self.producer = producer
+        self.settings, self.topic = settings, topic
+        self.rate, self.seconds, self.users = rate, seconds, users
+        self.produced = 0
+        self.started_at = 0.0
+        self.ended_at = 0.0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # reported by the bench
+            self.error = exc
+
+    def _run(self) -> None:
+        p = self.producer or make_producer(self.settings)
+        p_conf_rows = self.users * ROWS_PER_USER
+        live: dict[int, dict[str, Any]] = {}
+        rng = random.Random(7)
+        lsn = self.lsn
+        self.started_at = t0 = time.monotonic()
+        total = int(self.rate * self.seconds)
+        while self.produced < total:
+            due = min(total, int((time.monotonic() - t0) * self.rate) + 1)
+            while self.produced < due:
+                rid = rng.randrange(p_conf_rows)
+                lsn += 1
+                before = live.get(rid)
+                row = {
+                    "id": f"t{rid}",
+                    "owner_id": f"u{rid % self.users}",
+                    "description": " ".join(rng.choices(WORDS, k=3)),
+                    "completed": rng.random() < 0.5,
+                    "ts": time.time(),
+                }
+                live[rid] = row
+                value = envelope("todos", "u" if before else "c", before, row, lsn=lsn)
+                while True:
+                    try:
+                        p.produce(self.topic, key=orjson.dumps({"id": row["id"]}), value=value)
+                        break
+                    except BufferError:
+                        p.poll(0.01)
+                self.produced += 1
+            p.poll(0)
+            time.sleep(0.002)
+        p.flush(60)
+        self.ended_at = time.monotonic()
+
+
+def run(
+    settings: Settings,
+    *,
+    clients: int,
+    rate: float,
+    seconds: float,
+    workers: int,
+    batch_wait_ms: int,
+    workdir: Path,
+    replica: bool = False,
+) -> dict[str, Any]:
+    from bucketsync import stack
+    from bucketsync.bench.reconnect import primary_and_replica
+
+    kit.raise_nofile()
+    stack.ensure_up(settings)
+    servers: list[Any] = []
+    run_id = uuid.uuid4().hex[:8]
+    prefix = f"bench-e2e-{run_id}"
+    topic = f"{prefix}.public.todos"
+    ensure_topics(settings, [topic], partitions=PARTITIONS)
+    (workdir / "rules.yaml").write_text(RULES)
+    port = kit.free_port()
+    data = settings.model_dump(mode="json", exclude={"config_dir"})
+    data["kafka"].update(topics=[topic], topic_pattern=None, group_id=prefix)
+    data["kafka"]["dead_letter_topic"] = f"{prefix}.dead-letter"
+    data["redis"]["prefix"] = prefix
+    data["sync_rules"] = str(workdir / "rules.yaml")
+    data["processor"].update(metrics_port=0, batch_max_wait_ms=batch_wait_ms)
+    data["gateway"].update(
+        port=port, host="127.0.0.1", workers=workers, max_connections_per_user=10
+    )
+    data["compaction"]["interval_s"] = 0
+    data["stack"]["state_dir"] = str(settings.state_dir)
+    if replica:
+        servers, primary, replica_url = primary_and_replica(workdir)
+        data["redis"]["url"] = primary
+        data["redis"]["replica_urls"] = [replica_url]
+    cfg = workdir / "bucketsync.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    s = load_settings(cfg)
+    # with --replica a second gateway on the same replica; clients alternate between them
+    ports = [port]
+    gw_cfgs = [cfg]
+    if replica:
+        ports.append(kit.free_port())
+        d2 = orjson.loads(orjson.dumps(data))
+        d2["gateway"]["port"] = ports[1]
+        gw_cfgs.append(workdir / "gateway-2.yaml")
+        gw_cfgs[1].write_text(yaml.safe_dump(d2))
+    r = redis.Redis.from_url(s.redis.url)
+    users = clients
+    tokens = [make_dev_token(s, sub=f"u{i}", ttl_s=int(seconds) + 3600) for i in range(users)]
+    glog, plog = workdir / "gateway.log", workdir / "processor.log"
+    gw = proc = gw2 = None
+    pool: kit.ClientPool | None = None
+    result: dict[str, Any] = {
+        "benchmark": "e2e",
+        "clients": clients,
+        "users": users,
+        "target_rate_events_per_s": rate,
+        "seconds": seconds,
+        "gateway_workers": workers,
+        "topology": (
+            "private Redis primary + 1 replica; the processor writes the primary; 2 gateway "
+            "processes read the replica; clients alternate between them"
+            if replica
+            else "the configured Redis; 1 gateway"
+        ),
+        "processor_batch_max_wait_ms": batch_wait_ms,
+        "partitions": PARTITIONS,
+        "cores": os.cpu_count(),
+        "split": "no pinning: gateway (`bucketsync gateway`, workers as given), one "
+        "`bucketsync processor`, the simulated clients (one process, aiohttp + the checksum-"
+        "verifying simulator), the producer (bench process), Kafka and Redis share the cores; "
+        "cpu_s gives each one's CPU seconds over the measured window",
+    }
+
+    def applied() -> int:
+        raw = r.hgetall(f"{prefix}:offsets")
+        return sum(int(v) + 1 for k, v in raw.items() if k.decode().startswith(topic + "/"))
+
+    try:
+        proc = kit.spawn("processor", cfg, plog)
+        gw = kit.spawn("gateway", cfg, glog)
+        kit.wait_listening(port, gw, glog)
+        if replica:
+            gw2 = kit.spawn("gateway", gw_cfgs[1], glog)
+            kit.wait_listening(ports[1], gw2, glog)
+        pool = kit.ClientPool([f"http://127.0.0.1:{p}" for p in ports], tokens)
+        t_open = time.monotonic()
+        opened = pool.open(concurrency=500, timeout=300)
+        result["connect"] = {
+            "took_s": round(time.monotonic() - t_open, 2),
+            "connected": opened["resumed"],
+        }
+        # warm-up: the processor has joined its group and applies before the window opens
+        kp = make_producer(s)
+        warm = Producer(s, topic, 50, 1.0, users, lsn=1_000, producer=kp)
+        warm.run()
+        deadline = time.monotonic() + 120
+        while applied() < warm.produced and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)
+        print(f"{opened['resumed']}/{clients} clients synced; producing ...", flush=True)
+        pool.call("mark")
+        pids = {"gateway": gw.pid, "processor": proc.pid, "clients": pool.pid}
+        if gw2 is not None:
+            pids["gateway-2"] = gw2.pid
+        cpu0 = {k: kit.cpu_tree_s(p) for k, p in pids.items()}
+        cpu0["producer (bench process)"] = kit.cpu_s(os.getpid())
+        rcpu0 = _redis_cpu(r)
+        producer = Producer(s, topic, rate, seconds, users, producer=kp)
+        t0 = time.time()
+        producer.start()
+        series: list[tuple[float, int, int]] = []
+        deadline = time.monotonic() + seconds + 120
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            done = applied() - warm.produced
+            series.append((time.time() - t0, producer.produced, done))
+            if not producer.is_alive() and done >= producer.produced:
+                break
+            if producer.error is not None:
+                raise RuntimeError(f"producer failed: {producer.error}")
+        window = time.time() - t0
+        time.sleep(2.0)  # the last checkpoints reach the clients
+        cpu = {k: kit.cpu_tree_s(p) - cpu0[k] for k, p in pids.items()}
+        cpu["producer (bench process)"] = kit.cpu_s(os.getpid()) - cpu0["producer (bench process)"]
+        cpu["redis"] = _redis_cpu(r) - rcpu0
+        got = pool.call("collect")
+        result["gateway_metrics"] = _gateway_metrics(port)
+        lat_ms = [x * 1000 for x in got.pop("latencies_s")]
+        produce_s = (producer.ended_at - producer.started_at) or float("nan")
+        result.update(
+            {
+                "produced": producer.produced,
+                "applied": series[-1][2] if series else 0,
+                "achieved_rate_events_per_s": round(producer.produced / produce_s),
+                "latency_samples": len(lat_ms),
+                "latency_p50_ms": round(kit.pct(lat_ms, 0.5), 1),
+                "latency_p90_ms": round(kit.pct(lat_ms, 0.9), 1),
+                "latency_p99_ms": round(kit.pct(lat_ms, 0.99), 1),
+                "latency_max_ms": round(max(lat_ms), 1) if lat_ms else None,
+                **_apply_lag(series),
+                "mismatches": got["mismatches"],
+                "protocol_errors": got["protocol_errors"],
+                "reconnects": got["reconnects"],
+                "http_errors": got["http_errors"],
+                "cpu_s": {k: round(v, 2) for k, v in cpu.items()},
+                "cpu_share_of_window": {k: round(v / window, 3) for k, v in cpu.items()},
+                "window_s": round(window, 2),
+                "latency_cdf_ms": [
+                    round(x, 2) for x in sorted(lat_ms)[:: max(1, len(lat_ms) // 400)]
+                ],
+                "series": {
+                    "produced": [(round(t, 2), n) for t, n, _ in series],
+                    "applied": [(round(t, 2), n) for t, _, n in series],
+                    "client_ops_per_s": kit.per_second(got["ops_per_s"], t0),
+                },
+            }
+        )
+    finally:
+        if pool is not None:
+            pool.quit()
+        kit.stop(gw)
+        kit.stop(gw2)
+        kit.stop(proc)
+        _drop_prefix(r, prefix)
+        r.close()
+        for srv in servers:
+            srv.terminate()
+            srv.wait(10)
+    return result
+
+
+_METRICS = (
+    "bucketsync_gateway_invalidated_checkpoints_total",
+    'bucketsync_gateway_lines_total{type="checkpoint_complete"}',
+    'bucketsync_gateway_lines_total{type="checkpoint_diff"}',
+    'bucketsync_gateway_lines_total{type="data"}',
+    "bucketsync_gateway_ops_sent_total",
+)
+
+
+_COMPLETES = _METRICS[1]
+
+
+def _gateway_metrics(port: int) -> dict[str, float]:
+    """A few counters from the gateway's /metrics (one worker's, with ``--workers`` > 1)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name in _METRICS:
+            out[name] = float(value)
+    return out
+
+
+def _redis_cpu(r: redis.Redis) -> float:
+    info = r.info("cpu")
+    return float(info["used_cpu_user_main_thread"]) + float(info["used_cpu_sys_main_thread"])
+
+
+def _drop_prefix(r: redis.Redis, prefix: str) -> None:
+    batch = []
+    for key in r.scan_iter(match=f"{prefix}:*", count=5000):
+        batch.append(key)
+        if len(batch) >= 1000:
+            r.unlink(*batch)
+            batch = []
+    if batch:
+        r.unlink(*batch)
+
+
+def _apply_lag(series: list[tuple[float, int, int]]) -> dict[str, float]:
+    """Produce → applied to Redis (the processor's part of the latency), from the 0.1 s
+    samples of the produced and applied counts: for each event index, when the producer
+    had produced it and when the store had applied it."""
+    if not series or series[-1][2] <= 0:
+        return {}
+    lags = []
+    total = min(series[-1][1], series[-1][2])
+    for k in range(1, total + 1, max(1, total // 2000)):
+        tp = next(t for t, p, _ in series if p >= k)
+        ta = next(t for t, _, a in series if a >= k)
+        lags.append(max(0.0, ta - tp) * 1000)
+    return {
+        "apply_lag_p50_ms": round(kit.pct(lags, 0.5), 1),
+        "apply_lag_p99_ms": round(kit.pct(lags, 0.99), 1),
+    }
+
+
+def _rates(points: list[tuple[float, int]]) -> list[tuple[float, float]]:
+    out = []
+    for (t0, n0), (t1, n1) in itertools.pairwise(points):
+        if t1 > t0:
+            out.append((t1, (n1 - n0) / (t1 - t0)))
+    return out
+
+
+def report(res: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(orjson.dumps(res, option=orjson.OPT_INDENT_2).decode())
+    ok = res["mismatches"] == 0 and res["protocol_errors"] == 0
+    md = "\n".join(
+        [
+            f"# bench e2e: {res['clients']:,} clients, {res['target_rate_events_per_s']:,.0f} "
+            f"events/s target for {res['seconds']:g} s",
+            "",
+            "| measure | value | goal (issue 12) |",
+            "|---|---|---|",
+            f"| events produced / applied | {res['produced']:,} / {res['applied']:,} | - |",
+            f"| achieved produce rate | {res['achieved_rate_events_per_s']:,}/s "
+            f"| {GOALS['rate']:,}/s with {GOALS['clients']:,} clients |",
+            f"| produce → checkpoint_complete p50 | {res['latency_p50_ms']} ms "
+            f"| ≤ {GOALS['p50_ms']:g} ms |",
+            f"| p90 / p99 / max | {res['latency_p90_ms']} / {res['latency_p99_ms']} / "
+            f"{res['latency_max_ms']} ms | p99 ≤ {GOALS['p99_ms']:g} ms |",
+            f"| of which produce → applied to Redis (processor), p50 / p99, ±0.1 s | "
+            f"{res.get('apply_lag_p50_ms')} / {res.get('apply_lag_p99_ms')} ms | - |",
+            f"| PUTs measured (a row's newest version; superseded ones arrive as MOVEs) "
+            f"| {res['latency_samples']:,} | - |",
+            f"| gateway: checkpoint_complete lines / invalidated checkpoints | "
+            f"{res['gateway_metrics'].get(_COMPLETES, 0):,.0f} / "
+            f"{res['gateway_metrics'].get(_METRICS[0], 0):,.0f} | - |",
+            f"| checksum mismatches / protocol errors | {res['mismatches']} / "
+            f"{res['protocol_errors']} | 0 / 0 |",
+            f"| client reconnects / HTTP errors | {res['reconnects']} / {res['http_errors']} | - |",
+            "| CPU share of the window (cores) | "
+            + ", ".join(f"{k} {v}" for k, v in res["cpu_share_of_window"].items())
+            + " | - |",
+            "",
+            f"Topology: {res['topology']}. Gateway workers {res['gateway_workers']}; processor batch_max_wait_ms "
+            f"{res['processor_batch_max_wait_ms']}; {res['partitions']} partitions; "
+            f"{res['cores']} cores. {res['split']}. Verdict: "
+            + ("no mismatches, no protocol errors." if ok else "ERRORS (see JSON)."),
+            "",
+        ]
+    )
+    out.with_suffix(".md").write_text(md)
+    print(md)
+    ser = res["series"]
+    kit.plot(
+        out.with_suffix(".png"),
+        f"bench e2e: {res['clients']:,} clients, {res['target_rate_events_per_s']:,.0f} events/s",
+        {"produce → checkpoint_complete": res["latency_cdf_ms"]},
+        {
+            "produced/s": _rates([tuple(x) for x in ser["produced"]]),
+            "applied/s": _rates([tuple(x) for x in ser["applied"]]),
+            "ops received by clients/s": [tuple(x) for x in ser["client_ops_per_s"]],
+        },
+        cdf_xlabel="ms from produce to checkpoint_complete",
+        series_ylabel="events or ops per second",
+    )
+    print(f"results: {out.with_suffix('.json')} (.md, .png)")
+
+
+def main(settings: Settings, args: argparse.Namespace) -> int:
+    out = (
+        Path(args.out)
+        if args.out
+        else Path("bench-results") / time.strftime("e2e-%Y%m%d-%H%M%S.json")
+    )
+    with tempfile.TemporaryDirectory(prefix="bucketsync-e2e-") as tmp:
+        res = run(
+            settings,
+            clients=args.clients if args.clients is not None else 2000,
+            rate=args.rate if args.rate is not None else 5000.0,
+            seconds=args.seconds,
+            workers=args.workers,
+            batch_wait_ms=args.batch_wait_ms,
+            workdir=Path(tmp),
+            replica=bool(getattr(args, "replica", False)),
+        )
+    report(res, out)
+    return 0 if res["mismatches"] == 0 and res["protocol_errors"] == 0 else 1

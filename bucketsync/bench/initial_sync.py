@@ -1,0 +1,364 @@
+"""``bucketsync bench initial-sync``: one big bucket, synced from nothing.
+
+The store gets ``--ops`` rows in one global bucket (one PUT op each, ~150 bytes of wire JSON),
+written straight to Redis under a prefix of the run's own. Then, against a ``bucketsync
+gateway`` process (workers 1):
+
+- **cold**: a freshly started gateway (empty page cache) streams the whole bucket to a raw
+  HTTP reader in this process that only counts the bytes and ops (no parsing, so the
+  gateway is what is measured): ops/s from the request to ``checkpoint_complete``, and ops
+  per gateway CPU-second. ``--runs`` times, the gateway restarted before each;
+- **warm**: the same request again on the last gateway (pages from its shared cache);
+- **simulator**: :mod:`bucketsync.simclient` parsing every line and verifying the checksum
+  (the bench's check that the stream is right; its time is the Python client's);
+- **official client**: the official PowerSync Node SDK (``tests/e2e/client``, when it is
+  installed and this runs from a checkout; ``--no-node`` skips it): connect → first
+  complete checkpoint applied to its SQLite, and the row count it ends with.
+
+The split of the cores: nothing is pinned; the gateway, the reader (this process), the Node
+client (its own process) and Redis share the cores.
+
+Writes ``<out>.json``, ``<out>.md`` and ``<out>.png`` (share of ops received over time, and
+ops/s over time, per run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import os
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import yaml
+
+from bucketsync.bench import clients as kit
+from bucketsync.config import Settings, load_settings
+from bucketsync.simclient import ClientState, stream_once
+from bucketsync.tokens import make_dev_token
+from pipeline import core
+from pipeline.cdc import KafkaRecord, UpsertEvent
+from pipeline.rules import parse_rules
+from pipeline.store import Store
+
+RULES = """
+bucket_definitions:
+  everything:
+    data:
+      - SELECT id, title, body FROM items
+"""
+
+GOALS = {"cold_ops_per_s": 300_000, "ops": 1_000_000}
+_OP = b'"op_id"'
+_DONE = b"checkpoint_complete"
+
+
+def _item(i: int) -> UpsertEvent:
+    return {
+        "action": "upsert",
+        "table": "items",
+        "source_table": "items",
+        "key": {"id": f"i{i:07d}"},
+        "row": {
+            "id": f"i{i:07d}",
+            "title": f"item number {i}",
+            "body": f"body of item {i}: " + "lorem ipsum dolor sit amet " * 2,
+        },
+    }
+
+
+async def seed(store: Store, ops: int) -> int:
+    rules = parse_rules(RULES)
+    step = 5000
+    for start in range(0, ops, step):
+        evs = [_item(i) for i in range(start, min(ops, start + step))]
+        plan = core.plan_batch(
+            [(KafkaRecord("seed", 0, start + j, b"", b""), ev) for j, ev in enumerate(evs)],
+            rules,
+            {},
+        )
+        res = await store.apply(plan.batch)
+        assert res.status == "ok", res
+    return await store.checkpoint()
+
+
+async def raw_sync(port: int, token: str) -> dict[str, Any]:
+    """POST /sync/stream and read until checkpoint_complete, counting ops (no parsing)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 22)
+    body = orjson.dumps({"buckets": [], "raw_data": True, "client_id": "bench"})
+    t0 = time.perf_counter()
+    writer.write(
+        b"POST /sync/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Token {token}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    ops = 0
+    size = 0
+    tail = b""
+    marks: list[tuple[float, int]] = []
+    try:
+        while True:
+            chunk = await reader.read(1 << 20)
+            if not chunk:
+                raise RuntimeError("the gateway closed the stream before checkpoint_complete")
+            size += len(chunk)
+            buf = tail + chunk
+            ops += buf.count(_OP) - tail.count(_OP)
+            tail = buf[-32:]
+            marks.append((time.perf_counter() - t0, ops))
+            if _DONE in buf:
+                break
+    finally:
+        writer.close()
+    return {"seconds": time.perf_counter() - t0, "ops": ops, "bytes": size, "marks": marks}
+
+
+async def simulator_sync(url: str, token: str) -> dict[str, Any]:
+    state = ClientState()
+    t0 = time.perf_counter()
+    async with aiohttp.ClientSession() as session:
+        await stream_once(
+            session,
+            url,
+            token,
+            state,
+            on_line=lambda kind, st: kind == "checkpoint_complete",
+            timeout_s=600,
+        )
+    return {
+        "seconds": time.perf_counter() - t0,
+        "ops": state.ops,
+        "completed": state.completed,
+        "mismatches": len(state.mismatches),
+        "protocol_errors": len(state.protocol_errors),
+        "rows": sum(len(b.rows) for b in state.buckets.values()),
+    }
+
+
+async def node_sync(url: str, token: str, timeout: float) -> dict[str, Any]:
+    try:
+        from tests.e2e.powersync_client import PowerSyncNodeClient, node_client_available
+    except ImportError:
+        return {"skipped": "tests/e2e/powersync_client.py not importable (run from a checkout)"}
+    ok, why = node_client_available()
+    if not ok:
+        return {"skipped": f"official Node client unavailable: {why}"}
+    schema = {"items": {"title": "text", "body": "text"}}
+    async with PowerSyncNodeClient(url, schema, log_level="warn") as client:
+        t0 = time.perf_counter()
+        await client.connect(token)
+        await client.wait_synced(timeout=timeout, this_run=True)
+        took = time.perf_counter() - t0
+        rows = await client.query("SELECT count(*) AS n FROM items")
+        return {
+            "seconds": took,
+            "rows": int(rows[0]["n"]),
+            "checksum_mismatches": len(client.checksum_mismatches),
+        }
+
+
+def run(settings: Settings, *, ops: int, runs: int, node: bool, workdir: Path) -> dict[str, Any]:
+    from bucketsync import stack
+
+    kit.raise_nofile()
+    stack.ensure_up(settings)
+    prefix = f"bench-isync-{uuid.uuid4().hex[:8]}"
+    (workdir / "rules.yaml").write_text(RULES)
+    port = kit.free_port()
+    data = settings.model_dump(mode="json", exclude={"config_dir"})
+    data["redis"]["prefix"] = prefix
+    data["sync_rules"] = str(workdir / "rules.yaml")
+    data["gateway"].update(port=port, host="127.0.0.1", workers=1)
+    data["stack"]["state_dir"] = str(settings.state_dir)
+    cfg = workdir / "bucketsync.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    s = load_settings(cfg)
+    token = make_dev_token(s, sub="bench", ttl_s=7200)
+    url = f"http://127.0.0.1:{port}"
+    log = workdir / "gateway.log"
+    result: dict[str, Any] = {
+        "benchmark": "initial-sync",
+        "ops": ops,
+        "cores": os.cpu_count(),
+        "split": "no pinning: the gateway (`bucketsync gateway`, workers 1), the raw reader "
+        "and the simulator (bench process), the Node client (its own process) and Redis "
+        "share the cores",
+    }
+    gw = None
+
+    async def go() -> None:
+        nonlocal gw
+        store = Store.from_url(s.redis.url, prefix)
+        try:
+            await measure(store)
+        finally:
+            kit.stop(gw)
+            keys = [k async for k in store.r.scan_iter(match=f"{prefix}:*", count=5000)]
+            for i in range(0, len(keys), 1000):
+                await store.r.unlink(*keys[i : i + 1000])
+            await store.close()
+
+    async def measure(store: Store) -> None:
+        nonlocal gw
+        t0 = time.perf_counter()
+        cp = await seed(store, ops)
+        result["seed_seconds"] = round(time.perf_counter() - t0, 1)
+        result["checkpoint"] = cp
+        colds = []
+        for i in range(runs):
+            kit.stop(gw)
+            gw = kit.spawn("gateway", cfg, log)
+            kit.wait_listening(port, gw, log)
+            await asyncio.sleep(0.5)
+            cpu0 = kit.cpu_s(gw.pid)
+            res = await raw_sync(port, token)
+            res["gateway_cpu_s"] = kit.cpu_s(gw.pid) - cpu0
+            colds.append(res)
+            print(f"cold run {i + 1}: {res['ops'] / res['seconds']:,.0f} ops/s", flush=True)
+        assert gw is not None
+        cpu0 = kit.cpu_s(gw.pid)
+        warm = await raw_sync(port, token)
+        warm["gateway_cpu_s"] = kit.cpu_s(gw.pid) - cpu0
+        sim = await simulator_sync(url, token)
+        nd: dict[str, Any] = (
+            await node_sync(url, token, timeout=900) if node else {"skipped": "--no-node"}
+        )
+        result["cold_runs"] = [
+            {
+                "ops": c["ops"],
+                "seconds": round(c["seconds"], 3),
+                "ops_per_s": round(c["ops"] / c["seconds"]),
+                "ops_per_gateway_cpu_s": round(c["ops"] / max(c["gateway_cpu_s"], 1e-9)),
+                "bytes": c["bytes"],
+            }
+            for c in colds
+        ]
+        result["cold_ops_per_s_median"] = round(
+            statistics.median(c["ops"] / c["seconds"] for c in colds)
+        )
+        result["warm"] = {
+            "ops": warm["ops"],
+            "seconds": round(warm["seconds"], 3),
+            "ops_per_s": round(warm["ops"] / warm["seconds"]),
+            "ops_per_gateway_cpu_s": round(warm["ops"] / max(warm["gateway_cpu_s"], 1e-9)),
+        }
+        result["simulator"] = {**sim, "seconds": round(sim["seconds"], 3)}
+        if "seconds" in nd:
+            nd["seconds"] = round(nd["seconds"], 3)
+            nd["ops_per_s"] = round(ops / nd["seconds"])
+        result["node_client"] = nd
+        result["arrival"] = {
+            "cold (last run)": _downsample(colds[-1]["marks"]),
+            "warm": _downsample(warm["marks"]),
+        }
+
+    asyncio.run(go())
+    return result
+
+
+def _downsample(marks: list[tuple[float, int]], n: int = 300) -> list[tuple[float, int]]:
+    step = max(1, len(marks) // n)
+    out = [(round(t, 4), k) for t, k in marks[::step]]
+    if marks and out[-1] != (round(marks[-1][0], 4), marks[-1][1]):
+        out.append((round(marks[-1][0], 4), marks[-1][1]))
+    return out
+
+
+def report(res: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(orjson.dumps(res, option=orjson.OPT_INDENT_2).decode())
+    nd = res["node_client"]
+    node_row = (
+        f"{nd['seconds']} s ({nd['ops_per_s']:,} ops/s), {nd['rows']:,} rows, "
+        f"{nd['checksum_mismatches']} checksum mismatches"
+        if "seconds" in nd
+        else f"skipped: {nd.get('skipped')}"
+    )
+    sim = res["simulator"]
+    cold_runs = ", ".join(f"{c['ops_per_s']:,}" for c in res["cold_runs"])
+    md = "\n".join(
+        [
+            f"# bench initial-sync: one bucket of {res['ops']:,} ops",
+            "",
+            "| measure | value | goal (issue 12) |",
+            "|---|---|---|",
+            f"| server encode rate, cold (median of {len(res['cold_runs'])}: {cold_runs}) | "
+            f"{res['cold_ops_per_s_median']:,} ops/s | ≥ {GOALS['cold_ops_per_s']:,} ops/s for "
+            f"{GOALS['ops']:,} ops |",
+            f"| cold: ops per gateway CPU-second (last run) | "
+            f"{res['cold_runs'][-1]['ops_per_gateway_cpu_s']:,} | - |",
+            f"| warm (shared page cache) | {res['warm']['ops_per_s']:,} ops/s | - |",
+            f"| official Node client: connect → first checkpoint applied | {node_row} | report |",
+            f"| Python simulator (parses, verifies checksums) | {sim['seconds']} s, "
+            f"{sim['ops']:,} ops, {sim['mismatches']} mismatches, "
+            f"{sim['protocol_errors']} protocol errors | 0 / 0 |",
+            f"| bytes on the wire (cold) | {res['cold_runs'][-1]['bytes']:,} | - |",
+            "",
+            f"{res['cores']} cores; {res['split']}. Seeding took {res['seed_seconds']} s.",
+            "",
+        ]
+    )
+    out.with_suffix(".md").write_text(md)
+    print(md)
+    series_rates: dict[str, list[tuple[float, float]]] = {}
+    for label, pts in res["arrival"].items():
+        series_rates[label] = [
+            (t1, (k1 - k0) / (t1 - t0)) for (t0, k0), (t1, k1) in itertools.pairwise(pts) if t1 > t0
+        ]
+    _plot_arrival(out.with_suffix(".png"), res, max(1, res["ops"]), series_rates)
+    print(f"results: {out.with_suffix('.json')} (.md, .png)")
+
+
+def _plot_arrival(
+    path: Path, res: dict[str, Any], total: int, rates: dict[str, list[tuple[float, float]]]
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for label, pts in res["arrival"].items():
+        a1.plot([t * 1000 for t, _ in pts], [k / total for _, k in pts], label=label)
+    a1.set_xlabel("ms since the request")
+    a1.set_ylabel("share of the bucket's ops received")
+    a1.set_title("ops received over time (CDF)")
+    a1.grid(alpha=0.3)
+    a1.legend()
+    for label, pts in rates.items():
+        a2.plot([t for t, _ in pts], [v for _, v in pts], label=label)
+    a2.set_xlabel("seconds since the request")
+    a2.set_ylabel("ops/s")
+    a2.set_title("throughput over time")
+    a2.grid(alpha=0.3)
+    a2.legend()
+    fig.suptitle(f"bench initial-sync: {res['ops']:,} ops in one bucket")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(settings: Settings, args: argparse.Namespace) -> int:
+    out = (
+        Path(args.out)
+        if args.out
+        else Path("bench-results") / time.strftime("initial-sync-%Y%m%d-%H%M%S.json")
+    )
+    with tempfile.TemporaryDirectory(prefix="bucketsync-isync-") as tmp:
+        res = run(
+            settings,
+            ops=args.ops,
+            runs=max(1, args.runs),
+            node=not args.no_node,
+            workdir=Path(tmp),
+        )
+    report(res, out)
+    sim = res["simulator"]
+    return 0 if sim["mismatches"] == 0 and sim["protocol_errors"] == 0 else 1
