@@ -16,7 +16,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -47,13 +47,17 @@ def _record(stats: DeliveryStats) -> None:
 
 
 class Wake:
-    """``asyncio.Event`` for one waiter, without its deque and dict (one per connection)."""
+    """``asyncio.Event`` for one waiter, without its deque and dict (one per connection).
 
-    __slots__ = ("_flag", "_waiter")
+    ``callback``: called (synchronously) whenever the flag goes up, for a connection that
+    has no task waiting while idle (a detached stream, :meth:`SyncStream.detach`)."""
+
+    __slots__ = ("_flag", "_waiter", "callback")
 
     def __init__(self) -> None:
         self._flag = False
         self._waiter: asyncio.Future[None] | None = None
+        self.callback: Callable[[], None] | None = None
 
     def is_set(self) -> bool:
         return self._flag
@@ -64,6 +68,9 @@ class Wake:
             w = self._waiter
             if w is not None and not w.done():
                 w.set_result(None)
+            cb = self.callback
+            if cb is not None:
+                cb()
 
     def clear(self) -> None:
         self._flag = False
