@@ -375,6 +375,9 @@ def _detach(
     stream.detach(transport, _stream_ended(gw, user, describe, transport), gw.streams)
     manager.connection_lost(proto, None)  # out of the server's connection table
     proto.transport = None
+    # the handler and its parser refer to each other: without this the pair (about 1 KB)
+    # waits for a full garbage collection, which the gateway runs rarely (gc.freeze)
+    proto._parser = None
     return True
 
 
