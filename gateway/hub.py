@@ -92,7 +92,7 @@ class FastPath(Protocol):
 
     def fast_pages(self) -> list[PageKey] | None: ...
 
-    def fast_deliver(self, stats: DeliveryStats) -> bool: ...
+    def fast_deliver(self, stats: DeliveryStats, recheck: bool = True) -> bool: ...
 
 
 class Subscriber:
@@ -560,9 +560,11 @@ class CheckpointHub:
             ready.append(sub)
             for k in keys:
                 need[k] = None
+        awaited = False
         if need:
             missing = [k for k in need if self.pages.peek(k) is None]
             if missing:
+                awaited = True
                 try:
                     await asyncio.gather(*(self.pages.get(*k) for k in missing))
                 except asyncio.CancelledError:
@@ -575,7 +577,7 @@ class CheckpointHub:
         for sub in ready:
             owner = sub.owner
             try:
-                done = owner is not None and owner.fast_deliver(stats)
+                done = owner is not None and owner.fast_deliver(stats, awaited)
             except Exception:
                 log.exception("batched delivery failed; the stream serves itself")
                 done = False

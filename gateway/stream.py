@@ -651,7 +651,6 @@ class SyncStream:
             or sub.resync
             or sub.lookups_dirty
             or sub.write_checkpoint_dirty
-            or self._stall_since is not None
             or self._out
             or self.closing.is_set()
             or self._lost
@@ -659,7 +658,37 @@ class SyncStream:
         ):
             return False
         t = self._transport
-        return t is not None and not t.is_closing() and not t.get_write_buffer_size()
+        return (
+            t is not None
+            and not t.is_closing()
+            and not t.get_write_buffer_size()
+            and self._stall_cleared()
+        )
+
+    def _stall_cleared(self) -> bool:
+        """No unsent bytes count against the stall deadline (looked at again: the client
+        may have taken them since the last write)."""
+        if self._stall_since is None:
+            return True
+        if self._unsent() == 0:
+            self._stall_since = None
+            self._stall_mark = 0
+            return True
+        return False
+
+    def _look_by_stall_deadline(self) -> None:
+        """After a write the client has not taken yet: the stream must look again by its
+        stall deadline. A detached idle stream moves its timer earlier if it is due later
+        (no task for it); a waiting task is woken and re-arms its own timer."""
+        timer = self._timer
+        if self._conn is not None and timer is not None and self._task is None:
+            loop = asyncio.get_running_loop()
+            due = loop.time() + self.limits.stall_timeout_s + 0.01
+            if timer.when() > due:
+                timer.cancel()
+                self._timer = loop.call_at(due, self._kick)
+        elif self.sub is not None:
+            self.sub.wake.set()
 
     def _fast_plan(
         self, cp: int, states: dict[str, BucketState]
@@ -692,11 +721,13 @@ class SyncStream:
         self._memo = ((sub.pending_cp, self.cp, len(sub.pending)), cp, states, keys, newest)
         return keys
 
-    def fast_deliver(self, stats: DeliveryStats) -> bool:
+    def fast_deliver(self, stats: DeliveryStats, recheck: bool = True) -> bool:
         """Take the pending bucket changes without this stream's task: the same lines, in
         the same order, as ``_on_change`` -> ``_diff`` -> ``_serve`` would send, written at
         once. False (nothing changed) when that needs anything else: a page not read yet,
-        a page that continues, a MOVE/CLEAR past the checkpoint, a client behind."""
+        a page that continues, a MOVE/CLEAR past the checkpoint, a client behind.
+        ``recheck=False``: nothing ran since :meth:`fast_pages` (no await), so its checks
+        of the connection still hold."""
         sub = self.sub
         if sub is None:
             return False
@@ -704,7 +735,7 @@ class SyncStream:
         if memo is not None and memo[0] == (sub.pending_cp, self.cp, len(sub.pending)):
             # nothing new for this stream since the plan: its checkpoint still holds
             # (every change up to it is pending here), whatever else moved the hub's
-            if not self._fast_ok(sub):
+            if recheck and not self._fast_ok(sub):
                 return False
             _, cp, states, keys, newest = memo
         else:
@@ -786,7 +817,7 @@ class SyncStream:
         if cur:
             self._stall_since = time.monotonic()
             self._stall_mark = cur
-            sub.wake.set()  # the task re-arms its timer with the stall deadline
+            self._look_by_stall_deadline()
         stats.streams += 1
         stats.bytes += len(chunk)
         stats.ops += ops
