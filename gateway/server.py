@@ -467,6 +467,7 @@ async def _sync_stream(
         if await stream.run():
             if _detach(gw, request, stream, user, describe):
                 return resp, True
+            stream.abandon()  # pragma: no cover (detachable says it can be detached)
             raise RuntimeError("an idle stream could not be detached")  # pragma: no cover
     except SlowClient as exc:
         log.warning("%s", exc)

@@ -541,6 +541,12 @@ class SyncStream:
         if on_end is not None:
             on_end(exc)
 
+    def abandon(self) -> None:
+        """End a stream that :meth:`run` left idle (True) but that is not detached: what
+        ``run`` leaves to :meth:`detach` is undone (the caller closes the connection)."""
+        self._on_end = None
+        self._finish(None)
+
     def _connection_lost(self) -> None:
         self._lost = True
         self._kick()
