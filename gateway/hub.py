@@ -16,7 +16,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -129,6 +129,28 @@ class Subscriber:
 
 
 PageKey = tuple[str, int, int, int, int]
+
+#: an index entry: one subscriber, or a set of two or more (a set is ~200 bytes)
+_Entry = Subscriber | set[Subscriber]
+
+
+def _add(index: dict[str, _Entry], key: str, sub: Subscriber) -> None:
+    cur = index.get(key)
+    if cur is None:
+        index[key] = sub
+    elif isinstance(cur, set):
+        cur.add(sub)
+    elif cur is not sub:
+        index[key] = {cur, sub}
+
+
+def _members(index: dict[str, _Entry], key: str) -> Collection[Subscriber]:
+    cur = index.get(key)
+    if cur is None:
+        return ()
+    if isinstance(cur, set):
+        return cur
+    return (cur,)
 
 
 @dataclass(slots=True)
@@ -309,9 +331,11 @@ class CheckpointHub:
         self.block_ms = block_ms
         self.checkpoint = 0
         self.offsets: dict[str, int] = {}
-        self._by_bucket: dict[str, set[Subscriber]] = {}
-        self._by_wcp: dict[str, set[Subscriber]] = {}
-        self._by_lookup: dict[str, set[Subscriber]] = {}
+        #: indexes key -> subscriber, or a set of them once a key has several (most keys
+        #: of an idle gateway have one: a user's bucket, a write-checkpoint key)
+        self._by_bucket: dict[str, _Entry] = {}
+        self._by_wcp: dict[str, _Entry] = {}
+        self._by_lookup: dict[str, _Entry] = {}
         self._subs: set[Subscriber] = set()
         #: connections holding write checkpoints whose position is not reached yet
         self._awaiting: set[Subscriber] = set()
@@ -403,10 +427,10 @@ class CheckpointHub:
         sub = Subscriber(set(buckets), wcp_key, frozenset(lookups))
         self._subs.add(sub)
         for b in sub.buckets:
-            self._by_bucket.setdefault(b, set()).add(sub)
-        self._by_wcp.setdefault(wcp_key, set()).add(sub)
+            _add(self._by_bucket, b, sub)
+        _add(self._by_wcp, wcp_key, sub)
         for key in sub.lookups:
-            self._by_lookup.setdefault(key, set()).add(sub)
+            _add(self._by_lookup, key, sub)
         return sub
 
     def set_buckets(self, sub: Subscriber, buckets: Iterable[str]) -> None:
@@ -415,16 +439,22 @@ class CheckpointHub:
         for b in sub.buckets - new:
             self._drop(self._by_bucket, b, sub)
         for b in new - sub.buckets:
-            self._by_bucket.setdefault(b, set()).add(sub)
+            _add(self._by_bucket, b, sub)
         sub.buckets = new
 
     @staticmethod
-    def _drop(index: dict[str, set[Subscriber]], key: str, sub: Subscriber) -> None:
-        s = index.get(key)
-        if s is not None:
-            s.discard(sub)
-            if not s:
+    def _drop(index: dict[str, _Entry], key: str, sub: Subscriber) -> None:
+        cur = index.get(key)
+        if cur is None:
+            return
+        if isinstance(cur, set):
+            cur.discard(sub)
+            if len(cur) == 1:
+                index[key] = next(iter(cur))
+            elif not cur:
                 del index[key]
+        elif cur is sub:
+            del index[key]
 
     def await_position(self, sub: Subscriber, waiting: bool) -> None:
         if waiting:
@@ -491,7 +521,7 @@ class CheckpointHub:
             changed = orjson.loads(raw_b)
             if isinstance(changed, dict):
                 for bucket, (cs, n) in changed.items():
-                    subs = self._by_bucket.get(bucket)
+                    subs = _members(self._by_bucket, bucket)
                     if not subs:
                         continue
                     state = BucketState(int(cs), int(n), cp)
@@ -513,7 +543,7 @@ class CheckpointHub:
             keys = orjson.loads(raw_l)
             if isinstance(keys, list):
                 for key in keys:
-                    for sub in self._by_lookup.get(key, ()):
+                    for sub in _members(self._by_lookup, key):
                         sub.lookups_dirty = True
                         sub.wake.set()
         raw_o = fields.get(b"o")
@@ -527,7 +557,7 @@ class CheckpointHub:
                     sub.wake.set()
         raw_w = fields.get(b"w")
         if raw_w:
-            for sub in self._by_wcp.get(raw_w.decode(), ()):
+            for sub in _members(self._by_wcp, raw_w.decode()):
                 sub.write_checkpoint_dirty = True
                 sub.wake.set()
 

@@ -298,17 +298,29 @@ def _unsent_bytes(transport: asyncio.BaseTransport | None) -> Callable[[], int]:
     if not isinstance(transport, asyncio.WriteTransport):
         return lambda: 0
     sock = transport.get_extra_info("socket")
-    fd = sock.fileno() if sock is not None else -1
-    outq = getattr(termios, "TIOCOUTQ", None) if termios is not None else None
+    return _Unsent(transport, sock.fileno() if sock is not None else -1)
 
-    def unsent() -> int:
+
+_TIOCOUTQ = getattr(termios, "TIOCOUTQ", None) if termios is not None else None
+
+
+class _Unsent:
+    """``_unsent_bytes``'s callable (a slotted object: smaller than a closure, and kept
+    for every open stream)."""
+
+    __slots__ = ("fd", "transport")
+
+    def __init__(self, transport: asyncio.WriteTransport, fd: int):
+        self.transport = transport
+        self.fd = fd
+
+    def __call__(self) -> int:
+        transport = self.transport
         n = transport.get_write_buffer_size()
-        if outq is not None and fd >= 0 and not transport.is_closing():
+        if _TIOCOUTQ is not None and self.fd >= 0 and not transport.is_closing():
             with contextlib.suppress(OSError):
-                n += struct.unpack("i", fcntl.ioctl(fd, outq, b"\0\0\0\0"))[0]
+                n += struct.unpack("i", fcntl.ioctl(self.fd, _TIOCOUTQ, b"\0\0\0\0"))[0]
         return n
-
-    return unsent
 
 
 async def sync_stream(request: web.Request) -> web.StreamResponse:
@@ -327,15 +339,23 @@ async def sync_stream(request: web.Request) -> web.StreamResponse:
             gw.release_stream_slot(user)
 
 
-def _stream_ended(
-    gw: Gateway, user: str, describe: str, transport: asyncio.Transport
-) -> Callable[[BaseException | None], None]:
+class _StreamEnd:
     """What ends a detached stream (``SyncStream.detach``): the user's stream slot is
     released, the response ended (normal end) or the connection aborted (an error), as the
-    request handler does for a stream it still holds."""
+    request handler does for a stream it still holds. (A slotted object rather than a
+    closure: one is kept for every open stream.)"""
 
-    def ended(exc: BaseException | None) -> None:
-        gw.release_stream_slot(user)
+    __slots__ = ("describe", "gw", "transport", "user")
+
+    def __init__(self, gw: Gateway, user: str, describe: str, transport: asyncio.Transport):
+        self.gw = gw
+        self.user = user
+        self.describe = describe
+        self.transport = transport
+
+    def __call__(self, exc: BaseException | None) -> None:
+        gw, describe, transport = self.gw, self.describe, self.transport
+        gw.release_stream_slot(self.user)
         if exc is None:
             if not transport.is_closing():
                 transport.write(b"0\r\n\r\n")  # the chunked response's end
@@ -358,8 +378,6 @@ def _stream_ended(
             )
         transport.abort()
 
-    return ended
-
 
 def _detach(
     gw: Gateway, request: web.Request, stream: SyncStream, user: str, describe: str
@@ -372,7 +390,7 @@ def _detach(
     manager = getattr(proto, "_manager", None)
     if not isinstance(transport, asyncio.Transport) or manager is None:
         return False
-    stream.detach(transport, _stream_ended(gw, user, describe, transport), gw.streams)
+    stream.detach(transport, _StreamEnd(gw, user, describe, transport), gw.streams)
     manager.connection_lost(proto, None)  # out of the server's connection table
     proto.transport = None
     # the handler and its parser refer to each other: without this the pair (about 1 KB)

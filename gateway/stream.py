@@ -187,7 +187,7 @@ class SyncStream:
         self.store = store
         self.hub = hub
         self.resolver = resolver
-        self.stream_names = list(resolver.stream_names)
+        self.stream_names = resolver.stream_names  # shared, never changed
         self.grants: dict[str, Grant] = {}
         self.positions: dict[str, int] = {}
         self._after = after
