@@ -326,6 +326,24 @@ def build_parser() -> argparse.ArgumentParser:
         default="mix",
         help="compact: realistic todo mix (budget sweep) or 1M uniform ops in one bucket",
     )
+    p.add_argument(
+        "--levels",
+        default=None,
+        help="comma-separated stream counts, ascending (fanout; default 1000,5000,10000)",
+    )
+    p.add_argument(
+        "--gateway-workers",
+        type=int,
+        default=1,
+        help="gateway processes sharing the port (fanout)",
+    )
+    p.add_argument(
+        "--client-procs",
+        type=int,
+        default=0,
+        help="extra client processes holding idle streams, each from its own loopback "
+        "address (fanout; one process holds at most its open-files limit)",
+    )
     p.add_argument("--out", default=None, help="write the JSON result here")
     return parser
 

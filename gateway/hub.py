@@ -16,7 +16,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -47,13 +47,17 @@ def _record(stats: DeliveryStats) -> None:
 
 
 class Wake:
-    """``asyncio.Event`` for one waiter, without its deque and dict (one per connection)."""
+    """``asyncio.Event`` for one waiter, without its deque and dict (one per connection).
 
-    __slots__ = ("_flag", "_waiter")
+    ``callback``: called (synchronously) whenever the flag goes up, for a connection that
+    has no task waiting while idle (a detached stream, :meth:`SyncStream.detach`)."""
+
+    __slots__ = ("_flag", "_waiter", "callback")
 
     def __init__(self) -> None:
         self._flag = False
         self._waiter: asyncio.Future[None] | None = None
+        self.callback: Callable[[], None] | None = None
 
     def is_set(self) -> bool:
         return self._flag
@@ -64,6 +68,9 @@ class Wake:
             w = self._waiter
             if w is not None and not w.done():
                 w.set_result(None)
+            cb = self.callback
+            if cb is not None:
+                cb()
 
     def clear(self) -> None:
         self._flag = False
@@ -85,7 +92,7 @@ class FastPath(Protocol):
 
     def fast_pages(self) -> list[PageKey] | None: ...
 
-    def fast_deliver(self, stats: DeliveryStats) -> bool: ...
+    def fast_deliver(self, stats: DeliveryStats, recheck: bool = True) -> bool: ...
 
 
 class Subscriber:
@@ -122,6 +129,28 @@ class Subscriber:
 
 
 PageKey = tuple[str, int, int, int, int]
+
+#: an index entry: one subscriber, or a set of two or more (a set is ~200 bytes)
+_Entry = Subscriber | set[Subscriber]
+
+
+def _add(index: dict[str, _Entry], key: str, sub: Subscriber) -> None:
+    cur = index.get(key)
+    if cur is None:
+        index[key] = sub
+    elif isinstance(cur, set):
+        cur.add(sub)
+    elif cur is not sub:
+        index[key] = {cur, sub}
+
+
+def _members(index: dict[str, _Entry], key: str) -> Collection[Subscriber]:
+    cur = index.get(key)
+    if cur is None:
+        return ()
+    if isinstance(cur, set):
+        return cur
+    return (cur,)
 
 
 @dataclass(slots=True)
@@ -310,9 +339,11 @@ class CheckpointHub:
         self.block_ms = block_ms
         self.checkpoint = 0
         self.offsets: dict[str, int] = {}
-        self._by_bucket: dict[str, set[Subscriber]] = {}
-        self._by_wcp: dict[str, set[Subscriber]] = {}
-        self._by_lookup: dict[str, set[Subscriber]] = {}
+        #: indexes key -> subscriber, or a set of them once a key has several (most keys
+        #: of an idle gateway have one: a user's bucket, a write-checkpoint key)
+        self._by_bucket: dict[str, _Entry] = {}
+        self._by_wcp: dict[str, _Entry] = {}
+        self._by_lookup: dict[str, _Entry] = {}
         self._subs: set[Subscriber] = set()
         #: connections holding write checkpoints whose position is not reached yet
         self._awaiting: set[Subscriber] = set()
@@ -440,10 +471,10 @@ class CheckpointHub:
         sub = Subscriber(set(buckets), wcp_key, frozenset(lookups))
         self._subs.add(sub)
         for b in sub.buckets:
-            self._by_bucket.setdefault(b, set()).add(sub)
-        self._by_wcp.setdefault(wcp_key, set()).add(sub)
+            _add(self._by_bucket, b, sub)
+        _add(self._by_wcp, wcp_key, sub)
         for key in sub.lookups:
-            self._by_lookup.setdefault(key, set()).add(sub)
+            _add(self._by_lookup, key, sub)
         return sub
 
     def set_buckets(self, sub: Subscriber, buckets: Iterable[str]) -> None:
@@ -452,16 +483,22 @@ class CheckpointHub:
         for b in sub.buckets - new:
             self._drop(self._by_bucket, b, sub)
         for b in new - sub.buckets:
-            self._by_bucket.setdefault(b, set()).add(sub)
+            _add(self._by_bucket, b, sub)
         sub.buckets = new
 
     @staticmethod
-    def _drop(index: dict[str, set[Subscriber]], key: str, sub: Subscriber) -> None:
-        s = index.get(key)
-        if s is not None:
-            s.discard(sub)
-            if not s:
+    def _drop(index: dict[str, _Entry], key: str, sub: Subscriber) -> None:
+        cur = index.get(key)
+        if cur is None:
+            return
+        if isinstance(cur, set):
+            cur.discard(sub)
+            if len(cur) == 1:
+                index[key] = next(iter(cur))
+            elif not cur:
                 del index[key]
+        elif cur is sub:
+            del index[key]
 
     def await_position(self, sub: Subscriber, waiting: bool) -> None:
         if waiting:
@@ -529,7 +566,7 @@ class CheckpointHub:
             changed = orjson.loads(raw_b)
             if isinstance(changed, dict):
                 for bucket, (cs, n) in changed.items():
-                    subs = self._by_bucket.get(bucket)
+                    subs = _members(self._by_bucket, bucket)
                     if not subs:
                         continue
                     state = BucketState(int(cs), int(n), cp)
@@ -551,7 +588,7 @@ class CheckpointHub:
             keys = orjson.loads(raw_l)
             if isinstance(keys, list):
                 for key in keys:
-                    for sub in self._by_lookup.get(key, ()):
+                    for sub in _members(self._by_lookup, key):
                         sub.lookups_dirty = True
                         sub.wake.set()
         raw_o = fields.get(b"o")
@@ -565,7 +602,7 @@ class CheckpointHub:
                     sub.wake.set()
         raw_w = fields.get(b"w")
         if raw_w:
-            for sub in self._by_wcp.get(raw_w.decode(), ()):
+            for sub in _members(self._by_wcp, raw_w.decode()):
                 sub.write_checkpoint_dirty = True
                 sub.wake.set()
 
@@ -598,9 +635,11 @@ class CheckpointHub:
             ready.append(sub)
             for k in keys:
                 need[k] = None
+        awaited = False
         if need:
             missing = [k for k in need if self.pages.peek(k) is None]
             if missing:
+                awaited = True
                 try:
                     await asyncio.gather(*(self.pages.get(*k) for k in missing))
                 except asyncio.CancelledError:
@@ -613,7 +652,7 @@ class CheckpointHub:
         for sub in ready:
             owner = sub.owner
             try:
-                done = owner is not None and owner.fast_deliver(stats)
+                done = owner is not None and owner.fast_deliver(stats, awaited)
             except Exception:
                 log.exception("batched delivery failed; the stream serves itself")
                 done = False

@@ -194,6 +194,7 @@ class Gateway:
     position: PipelinePosition | None = None
     #: gateway.write_checkpoint_mode=source: the source database's WAL position
     source: SourcePosition | None = None
+    #: tasks serving streams (request handlers, and detached streams' tasks while they run)
     streams: set[asyncio.Task[Any]] = field(default_factory=set)
     #: open sync streams per user (``str(sub)``), for gateway.max_connections_per_user
     user_streams: dict[str, int] = field(default_factory=dict)
@@ -300,17 +301,29 @@ def _unsent_bytes(transport: asyncio.BaseTransport | None) -> Callable[[], int]:
     if not isinstance(transport, asyncio.WriteTransport):
         return lambda: 0
     sock = transport.get_extra_info("socket")
-    fd = sock.fileno() if sock is not None else -1
-    outq = getattr(termios, "TIOCOUTQ", None) if termios is not None else None
+    return _Unsent(transport, sock.fileno() if sock is not None else -1)
 
-    def unsent() -> int:
+
+_TIOCOUTQ = getattr(termios, "TIOCOUTQ", None) if termios is not None else None
+
+
+class _Unsent:
+    """``_unsent_bytes``'s callable (a slotted object: smaller than a closure, and kept
+    for every open stream)."""
+
+    __slots__ = ("fd", "transport")
+
+    def __init__(self, transport: asyncio.WriteTransport, fd: int):
+        self.transport = transport
+        self.fd = fd
+
+    def __call__(self) -> int:
+        transport = self.transport
         n = transport.get_write_buffer_size()
-        if outq is not None and fd >= 0 and not transport.is_closing():
+        if _TIOCOUTQ is not None and self.fd >= 0 and not transport.is_closing():
             with contextlib.suppress(OSError):
-                n += struct.unpack("i", fcntl.ioctl(fd, outq, b"\0\0\0\0"))[0]
+                n += struct.unpack("i", fcntl.ioctl(self.fd, _TIOCOUTQ, b"\0\0\0\0"))[0]
         return n
-
-    return unsent
 
 
 async def sync_stream(request: web.Request) -> web.StreamResponse:
@@ -320,13 +333,78 @@ async def sync_stream(request: web.Request) -> web.StreamResponse:
     # the token before the body: an anonymous client gets 401 and its body is never read
     token = await _authenticate(gw, request)
     user = gw.take_stream_slot(token.sub)
+    handed_over = False
     try:
-        return await _sync_stream(gw, request, token)
+        resp, handed_over = await _sync_stream(gw, request, token, user)
+        return resp
     finally:
-        gw.release_stream_slot(user)
+        if not handed_over:
+            gw.release_stream_slot(user)
 
 
-async def _sync_stream(gw: Gateway, request: web.Request, token: Any) -> web.StreamResponse:
+class _StreamEnd:
+    """What ends a detached stream (``SyncStream.detach``): the user's stream slot is
+    released, the response ended (normal end) or the connection aborted (an error), as the
+    request handler does for a stream it still holds. (A slotted object rather than a
+    closure: one is kept for every open stream.)"""
+
+    __slots__ = ("describe", "gw", "transport", "user")
+
+    def __init__(self, gw: Gateway, user: str, describe: str, transport: asyncio.Transport):
+        self.gw = gw
+        self.user = user
+        self.describe = describe
+        self.transport = transport
+
+    def __call__(self, exc: BaseException | None) -> None:
+        gw, describe, transport = self.gw, self.describe, self.transport
+        gw.release_stream_slot(self.user)
+        if exc is None:
+            if not transport.is_closing():
+                transport.write(b"0\r\n\r\n")  # the chunked response's end
+                transport.close()
+            return
+        if isinstance(exc, SlowClient):
+            log.warning("%s", exc)
+        elif isinstance(exc, ConnectionError):
+            log.info("%s: client went away", describe)
+        elif isinstance(exc, ServiceError):
+            log.warning("%s: stream aborted: [%s] %s", describe, exc.code, exc.description)
+        elif not isinstance(exc, asyncio.CancelledError):
+            log.error(
+                "%s: stream aborted: [%s] internal error: %s: %s",
+                describe,
+                CODE_INTERNAL,
+                type(exc).__name__,
+                exc,
+                exc_info=exc,
+            )
+        transport.abort()
+
+
+def _detach(
+    gw: Gateway, request: web.Request, stream: SyncStream, user: str, describe: str
+) -> bool:
+    """Hand the connection of an idle stream from aiohttp to the stream: aiohttp's request,
+    handler and tasks are released (about half of an idle stream's memory). aiohttp then
+    sees a connection without transport: it neither writes the response's end nor closes."""
+    proto = request.protocol
+    transport = request.transport
+    manager = getattr(proto, "_manager", None)
+    if not isinstance(transport, asyncio.Transport) or manager is None:
+        return False
+    stream.detach(transport, _StreamEnd(gw, user, describe, transport), gw.streams)
+    manager.connection_lost(proto, None)  # out of the server's connection table
+    proto.transport = None
+    # the handler and its parser refer to each other: without this the pair (about 1 KB)
+    # waits for a full garbage collection, which the gateway runs rarely (gc.freeze)
+    proto._parser = None
+    return True
+
+
+async def _sync_stream(
+    gw: Gateway, request: web.Request, token: Any, user: str
+) -> tuple[web.StreamResponse, bool]:
     body = await _json_body(request)
     try:
         req = protocol.parse_stream_request(body)
@@ -414,27 +492,33 @@ async def _sync_stream(gw: Gateway, request: web.Request, token: Any) -> web.Str
         sub=sub,
         resolution=first,
         transport=request.transport,
+        detachable=isinstance(request.transport, asyncio.Transport)
+        and isinstance(getattr(request.protocol, "_manager", None), web.Server),
     )
     task = asyncio.current_task()
     if task is not None:
         gw.streams.add(task)
     try:
-        await stream.run()
+        if await stream.run():
+            if _detach(gw, request, stream, user, describe):
+                return resp, True
+            stream.abandon()  # pragma: no cover (detachable says it can be detached)
+            raise RuntimeError("an idle stream could not be detached")  # pragma: no cover
     except SlowClient as exc:
         log.warning("%s", exc)
         if request.transport is not None:
             request.transport.abort()
-        return resp
+        return resp, False
     except ConnectionResetError:
         log.info("%s: client went away", describe)
-        return resp
+        return resp, False
     except ServiceError as exc:
         # after the 200 the status cannot change: end the stream, the client reconnects
         # and gets the error response then (sync-protocol.md §2.1)
         log.warning("%s: stream aborted: [%s] %s", describe, exc.code, exc.description)
         if request.transport is not None:
             request.transport.abort()
-        return resp
+        return resp, False
     except Exception as exc:
         log.error(
             "%s: stream aborted: [%s] internal error: %s: %s",
@@ -446,13 +530,13 @@ async def _sync_stream(gw: Gateway, request: web.Request, token: Any) -> web.Str
         )
         if request.transport is not None:
             request.transport.abort()
-        return resp
+        return resp, False
     finally:
         if task is not None:
             gw.streams.discard(task)
     with contextlib.suppress(ConnectionResetError):
         await resp.write_eof()
-    return resp
+    return resp, False
 
 
 async def write_checkpoint(request: web.Request) -> web.Response:

@@ -123,8 +123,13 @@ class SyncStream:
         "_after",
         "_buffered",
         "_by_prio",
+        "_conn",
+        "_detachable",
+        "_ended",
         "_levels",
+        "_lost",
         "_memo",
+        "_on_end",
         "_out",
         "_out_size",
         "_parked",
@@ -132,6 +137,9 @@ class SyncStream:
         "_stall_mark",
         "_stall_since",
         "_started",
+        "_task",
+        "_tasks",
+        "_timer",
         "_transport",
         "_unsent",
         "_write",
@@ -173,13 +181,14 @@ class SyncStream:
         sub: Subscriber | None = None,
         resolution: Resolution | None = None,
         transport: asyncio.BaseTransport | None = None,
+        detachable: bool = False,
     ):
         """``sub`` and ``resolution``: the hub subscription and the first bucket set when the
         caller resolved it already (to answer PSYNC_S2305 before the 200)."""
         self.store = store
         self.hub = hub
         self.resolver = resolver
-        self.stream_names = list(resolver.stream_names)
+        self.stream_names = resolver.stream_names  # shared, never changed
         self.grants: dict[str, Grant] = {}
         self.positions: dict[str, int] = {}
         self._after = after
@@ -219,6 +228,18 @@ class SyncStream:
             tuple[tuple[int, int, int], int, dict[str, BucketState], list[PageKey], dict[str, int]]
             | None
         ) = None
+        #: run() may return at its first idle moment so the caller detaches the connection
+        self._detachable = detachable
+        #: once detached: the connection's protocol, and what ends it
+        self._conn: _Detached | None = None
+        self._on_end: Callable[[BaseException | None], None] | None = None
+        self._tasks: set[asyncio.Task[None]] | None = None
+        #: the task serving a detached stream now (None while it is idle)
+        self._task: asyncio.Task[None] | None = None
+        #: a detached idle stream's one timer (keepalive, token expiry, stall deadline)
+        self._timer: asyncio.TimerHandle | None = None
+        self._lost = False
+        self._ended = False
 
     def _set_grants(self, grants: Sequence[Grant]) -> list[str]:
         """Adopt a (re)resolved bucket set; returns the buckets that left it."""
@@ -237,6 +258,7 @@ class SyncStream:
         self._by_prio = sorted(new.values(), key=lambda g: (g.priority, g.bucket))
         self._levels = sorted({g.priority for g in self._by_prio})
         self._started = True
+        self._after = _NO_AFTER  # counts for the first bucket set only
         return removed
 
     async def _resolve(self, sub: Subscriber) -> Resolution:
@@ -339,11 +361,15 @@ class SyncStream:
 
     # ---- the loop -----------------------------------------------------------
 
-    async def run(self) -> None:
+    async def run(self) -> bool:
+        """Serve the stream. Returns False when it ended; True (only when ``detachable``)
+        when it went idle: the caller must then :meth:`detach` it at once (no await in
+        between) and leave the connection to it."""
         if self.sub is None:
             self.sub = self.hub.subscribe((), self.wcp_key, self.resolver.lookup_keys)
         sub = self.sub
         OPEN_STREAMS.inc()
+        idle = False
         try:
             await self._reload_write_checkpoints()
             wcp = self._current_wcp()
@@ -363,21 +389,31 @@ class SyncStream:
             await self._serve(states)
             if self._transport is not None:
                 sub.owner = self
-            while True:
-                woke = await self._wait(sub)
-                if woke is None:
-                    return
-                if woke:
-                    await self._on_change(sub)
+            idle = await self._loop(sub)
+            return idle
         finally:
-            self.hub.unsubscribe(sub)
-            OPEN_STREAMS.dec()
+            if not idle:
+                self.hub.unsubscribe(sub)
+                OPEN_STREAMS.dec()
+
+    async def _loop(self, sub: Subscriber) -> bool:
+        """Serve changes until the end (False) or, detachable, until idle (True: parked,
+        its timer armed)."""
+        while True:
+            woke = await self._wait(sub)
+            if woke is None:
+                return False
+            if not woke:
+                return True
+            await self._on_change(sub)
 
     async def _wait(self, sub: Subscriber) -> bool | None:
-        """Wait for a change, a keepalive tick or the end. True = changed, None = end."""
+        """Wait for a change, a keepalive tick or the end. True = changed, None = end,
+        False = parked without waiting (detached or detachable: the timer is armed and the
+        stream's wake or timer starts a task for it, :meth:`_kick`)."""
         while True:
             await self.flush()
-            if self.closing.is_set():
+            if self.closing.is_set() or self._lost:
                 return None
             if sub.wake.is_set():
                 sub.wake.clear()
@@ -399,6 +435,11 @@ class SyncStream:
             stall_left = self.check_stall()
             if stall_left is not None:
                 timeout = min(timeout, stall_left + 0.01)
+            if self._conn is not None or self._may_detach():
+                # no task while idle: a wake or the timer starts one (_kick)
+                self._timer = asyncio.get_running_loop().call_later(timeout, self._kick)
+                self._parked = not self._out
+                return False
             timer = asyncio.get_running_loop().call_later(timeout, sub.wake.set)
             self._parked = not self._out
             try:
@@ -415,6 +456,101 @@ class SyncStream:
                 sub.pending or sub.write_checkpoint_dirty or sub.resync or sub.lookups_dirty
             ):
                 sub.wake.clear()  # only the timer fired
+
+    # ---- detached connections: no aiohttp request and no task while idle -------
+
+    def _may_detach(self) -> bool:
+        t = self._transport
+        return (
+            self._detachable
+            and t is not None
+            and not self._out
+            and not t.is_closing()
+            and not t.get_write_buffer_size()
+        )
+
+    def detach(
+        self,
+        transport: asyncio.Transport,
+        on_end: Callable[[BaseException | None], None],
+        tasks: set[asyncio.Task[None]],
+    ) -> None:
+        """Take the connection over after :meth:`run` returned True: its transport's
+        protocol becomes a small one of this stream (the HTTP handler must drop it without
+        writing or closing), writes are HTTP/1.1 chunks straight to the transport, and
+        while idle the stream holds no task: a wake (hub) or its timer starts one that
+        serves the change and parks again. ``on_end(exc)`` is called once when the stream
+        ends (None: ended normally, e.g. token expiry or shutdown; else the error); it
+        must close the transport. The tasks it starts are kept in ``tasks`` while they run.
+        """
+        assert self.sub is not None and self._conn is None
+        conn = _Detached(self, transport)
+        self._conn = conn
+        self._on_end = on_end
+        self._tasks = tasks
+        self._write = conn.write
+        self._buffered = transport.get_write_buffer_size
+        transport.set_protocol(conn)
+        self.sub.wake.callback = self._kick
+        if self.sub.wake.is_set():
+            self._kick()
+
+    def _kick(self) -> None:
+        """A detached stream's wake or timer: start its task unless one runs already
+        (which then sees the wake flag before it parks again)."""
+        if self._task is not None or self._ended or self._conn is None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._parked = False
+        task = asyncio.get_running_loop().create_task(self._resume())
+        self._task = task
+        tasks = self._tasks
+        if tasks is not None:
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    async def _resume(self) -> None:
+        err: BaseException | None = None
+        parked = False
+        try:
+            assert self.sub is not None
+            parked = await self._loop(self.sub)
+        except BaseException as exc:
+            err = exc
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        finally:
+            self._task = None
+            if not parked:
+                self._finish(err)
+
+    def _finish(self, exc: BaseException | None) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        self._parked = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.sub is not None:
+            self.sub.wake.callback = None
+            self.hub.unsubscribe(self.sub)
+        OPEN_STREAMS.dec()
+        on_end, self._on_end = self._on_end, None
+        if on_end is not None:
+            on_end(exc)
+
+    def abandon(self) -> None:
+        """End a stream that :meth:`run` left idle (True) but that is not detached: what
+        ``run`` leaves to :meth:`detach` is undone (the caller closes the connection)."""
+        self._on_end = None
+        self._finish(None)
+
+    def _connection_lost(self) -> None:
+        self._lost = True
+        self._kick()
 
     async def _on_change(self, sub: Subscriber) -> None:
         removed: list[str] = []
@@ -546,14 +682,44 @@ class SyncStream:
             or sub.resync
             or sub.lookups_dirty
             or sub.write_checkpoint_dirty
-            or self._stall_since is not None
             or self._out
             or self.closing.is_set()
+            or self._lost
             or self.exp <= time.time()
         ):
             return False
         t = self._transport
-        return t is not None and not t.is_closing() and not t.get_write_buffer_size()
+        return (
+            t is not None
+            and not t.is_closing()
+            and not t.get_write_buffer_size()
+            and self._stall_cleared()
+        )
+
+    def _stall_cleared(self) -> bool:
+        """No unsent bytes count against the stall deadline (looked at again: the client
+        may have taken them since the last write)."""
+        if self._stall_since is None:
+            return True
+        if self._unsent() == 0:
+            self._stall_since = None
+            self._stall_mark = 0
+            return True
+        return False
+
+    def _look_by_stall_deadline(self) -> None:
+        """After a write the client has not taken yet: the stream must look again by its
+        stall deadline. A detached idle stream moves its timer earlier if it is due later
+        (no task for it); a waiting task is woken and re-arms its own timer."""
+        timer = self._timer
+        if self._conn is not None and timer is not None and self._task is None:
+            loop = asyncio.get_running_loop()
+            due = loop.time() + self.limits.stall_timeout_s + 0.01
+            if timer.when() > due:
+                timer.cancel()
+                self._timer = loop.call_at(due, self._kick)
+        elif self.sub is not None:
+            self.sub.wake.set()
 
     def _fast_plan(
         self, cp: int, states: dict[str, BucketState]
@@ -586,11 +752,13 @@ class SyncStream:
         self._memo = ((sub.pending_cp, self.cp, len(sub.pending)), cp, states, keys, newest)
         return keys
 
-    def fast_deliver(self, stats: DeliveryStats) -> bool:
+    def fast_deliver(self, stats: DeliveryStats, recheck: bool = True) -> bool:
         """Take the pending bucket changes without this stream's task: the same lines, in
         the same order, as ``_on_change`` -> ``_diff`` -> ``_serve`` would send, written at
         once. False (nothing changed) when that needs anything else: a page not read yet,
-        a page that continues, a MOVE/CLEAR past the checkpoint, a client behind."""
+        a page that continues, a MOVE/CLEAR past the checkpoint, a client behind.
+        ``recheck=False``: nothing ran since :meth:`fast_pages` (no await), so its checks
+        of the connection still hold."""
         sub = self.sub
         if sub is None:
             return False
@@ -598,7 +766,7 @@ class SyncStream:
         if memo is not None and memo[0] == (sub.pending_cp, self.cp, len(sub.pending)):
             # nothing new for this stream since the plan: its checkpoint still holds
             # (every change up to it is pending here), whatever else moved the hub's
-            if not self._fast_ok(sub):
+            if recheck and not self._fast_ok(sub):
                 return False
             _, cp, states, keys, newest = memo
         else:
@@ -680,7 +848,7 @@ class SyncStream:
         if cur:
             self._stall_since = time.monotonic()
             self._stall_mark = cur
-            sub.wake.set()  # the task re-arms its timer with the stall deadline
+            self._look_by_stall_deadline()
         stats.streams += 1
         stats.bytes += len(chunk)
         stats.ops += ops
@@ -736,3 +904,53 @@ class SyncStream:
                     protocol.partial_checkpoint_complete(cp, level), "partial_checkpoint_complete"
                 )
         return max_target
+
+
+_NO_AFTER: dict[str, int] = {}
+
+
+class _Detached(asyncio.Protocol):
+    """The protocol of a detached stream's connection (:meth:`SyncStream.detach`): write
+    flow control, and the end of the connection. The client sends nothing more on a sync
+    stream: bytes it sends are ignored; its end of the connection closes it."""
+
+    __slots__ = ("drain", "paused", "stream", "transport")
+
+    def __init__(self, stream: SyncStream, transport: asyncio.Transport):
+        self.stream = stream
+        self.transport = transport
+        self.paused = False
+        self.drain: asyncio.Future[None] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool | None:
+        return None  # close
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        d, self.drain = self.drain, None
+        if d is not None and not d.done():
+            d.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.paused = False
+        d, self.drain = self.drain, None
+        if d is not None and not d.done():
+            d.set_exception(ConnectionResetError("connection lost"))
+        self.stream._connection_lost()
+
+    async def write(self, data: bytes) -> None:
+        """``data`` as one HTTP/1.1 chunk; waits while the transport is over its limit."""
+        t = self.transport
+        if t.is_closing():
+            raise ConnectionResetError("connection lost")
+        t.write(b"%x\r\n%b\r\n" % (len(data), data))
+        if self.paused:
+            fut = asyncio.get_running_loop().create_future()
+            self.drain = fut
+            await fut

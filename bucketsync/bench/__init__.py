@@ -49,7 +49,14 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     if args.which == "fanout":
         from bucketsync.bench.fanout import bench_fanout
 
-        return bench_fanout(settings, args.out)
+        levels = [int(x) for x in args.levels.split(",")] if args.levels else None
+        return bench_fanout(
+            settings,
+            args.out,
+            levels,
+            workers=args.gateway_workers,
+            client_procs=args.client_procs,
+        )
     if args.which == "lookups":
         from bucketsync.bench.lookups import bench_lookups
 
