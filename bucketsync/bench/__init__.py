@@ -7,21 +7,9 @@ package sits above ``pipeline`` and ``gateway`` (it imports both; neither import
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
-from bucketsync.bench.report import print_table, result_path, rows_markdown, write_report
 from bucketsync.config import Settings
 from bucketsync.errors import UserError
-
-# What bench modes written against the old ``bucketsync/bench.py`` import: a mode that still
-# lives in ``bucketsync/bench_<mode>.py`` keeps working until it moves in here (and uses
-# :mod:`bucketsync.bench.report` and :mod:`bucketsync.bench.procs`).
-_print_table = print_table
-
-
-def _write(result: dict[str, Any], out: str | None, name: str) -> None:
-    """The old writer's signature; writes the JSON and a markdown stub."""
-    write_report(result, result_path(out, name), rows_markdown(f"bench {name}", []))
 
 
 def drivers_for(choice: str) -> list[str]:
@@ -64,15 +52,32 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     if args.which == "e2e":
         from bucketsync.bench.e2e import main as e2e_main
 
-        return e2e_main(settings, args)
+        return e2e_main(
+            settings,
+            clients=2000 if args.clients is None else args.clients,
+            rate=5000.0 if args.rate is None else args.rate,
+            seconds=args.seconds,
+            workers=args.workers,
+            batch_wait_ms=args.batch_wait_ms,
+            replica=args.replica,
+            out=args.out,
+        )
     if args.which == "initial-sync":
         from bucketsync.bench.initial_sync import main as initial_sync_main
 
-        return initial_sync_main(settings, args)
+        return initial_sync_main(
+            settings, ops=args.ops, runs=args.runs, node=not args.no_node, out=args.out
+        )
     if args.which == "reconnect":
         from bucketsync.bench.reconnect import main as reconnect_main
 
-        return reconnect_main(settings, args)
+        return reconnect_main(
+            settings,
+            clients=2000 if args.clients is None else args.clients,
+            workers=args.workers,
+            replica=args.replica,
+            out=args.out,
+        )
     # the older modes' defaults (the new ones choose their own when these are unset)
     rate = 50.0 if args.rate is None else args.rate
     clients = 5000 if args.clients is None else args.clients

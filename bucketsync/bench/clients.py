@@ -6,10 +6,11 @@
   checksum at every ``checkpoint_complete`` as the official client does, and resumes with its
   ``after`` positions. Latency: rows carry their produce time (``ts``, epoch seconds); when a
   checkpoint completes (validated), ``now - ts`` is recorded for every op that arrived in it.
-- a deployment of its own for one bench run (prefix, topic, port) and the processes of it
-  (``bucketsync gateway``, ``bucketsync processor``), logging to files;
-- percentiles, CPU seconds from ``/proc``, and the PNG plots (latency CDF, throughput over
-  time).
+- :func:`per_second`: the pool's per-second counts as a series for
+  :func:`bucketsync.bench.report.cdf_and_series_plot`.
+
+Processes, ports and ``/proc`` readings come from :mod:`bucketsync.bench.procs`, percentiles
+and the report files from :mod:`bucketsync.bench.report`.
 
 The pool is driven over a pipe: ``open`` (connect every client, or reconnect them all at once
 with their positions, and wait for each one's first validated ``checkpoint_complete``),
@@ -24,108 +25,18 @@ import contextlib
 import multiprocessing
 import os
 import re
-import resource
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections import Counter
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from bucketsync.bench.procs import cpu_seconds, raise_nofile
+from bucketsync.bench.report import percentile
 from bucketsync.simclient import ClientState
 
 _TS = re.compile(rb'\\"ts\\":([0-9.]+)')
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def raise_nofile() -> None:
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far (0 when it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def cpu_tree_s(pid: int) -> float:
-    """:func:`cpu_s` of a process and its direct children (``--workers`` > 1 forks)."""
-    total = cpu_s(pid)
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
-
-
-def rss_kb(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, int(len(s) * q + 0.5) - 1))] if s else float("nan")
-
-
-def spawn(command: str, cfg: Path, log: Path, *extra: str) -> subprocess.Popen[bytes]:
-    """``bucketsync <command>`` with ``cfg``, its output in ``log`` (no BUCKETSYNC_* env)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BUCKETSYNC_")}
-    args = ["--config", str(cfg), command, *extra]
-    code = (
-        "import resource as r; h=r.getrlimit(r.RLIMIT_NOFILE)[1]; "
-        "r.setrlimit(r.RLIMIT_NOFILE,(h,h)); from bucketsync.cli import main; "
-        f"raise SystemExit(main({args!r}))"
-    )
-    with log.open("ab") as f:
-        return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=f, stderr=f)
-
-
-def stop(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
-
-
-def wait_listening(
-    port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited ({proc.returncode}); see {log}")
-        with contextlib.suppress(OSError):
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on {port} after {timeout}s; see {log}")
 
 
 # ---- the client process ------------------------------------------------------------------
@@ -251,8 +162,8 @@ class _Pool:
             "resumed": len(took),
             "not_resumed": len(pending),
             "all_s": max(took) if took else float("nan"),
-            "p50_s": pct(took, 0.5),
-            "p99_s": pct(took, 0.99),
+            "p50_s": percentile(took, 0.5),
+            "p99_s": percentile(took, 0.99),
             "times_s": took,
             "ops": [c.state.ops - o for c, o in zip(self.clients, ops0, strict=True)],
             "bytes": sum(c.state.bytes_received for c in self.clients) - bytes0,
@@ -315,7 +226,7 @@ def _worker(conn: Connection, urls: list[str], tokens: list[str]) -> None:
                 elif cmd == "tables":
                     reply = pool.tables()
                 elif cmd == "cpu":
-                    reply = {"cpu_s": cpu_s(os.getpid()), "pid": os.getpid()}
+                    reply = {"cpu_s": cpu_seconds(os.getpid()), "pid": os.getpid()}
                 else:  # quit
                     await pool.close()
                     conn.send({"ok": True})
@@ -359,50 +270,6 @@ class ClientPool:
         self.proc.join(20)
         if self.proc.is_alive():
             self.proc.kill()
-
-
-# ---- plots ---------------------------------------------------------------------------------
-
-
-def plot(
-    path: Path,
-    title: str,
-    cdfs: dict[str, list[float]],
-    series: dict[str, list[tuple[float, float]]],
-    *,
-    cdf_xlabel: str = "ms",
-    series_ylabel: str = "per second",
-) -> None:
-    """Two panels: latency CDFs (values in ms) and throughput over time."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.2))
-    for label, values in cdfs.items():
-        s = sorted(values)
-        if s:
-            a1.plot(s, [(i + 1) / len(s) for i in range(len(s))], label=label)
-    a1.set_xlabel(cdf_xlabel)
-    a1.set_ylabel("fraction")
-    a1.set_title("latency CDF")
-    a1.grid(alpha=0.3)
-    if cdfs:
-        a1.legend()
-    for label, pts in series.items():
-        if pts:
-            a2.plot([p[0] for p in pts], [p[1] for p in pts], label=label)
-    a2.set_xlabel("seconds")
-    a2.set_ylabel(series_ylabel)
-    a2.set_title("throughput over time")
-    a2.grid(alpha=0.3)
-    if series:
-        a2.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def per_second(

@@ -18,10 +18,10 @@ client-received ops per second).
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import os
 import random
+import subprocess
 import tempfile
 import threading
 import time
@@ -31,11 +31,23 @@ from typing import Any
 
 import orjson
 import redis
-import yaml
 from confluent_kafka import Producer as KafkaProducer
 
 from bucketsync.bench import clients as kit
-from bucketsync.config import Settings, load_settings
+from bucketsync.bench.procs import (
+    cpu_seconds,
+    delete_prefixes,
+    free_port,
+    primary_and_replica,
+    raise_nofile,
+    spawn_cli,
+    stop,
+    tree_cpu_seconds,
+    wait_listening,
+    write_config,
+)
+from bucketsync.bench.report import cdf_and_series_plot, percentile, result_path, write_report
+from bucketsync.config import Settings
 from bucketsync.feed import WORDS, ensure_topics, envelope, make_producer
 from bucketsync.tokens import make_dev_token
 
@@ -131,44 +143,48 @@ def run(
     replica: bool = False,
 ) -> dict[str, Any]:
     from bucketsync import stack
-    from bucketsync.bench.reconnect import primary_and_replica
 
-    kit.raise_nofile()
+    raise_nofile()
     stack.ensure_up(settings)
-    servers: list[Any] = []
+    servers: list[subprocess.Popen[bytes]] = []
     run_id = uuid.uuid4().hex[:8]
     prefix = f"bench-e2e-{run_id}"
     topic = f"{prefix}.public.todos"
     ensure_topics(settings, [topic], partitions=PARTITIONS)
     (workdir / "rules.yaml").write_text(RULES)
-    port = kit.free_port()
-    data = settings.model_dump(mode="json", exclude={"config_dir"})
-    data["kafka"].update(topics=[topic], topic_pattern=None, group_id=prefix)
-    data["kafka"]["dead_letter_topic"] = f"{prefix}.dead-letter"
-    data["redis"]["prefix"] = prefix
-    data["sync_rules"] = str(workdir / "rules.yaml")
-    data["processor"].update(metrics_port=0, batch_max_wait_ms=batch_wait_ms)
-    data["gateway"].update(
-        port=port, host="127.0.0.1", workers=workers, max_connections_per_user=10
-    )
-    data["compaction"]["interval_s"] = 0
-    data["stack"]["state_dir"] = str(settings.state_dir)
+    port = free_port()
+    sections: dict[str, dict[str, Any]] = {
+        "kafka": {
+            "topics": [topic],
+            "topic_pattern": None,
+            "group_id": prefix,
+            "dead_letter_topic": f"{prefix}.dead-letter",
+        },
+        "redis": {"prefix": prefix},
+        "processor": {"metrics_port": 0, "batch_max_wait_ms": batch_wait_ms},
+        "gateway": {
+            "port": port,
+            "host": "127.0.0.1",
+            "workers": workers,
+            "max_connections_per_user": 10,
+        },
+        "compaction": {"interval_s": 0},
+        "stack": {"state_dir": str(settings.state_dir)},
+    }
     if replica:
         servers, primary, replica_url = primary_and_replica(workdir)
-        data["redis"]["url"] = primary
-        data["redis"]["replica_urls"] = [replica_url]
+        sections["redis"].update(url=primary, replica_urls=[replica_url])
     cfg = workdir / "bucketsync.yaml"
-    cfg.write_text(yaml.safe_dump(data))
-    s = load_settings(cfg)
+    rules = str(workdir / "rules.yaml")
+    s = write_config(settings, cfg, sections, sync_rules=rules)
     # with --replica a second gateway on the same replica; clients alternate between them
     ports = [port]
     gw_cfgs = [cfg]
     if replica:
-        ports.append(kit.free_port())
-        d2 = orjson.loads(orjson.dumps(data))
-        d2["gateway"]["port"] = ports[1]
+        ports.append(free_port())
         gw_cfgs.append(workdir / "gateway-2.yaml")
-        gw_cfgs[1].write_text(yaml.safe_dump(d2))
+        sections["gateway"]["port"] = ports[1]
+        write_config(settings, gw_cfgs[1], sections, sync_rules=rules)
     r = redis.Redis.from_url(s.redis.url)
     users = clients
     tokens = [make_dev_token(s, sub=f"u{i}", ttl_s=int(seconds) + 3600) for i in range(users)]
@@ -202,12 +218,12 @@ def run(
         return sum(int(v) + 1 for k, v in raw.items() if k.decode().startswith(topic + "/"))
 
     try:
-        proc = kit.spawn("processor", cfg, plog)
-        gw = kit.spawn("gateway", cfg, glog)
-        kit.wait_listening(port, gw, glog)
+        proc = spawn_cli("processor", cfg, log=plog, raise_nofile=True)
+        gw = spawn_cli("gateway", cfg, log=glog, raise_nofile=True)
+        wait_listening(port, gw, glog)
         if replica:
-            gw2 = kit.spawn("gateway", gw_cfgs[1], glog)
-            kit.wait_listening(ports[1], gw2, glog)
+            gw2 = spawn_cli("gateway", gw_cfgs[1], log=glog, raise_nofile=True)
+            wait_listening(ports[1], gw2, glog)
         pool = kit.ClientPool([f"http://127.0.0.1:{p}" for p in ports], tokens)
         t_open = time.monotonic()
         opened = pool.open(concurrency=500, timeout=300)
@@ -228,8 +244,8 @@ def run(
         pids = {"gateway": gw.pid, "processor": proc.pid, "clients": pool.pid}
         if gw2 is not None:
             pids["gateway-2"] = gw2.pid
-        cpu0 = {k: kit.cpu_tree_s(p) for k, p in pids.items()}
-        cpu0["producer (bench process)"] = kit.cpu_s(os.getpid())
+        cpu0 = {k: tree_cpu_seconds(p) for k, p in pids.items()}
+        cpu0["producer (bench process)"] = cpu_seconds(os.getpid())
         rcpu0 = _redis_cpu(r)
         producer = Producer(s, topic, rate, seconds, users, producer=kp)
         t0 = time.time()
@@ -246,8 +262,10 @@ def run(
                 raise RuntimeError(f"producer failed: {producer.error}")
         window = time.time() - t0
         time.sleep(2.0)  # the last checkpoints reach the clients
-        cpu = {k: kit.cpu_tree_s(p) - cpu0[k] for k, p in pids.items()}
-        cpu["producer (bench process)"] = kit.cpu_s(os.getpid()) - cpu0["producer (bench process)"]
+        cpu = {k: tree_cpu_seconds(p) - cpu0[k] for k, p in pids.items()}
+        cpu["producer (bench process)"] = (
+            cpu_seconds(os.getpid()) - cpu0["producer (bench process)"]
+        )
         cpu["redis"] = _redis_cpu(r) - rcpu0
         got = pool.call("collect")
         result["gateway_metrics"] = _gateway_metrics(port)
@@ -259,9 +277,9 @@ def run(
                 "applied": series[-1][2] if series else 0,
                 "achieved_rate_events_per_s": round(producer.produced / produce_s),
                 "latency_samples": len(lat_ms),
-                "latency_p50_ms": round(kit.pct(lat_ms, 0.5), 1),
-                "latency_p90_ms": round(kit.pct(lat_ms, 0.9), 1),
-                "latency_p99_ms": round(kit.pct(lat_ms, 0.99), 1),
+                "latency_p50_ms": round(percentile(lat_ms, 0.5), 1),
+                "latency_p90_ms": round(percentile(lat_ms, 0.9), 1),
+                "latency_p99_ms": round(percentile(lat_ms, 0.99), 1),
                 "latency_max_ms": round(max(lat_ms), 1) if lat_ms else None,
                 **_apply_lag(series),
                 "mismatches": got["mismatches"],
@@ -284,14 +302,13 @@ def run(
     finally:
         if pool is not None:
             pool.quit()
-        kit.stop(gw)
-        kit.stop(gw2)
-        kit.stop(proc)
-        _drop_prefix(r, prefix)
+        stop(gw)
+        stop(gw2)
+        stop(proc)
+        delete_prefixes(s.redis.url, [prefix])
         r.close()
         for srv in servers:
-            srv.terminate()
-            srv.wait(10)
+            stop(srv)
     return result
 
 
@@ -329,17 +346,6 @@ def _redis_cpu(r: redis.Redis) -> float:
     return float(info["used_cpu_user_main_thread"]) + float(info["used_cpu_sys_main_thread"])
 
 
-def _drop_prefix(r: redis.Redis, prefix: str) -> None:
-    batch = []
-    for key in r.scan_iter(match=f"{prefix}:*", count=5000):
-        batch.append(key)
-        if len(batch) >= 1000:
-            r.unlink(*batch)
-            batch = []
-    if batch:
-        r.unlink(*batch)
-
-
 def _apply_lag(series: list[tuple[float, int, int]]) -> dict[str, float]:
     """Produce → applied to Redis (the processor's part of the latency), from the 0.1 s
     samples of the produced and applied counts: for each event index, when the producer
@@ -353,8 +359,8 @@ def _apply_lag(series: list[tuple[float, int, int]]) -> dict[str, float]:
         ta = next(t for t, _, a in series if a >= k)
         lags.append(max(0.0, ta - tp) * 1000)
     return {
-        "apply_lag_p50_ms": round(kit.pct(lags, 0.5), 1),
-        "apply_lag_p99_ms": round(kit.pct(lags, 0.99), 1),
+        "apply_lag_p50_ms": round(percentile(lags, 0.5), 1),
+        "apply_lag_p99_ms": round(percentile(lags, 0.99), 1),
     }
 
 
@@ -367,8 +373,6 @@ def _rates(points: list[tuple[float, int]]) -> list[tuple[float, float]]:
 
 
 def report(res: dict[str, Any], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(orjson.dumps(res, option=orjson.OPT_INDENT_2).decode())
     ok = res["mismatches"] == 0 and res["protocol_errors"] == 0
     md = "\n".join(
         [
@@ -405,11 +409,9 @@ def report(res: dict[str, Any], out: Path) -> None:
             "",
         ]
     )
-    out.with_suffix(".md").write_text(md)
     print(md)
     ser = res["series"]
-    kit.plot(
-        out.with_suffix(".png"),
+    plot = cdf_and_series_plot(
         f"bench e2e: {res['clients']:,} clients, {res['target_rate_events_per_s']:,.0f} events/s",
         {"produce → checkpoint_complete": res["latency_cdf_ms"]},
         {
@@ -420,25 +422,32 @@ def report(res: dict[str, Any], out: Path) -> None:
         cdf_xlabel="ms from produce to checkpoint_complete",
         series_ylabel="events or ops per second",
     )
-    print(f"results: {out.with_suffix('.json')} (.md, .png)")
+    write_report(res, out, md, plot)
 
 
-def main(settings: Settings, args: argparse.Namespace) -> int:
-    out = (
-        Path(args.out)
-        if args.out
-        else Path("bench-results") / time.strftime("e2e-%Y%m%d-%H%M%S.json")
-    )
+def main(
+    settings: Settings,
+    *,
+    clients: int = 2000,
+    rate: float = 5000.0,
+    seconds: float = 30.0,
+    workers: int = 1,
+    batch_wait_ms: int = 20,
+    replica: bool = False,
+    out: str | None = None,
+) -> int:
+    """``bucketsync bench e2e``: one run; exit code 1 on checksum mismatches or protocol
+    errors."""
     with tempfile.TemporaryDirectory(prefix="bucketsync-e2e-") as tmp:
         res = run(
             settings,
-            clients=args.clients if args.clients is not None else 2000,
-            rate=args.rate if args.rate is not None else 5000.0,
-            seconds=args.seconds,
-            workers=args.workers,
-            batch_wait_ms=args.batch_wait_ms,
+            clients=clients,
+            rate=rate,
+            seconds=seconds,
+            workers=workers,
+            batch_wait_ms=batch_wait_ms,
             workdir=Path(tmp),
-            replica=bool(getattr(args, "replica", False)),
+            replica=replica,
         )
-    report(res, out)
+    report(res, result_path(out, "e2e"))
     return 0 if res["mismatches"] == 0 and res["protocol_errors"] == 0 else 1

@@ -24,8 +24,6 @@ import asyncio
 import contextlib
 import os
 import random
-import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,14 +36,16 @@ from typing import Any
 import orjson
 
 from bucketsync.bench.procs import (
-    cpu_seconds,
     drop_store,
     free_port,
-    rss_kb,
+    raise_nofile,
     spawn_cli,
+    tree_cpu_seconds,
+    tree_rss_kb,
+    wait_listening,
     write_config,
 )
-from bucketsync.bench.report import result_path, write_report
+from bucketsync.bench.report import percentile, result_path, write_report
 from bucketsync.config import Settings, load_settings
 from bucketsync.tokens import make_dev_token
 from pipeline import core
@@ -141,30 +141,6 @@ class Stream(asyncio.Protocol):
             self.transport.close()
 
 
-def _tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (a gateway's worker processes)."""
-    out = [pid]
-    for p in out:
-        try:
-            kids = Path(f"/proc/{p}/task/{p}/children").read_text().split()
-        except OSError:
-            continue
-        out.extend(int(k) for k in kids)
-    return out
-
-
-def _treerss_kb(pid: int) -> int:
-    return sum(rss_kb(p) for p in _tree(pid) if Path(f"/proc/{p}").exists())
-
-
-def _treecpu_seconds(pid: int) -> float:
-    total = 0.0
-    for p in _tree(pid):
-        with contextlib.suppress(OSError):
-            total += cpu_seconds(p)
-    return total
-
-
 async def _open_streams(
     streams: list[Stream], n: int, s: Settings, port: int, prefix: str, src: str | None
 ) -> None:
@@ -221,8 +197,7 @@ async def _client_main(cfg: str, port: int, prefix: str, src: str) -> None:
 
 
 def client_main(argv: list[str]) -> None:
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raise_nofile()
     asyncio.run(_client_main(argv[0], int(argv[1]), argv[2], argv[3]))
 
 
@@ -259,11 +234,6 @@ class Helper:
         if not line.startswith(word):
             raise RuntimeError(f"helper client process: expected {word!r}, got {line[:200]!r}")
         return line[len(word) :].strip()
-
-
-def _pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, int(len(s) * q) - 1))] if s else 0.0
 
 
 async def _feed(store: Store, events: list[UpsertEvent], offset: int) -> None:
@@ -324,8 +294,7 @@ def _todo(user: str, i: int) -> UpsertEvent:
 async def run(
     settings: Settings, levels: list[int], workers: int = 1, client_procs: int = 0
 ) -> dict[str, Any]:
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raise_nofile()
     tmp = Path(tempfile.mkdtemp(prefix="bucketsync-fanout-"))
     (tmp / "rules.yaml").write_text(RULES)
     prefix = f"bench-fanout-{uuid.uuid4().hex[:8]}"
@@ -360,14 +329,9 @@ async def run(
     offset += len(lists) * 3
     next_list = 0
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                await asyncio.sleep(0.1)
+        await asyncio.to_thread(wait_listening, port, gw)
         await asyncio.sleep(0.5 if workers == 1 else 3.0)  # every worker listening
-        base_rss = _treerss_kb(gw.pid)
+        base_rss = tree_rss_kb(gw.pid)
         result["gateway_rss_kb_idle"] = base_rss
         for k in range(client_procs):
             helpers.append(await Helper.start(cfg, port, k))
@@ -383,7 +347,7 @@ async def run(
                 h.held = int(await h.answer("ok"))
             open_s = time.perf_counter() - t_open
             await asyncio.sleep(1.0)
-            rss = _treerss_kb(gw.pid)
+            rss = tree_rss_kb(gw.pid)
             entry: dict[str, Any] = {
                 "streams": level,
                 "all_first_checkpoint_complete": True,  # _open_streams waits for each
@@ -401,7 +365,7 @@ async def run(
                     h.send("arm")
                 for h in helpers:
                     await h.answer("armed")
-                cpu0 = _treecpu_seconds(gw.pid)
+                cpu0 = tree_cpu_seconds(gw.pid)
                 t0 = time.perf_counter()
                 await _feed(store, [_news(0)], offset)
                 offset += 1
@@ -409,10 +373,10 @@ async def run(
                 times = [st.completes[m] for st, m in zip(streams, marks, strict=True)]
                 for h in helpers:
                     times.extend(orjson.loads(await h.answer("done")))
-                cpus.append(_treecpu_seconds(gw.pid) - cpu0)
+                cpus.append(tree_cpu_seconds(gw.pid) - cpu0)
                 lat = sorted(t - t0 for t in times)
                 p50s.append(lat[len(lat) // 2] * 1000)
-                p99s.append(_pct(lat, 0.99) * 1000)
+                p99s.append(percentile(lat, 0.99) * 1000)
                 alls.append(lat[-1] * 1000)
                 await asyncio.sleep(0.3)
             entry["shared_change_p50_ms"] = round(statistics.median(p50s), 1)
@@ -438,7 +402,7 @@ async def run(
                 user_lat.append(st.completes[m] - t0)
                 await asyncio.sleep(0.02)
             entry["user_change_p50_ms"] = round(statistics.median(user_lat) * 1000, 2)
-            entry["user_change_p99_ms"] = round(_pct(user_lat, 0.99) * 1000, 2)
+            entry["user_change_p99_ms"] = round(percentile(user_lat, 0.99) * 1000, 2)
             # membership changes: a user joins a list (its lookup key changes); the client
             # gets the list's bucket, its rows and checkpoint_complete on the open stream
             member_lat = []
@@ -455,7 +419,7 @@ async def run(
                 member_lat.append(st.completes[m] - t0)
                 await asyncio.sleep(0.02)
             entry["membership_change_p50_ms"] = round(statistics.median(member_lat) * 1000, 2)
-            entry["membership_change_p99_ms"] = round(_pct(member_lat, 0.99) * 1000, 2)
+            entry["membership_change_p99_ms"] = round(percentile(member_lat, 0.99) * 1000, 2)
             result["levels"].append(entry)
             print({k: v for k, v in entry.items() if not k.endswith("cdf_ms")}, flush=True)
     finally:

@@ -24,7 +24,6 @@ ops/s over time, per run).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import itertools
 import os
@@ -37,10 +36,19 @@ from typing import Any
 
 import aiohttp
 import orjson
-import yaml
 
-from bucketsync.bench import clients as kit
-from bucketsync.config import Settings, load_settings
+from bucketsync.bench.procs import (
+    cpu_seconds,
+    drop_store,
+    free_port,
+    raise_nofile,
+    spawn_cli,
+    stop,
+    wait_listening,
+    write_config,
+)
+from bucketsync.bench.report import Plot, result_path, write_report
+from bucketsync.config import Settings
 from bucketsync.simclient import ClientState, stream_once
 from bucketsync.tokens import make_dev_token
 from pipeline import core
@@ -167,19 +175,18 @@ async def node_sync(url: str, token: str, timeout: float) -> dict[str, Any]:
 def run(settings: Settings, *, ops: int, runs: int, node: bool, workdir: Path) -> dict[str, Any]:
     from bucketsync import stack
 
-    kit.raise_nofile()
+    raise_nofile()
     stack.ensure_up(settings)
     prefix = f"bench-isync-{uuid.uuid4().hex[:8]}"
     (workdir / "rules.yaml").write_text(RULES)
-    port = kit.free_port()
-    data = settings.model_dump(mode="json", exclude={"config_dir"})
-    data["redis"]["prefix"] = prefix
-    data["sync_rules"] = str(workdir / "rules.yaml")
-    data["gateway"].update(port=port, host="127.0.0.1", workers=1)
-    data["stack"]["state_dir"] = str(settings.state_dir)
+    port = free_port()
     cfg = workdir / "bucketsync.yaml"
-    cfg.write_text(yaml.safe_dump(data))
-    s = load_settings(cfg)
+    sections: dict[str, dict[str, Any]] = {
+        "redis": {"prefix": prefix},
+        "gateway": {"port": port, "host": "127.0.0.1", "workers": 1},
+        "stack": {"state_dir": str(settings.state_dir)},
+    }
+    s = write_config(settings, cfg, sections, sync_rules=str(workdir / "rules.yaml"))
     token = make_dev_token(s, sub="bench", ttl_s=7200)
     url = f"http://127.0.0.1:{port}"
     log = workdir / "gateway.log"
@@ -195,15 +202,12 @@ def run(settings: Settings, *, ops: int, runs: int, node: bool, workdir: Path) -
 
     async def go() -> None:
         nonlocal gw
-        store = Store.from_url(s.redis.url, prefix)
+        store = Store.from_settings(s)
         try:
             await measure(store)
         finally:
-            kit.stop(gw)
-            keys = [k async for k in store.r.scan_iter(match=f"{prefix}:*", count=5000)]
-            for i in range(0, len(keys), 1000):
-                await store.r.unlink(*keys[i : i + 1000])
-            await store.close()
+            stop(gw)
+            await drop_store(store)
 
     async def measure(store: Store) -> None:
         nonlocal gw
@@ -213,19 +217,19 @@ def run(settings: Settings, *, ops: int, runs: int, node: bool, workdir: Path) -
         result["checkpoint"] = cp
         colds = []
         for i in range(runs):
-            kit.stop(gw)
-            gw = kit.spawn("gateway", cfg, log)
-            kit.wait_listening(port, gw, log)
+            stop(gw)
+            gw = spawn_cli("gateway", cfg, log=log, raise_nofile=True)
+            wait_listening(port, gw, log)
             await asyncio.sleep(0.5)
-            cpu0 = kit.cpu_s(gw.pid)
+            cpu0 = cpu_seconds(gw.pid)
             res = await raw_sync(port, token)
-            res["gateway_cpu_s"] = kit.cpu_s(gw.pid) - cpu0
+            res["gateway_cpu_s"] = cpu_seconds(gw.pid) - cpu0
             colds.append(res)
             print(f"cold run {i + 1}: {res['ops'] / res['seconds']:,.0f} ops/s", flush=True)
         assert gw is not None
-        cpu0 = kit.cpu_s(gw.pid)
+        cpu0 = cpu_seconds(gw.pid)
         warm = await raw_sync(port, token)
-        warm["gateway_cpu_s"] = kit.cpu_s(gw.pid) - cpu0
+        warm["gateway_cpu_s"] = cpu_seconds(gw.pid) - cpu0
         sim = await simulator_sync(url, token)
         nd: dict[str, Any] = (
             await node_sync(url, token, timeout=900) if node else {"skipped": "--no-node"}
@@ -272,8 +276,6 @@ def _downsample(marks: list[tuple[float, int]], n: int = 300) -> list[tuple[floa
 
 
 def report(res: dict[str, Any], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(orjson.dumps(res, option=orjson.OPT_INDENT_2).decode())
     nd = res["node_client"]
     node_row = (
         f"{nd['seconds']} s ({nd['ops_per_s']:,} ops/s), {nd['rows']:,} rows, "
@@ -305,25 +307,24 @@ def report(res: dict[str, Any], out: Path) -> None:
             "",
         ]
     )
-    out.with_suffix(".md").write_text(md)
     print(md)
     series_rates: dict[str, list[tuple[float, float]]] = {}
     for label, pts in res["arrival"].items():
         series_rates[label] = [
             (t1, (k1 - k0) / (t1 - t0)) for (t0, k0), (t1, k1) in itertools.pairwise(pts) if t1 > t0
         ]
-    _plot_arrival(out.with_suffix(".png"), res, max(1, res["ops"]), series_rates)
-    print(f"results: {out.with_suffix('.json')} (.md, .png)")
+    write_report(res, out, md, _arrival_plot(res, max(1, res["ops"]), series_rates))
 
 
-def _plot_arrival(
-    path: Path, res: dict[str, Any], total: int, rates: dict[str, list[tuple[float, float]]]
+def _arrival_plot(
+    res: dict[str, Any], total: int, rates: dict[str, list[tuple[float, float]]]
+) -> Plot:
+    return lambda plt: _draw_arrival(plt, res, total, rates)
+
+
+def _draw_arrival(
+    plt: Any, res: dict[str, Any], total: int, rates: dict[str, list[tuple[float, float]]]
 ) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.2))
     for label, pts in res["arrival"].items():
         a1.plot([t * 1000 for t, _ in pts], [k / total for _, k in pts], label=label)
@@ -340,25 +341,20 @@ def _plot_arrival(
     a2.grid(alpha=0.3)
     a2.legend()
     fig.suptitle(f"bench initial-sync: {res['ops']:,} ops in one bucket")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
-def main(settings: Settings, args: argparse.Namespace) -> int:
-    out = (
-        Path(args.out)
-        if args.out
-        else Path("bench-results") / time.strftime("initial-sync-%Y%m%d-%H%M%S.json")
-    )
+def main(
+    settings: Settings,
+    *,
+    ops: int = 200_000,
+    runs: int = 3,
+    node: bool = True,
+    out: str | None = None,
+) -> int:
+    """``bucketsync bench initial-sync``: exit code 1 when the simulator saw checksum
+    mismatches or protocol errors."""
     with tempfile.TemporaryDirectory(prefix="bucketsync-isync-") as tmp:
-        res = run(
-            settings,
-            ops=args.ops,
-            runs=max(1, args.runs),
-            node=not args.no_node,
-            workdir=Path(tmp),
-        )
-    report(res, out)
+        res = run(settings, ops=ops, runs=max(1, runs), node=node, workdir=Path(tmp))
+    report(res, result_path(out, "initial-sync"))
     sim = res["simulator"]
     return 0 if sim["mismatches"] == 0 and sim["protocol_errors"] == 0 else 1

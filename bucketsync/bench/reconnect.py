@@ -21,10 +21,8 @@ and this process share the cores; CPU seconds of each over the storm are reporte
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
-import shutil
 import subprocess
 import tempfile
 import time
@@ -32,12 +30,24 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import orjson
 import redis
-import yaml
 
 from bucketsync.bench import clients as kit
-from bucketsync.config import Settings, load_settings
+from bucketsync.bench.procs import (
+    delete_prefixes,
+    free_port,
+    primary_and_replica,
+    raise_nofile,
+    rss_kb,
+    spawn_cli,
+    stop,
+    tree_cpu_seconds,
+    wait_for,
+    wait_listening,
+    write_config,
+)
+from bucketsync.bench.report import cdf_and_series_plot, result_path, write_report
+from bucketsync.config import Settings
 from bucketsync.tokens import make_dev_token
 from pipeline import core
 from pipeline.cdc import KafkaRecord, UpsertEvent
@@ -81,85 +91,44 @@ async def _apply(store: Store, events: list[UpsertEvent], offset: int) -> int:
     return offset
 
 
-def _redis_server(folder: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
-    exe = shutil.which("redis-server") or "/usr/bin/redis-server"
-    folder.mkdir(parents=True, exist_ok=True)
-    argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder)]
-    argv += ["--save", "", "--appendonly", "no", *extra]
-    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def _wait(pred: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if pred():
-                return
-        except redis.RedisError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"timed out waiting for {what}")
-
-
-def primary_and_replica(workdir: Path) -> tuple[list[subprocess.Popen[bytes]], str, str]:
-    """A private redis-server primary and a replica of it (no persistence): the processes
-    and the two URLs."""
-    pport, rport = kit.free_port(), kit.free_port()
-    servers = [_redis_server(workdir / "primary", pport)]
-    try:
-        _wait(lambda: redis.Redis(port=pport).ping(), 20, "primary")
-        servers.append(
-            _redis_server(workdir / "replica", rport, "--replicaof", "127.0.0.1", str(pport))
-        )
-        _wait(
-            lambda: redis.Redis(port=rport).info("replication")["master_link_status"] == "up",
-            30,
-            "replica link",
-        )
-    except BaseException:
-        for srv in servers:
-            srv.terminate()
-        raise
-    return servers, f"redis://127.0.0.1:{pport}/0", f"redis://127.0.0.1:{rport}/0"
-
-
 def run(
     settings: Settings, *, clients: int, workers: int, replica: bool, workdir: Path
 ) -> dict[str, Any]:
-    kit.raise_nofile()
+    raise_nofile()
     prefix = f"bench-reconnect-{uuid.uuid4().hex[:8]}"
     servers: list[subprocess.Popen[bytes]] = []
-    data = settings.model_dump(mode="json", exclude={"config_dir"})
+    sections: dict[str, dict[str, Any]] = {
+        "redis": {"prefix": prefix},
+        "stack": {"state_dir": str(settings.state_dir)},
+    }
     if replica:
         servers, primary, replica_url = primary_and_replica(workdir)
-        data["redis"]["url"] = primary
-        data["redis"]["replica_urls"] = [replica_url]
+        sections["redis"].update(url=primary, replica_urls=[replica_url])
     else:
         from bucketsync import stack
 
         stack.ensure_up(settings)
     (workdir / "rules.yaml").write_text(RULES)
-    data["redis"]["prefix"] = prefix
-    data["sync_rules"] = str(workdir / "rules.yaml")
-    data["stack"]["state_dir"] = str(settings.state_dir)
     n_gw = 2 if replica else 1
-    ports = [kit.free_port() for _ in range(n_gw)]
+    ports = [free_port() for _ in range(n_gw)]
     cfgs = []
+    configs = []
     for i, port in enumerate(ports):
-        d = orjson.loads(orjson.dumps(data))
-        d["gateway"].update(
-            port=port,
-            host="127.0.0.1",
-            workers=1 if replica else workers,
-            max_connections_per_user=10,
-        )
+        sections["gateway"] = {
+            "port": port,
+            "host": "127.0.0.1",
+            "workers": 1 if replica else workers,
+            "max_connections_per_user": 10,
+        }
         cfg = workdir / f"gateway-{i}.yaml"
-        cfg.write_text(yaml.safe_dump(d))
+        configs.append(
+            write_config(settings, cfg, sections, sync_rules=str(workdir / "rules.yaml"))
+        )
         cfgs.append(cfg)
-    s = load_settings(cfgs[0])
+    s = configs[0]
     users = [f"u{i}" for i in range(clients)]
     model = {(u, k): "v0" for u in users for k in range(ROWS_PER_USER)}
-    store = Store.from_url(s.redis.url, prefix)
+    store = Store.from_settings(s)
     result: dict[str, Any] = {
         "benchmark": "reconnect",
         "clients": clients,
@@ -184,11 +153,13 @@ def run(
         if replica:
             rr = redis.Redis.from_url(s.redis.replica_urls[0])
             cp = r.get(f"{prefix}:checkpoint")
-            _wait(lambda: rr.get(f"{prefix}:checkpoint") == cp, 60, "replica catch-up")
+            wait_for(lambda: rr.get(f"{prefix}:checkpoint") == cp, 60, "replica catch-up")
         for i, cfg in enumerate(cfgs):
-            gws.append(kit.spawn("gateway", cfg, workdir / f"gateway-{i}.log"))
+            gws.append(
+                spawn_cli("gateway", cfg, log=workdir / f"gateway-{i}.log", raise_nofile=True)
+            )
         for gw, port, i in zip(gws, ports, range(n_gw), strict=True):
-            kit.wait_listening(port, gw, workdir / f"gateway-{i}.log")
+            wait_listening(port, gw, workdir / f"gateway-{i}.log")
         tokens = [make_dev_token(s, sub=u, ttl_s=7200) for u in users]
         pool = kit.ClientPool([f"http://127.0.0.1:{p}" for p in ports], tokens)
         first = pool.open(concurrency=500, timeout=300)
@@ -205,15 +176,15 @@ def run(
         asyncio.run(_apply_and_close_new(s, [_todo(u, 0, "v1") for u in sorted(changed)], offset))
         if replica:
             cp = r.get(f"{prefix}:checkpoint")
-            _wait(lambda: rr.get(f"{prefix}:checkpoint") == cp, 60, "replica catch-up")
+            wait_for(lambda: rr.get(f"{prefix}:checkpoint") == cp, 60, "replica catch-up")
         time.sleep(0.5)
         pool.call("mark")
         pids = {f"gateway-{i}": gw.pid for i, gw in enumerate(gws)} | {"clients": pool.pid}
-        cpu0 = {k: kit.cpu_tree_s(p) for k, p in pids.items()}
-        rss0 = {k: kit.rss_kb(p) for k, p in pids.items() if k.startswith("gateway")}
+        cpu0 = {k: tree_cpu_seconds(p) for k, p in pids.items()}
+        rss0 = {k: rss_kb(p) for k, p in pids.items() if k.startswith("gateway")}
         t0 = time.time()
         storm = pool.open(concurrency=0, timeout=120)
-        cpu = {k: round(kit.cpu_tree_s(p) - cpu0[k], 2) for k, p in pids.items()}
+        cpu = {k: round(tree_cpu_seconds(p) - cpu0[k], 2) for k, p in pids.items()}
         got = pool.call("collect")
         tables = pool.call("tables")
         expected = [1 if u in changed else 0 for u in users]
@@ -242,7 +213,7 @@ def run(
                 "protocol_errors": got["protocol_errors"],
                 "http_errors": got["http_errors"],
                 "cpu_s": cpu,
-                "gateway_rss_kb": {k: kit.rss_kb(p) for k, p in pids.items() if k in rss0},
+                "gateway_rss_kb": {k: rss_kb(p) for k, p in pids.items() if k in rss0},
                 "completes_per_s": kit.per_second(got["completes_per_s"], t0),
                 "resume_cdf_ms": [
                     round(x * 1000, 1)
@@ -254,15 +225,12 @@ def run(
         if pool is not None:
             pool.quit()
         for gw in gws:
-            kit.stop(gw)
+            stop(gw)
         if not replica:
-            keys = list(r.scan_iter(match=f"{prefix}:*", count=5000))
-            for i in range(0, len(keys), 1000):
-                r.unlink(*keys[i : i + 1000])
+            delete_prefixes(s.redis.url, [prefix])
         r.close()
         for srv in servers:
-            srv.terminate()
-            srv.wait(10)
+            stop(srv)
     return result
 
 
@@ -274,12 +242,10 @@ async def _apply_and_close(store: Store, events: list[UpsertEvent], offset: int)
 
 
 async def _apply_and_close_new(s: Settings, events: list[UpsertEvent], offset: int) -> int:
-    return await _apply_and_close(Store.from_url(s.redis.url, s.redis.prefix), events, offset)
+    return await _apply_and_close(Store.from_settings(s), events, offset)
 
 
 def report(res: dict[str, Any], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(orjson.dumps(res, option=orjson.OPT_INDENT_2).decode())
     ok = (
         res["not_resumed"] == 0
         and res["ops_twice"] == 0
@@ -318,32 +284,28 @@ def report(res: dict[str, Any], out: Path) -> None:
             "",
         ]
     )
-    out.with_suffix(".md").write_text(md)
     print(md)
-    kit.plot(
-        out.with_suffix(".png"),
+    plot = cdf_and_series_plot(
         f"bench reconnect: {res['clients']:,} clients at once",
         {"reconnect → checkpoint_complete": res["resume_cdf_ms"]},
         {"checkpoint_complete/s (clients)": [tuple(x) for x in res["completes_per_s"]]},
         cdf_xlabel="ms",
     )
-    print(f"results: {out.with_suffix('.json')} (.md, .png)")
+    write_report(res, out, md, plot)
 
 
-def main(settings: Settings, args: argparse.Namespace) -> int:
-    out = (
-        Path(args.out)
-        if args.out
-        else Path("bench-results") / time.strftime("reconnect-%Y%m%d-%H%M%S.json")
-    )
+def main(
+    settings: Settings,
+    *,
+    clients: int = 2000,
+    workers: int = 1,
+    replica: bool = False,
+    out: str | None = None,
+) -> int:
+    """``bucketsync bench reconnect``: exit code 1 when a client did not resume, got an op
+    twice, or saw a checksum mismatch."""
     with tempfile.TemporaryDirectory(prefix="bucketsync-reconnect-") as tmp:
-        res = run(
-            settings,
-            clients=args.clients if args.clients is not None else 2000,
-            workers=args.workers,
-            replica=bool(getattr(args, "replica", False)),
-            workdir=Path(tmp),
-        )
-    report(res, out)
+        res = run(settings, clients=clients, workers=workers, replica=replica, workdir=Path(tmp))
+    report(res, result_path(out, "reconnect"))
     ok = res["not_resumed"] == 0 and res["ops_twice"] == 0 and res["mismatches"] == 0
     return 0 if ok else 1

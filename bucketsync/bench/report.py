@@ -5,6 +5,7 @@ matplotlib is installed), plus the table on the terminal."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,12 @@ from rich.table import Table
 
 #: draws onto a fresh pyplot figure; gets ``matplotlib.pyplot``
 Plot = Callable[[Any], None]
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The nearest-rank ``q`` quantile (0 < q <= 1) of ``values``; NaN when there are none."""
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, math.ceil(len(s) * q) - 1))] if s else float("nan")
 
 
 def result_path(out: str | Path | None, name: str) -> Path:
@@ -93,5 +100,41 @@ def bar_plot(title: str, unit: str, values: dict[str, float]) -> Plot:
         ax.set_xlabel(unit)
         ax.set_title(title)
         ax.grid(axis="x", alpha=0.3)
+
+    return draw
+
+
+def cdf_and_series_plot(
+    title: str,
+    cdfs: dict[str, list[float]],
+    series: dict[str, list[tuple[float, float]]],
+    *,
+    cdf_xlabel: str = "ms",
+    series_ylabel: str = "per second",
+) -> Plot:
+    """Two panels: latency CDFs (values in ms) and throughput over time."""
+
+    def draw(plt: Any) -> None:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.2))
+        for label, values in cdfs.items():
+            s = sorted(values)
+            if s:
+                a1.plot(s, [(i + 1) / len(s) for i in range(len(s))], label=label)
+        a1.set_xlabel(cdf_xlabel)
+        a1.set_ylabel("fraction")
+        a1.set_title("latency CDF")
+        a1.grid(alpha=0.3)
+        if cdfs:
+            a1.legend()
+        for label, pts in series.items():
+            if pts:
+                a2.plot([p[0] for p in pts], [p[1] for p in pts], label=label)
+        a2.set_xlabel("seconds")
+        a2.set_ylabel(series_ylabel)
+        a2.set_title("throughput over time")
+        a2.grid(alpha=0.3)
+        if series:
+            a2.legend()
+        fig.suptitle(title)
 
     return draw
