@@ -269,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
             "e2e",
             "initial-sync",
             "reconnect",
+            "store-layout",
         ],
         help="benchmark",
     )
@@ -344,8 +345,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="extra client processes holding idle streams, each from its own loopback "
         "address (fanout; one process holds at most its open-files limit)",
     )
+    p.add_argument(
+        "--connector-set",
+        type=_key_value,
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a Debezium connector setting, e.g. poll.interval.ms=500 (cdc)",
+    )
+    p.add_argument(
+        "--buckets",
+        type=int,
+        default=20,
+        help="buckets one batch of 500 upserts spreads over (store-layout)",
+    )
     p.add_argument("--out", default=None, help="write the JSON result here")
     return parser
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"'{text}' must look like key=value")
+    return key, value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -107,6 +107,11 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
             events=args.events or 1000,
             rate=rate,
             driver=one_driver(args.driver, settings),
+            connector_overrides=dict(args.connector_set or []),
             out=args.out,
         )
+    if args.which == "store-layout":
+        from bucketsync.bench.store_layout import main as store_layout_main
+
+        return store_layout_main(buckets=args.buckets, out=args.out)
     raise UserError(f"unknown benchmark {args.which}")

@@ -16,18 +16,16 @@ hop), kafka->client (ours: processor + Redis + gateway + client) and commit->cli
 
 Runs against the local stack (``stack up --source postgres`` is done if needed) with its own
 schema, publication, slot, connector, topics, Redis prefix and consumer group, all removed
-afterwards. Also: ``python -m bucketsync.bench.cdc [--events N] [--rate R]``.
+afterwards.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -37,9 +35,16 @@ from typing import Any
 
 import aiohttp
 
-from bucketsync.bench.procs import delete_prefixes, free_port, spawn_cli, stop, write_config
+from bucketsync.bench.procs import (
+    delete_prefixes,
+    free_port,
+    own_topics,
+    spawn_cli,
+    stop,
+    write_config,
+)
 from bucketsync.bench.report import bar_plot, report_rows
-from bucketsync.config import Settings, load_settings
+from bucketsync.config import Settings
 from bucketsync.errors import UserError
 
 RULES = """
@@ -193,12 +198,7 @@ def run(
     port = free_port()
     cfg = tmp / "bucketsync.yaml"
     sections: dict[str, dict[str, Any]] = {
-        "kafka": {
-            "topics": [topic],
-            "topic_pattern": None,
-            "group_id": prefix,
-            "dead_letter_topic": f"{prefix}.dead-letter",
-        },
+        "kafka": own_topics([topic], prefix, f"{prefix}.dead-letter"),
         "redis": {"prefix": prefix},
         "compaction": {"interval_s": 0},
         "processor": {"metrics_port": None},
@@ -356,38 +356,3 @@ def main(
     )
     _report(result, out)
     return 0
-
-
-def _kv(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"'{text}' must look like key=value")
-    return key, value
-
-
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(prog="python -m bucketsync.bench.cdc", description=__doc__)
-    ap.add_argument("--config", default=None)
-    ap.add_argument("--events", type=int, default=1000, help="transactions (default 1000)")
-    ap.add_argument("--rate", type=float, default=50.0, help="transactions/s (default 50)")
-    ap.add_argument("--driver", choices=["faust", "kafka"], default=None)
-    ap.add_argument(
-        "--connector-set", type=_kv, action="append", metavar="KEY=VALUE",
-        help="override a connector setting, e.g. poll.interval.ms=500",
-    )  # fmt: skip
-    ap.add_argument("--out", default=None)
-    a = ap.parse_args()
-    try:
-        sys.exit(
-            main(
-                load_settings(a.config),
-                events=a.events,
-                rate=a.rate,
-                driver=a.driver,
-                connector_overrides=dict(a.connector_set or []),
-                out=a.out,
-            )
-        )
-    except UserError as exc:
-        print(f"bench cdc: error: {exc}", file=sys.stderr)
-        sys.exit(2)

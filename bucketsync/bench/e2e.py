@@ -35,9 +35,11 @@ from confluent_kafka import Producer as KafkaProducer
 
 from bucketsync.bench import clients as kit
 from bucketsync.bench.procs import (
+    TODOS_BY_USER_RULES,
     cpu_seconds,
     delete_prefixes,
     free_port,
+    own_topics,
     primary_and_replica,
     raise_nofile,
     spawn_cli,
@@ -51,13 +53,7 @@ from bucketsync.config import Settings
 from bucketsync.feed import WORDS, ensure_topics, envelope, make_producer
 from bucketsync.tokens import make_dev_token
 
-RULES = """
-bucket_definitions:
-  by_user:
-    parameters: SELECT request.user_id() AS user_id
-    data:
-      - SELECT * FROM todos WHERE owner_id = bucket.user_id
-"""
+RULES = TODOS_BY_USER_RULES
 
 PARTITIONS = 3
 ROWS_PER_USER = 2
@@ -154,12 +150,7 @@ def run(
     (workdir / "rules.yaml").write_text(RULES)
     port = free_port()
     sections: dict[str, dict[str, Any]] = {
-        "kafka": {
-            "topics": [topic],
-            "topic_pattern": None,
-            "group_id": prefix,
-            "dead_letter_topic": f"{prefix}.dead-letter",
-        },
+        "kafka": own_topics([topic], prefix, f"{prefix}.dead-letter"),
         "redis": {"prefix": prefix},
         "processor": {"metrics_port": 0, "batch_max_wait_ms": batch_wait_ms},
         "gateway": {

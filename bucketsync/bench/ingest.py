@@ -19,6 +19,7 @@ from bucketsync.bench.mix import MIX_TABLES
 from bucketsync.bench.procs import (
     cpu_seconds,
     delete_prefixes,
+    own_topics,
     private_redis,
     spawn_cli,
     stop,
@@ -240,12 +241,7 @@ def bench_ingest(
     def config(name: str) -> tuple[Path, Settings]:
         path = tmp / f"{name}.yaml"
         sections: dict[str, dict[str, Any]] = {
-            "kafka": {
-                "topics": topics,
-                "topic_pattern": None,
-                "dead_letter_topic": f"bench-{run_id}.dead-letter",
-                "group_id": f"bench-{run_id}-{name}",
-            },
+            "kafka": own_topics(topics, f"bench-{run_id}-{name}", f"bench-{run_id}.dead-letter"),
             "redis": {"url": redis_url, "prefix": f"bench-{run_id}-{name}"},
             "compaction": {"interval_s": 0},
             "processor": processor,

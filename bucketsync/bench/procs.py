@@ -35,6 +35,26 @@ def raise_nofile() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+#: sync rules of the benchmarks with one bucket per user (``todos.owner_id``)
+TODOS_BY_USER_RULES = """
+bucket_definitions:
+  by_user:
+    parameters: SELECT request.user_id() AS user_id
+    data:
+      - SELECT * FROM todos WHERE owner_id = bucket.user_id
+"""
+
+
+def own_topics(topics: list[str], group_id: str, dead_letter_topic: str) -> dict[str, Any]:
+    """The ``kafka`` section of a run that consumes its own topics only (no pattern)."""
+    return {
+        "topics": topics,
+        "topic_pattern": None,
+        "group_id": group_id,
+        "dead_letter_topic": dead_letter_topic,
+    }
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as sock:

@@ -26,19 +26,19 @@ from typing import Any
 
 import redis
 
-from bucketsync.bench.procs import delete_prefixes, kill, spawn_cli, write_config
+from bucketsync.bench.procs import (
+    TODOS_BY_USER_RULES,
+    delete_prefixes,
+    kill,
+    spawn_cli,
+    write_config,
+)
 from bucketsync.bench.report import result_path, write_report
 from bucketsync.config import Settings
 from bucketsync.errors import UserError
 from bucketsync.feed import TodoFeed, ensure_topics, make_producer
 
-RULES = """
-bucket_definitions:
-  by_user:
-    parameters: SELECT request.user_id() AS user_id
-    data:
-      - SELECT * FROM todos WHERE owner_id = bucket.user_id
-"""
+RULES = TODOS_BY_USER_RULES
 
 PARTITIONS = 6
 

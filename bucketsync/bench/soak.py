@@ -50,7 +50,15 @@ import aiohttp
 import orjson
 import redis
 
-from bucketsync.bench.procs import delete_prefixes, free_port, rss_kb, spawn_cli, stop, write_config
+from bucketsync.bench.procs import (
+    TODOS_BY_USER_RULES,
+    delete_prefixes,
+    free_port,
+    rss_kb,
+    spawn_cli,
+    stop,
+    write_config,
+)
 from bucketsync.bench.report import result_path, write_report
 from bucketsync.config import Settings
 from bucketsync.errors import UserError
@@ -58,13 +66,7 @@ from bucketsync.feed import WORDS, TodoFeed, ensure_topics, envelope, make_produ
 from bucketsync.simclient import ClientState, stream_once
 from bucketsync.tokens import make_dev_token
 
-RULES = """
-bucket_definitions:
-  by_user:
-    parameters: SELECT request.user_id() AS user_id
-    data:
-      - SELECT * FROM todos WHERE owner_id = bucket.user_id
-"""
+RULES = TODOS_BY_USER_RULES
 
 PARTITIONS = 3
 CLIENTS_PER_USER = 4

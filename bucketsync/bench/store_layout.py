@@ -10,21 +10,13 @@ load inflates it far less than wall time):
 - ``apply``: one ``apply_batch.lua`` call of 500 todo upserts spread over ``--buckets``
   buckets, per batch.
 
-Run it with the code to measure first on the path, e.g. an exported older commit::
-
-    python3 -m bucketsync.bench.store_layout read
-    python3 -m bucketsync.bench.store_layout apply --buckets 2000
-
-(to compare with an older commit, export it with ``git archive`` and run the same module
-from there).
-Prints one JSON line.
+``bucketsync bench store-layout [--buckets N]`` measures both (to compare with an older
+commit, export it with ``git archive`` and run the same command from there).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import statistics
 import tempfile
 import time
@@ -33,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from bucketsync.bench import lookups as bl
-from bucketsync.bench.procs import cpu_seconds, private_redis
+from bucketsync.bench.procs import cpu_seconds, private_redis, stop
+from bucketsync.bench.report import report_rows
+from bucketsync.errors import UserError
 from gateway.buckets import BucketResolver
 from pipeline import core
 from pipeline.cdc import KafkaRecord
@@ -106,28 +100,22 @@ async def _apply(url: str, pid: int, buckets: int, batches: int) -> dict[str, An
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["read", "apply"])
-    ap.add_argument("--requests", type=int, default=400)
-    ap.add_argument("--buckets", type=int, default=20)
-    ap.add_argument("--batches", type=int, default=40)
-    args = ap.parse_args()
+def main(
+    *, requests: int = 400, buckets: int = 20, batches: int = 40, out: str | None = None
+) -> int:
+    """``bucketsync bench store-layout``: the read and the apply measurement, one report."""
     with tempfile.TemporaryDirectory() as tmp:
         own = private_redis(Path(tmp))
         if own is None:
-            raise SystemExit("redis-server is not installed")
+            raise UserError("redis-server is not installed")
         proc, url = own
         try:
-            if args.what == "read":
-                res = asyncio.run(_read(url, proc.pid, args.requests))
-            else:
-                res = asyncio.run(_apply(url, proc.pid, args.buckets, args.batches))
-            print(json.dumps(res))
+            read = asyncio.run(_read(url, proc.pid, requests))
+            apply = asyncio.run(_apply(url, proc.pid, buckets, batches))
         finally:
-            proc.terminate()
-            proc.wait(10)
-
-
-if __name__ == "__main__":
-    main()
+            stop(proc)
+    result = {"benchmark": "store-layout", "read": read, "apply": apply}
+    rows = [(f"read: {k}", str(v)) for k, v in read.items() if k != "what"]
+    rows += [(f"apply: {k}", str(v)) for k, v in apply.items() if k != "what"]
+    report_rows(result, out, "store-layout", "bench store-layout (private redis-server)", rows)
+    return 0
