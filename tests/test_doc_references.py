@@ -4,6 +4,12 @@ document the file named last before it) name a file under ``docs/`` (or a path f
 repository root) and, with a section number, a heading of that number in it; an invariant
 number is one of the numbered invariants in ``docs/architecture.md`` §3.
 
+The other way round, the markdown (``README.md``, ``docs/**/*.md``): every repository path
+(``bucketsync/bench/mix.py``, ``docs/bench/ingest.md``) and every module path
+(``bucketsync.bench.store_layout``, ``pipeline.rules.parse_rules``) it quotes in backticks or
+links to exists, so a renamed module (``bucketsync/bench_mix.py`` ->
+``bucketsync/bench/mix.py``) cannot leave a stale name in the docs.
+
 Pure: reads files only. The scanner is unit-tested below on small texts, so a reference
 it cannot see does not pass by accident."""
 
@@ -176,3 +182,82 @@ def test_the_scan_sees_the_references_it_must() -> None:
         r.doc for p in _sources() for r in scan(p.read_text(encoding="utf-8", errors="replace"))[0]
     }
     assert {"docs/sync-protocol.md", "docs/cdc-events.md", "docs/store.md"} <= found
+
+
+# ------------------------------------------------------------------ paths quoted in markdown
+
+#: the repository's top-level folders a quoted path can start with
+_TOPS = ("bucketsync", "pipeline", "gateway", "scripts", "tests", "docs", "schemas")
+_CODE_SPAN = re.compile(r"`([^`\n]+)`|\]\(([^)\s#]+)")
+_PATH = re.compile(r"(?<![\w./-])((?:" + "|".join(_TOPS) + r")/[\w./-]*[\w/])")
+_MODULE = re.compile(r"(?<![\w./-])((?:bucketsync|pipeline|gateway)(?:\.[a-z_]\w*)+)\b(?![/(])")
+
+
+def quoted_paths(text: str) -> list[tuple[int, str]]:
+    """``(line, name)`` of each repository or module path inside a code span or link
+    target of a markdown text (globs and placeholders such as ``<x>`` or ``*`` skipped)."""
+    out = []
+    for m in _CODE_SPAN.finditer(text):
+        span = m.group(1) or m.group(2)
+        line = text.count("\n", 0, m.start()) + 1
+        for pm in _PATH.finditer(span):
+            if not any(c in span[pm.start() : pm.end() + 1] for c in "*<{"):
+                out.append((line, pm.group(1).rstrip(".")))
+        for mm in _MODULE.finditer(span):
+            out.append((line, mm.group(1)))
+    return out
+
+
+def missing(name: str, root: Path = ROOT, base: Path | None = None) -> bool:
+    """A path neither under the repository root nor next to the markdown file (``base``);
+    a dotted name that is neither a module nor an attribute of one."""
+    if (root / name).exists() or (base is not None and (base / name).exists()):
+        return False  # a path, or a file such as ``bucketsync.example.yaml``
+    if "/" in name:
+        return True
+    parts = name.split(".")
+    for n in (len(parts), len(parts) - 1):
+        here = root.joinpath(*parts[:n])
+        if here.with_suffix(".py").exists() or (here / "__init__.py").exists():
+            return False
+    return True
+
+
+def test_quoted_paths_finds_paths_and_modules_in_code_spans_and_links(tmp_path: Path) -> None:
+    text = (
+        "see `bucketsync/bench_mix.py` and [x](docs/store.md)\n"
+        "run `python3 -m bucketsync.bench.store_layout read`; `docs/bench/*.json` is a glob\n"
+        "plain bucketsync/old.py outside code is prose\n"
+    )
+    assert quoted_paths(text) == [
+        (1, "bucketsync/bench_mix.py"),
+        (1, "docs/store.md"),
+        (2, "bucketsync.bench.store_layout"),
+    ]
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "mod.py").write_text("")
+    assert not missing("pkg/mod.py", tmp_path)
+    assert missing("pkg/gone.py", tmp_path)
+    assert not missing("pkg.mod", tmp_path)
+    assert not missing("pkg.mod.attribute", tmp_path)
+    assert missing("pkg.gone.attribute", tmp_path)
+
+
+def _markdown() -> list[Path]:
+    return [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
+
+
+@pytest.mark.parametrize("path", _markdown(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_path_quoted_in_the_docs_exists(path: Path) -> None:
+    text = path.read_text(encoding="utf-8")
+    stale = [
+        f"line {n}: {name}" for n, name in quoted_paths(text) if missing(name, ROOT, path.parent)
+    ]
+    assert stale == []
+
+
+def test_the_markdown_scan_sees_paths() -> None:
+    """A guard against a scanner that silently finds nothing."""
+    found = {name for p in _markdown() for _, name in quoted_paths(p.read_text(encoding="utf-8"))}
+    assert "pipeline/store.py" in found
