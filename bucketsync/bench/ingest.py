@@ -11,7 +11,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from confluent_kafka import Consumer, TopicPartition
 
@@ -70,6 +70,30 @@ def _redis_cpu(r: Any) -> float:
     return float(info["used_cpu_user_main_thread"]) + float(info["used_cpu_sys_main_thread"])
 
 
+class Sample(NamedTuple):
+    """What the processors had done at ``t`` (perf_counter): events applied, their CPU
+    seconds and Redis's."""
+
+    t: float
+    done: int
+    cpu_s: float
+    redis_cpu_s: float
+
+
+def per_event(spawned: Sample, first: Sample, last: Sample) -> dict[str, float]:
+    """Rate and CPU per event from the first applied batch to the last event; when the first
+    sample already held every event (a run smaller than a batch), from the processors'
+    start instead (then the rate includes their start-up)."""
+    start = first if last.done > first.done else spawned
+    applied = last.done - start.done
+    dt = last.t - start.t
+    return {
+        "events_per_s": applied / dt if dt > 0 else float("nan"),
+        "processor_us_per_event": 1e6 * (last.cpu_s - start.cpu_s) / applied,
+        "redis_us_per_event": 1e6 * (last.redis_cpu_s - start.redis_cpu_s) / applied,
+    }
+
+
 def _run_processors(
     cfg_path: Path, settings: Settings, driver: str, n_procs: int, events: int
 ) -> dict[str, Any]:
@@ -85,28 +109,21 @@ def _run_processors(
     ]
     pids = [p.pid for p in procs]
     timeline: list[tuple[float, int]] = []
-    t0 = cpu0 = rcpu0 = None
-    first = 0
+    spawned = Sample(time.perf_counter(), 0, 0.0, _redis_cpu(r))
+    first: Sample | None = None
     try:
         deadline = time.monotonic() + 900
         while time.monotonic() < deadline:
             done = sum(int(v) + 1 for v in r.hgetall(key).values())
             now = time.perf_counter()
-            if done and t0 is None:
-                t0, first = now, done
-                cpu0, rcpu0 = cpu_seconds(*pids), _redis_cpu(r)
-            if t0 is not None:
-                timeline.append((now - t0, done))
+            if done and first is None:
+                first = Sample(now, done, cpu_seconds(*pids), _redis_cpu(r))
+            if first is not None:
+                timeline.append((now - first.t, done))
             if done >= events:
-                assert t0 is not None and cpu0 is not None and rcpu0 is not None
-                dt = now - t0
-                applied = done - first
-                return {
-                    "events_per_s": applied / dt if dt > 0 else float("nan"),
-                    "processor_us_per_event": 1e6 * (cpu_seconds(*pids) - cpu0) / applied,
-                    "redis_us_per_event": 1e6 * (_redis_cpu(r) - rcpu0) / applied,
-                    "timeline": timeline,
-                }
+                assert first is not None
+                last = Sample(now, done, cpu_seconds(*pids), _redis_cpu(r))
+                return {**per_event(spawned, first, last), "timeline": timeline}
             for p in procs:
                 if p.poll() is not None:
                     err = p.stderr.read().decode()[-2000:] if p.stderr else ""
