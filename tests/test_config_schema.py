@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -30,3 +31,22 @@ def test_example_config_names_only_known_keys_and_every_processor_key() -> None:
         assert set(values) <= known, (section, set(values) - known)
     processor = set(schema["$defs"]["ProcessorSettings"]["properties"])
     assert processor <= set(example["processor"]), processor - set(example["processor"])
+
+
+def test_example_config_shows_every_key() -> None:
+    """Every settings key stands in the example, set or as a commented ``# key:`` line in its
+    section, so the example documents the whole configuration."""
+    schema = config_json_schema()
+    text = (ROOT / "bucketsync.example.yaml").read_text()
+    blocks = dict(re.findall(r"(?m)^(\w+):\n((?:(?:[ #].*)?\n)*)", text))
+    missing = []
+    for section, prop in schema["properties"].items():
+        if "$ref" not in prop:
+            if not re.search(rf"(?m)^#?\s*{section}:", text):
+                missing.append(section)
+            continue
+        ref = prop["$ref"].rsplit("/", 1)[-1]
+        for key in schema["$defs"][ref]["properties"]:
+            if not re.search(rf"(?m)^\s+(?:#\s*)?{key}:", blocks.get(section, "")):
+                missing.append(f"{section}.{key}")
+    assert missing == []
