@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bucketsync.bench.mix import MIX_RULES, MIX_TABLES, MIX_WEIGHTS, MixFeed
+from bucketsync.bench.mix import MIX_RULES, MixFeed
 from bucketsync.bench.procs import drop_store, private_redis
 from bucketsync.bench.report import bar_plot, report_rows, result_path, write_report
 from bucketsync.config import Settings
@@ -142,27 +142,13 @@ class SkewedMix(MixFeed):
     hot_share = 0.8
     hot_rows = 0.05
 
-    def next(self) -> tuple[str, bytes, bytes]:
+    delete_share = 0.05
+
+    def _pick(self, n: int) -> int:
         rng = self.rng
-        table = rng.choices(MIX_TABLES, MIX_WEIGHTS)[0]
-        n = getattr(self, table)
-        pick = (
-            rng.randrange(max(1, int(n * self.hot_rows)))
-            if rng.random() < self.hot_share
-            else rng.randrange(n)
-        )
-        rid = f"{table[0]}{pick}"
-        key = b'{"schema":' + self._schema[table][0] + b',"payload":{"id":"' + rid.encode() + b'"}}'
-        rows = self.live[table]
-        cur = rows.get(rid)
-        if cur is None:
-            row = rows[rid] = self._new(table, rid)
-            return table, key, self._envelope(table, "c", None, row)
-        if rng.random() < 0.05:
-            del rows[rid]
-            return table, key, self._envelope(table, "d", cur, None)
-        new = rows[rid] = self._change(table, cur)
-        return table, key, self._envelope(table, "u", cur, new)
+        if rng.random() < self.hot_share:
+            return rng.randrange(max(1, int(n * self.hot_rows)))
+        return rng.randrange(n)
 
 
 async def _live_and_ops(store: Store) -> tuple[int, int, list[float]]:

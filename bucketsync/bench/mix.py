@@ -235,17 +235,23 @@ class MixFeed:
         )
         return b'{"schema":' + self._schema[table][1] + b',"payload":' + payload + b"}"
 
+    #: share of the events on an existing row that delete it
+    delete_share = 0.1
+
+    def _pick(self, n: int) -> int:
+        """Which of a table's ``n`` row ids the next event touches."""
+        return self.rng.randrange(n)
+
     def next(self) -> tuple[str, bytes, bytes]:
         table = self.rng.choices(MIX_TABLES, MIX_WEIGHTS)[0]
-        n = getattr(self, table)
-        rid = f"{table[0]}{self.rng.randrange(n)}"
+        rid = f"{table[0]}{self._pick(getattr(self, table))}"
         key = b'{"schema":' + self._schema[table][0] + b',"payload":{"id":"' + rid.encode() + b'"}}'
         rows = self.live[table]
         cur = rows.get(rid)
         if cur is None:
             row = rows[rid] = self._new(table, rid)
             return table, key, self._envelope(table, "c", None, row)
-        if self.rng.random() < 0.1:
+        if self.rng.random() < self.delete_share:
             del rows[rid]
             return table, key, self._envelope(table, "d", cur, None)
         new = rows[rid] = self._change(table, cur)
