@@ -294,14 +294,9 @@ MIX_MODES: tuple[tuple[float | None, float], ...] = (
 )
 
 
-def _plot_mix(path: Any, results: list[dict[str, Any]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _plot_mix(plt: Any, results: list[dict[str, Any]]) -> None:
     labels = [str(r["mode"]).replace(", ", "\n") for r in results]
-    fig, ax = plt.subplots(1, 2, figsize=(14, 5))
+    _fig, ax = plt.subplots(1, 2, figsize=(14, 5))
     ax[0].bar(labels, [r["ops_per_live_row"] for r in results])
     ax[0].axhline(1.2, color="red", linestyle="--", label="goal <= 1.2")
     ax[0].set_title("ops a new client downloads per live row")
@@ -310,9 +305,6 @@ def _plot_mix(path: Any, results: list[dict[str, Any]]) -> None:
     ax[1].bar(labels, [r["reappended_per_live_row"] for r in results], color="tab:orange")
     ax[1].set_title("rows re-appended (all runs) per live row")
     ax[1].tick_params(axis="x", labelsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def bench_compact_mix(settings: Settings, out: str | None, events: int) -> int:
@@ -346,22 +338,20 @@ def bench_compact_mix(settings: Settings, out: str | None, events: int) -> int:
         "| compaction steps | p99 / longest step ms (server) |\n"
         "|---|---|---|---|---|---|---|---|---|---|\n"
     )
+
+    def row(r: dict[str, Any], mode: str) -> str:
+        return (
+            f"| {mode} | {r['live_rows']:,} | {r['new_client_ops']:,} | {r['ops_per_live_row']} "
+            f"| {r['worst_bucket_ops_per_live_row']} | {r['rows_reappended']:,} "
+            f"| {r['existing_client_redownloads']:,} | {r['ops_folded']:,} "
+            f"| {r['server_steps']:,} | {r['p99_step_server_ms']} / {r['longest_step_server_ms']} |"
+        )
+
     lines = [
-        f"| {r['mode']}{' (default)' if (r['budget'], r['target']) == default else ''} "
-        f"| {r['live_rows']:,} "
-        f"| {r['new_client_ops']:,} | {r['ops_per_live_row']} "
-        f"| {r['worst_bucket_ops_per_live_row']} | {r['rows_reappended']:,} "
-        f"| {r['existing_client_redownloads']:,} | {r['ops_folded']:,} "
-        f"| {r['server_steps']:,} | {r['p99_step_server_ms']} / {r['longest_step_server_ms']} |"
+        row(r, f"{r['mode']}{' (default)' if (r['budget'], r['target']) == default else ''}")
         for r in results
     ]
-    lines_once = [
-        f"| {r['mode']} | {r['live_rows']:,} | {r['new_client_ops']:,} | {r['ops_per_live_row']} "
-        f"| {r['worst_bucket_ops_per_live_row']} | {r['rows_reappended']:,} "
-        f"| {r['existing_client_redownloads']:,} | {r['ops_folded']:,} "
-        f"| {r['server_steps']:,} | {r['p99_step_server_ms']} / {r['longest_step_server_ms']} |"
-        for r in once
-    ]
+    lines_once = [row(r, r["mode"]) for r in once]
     md = (
         f"# bench compact --history mix ({events:,} events)\n\n"
         f"`python3 -m bucketsync.cli bench compact --events {events}` (private redis-server; "
@@ -384,8 +374,7 @@ def bench_compact_mix(settings: Settings, out: str | None, events: int) -> int:
     )
     print(md)
     res = {"benchmark": "compact", "history": "mix", "results": results, "one_run": once}
-    path = write_report(res, result_path(out, "compact-mix"), md)
-    _plot_mix(path.with_suffix(".png"), results)
+    write_report(res, result_path(out, "compact-mix"), md, lambda plt: _plot_mix(plt, results))
     ok = all(not r["verify_differences"] for r in results + once) and all(
         r["existing_client_redownloads"] == r["rows_reappended"] for r in results + once
     )

@@ -36,7 +36,6 @@ import contextlib
 import os
 import random
 import re
-import resource
 import socket
 import tempfile
 import threading
@@ -54,6 +53,7 @@ from bucketsync.bench.procs import (
     TODOS_BY_USER_RULES,
     delete_prefixes,
     free_port,
+    raise_nofile,
     rss_kb,
     spawn_cli,
     stop,
@@ -350,8 +350,7 @@ async def soak(
     rss_bound_mb: float,
     workdir: Path,
 ) -> dict[str, Any]:
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raise_nofile()
     run = uuid.uuid4().hex[:8]
     prefix = f"bench-soak-{run}"
     topic = f"{prefix}.public.todos"
