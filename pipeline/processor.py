@@ -1000,6 +1000,9 @@ def main(settings: Settings, *, driver: str | None = None) -> int:
             "cannot subscribe by pattern"
         )
         driver = "kafka"
+    missing = missing_transaction_topic(settings)
+    if missing:
+        log.warning("%s", missing)
     if settings.kafka.consistency != "transaction":
         return run_kafka_driver(settings) if driver == "kafka" else run_faust_driver(settings)
     membership = claim_membership(settings)
@@ -1013,6 +1016,25 @@ def main(settings: Settings, *, driver: str | None = None) -> int:
             lease.release()  # a standby may start at once (it gets the partitions when
         except Exception as exc:  # the group hands them over)
             log.warning("releasing the active lease: %s", exc)
+
+
+def missing_transaction_topic(settings: Settings) -> str | None:
+    """A warning when ``kafka.consistency: transaction`` is set but ``kafka.topics`` names no
+    transaction-metadata topic (Debezium's ``<prefix>.transaction``; renamed ones end in
+    ``transaction`` too, by convention): then no END marker ever arrives, and every
+    transaction is held for ``processor.transaction_grace_s`` and applied unverified."""
+    k = settings.kafka
+    if k.consistency != "transaction" or k.topic_pattern or not k.topics:
+        return None
+    if any(t.rsplit(".", 1)[-1].endswith("transaction") for t in k.topics):
+        return None
+    return (
+        "kafka.consistency is 'transaction' but kafka.topics has no transaction-metadata "
+        "topic (the connector's <topic.prefix>.transaction, with "
+        "provide.transaction.metadata=true): transactions will be held for "
+        f"processor.transaction_grace_s ({settings.processor.transaction_grace_s} s) "
+        "and then applied unverified"
+    )
 
 
 def hold_active_lease(settings: Settings, membership: Membership) -> ActiveLease:

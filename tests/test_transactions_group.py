@@ -164,3 +164,22 @@ def test_two_processors_in_transaction_mode_apply_every_transaction_whole(
         for oid, data in live.items():
             got[int(oid)] = orjson.loads(data)["balance"]
     assert got == balance
+
+
+def test_transaction_mode_without_the_transaction_topic_is_warned_about() -> None:
+    """Pure: the processor logs this at start (no END marker would ever arrive)."""
+    from bucketsync.config import Settings
+    from pipeline.processor import missing_transaction_topic
+
+    def warn(**kafka: Any) -> str | None:
+        return missing_transaction_topic(Settings(kafka=kafka))
+
+    msg = warn(topics=["app.public.todos"], consistency="transaction")
+    assert msg is not None and "app" not in msg.split("kafka.topics")[0]
+    assert "transaction_grace_s" in msg
+    assert warn(topics=["app.public.todos", "app.transaction"], consistency="transaction") is None
+    assert (
+        warn(topics=["app.public.todos", "app.tx_transaction"], consistency="transaction") is None
+    )
+    assert warn(topics=["app.public.todos"], consistency="event") is None
+    assert warn(topic_pattern="^app\\..*", consistency="transaction") is None
