@@ -6,10 +6,11 @@ with a message naming them, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -265,7 +266,79 @@ class _YamlSource(PydanticBaseSettingsSource):
         return dict(self._data)
 
 
+def _env_key(name: str) -> tuple[str, ...] | None:
+    """``BUCKETSYNC_SECTION__KEY`` -> ``("section", "key")`` (``None``: not a settings variable)."""
+    if not name.upper().startswith(ENV_PREFIX) or name.upper().startswith(ENV_PREFIX + "TEST_"):
+        return None
+    return tuple(part.lower() for part in name[len(ENV_PREFIX) :].split("__"))
+
+
+def _is_list(annotation: Any) -> bool:
+    return get_origin(annotation) is list or any(
+        get_origin(a) is list for a in get_args(annotation)
+    )
+
+
+def _accepts_none(annotation: Any) -> bool:
+    return annotation is None or type(None) in get_args(annotation)
+
+
+def _env_value(name: str, raw: str, annotation: Any) -> Any:
+    """The text of one environment variable as the value of a field of ``annotation``:
+    ``null`` is None where the key allows it; a list key takes JSON (``["a","b"]``) or
+    comma-separated names (``a,b``); anything else is left to the field's validation."""
+    text = raw.strip()
+    if text == "null" and _accepts_none(annotation):
+        return None
+    if _is_list(annotation):
+        if text.startswith("["):
+            try:
+                return json.loads(text)
+            except ValueError as exc:
+                raise ConfigError(
+                    f"environment variable {name}: not a JSON list ({exc}); "
+                    'give ["a","b"] or comma-separated values a,b'
+                ) from None
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return raw
+
+
+class _EnvSource(PydanticBaseSettingsSource):
+    """``BUCKETSYNC_<SECTION>__<KEY>`` overrides (above the YAML file), decoded per field
+    (:func:`_env_value`); remembers which key came from which variable for error messages."""
+
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        super().__init__(settings_cls)
+        self.origin: dict[tuple[str, ...], str] = {}
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        fields = self.settings_cls.model_fields
+        for name, raw in sorted(os.environ.items()):
+            key = _env_key(name)
+            if key is None or key[0] not in fields or key[0] == "config_dir":
+                continue
+            top = fields[key[0]]
+            section = top.annotation
+            if len(key) == 1:
+                out[key[0]] = _env_value(name, raw, top.annotation)
+            elif len(key) == 2 and isinstance(section, type) and issubclass(section, BaseModel):
+                sub = section.model_fields.get(key[1])
+                value = _env_value(name, raw, sub.annotation) if sub is not None else raw
+                out.setdefault(key[0], {})[key[1]] = value
+            else:
+                raise ConfigError(f"unknown config key in environment variable {name}")
+            self.origin[key] = name
+        _env_origin.clear()
+        _env_origin.update(self.origin)
+        return out
+
+
 _yaml_data: dict[str, Any] = {}
+_env_origin: dict[tuple[str, ...], str] = {}
 
 
 class Settings(BaseSettings):
@@ -298,7 +371,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _YamlSource(settings_cls, _yaml_data))
+        return (init_settings, _EnvSource(settings_cls), _YamlSource(settings_cls, _yaml_data))
 
     def resolve_path(self, value: str) -> Path:
         p = Path(value).expanduser()
@@ -317,10 +390,12 @@ def _describe(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        var = _env_origin.get(tuple(str(p) for p in e["loc"][:2]))
+        where = f"environment variable {var}" if var else source
         if e["type"] == "extra_forbidden":
-            lines.append(f"unknown config key '{loc}' in {source}")
+            lines.append(f"unknown config key '{loc}' in {where}")
         else:
-            lines.append(f"invalid config key '{loc}' in {source}: {e['msg']}")
+            lines.append(f"invalid config key '{loc}' in {where}: {e['msg']}")
     return "; ".join(lines)
 
 

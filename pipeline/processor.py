@@ -16,10 +16,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import re
 import signal
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Protocol
 
@@ -50,7 +53,7 @@ from pipeline.cdc import (
 from pipeline.gaps import Admission, OffsetGapGuard
 from pipeline.membership import Membership, claim
 from pipeline.rules import SyncRules, load_sync_rules
-from pipeline.store import Store
+from pipeline.store import ActiveLease, Store
 from pipeline.transactions import TransactionStager
 
 log = logging.getLogger("bucketsync.processor")
@@ -919,10 +922,10 @@ async def _make_applier(settings: Settings) -> BatchApplier:
     return BatchApplier(settings, store, rules, dead_letters=DeadLetterSink(settings))
 
 
-def run_kafka_driver(settings: Settings) -> int:
+def run_kafka_driver(settings: Settings, membership: Membership | None = None) -> int:
     async def go() -> int:
         applier = await _make_applier(settings)
-        driver = KafkaLoopDriver(settings, applier)
+        driver = KafkaLoopDriver(settings, applier, membership)
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
 
@@ -949,13 +952,13 @@ def run_kafka_driver(settings: Settings) -> int:
     return asyncio.run(go())
 
 
-def run_faust_driver(settings: Settings) -> int:
+def run_faust_driver(settings: Settings, membership: Membership | None = None) -> int:
     import faust
 
     async def factory() -> BatchApplier:
         return await _make_applier(settings)
 
-    membership = claim_membership(settings)
+    membership = membership or claim_membership(settings)
     app = build_faust_app(settings, factory, membership)
     worker = faust.Worker(app, loglevel="WARNING", quiet=True)
     try:
@@ -997,6 +1000,92 @@ def main(settings: Settings, *, driver: str | None = None) -> int:
             "cannot subscribe by pattern"
         )
         driver = "kafka"
-    if driver == "kafka":
-        return run_kafka_driver(settings)
-    return run_faust_driver(settings)
+    missing = missing_transaction_topic(settings)
+    if missing:
+        log.warning("%s", missing)
+    if settings.kafka.consistency != "transaction":
+        return run_kafka_driver(settings) if driver == "kafka" else run_faust_driver(settings)
+    membership = claim_membership(settings)
+    lease = hold_active_lease(settings, membership)
+    try:
+        if driver == "kafka":
+            return run_kafka_driver(settings, membership)
+        return run_faust_driver(settings, membership)
+    finally:
+        try:
+            lease.release()  # a standby may start at once (it gets the partitions when
+        except Exception as exc:  # the group hands them over)
+            log.warning("releasing the active lease: %s", exc)
+
+
+def missing_transaction_topic(settings: Settings) -> str | None:
+    """A warning when ``kafka.consistency: transaction`` is set but ``kafka.topics`` names no
+    transaction-metadata topic (Debezium's ``<prefix>.transaction``; renamed ones end in
+    ``transaction`` too, by convention): then no END marker ever arrives, and every
+    transaction is held for ``processor.transaction_grace_s`` and applied unverified."""
+    k = settings.kafka
+    if k.consistency != "transaction" or k.topic_pattern or not k.topics:
+        return None
+    if any(t.rsplit(".", 1)[-1].endswith("transaction") for t in k.topics):
+        return None
+    return (
+        "kafka.consistency is 'transaction' but kafka.topics has no transaction-metadata "
+        "topic (the connector's <topic.prefix>.transaction, with "
+        "provide.transaction.metadata=true): transactions will be held for "
+        f"processor.transaction_grace_s ({settings.processor.transaction_grace_s} s) "
+        "and then applied unverified"
+    )
+
+
+def hold_active_lease(settings: Settings, membership: Membership) -> ActiveLease:
+    """Transaction mode: wait until this processor is its group's active one, then keep
+    the lease from a daemon thread (docs/design.md, "Transactions"). Standbys do not join
+    the consumer group: a group would split the partitions, and a processor holding only
+    some of them sees part of each transaction's events, or its END without them.
+
+    The lease's TTL is ``processor.session_timeout_ms``: a dead holder's standby takes
+    over after it, like the group's takeover of a dead member's partitions. The token is
+    the static group instance id, so a holder restarted after a crash takes its lease back
+    at once. A holder that finds the lease taken by another (it was stalled for longer than
+    the TTL) exits at once: the survivor reads from the store's applied offsets."""
+    ttl_ms = settings.processor.session_timeout_ms
+    token = membership.instance_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}"
+    lease = ActiveLease(
+        settings.redis.url, settings.redis.prefix, settings.kafka.group_id, token, ttl_ms
+    )
+    waiting = False
+    while True:
+        try:
+            if lease.take():
+                break
+            if not waiting:
+                log.info(
+                    "standby: processor %s is active for group %s (transaction mode); "
+                    "waiting for its lease",
+                    lease.holder(),
+                    settings.kafka.group_id,
+                )
+                waiting = True
+        except Exception as exc:  # Redis unreachable: keep asking
+            log.warning("active lease: %s", exc)
+        time.sleep(min(0.5, ttl_ms / 6000))
+    log.info("active processor of group %s (transaction mode)", settings.kafka.group_id)
+
+    def renew() -> None:
+        while True:
+            time.sleep(ttl_ms / 3000)
+            try:
+                held = lease.take()
+            except Exception as exc:  # the survivor, if any, takes over after the TTL
+                log.warning("renewing the active lease: %s", exc)
+                continue
+            if not held:
+                log.error(
+                    "lost the active lease of group %s to %s; exiting",
+                    settings.kafka.group_id,
+                    lease.holder(),
+                )
+                os._exit(75)
+
+    threading.Thread(target=renew, name="active-lease", daemon=True).start()
+    return lease

@@ -28,6 +28,8 @@ Layout under the configured prefix ``P`` (docs/store.md has the long form):
 - ``P:changes``          stream: one entry per applied batch (cp, changed buckets ``b``, lookup
                          keys whose value sets changed ``l``, offsets ``o``).
 - ``P:merge_tables``     set of tables (topics) whose events showed they need merges.
+- ``P:active:{group}``   transaction mode: token of the group's active processor (TTL;
+                         ``ActiveLease``).
 - ``P:dirty``            set of buckets with MOVEs since their last compaction.
 - ``P:gone:{row key}``   source row of a row deleted by a primary-key change (expires in a
                          day): the create half may need it to fill TOAST placeholders.
@@ -289,6 +291,51 @@ def parse_member(member: bytes, score: float) -> StoredOp:
         colon = member.index(b":")
         return StoredOp(int(score), 0, member[colon + 1 + int(member[1:colon]) :])
     return StoredOp(int(score), 0, member)
+
+
+_LEASE_LUA = """
+local v = redis.call('GET', KEYS[1])
+if v == false or v == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+_LEASE_RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class ActiveLease:
+    """``P:active:{group}``: which processor of a consumer group is the active one, for
+    ``kafka.consistency: transaction`` (a transaction's events and its END marker lie in
+    different partitions, so one processor must read them all; the others wait). The value
+    is the holder's token (its static group instance id, so a restarted processor takes its
+    own lease back at once), with a TTL the holder keeps renewing. Synchronous: it is held
+    from a thread of its own, outside the processor's event loop."""
+
+    def __init__(self, url: str, prefix: str, group_id: str, token: str, ttl_ms: int) -> None:
+        import redis
+
+        self.r = redis.Redis.from_url(url, socket_timeout=max(1.0, ttl_ms / 3000))
+        self.key = f"{prefix}:active:{group_id}"
+        self.token = token
+        self.ttl_ms = ttl_ms
+        self._take = self.r.register_script(_LEASE_LUA)
+        self._drop = self.r.register_script(_LEASE_RELEASE_LUA)
+
+    def take(self) -> bool:
+        """Acquire or renew: true while this token holds the lease."""
+        return bool(self._take(keys=[self.key], args=[self.token, self.ttl_ms]))
+
+    def holder(self) -> str | None:
+        v = self.r.get(self.key)
+        return v.decode() if isinstance(v, bytes) else None
+
+    def release(self) -> None:
+        self._drop(keys=[self.key], args=[self.token])
+        self.r.close()
 
 
 class Store:
