@@ -546,12 +546,12 @@ async def write_checkpoint(request: web.Request) -> web.Response:
     position: dict[str, int] = {}
     if gw.source is not None:
         try:
+            # applied LSNs reach the hub with the change entries (and with its start-up
+            # read of the tail, checkpoint and LSNs in one step), never from the store
+            # directly: the stored LSN can be ahead of the entries the hub has read, and an
+            # acknowledgement at the older checkpoint would make the client drop its own row
+            # until the server's copy arrives
             position = await gw.source.read()
-            # the hub learns applied LSNs from change entries; after a gateway restart it
-            # has none until the next batch: take the stored ones (never lowered)
-            for key, lsn in (await gw.store.read_source_lsns()).items():
-                name = f"lsn:{key}"
-                gw.hub.offsets[name] = max(lsn, gw.hub.offsets.get(name, -1))
         except Exception as exc:
             raise ServiceError(
                 503,

@@ -588,11 +588,6 @@ class Store:
         offsets.update({f"lsn:{k.decode()}": int(v) for k, v in lsns.items()})
         return entry_id, n, int(cp) if cp else 0, offsets
 
-    async def read_source_lsns(self) -> dict[str, int]:
-        """:meth:`applied_source_lsns` as the gateway's reads see them (the replica's)."""
-        raw = await self.rr.hgetall(self.k("source_lsn"))
-        return {k.decode(): int(v) for k, v in raw.items()}
-
     async def changes_tail(self) -> tuple[bytes, int]:
         """Id and sequence number of the newest change entry (start reading after it)."""
         res = await self.rr.xrevrange(self.k("changes"), count=1)

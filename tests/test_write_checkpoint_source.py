@@ -89,6 +89,44 @@ async def test_source_mode_acknowledges_at_the_applied_lsn(
         await store.close()
 
 
+async def test_source_mode_waits_for_the_checkpoint_that_carries_the_lsn(
+    make_settings, pg_dsn: str, tmp_path: Path, ns
+) -> None:
+    """The store's applied LSN can be ahead of the change entries the hub has read (the
+    batch's entry is written in the same step, but the hub reads it a moment later). A write
+    checkpoint requested in that moment must wait for the hub to reach the batch's entry:
+    acknowledging it at the older checkpoint makes the client drop its local row before the
+    server's copy arrives (the flicker the e2e test caught). The window is held open here by
+    raising the stored LSN without a change entry."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    connector = f"{ns.prefix}-app"
+    s = make_settings(
+        sync_rules=str(rules),
+        gateway={
+            "write_checkpoint_mode": "source",
+            "source_dsn": pg_dsn,
+            "source_connector": connector,
+        },
+    )
+    await feed(s, [todo("t0", "u1")])
+    store = Store.from_settings(s)
+    try:
+        async with running_gateway(s, with_position=True) as url, Client(url, s, "u1") as c:
+            await c.sync_until()
+            await store.r.hset(store.k("source_lsn"), connector, str(1 << 62))
+            wid = await _wcp(c, url)
+            await c.sync_until(timeout_s=1.5)
+            assert c.state.write_checkpoint is None or c.state.write_checkpoint < wid
+            # the batch's change entry reaches the hub: acknowledged
+            b = PlannedBatch(guard={"x/0": 0}, offsets={"x/0": 0}, source_lsn={connector: 1 << 62})
+            assert (await store.apply(b)).status == "ok"
+            await c.sync_until(timeout_s=10)
+            assert c.state.applied_write_checkpoint == wid
+    finally:
+        await store.close()
+
+
 async def test_source_mode_answers_503_when_the_database_is_unreachable(
     make_settings, tmp_path: Path
 ) -> None:
