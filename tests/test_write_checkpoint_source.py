@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -41,6 +42,22 @@ def pg_dsn(stack) -> str:
     return stack_mod.postgres_dsn(stack.settings)
 
 
+def _source_settings(make_settings: Any, pg_dsn: str, tmp_path: Path, ns: Any) -> tuple[Any, str]:
+    """Settings of a gateway in source mode, and the connector name it binds LSNs to."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    connector = f"{ns.prefix}-app"
+    s = make_settings(
+        sync_rules=str(rules),
+        gateway={
+            "write_checkpoint_mode": "source",
+            "source_dsn": pg_dsn,
+            "source_connector": connector,
+        },
+    )
+    return s, connector
+
+
 async def _wcp(c: Client, url: str) -> int:
     assert c.session is not None
     async with c.session.get(
@@ -54,17 +71,7 @@ async def _wcp(c: Client, url: str) -> int:
 async def test_source_mode_acknowledges_at_the_applied_lsn(
     make_settings, pg_dsn: str, tmp_path: Path, ns
 ) -> None:
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(RULES)
-    connector = f"{ns.prefix}-app"
-    s = make_settings(
-        sync_rules=str(rules),
-        gateway={
-            "write_checkpoint_mode": "source",
-            "source_dsn": pg_dsn,
-            "source_connector": connector,
-        },
-    )
+    s, connector = _source_settings(make_settings, pg_dsn, tmp_path, ns)
     await feed(s, [todo("t0", "u1")])
     store = Store.from_settings(s)
     try:
@@ -98,17 +105,7 @@ async def test_source_mode_waits_for_the_checkpoint_that_carries_the_lsn(
     acknowledging it at the older checkpoint makes the client drop its local row before the
     server's copy arrives (the flicker the e2e test caught). The window is held open here by
     raising the stored LSN without a change entry."""
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(RULES)
-    connector = f"{ns.prefix}-app"
-    s = make_settings(
-        sync_rules=str(rules),
-        gateway={
-            "write_checkpoint_mode": "source",
-            "source_dsn": pg_dsn,
-            "source_connector": connector,
-        },
-    )
+    s, connector = _source_settings(make_settings, pg_dsn, tmp_path, ns)
     await feed(s, [todo("t0", "u1")])
     store = Store.from_settings(s)
     try:
