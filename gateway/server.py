@@ -33,6 +33,7 @@ from gateway.hub import CheckpointHub
 from gateway.logutil import RateLimitedLog, clip
 from gateway.openapi import openapi_document
 from gateway.source_position import SourcePosition
+from gateway.starts import StartReads
 from gateway.stream import SlowClient, StreamLimits, SyncStream
 from pipeline.rules import SyncRules, load_sync_rules
 from pipeline.store import Store, write_checkpoint_key
@@ -198,6 +199,8 @@ class Gateway:
     streams: set[asyncio.Task[Any]] = field(default_factory=set)
     #: open sync streams per user (``str(sub)``), for gateway.max_connections_per_user
     user_streams: dict[str, int] = field(default_factory=dict)
+    #: the shared first read of streams starting together (None: each reads alone)
+    starts: StartReads | None = None
 
     @property
     def limits(self) -> StreamLimits:
@@ -439,7 +442,12 @@ async def _sync_stream(
                     need,
                     gw.settings.redis.replica_wait_s,
                 )
-        first = await resolver.resolve(gw.store, lambda names: gw.hub.set_buckets(sub, names))
+        first = await resolver.resolve(
+            gw.store,
+            lambda names: gw.hub.set_buckets(sub, names),
+            starts=gw.starts,
+            wcp_key=wcp_key,
+        )
     except BaseException:
         gw.hub.unsubscribe(sub)
         raise
@@ -660,7 +668,13 @@ async def build_app(settings: Settings, *, with_position: bool = True) -> web.Ap
     )
     hub = CheckpointHub(store, page_cache_bytes=settings.gateway.page_cache_max_bytes)
     verifier = TokenVerifier(settings.auth, base_dir=settings.config_dir)
-    gw = Gateway(settings, rules, store, hub, verifier)
+    g = settings.gateway
+    starts = (
+        StartReads(store, window_s=g.start_read_window_ms / 1000, max_batch=g.start_read_max_batch)
+        if g.start_read_max_batch > 1
+        else None
+    )
+    gw = Gateway(settings, rules, store, hub, verifier, starts=starts)
     if with_position:
         if settings.gateway.write_checkpoint_mode == "source":
             gw.source = SourcePosition(settings)
@@ -690,6 +704,8 @@ async def build_app(settings: Settings, *, with_position: bool = True) -> web.Ap
 
     async def on_cleanup(app: web.Application) -> None:
         await hub.stop()
+        if starts is not None:
+            await starts.aclose()
         await verifier.aclose()
         await store.close()
         if gw.position is not None:
