@@ -405,6 +405,14 @@ def _detach(
     return True
 
 
+class _StreamResponse(web.StreamResponse):
+    """The sync stream's response: its headers leave with the first checkpoint (one write,
+    one syscall per stream instead of two; the stream writes its checkpoint right after
+    ``prepare``, before anything reaches the transport directly)."""
+
+    _send_headers_immediately = False
+
+
 async def _sync_stream(
     gw: Gateway, request: web.Request, token: Any, user: str
 ) -> tuple[web.StreamResponse, bool]:
@@ -451,7 +459,7 @@ async def _sync_stream(
     except BaseException:
         gw.hub.unsubscribe(sub)
         raise
-    resp = web.StreamResponse(
+    resp = _StreamResponse(
         status=200,
         headers={
             "Content-Type": "application/x-ndjson",
