@@ -412,6 +412,13 @@ class _StreamResponse(web.StreamResponse):
 
     _send_headers_immediately = False
 
+    def headers_out(self) -> None:
+        """Hand the headers to the transport now if no body write took them yet (before an
+        abort or a detach: the client has its 200 whatever happens next)."""
+        send = getattr(getattr(self, "_payload_writer", None), "send_headers", None)
+        if send is not None:
+            send()
+
 
 async def _sync_stream(
     gw: Gateway, request: web.Request, token: Any, user: str
@@ -516,12 +523,14 @@ async def _sync_stream(
         gw.streams.add(task)
     try:
         if await stream.run():
+            resp.headers_out()
             if _detach(gw, request, stream, user, describe):
                 return resp, True
             stream.abandon()  # pragma: no cover (detachable says it can be detached)
             raise RuntimeError("an idle stream could not be detached")  # pragma: no cover
     except SlowClient as exc:
         log.warning("%s", exc)
+        resp.headers_out()
         if request.transport is not None:
             request.transport.abort()
         return resp, False
@@ -532,6 +541,7 @@ async def _sync_stream(
         # after the 200 the status cannot change: end the stream, the client reconnects
         # and gets the error response then (sync-protocol.md §2.1)
         log.warning("%s: stream aborted: [%s] %s", describe, exc.code, exc.description)
+        resp.headers_out()
         if request.transport is not None:
             request.transport.abort()
         return resp, False
@@ -544,6 +554,7 @@ async def _sync_stream(
             exc,
             exc_info=exc,
         )
+        resp.headers_out()
         if request.transport is not None:
             request.transport.abort()
         return resp, False
