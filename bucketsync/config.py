@@ -96,6 +96,10 @@ class AuthSettings(_Section):
     max_lifetime_s: int = Field(default=86_400, gt=0)
     #: Clock tolerance for ``exp``/``iat`` checks, in seconds.
     leeway_s: int = Field(default=60, ge=0)
+    #: Verified tokens remembered (token text -> key and claims; least recently used out):
+    #: a token seen again skips decoding and the signature check, its claims are checked
+    #: again each time and an entry whose key left the key set is not used. 0: none.
+    token_cache_entries: int = Field(default=20_000, ge=0, le=1_000_000)
 
     @field_validator("audience", mode="before")
     @classmethod
@@ -118,6 +122,13 @@ class GatewaySettings(_Section):
     #: Most lookup rows (parameter query results over synced tables) one connection's
     #: bucket set may be expanded from (PSYNC_S2305 beyond it).
     max_parameter_query_results: int = Field(default=1000, gt=0)
+    #: Streams starting within this many milliseconds share one atomic read of the
+    #: checkpoint, their bucket states and write checkpoints (one round trip for a
+    #: reconnect storm instead of two per stream). 0: those of one event-loop turn.
+    start_read_window_ms: float = Field(default=1.0, ge=0, le=100)
+    #: Most streams in one shared first read (a full batch is read at once); 1: every
+    #: stream reads alone.
+    start_read_max_batch: int = Field(default=256, ge=1, le=10_000)
     #: Bytes a connection may have queued but unsent before it is dropped.
     max_buffered_bytes: int = Field(default=4 * 1_048_576, gt=0)
     #: Seconds a write may stay blocked on a slow client before it is dropped.

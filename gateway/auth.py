@@ -30,6 +30,7 @@ import logging
 import math
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -349,6 +350,9 @@ class TokenVerifier:
         self._remote_tried_at: float | None = None  # monotonic time of the last attempt
         self._remote_error: str | None = None
         self._refresh_task: asyncio.Task[bool] | None = None
+        #: token text -> (the key that verified it, its payload); LRU, auth.token_cache_entries
+        self._cache_max = auth.token_cache_entries
+        self._cache: OrderedDict[str, tuple[_Key, dict[str, Any]]] = OrderedDict()
 
     # ------------------------------------------------------------------ keys
 
@@ -551,9 +555,26 @@ class TokenVerifier:
         return self._verify(token)
 
     def _verify(self, token: str) -> VerifiedToken:
+        cache = self._cache
+        hit = cache.get(token)
+        if hit is not None:
+            key, payload = hit
+            if any(k is key for k in self._all_keys()):
+                cache.move_to_end(token)
+                try:
+                    return self._check_claims(payload, key)  # the clock moved: check again
+                except AuthError:
+                    del cache[token]
+                    raise
+            del cache[token]  # its key is gone (rotated, JWKS dropped): verify afresh
         alg, kid = self._read_header(token)
         payload, key = self._check_signature(token, alg, kid)
-        return self._check_claims(payload, key)
+        verified = self._check_claims(payload, key)
+        if self._cache_max:
+            cache[token] = (key, payload)
+            if len(cache) > self._cache_max:
+                cache.popitem(last=False)
+        return verified
 
     def _read_header(self, token: str) -> tuple[str, str | None]:
         try:

@@ -24,6 +24,7 @@ import orjson
 from prometheus_client import Histogram
 
 from gateway.errors import CODE_TOO_MANY_BUCKETS, ServiceError
+from gateway.starts import StartReads
 from pipeline.rules import SyncRules
 from pipeline.rules.evaluate import RequestPlan, StreamSubscription
 from pipeline.store import BucketState, LookupRows, Store, decode_lookups
@@ -50,6 +51,9 @@ class Resolution:
     cp: int
     grants: list[Grant]
     states: dict[str, BucketState]
+    #: the write checkpoints of the stream's key, when read with the states (the stream
+    #: then need not read them itself); None: not read
+    write_checkpoints: dict[int, dict[str, int]] | None = None
 
 
 class ExpansionCache:
@@ -101,6 +105,10 @@ def _cache_for(rules: SyncRules) -> ExpansionCache:
         cache = _CACHES[rules] = ExpansionCache()
     return cache
 
+
+#: bucket sets up to this size go through the shared read of starting streams (larger
+#: ones read on their own, packed: see Store.read_checkpoint)
+_SHARED_MAX = 64
 
 _STREAM_LISTS: dict[bytes, list[Any]] = {}
 
@@ -213,13 +221,20 @@ class BucketResolver:
         return out
 
     async def resolve(
-        self, store: Store, on_buckets: Callable[[Sequence[str]], None] = lambda b: None
+        self,
+        store: Store,
+        on_buckets: Callable[[Sequence[str]], None] = lambda b: None,
+        *,
+        starts: StartReads | None = None,
+        wcp_key: str | None = None,
     ) -> Resolution:
         """The bucket set and its states at one checkpoint.
 
         ``on_buckets`` is called with the bucket set before its states are read, so the
         caller can subscribe to their changes first (no change between read and subscribe
-        goes unseen).
+        goes unseen). With ``starts`` and ``wcp_key``, a bucket set that needs no lookup
+        rows is read in the shared read of streams starting together, with the write
+        checkpoints of ``wcp_key`` (``Resolution.write_checkpoints``).
         """
         t0 = time.perf_counter()
         try:
@@ -227,6 +242,9 @@ class BucketResolver:
                 grants = self.grants()
                 names = [g.bucket for g in grants]
                 on_buckets(names)
+                if starts is not None and wcp_key is not None and len(names) <= _SHARED_MAX:
+                    cp, states, wcps = await starts.read(names, wcp_key)
+                    return Resolution(cp, grants, states, wcps)
                 cp, states = await store.read_checkpoint(names)
                 return Resolution(cp, grants, states)
             cache = _cache_for(self.rules)

@@ -33,6 +33,7 @@ from gateway.hub import CheckpointHub
 from gateway.logutil import RateLimitedLog, clip
 from gateway.openapi import openapi_document
 from gateway.source_position import SourcePosition
+from gateway.starts import StartReads
 from gateway.stream import SlowClient, StreamLimits, SyncStream
 from pipeline.rules import SyncRules, load_sync_rules
 from pipeline.store import Store, write_checkpoint_key
@@ -198,6 +199,8 @@ class Gateway:
     streams: set[asyncio.Task[Any]] = field(default_factory=set)
     #: open sync streams per user (``str(sub)``), for gateway.max_connections_per_user
     user_streams: dict[str, int] = field(default_factory=dict)
+    #: the shared first read of streams starting together (None: each reads alone)
+    starts: StartReads | None = None
 
     @property
     def limits(self) -> StreamLimits:
@@ -402,6 +405,21 @@ def _detach(
     return True
 
 
+class _StreamResponse(web.StreamResponse):
+    """The sync stream's response: its headers leave with the first checkpoint (one write,
+    one syscall per stream instead of two; the stream writes its checkpoint right after
+    ``prepare``, before anything reaches the transport directly)."""
+
+    _send_headers_immediately = False
+
+    def headers_out(self) -> None:
+        """Hand the headers to the transport now if no body write took them yet (before an
+        abort or a detach: the client has its 200 whatever happens next)."""
+        send = getattr(getattr(self, "_payload_writer", None), "send_headers", None)
+        if send is not None:
+            send()
+
+
 async def _sync_stream(
     gw: Gateway, request: web.Request, token: Any, user: str
 ) -> tuple[web.StreamResponse, bool]:
@@ -439,11 +457,16 @@ async def _sync_stream(
                     need,
                     gw.settings.redis.replica_wait_s,
                 )
-        first = await resolver.resolve(gw.store, lambda names: gw.hub.set_buckets(sub, names))
+        first = await resolver.resolve(
+            gw.store,
+            lambda names: gw.hub.set_buckets(sub, names),
+            starts=gw.starts,
+            wcp_key=wcp_key,
+        )
     except BaseException:
         gw.hub.unsubscribe(sub)
         raise
-    resp = web.StreamResponse(
+    resp = _StreamResponse(
         status=200,
         headers={
             "Content-Type": "application/x-ndjson",
@@ -500,12 +523,14 @@ async def _sync_stream(
         gw.streams.add(task)
     try:
         if await stream.run():
+            resp.headers_out()
             if _detach(gw, request, stream, user, describe):
                 return resp, True
             stream.abandon()  # pragma: no cover (detachable says it can be detached)
             raise RuntimeError("an idle stream could not be detached")  # pragma: no cover
     except SlowClient as exc:
         log.warning("%s", exc)
+        resp.headers_out()
         if request.transport is not None:
             request.transport.abort()
         return resp, False
@@ -516,6 +541,7 @@ async def _sync_stream(
         # after the 200 the status cannot change: end the stream, the client reconnects
         # and gets the error response then (sync-protocol.md §2.1)
         log.warning("%s: stream aborted: [%s] %s", describe, exc.code, exc.description)
+        resp.headers_out()
         if request.transport is not None:
             request.transport.abort()
         return resp, False
@@ -528,6 +554,7 @@ async def _sync_stream(
             exc,
             exc_info=exc,
         )
+        resp.headers_out()
         if request.transport is not None:
             request.transport.abort()
         return resp, False
@@ -660,7 +687,13 @@ async def build_app(settings: Settings, *, with_position: bool = True) -> web.Ap
     )
     hub = CheckpointHub(store, page_cache_bytes=settings.gateway.page_cache_max_bytes)
     verifier = TokenVerifier(settings.auth, base_dir=settings.config_dir)
-    gw = Gateway(settings, rules, store, hub, verifier)
+    g = settings.gateway
+    starts = (
+        StartReads(store, window_s=g.start_read_window_ms / 1000, max_batch=g.start_read_max_batch)
+        if g.start_read_max_batch > 1
+        else None
+    )
+    gw = Gateway(settings, rules, store, hub, verifier, starts=starts)
     if with_position:
         if settings.gateway.write_checkpoint_mode == "source":
             gw.source = SourcePosition(settings)
@@ -690,6 +723,8 @@ async def build_app(settings: Settings, *, with_position: bool = True) -> web.Ap
 
     async def on_cleanup(app: web.Application) -> None:
         await hub.stop()
+        if starts is not None:
+            await starts.aclose()
         await verifier.aclose()
         await store.close()
         if gw.position is not None:

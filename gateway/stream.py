@@ -371,10 +371,17 @@ class SyncStream:
         OPEN_STREAMS.inc()
         idle = False
         try:
-            await self._reload_write_checkpoints()
-            wcp = self._current_wcp()
-            res = self._resolution or await self._resolve(sub)
+            res = self._resolution
             self._resolution = None
+            if res is None or res.write_checkpoints is None:
+                await self._reload_write_checkpoints()
+            else:
+                # read with the states, after the subscription (a newer one is notified)
+                self.write_checkpoints = res.write_checkpoints
+                res.write_checkpoints = None
+            wcp = self._current_wcp()
+            if res is None:
+                res = await self._resolve(sub)
             self._set_grants(res.grants)
             buckets = list(self.grants)
             cp, states = res.cp, res.states

@@ -481,6 +481,33 @@ class Store:
             return cp, {}
         return cp, {b: parse_state(v) for b, v in zip(buckets, res[1], strict=True)}
 
+    async def read_stream_starts(
+        self, starts: Sequence[tuple[Sequence[str], str]]
+    ) -> tuple[int, list[tuple[dict[str, BucketState], dict[int, dict[str, int]]]]]:
+        """What streams starting together read first, in one atomic step (one MULTI, one
+        round trip): the checkpoint and, per ``(buckets, write checkpoint key)`` of
+        ``starts``, the states of those buckets and the write checkpoints of that key (as
+        :meth:`write_checkpoints`). Every stream gets the same checkpoint (invariant 5)."""
+        pipe = self.rr.pipeline(transaction=True)
+        pipe.get(self.k("checkpoint"))
+        for buckets, wkey in starts:
+            if buckets:
+                pipe.hmget(self.k("states"), list(buckets))
+            pipe.hgetall(self.k("wcp", wkey))
+        res = await pipe.execute()
+        cp = int(res[0]) if res[0] else 0
+        out: list[tuple[dict[str, BucketState], dict[int, dict[str, int]]]] = []
+        i = 1
+        for buckets, _ in starts:
+            states: dict[str, BucketState] = {}
+            if buckets:
+                states = {b: parse_state(v) for b, v in zip(buckets, res[i], strict=True)}
+                i += 1
+            wcps = {int(f[4:]): orjson.loads(v) for f, v in res[i].items() if f[:4] == b"pos:"}
+            i += 1
+            out.append((states, wcps))
+        return cp, out
+
     async def read_checkpoint_with_ops(
         self, buckets: Sequence[str], after: Mapping[str, int], limit: int
     ) -> tuple[int, dict[str, BucketState], dict[str, tuple[list[StoredOp], bool]]]:

@@ -727,3 +727,47 @@ async def test_jwks_url_keys_dropped_after_an_hour_without_refresh(
     jwks_server.status = 200
     mono.now += 31
     assert (await v.verify(token)).key_id == "k1"
+
+
+# ------------------------------------------------------------------ verified-token cache
+
+
+async def test_cached_token_claims_are_checked_again_on_every_use() -> None:
+    clock = FakeClock(now=time.time())
+    v = TokenVerifier(auth_settings(), clock=clock)
+    payload = claims(exp=int(clock.now) + 100)
+    token = hs_token(payload)
+    first = await v.verify(token)
+    assert (await v.verify(token)) == first  # served from the cache: the same claims
+    clock.now += 100 + 60  # past exp + leeway: refused although it was verified before
+    await expect(v, token, "PSYNC_S2103")
+    clock.now -= 100 + 60
+    assert (await v.verify(token)).sub == "user-1"  # verified afresh
+
+
+async def test_cached_token_of_a_key_that_left_the_key_set_is_verified_afresh() -> None:
+    v = verifier()
+    token = hs_token(claims())
+    await v.verify(token)
+    v._local_keys = []  # the key is gone (rotation): the cached verification must not count
+    await expect(v, token, "PSYNC_S2101")
+
+
+async def test_a_different_token_text_is_never_a_cache_hit() -> None:
+    v = verifier()
+    good = hs_token(claims())
+    await v.verify(good)
+    head, _body, sig = good.split(".")
+    forged = f"{head}.{b64(orjson.dumps(claims(sub='admin')))}.{sig}"
+    await expect(v, forged, "PSYNC_S2101")
+
+
+def test_token_cache_is_bounded() -> None:
+    v = verifier(token_cache_entries=3)
+    tokens = [hs_token(claims(sub=f"u{i}")) for i in range(10)]
+    for t in tokens:
+        v.verify_sync(t)
+    assert list(v._cache) == tokens[-3:]
+    off = verifier(token_cache_entries=0)
+    off.verify_sync(tokens[0])
+    assert not off._cache

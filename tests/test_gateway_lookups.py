@@ -417,7 +417,7 @@ async def test_any_failure_in_a_request_is_a_psync_json_error_and_one_log_line(
 
     s = gw()
 
-    async def broken(self: Any, store: Any, on_buckets: Any = None) -> Any:
+    async def broken(self: Any, store: Any, on_buckets: Any = None, **kw: Any) -> Any:
         raise RuntimeError("kaboom")
 
     async with running_gateway(s) as url:

@@ -178,6 +178,16 @@ async def test_invalidated_checkpoint_is_not_completed(gw_settings, monkeypatch)
         return result
 
     monkeypatch.setattr(Store, "read_checkpoint", racing_read)
+    original_starts = Store.read_stream_starts
+
+    async def racing_starts(self, starts):  # streams starting together read this way
+        result = await original_starts(self, starts)
+        if fired["n"] == 0:
+            fired["n"] = 1
+            await feed(s, [todo("t1", "u1", "v2")])
+        return result
+
+    monkeypatch.setattr(Store, "read_stream_starts", racing_starts)
     async with running_gateway(s) as url, Client(url, s, "u1") as c:
         await c.sync_until()
         # checkpoint 2 was never completed: a diff to 3 came first, then the complete

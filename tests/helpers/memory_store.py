@@ -84,6 +84,10 @@ class GatewayStoreReads(Protocol):
 
     async def write_checkpoints(self, key: str) -> dict[int, dict[str, int]]: ...
 
+    async def read_stream_starts(
+        self, starts: Sequence[tuple[Sequence[str], str]]
+    ) -> tuple[int, list[tuple[dict[str, BucketState], dict[int, dict[str, int]]]]]: ...
+
 
 def op_checksum(text: str) -> int:
     """First four bytes of SHA-256, little-endian (sync-protocol.md §5.1)."""
@@ -241,6 +245,18 @@ class MemoryStore:
     async def write_checkpoints(self, key: str) -> dict[int, dict[str, int]]:
         self.calls["write_checkpoints"] += 1
         return {i: dict(p) for i, p in self.wcp.get(key, {}).items()}
+
+    async def read_stream_starts(
+        self, starts: Sequence[tuple[Sequence[str], str]]
+    ) -> tuple[int, list[tuple[dict[str, BucketState], dict[int, dict[str, int]]]]]:
+        self.calls["read_stream_starts"] += 1
+        return self.cp, [
+            (
+                {b: self._state(b) for b in buckets},
+                {i: dict(p) for i, p in self.wcp.get(key, {}).items()},
+            )
+            for buckets, key in starts
+        ]
 
     # ---- the write side (what apply_batch.lua and friends store) --------------
 
