@@ -5,25 +5,29 @@
 -- therefore not cluster-safe; bucketsync runs on one primary (docs/store.md).
 --
 -- ARGV[1] prefix
--- ARGV[2] batch JSON:
+-- ARGV[2] batch header JSON:
 --   {"guard": {"<topic>/<partition>": <lowest offset in batch>, ...},
 --    "offsets": {"<topic>/<partition>": <highest offset in batch>, ...},
---    "events": [ {"k": "<row key>", "t": "<table>",
---                 "o": [[bucket, object_type, object_id, put_checksum, remove_checksum, tail], ...] | false,
---                 "s": "<source row json>" | false (false: no stored copy; tables
---                       that never need merges keep none, see core.plan_batch),
---                 "l": [[lookup key, values json], ...]  (optional)} |
---                {"truncate": "<table>"}, ... ],
 --    "merge_tables": [<table>, ...]  (tables newly known to need source rows; P:merge_tables),
 --    "source_lsn": {"<connector>": <highest PostgreSQL LSN in batch>, ...} | null,
 --    "maxlen": <changes stream maxlen> }
---   "o" = false means the row is deleted; a list (maybe empty) is the row's complete
---   set of outputs after the event. "tail" is the op's wire JSON after the op_id field.
---   "l" (rows of tables read by parameter queries) is the row's complete set of lookup
---   entries after the event; the row's previous set is kept in its row hash (field
---   "\31L"), the lookup index P:lookup:<key> is a hash values json -> number of rows
---   contributing it. A deleted row drops all its entries. Lookup keys whose value set
---   changed are announced in the change entry (field "l", a JSON array).
+-- ARGV[3..] the events, flat (raw strings: no JSON to decode per event; Store.apply
+--   writes them from core.plan_batch's dicts):
+--   "U", <row key>, <table>, <source row json> | "" (no stored copy; tables that never
+--        need merges keep none, see core.plan_batch), <lookups json> | "" (absent),
+--        <n outputs>, then n x (bucket, object_type, object_id, put_checksum,
+--        remove_checksum, tail)                      -- an upsert: the row's complete
+--                                                       set of outputs after the event
+--   "D", <row key>, <table>, "1" | "0"               -- a delete ("1": the delete half of
+--                                                       a primary-key change)
+--   "X", <table>                                     -- TRUNCATE
+--   "tail" is the op's wire JSON after the op_id field. Checksums are decimal strings.
+--   The lookups json (rows of tables read by parameter queries) is the row's complete
+--   list of lookup entries [[lookup key, values json], ...] after the event; the row's
+--   previous set is kept in its row hash (field "\31L"), the lookup index P:lookup:<key>
+--   is a hash values json -> number of rows contributing it. A deleted row drops all its
+--   entries. Lookup keys whose value set changed are announced in the change entry
+--   (field "l", a JSON array).
 -- Returns {"ok", checkpoint, n_ops, number of merge tables} or {"stale", "<tp>", stored_offset}.
 
 local P = ARGV[1]
@@ -93,7 +97,7 @@ local function add_op(b, op_id, cs, member)
   table.insert(p.ids, op_id)
   p.m[op_id] = member
   local s = bstate(b)
-  s.cs = (s.cs + cs) % 4294967296
+  s.cs = (s.cs + tonumber(cs)) % 4294967296
   s.n = s.n + 1
   s.last = op_id
 end
@@ -172,7 +176,7 @@ local function read_row(rk)
       has_src = true
     else
       local a, c, r = string.match(flat[i + 1], "^(%d+):(%d+):(%d+)$")
-      cur[f] = {tonumber(a), tonumber(c), tonumber(r)}
+      cur[f] = {tonumber(a), c, r}  -- checksums stay decimal strings (as in ARGV)
     end
   end
   return cur, #flat > 0, lookups, has_src
@@ -229,14 +233,17 @@ local function remove_entry(f, e, hdel)
   table.insert(hdel, f)
 end
 
-local function apply_row(ev)
-  local rk = P .. ":row:" .. ev.k
+-- One row's event. outs: ARGV index of its first output and n its number of outputs
+-- (outs nil: the row is deleted); src: source row JSON or nil (no stored copy); lk:
+-- lookups JSON or nil (not a table read by parameter queries); pk_gone: the delete half of
+-- a primary-key change.
+local function apply_row(k, t, outs, n, src, lk, pk_gone)
+  local rk = P .. ":row:" .. k
   local cur, known, old_lookups, has_src = read_row(rk)
-  local outs = ev.o
   local hset, hdel = {}, {}
   if outs then
-    for _, o in ipairs(outs) do
-      local b, ot, oid, cs, rcs, tail = o[1], o[2], o[3], o[4], o[5], o[6]
+    for i = outs, outs + 6 * (n - 1), 6 do
+      local b, ot, oid, cs, rcs, tail = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
       local f = b .. SEP .. ot .. SEP .. oid
       local e = cur[f]
       if e and e[2] == cs then
@@ -245,13 +252,13 @@ local function apply_row(ev)
         local op_id = next_op()
         -- PUT members carry their row key ("R<len>:<row key>") so defragmentation can
         -- find the row index entry to move along with the op
-        add_op(b, op_id, cs, "R" .. #ev.k .. ":" .. ev.k .. "{\"op_id\":\"" .. op_id .. "\"," .. tail)
+        add_op(b, op_id, cs, "R" .. #k .. ":" .. k .. "{\"op_id\":\"" .. op_id .. "\"," .. tail)
         if e then
           to_move(b, e[1], e[2], op_id)
           cur[f] = nil
         end
-        table.insert(hset, f)
-        table.insert(hset, op_id .. ":" .. cs .. ":" .. rcs)
+        hset[#hset + 1] = f
+        hset[#hset + 1] = op_id .. ":" .. cs .. ":" .. rcs
       end
     end
   end
@@ -261,65 +268,100 @@ local function apply_row(ev)
   for f, e in pairs(cur) do
     table.insert(gone, {f, e})
   end
-  table.sort(gone, function(x, y) return x[2][1] < y[2][1] end)
+  if #gone > 1 then
+    table.sort(gone, function(x, y) return x[2][1] < y[2][1] end)
+  end
   for _, g in ipairs(gone) do
     remove_entry(g[1], g[2], hdel)
   end
   if outs then
-    if ev.l then
-      update_lookups(old_lookups, ev.l)
-      if #ev.l > 0 then
+    if lk then
+      local l = cjson.decode(lk)
+      update_lookups(old_lookups, l)
+      if #l > 0 then
         table.insert(hset, LF)
-        table.insert(hset, cjson.encode(ev.l))
+        table.insert(hset, lk)
       elseif old_lookups then
         table.insert(hdel, LF)
       end
     end
-    if not ev.s and has_src then
+    if not src and has_src then
       table.insert(hdel, "")  -- the table needs no merges: no stored copy
     end
     if #hdel > 0 then
       redis.call("HDEL", rk, unpack(hdel))
     end
-    if ev.s then
+    if src then
       table.insert(hset, "")
-      table.insert(hset, ev.s)
+      table.insert(hset, src)
     end
     if #hset > 0 then
       redis.call("HSET", rk, unpack(hset))
     end
     if not known then
-      tmark(ev.t, ev.k, true)
+      tmark(t, k, true)
     end
   elseif known then
     if old_lookups then
       update_lookups(old_lookups, nil)
     end
-    if ev.g then
+    if pk_gone then
       -- the delete half of a primary-key change: keep the source row for a while, the
       -- create half may carry TOAST placeholders that only the old row can fill
-      local src = redis.call("HGET", rk, "")
-      if src then
-        redis.call("SET", P .. ":gone:" .. ev.k, src, "EX", 86400)
+      local old_src = redis.call("HGET", rk, "")
+      if old_src then
+        redis.call("SET", P .. ":gone:" .. k, old_src, "EX", 86400)
       end
     end
     redis.call("DEL", rk)
-    tmark(ev.t, ev.k, false)
+    tmark(t, k, false)
   end
 end
 
-for _, ev in ipairs(batch.events) do
-  if ev.truncate then
-    local tk = P .. ":table:" .. ev.truncate
+-- the layout is checked before anything is written (a script is not rolled back)
+local nargv = #ARGV
+do
+  local j = 3
+  while j <= nargv do
+    local kind = ARGV[j]
+    if kind == "U" then
+      j = j + 6 + 6 * tonumber(ARGV[j + 5])
+    elseif kind == "D" then
+      j = j + 4
+    elseif kind == "X" then
+      j = j + 2
+    else
+      return redis.error_reply("apply_batch: unknown event kind at ARGV[" .. j .. "]")
+    end
+  end
+  if j ~= nargv + 1 then
+    return redis.error_reply("apply_batch: truncated event list")
+  end
+end
+
+local i = 3
+while i <= nargv do
+  local kind = ARGV[i]
+  if kind == "U" then
+    local n = tonumber(ARGV[i + 5])
+    local src, lk = ARGV[i + 3], ARGV[i + 4]
+    if src == "" then src = nil end
+    if lk == "" then lk = nil end
+    apply_row(ARGV[i + 1], ARGV[i + 2], i + 6, n, src, lk, false)
+    i = i + 6 + 6 * n
+  elseif kind == "D" then
+    apply_row(ARGV[i + 1], ARGV[i + 2], nil, 0, nil, nil, ARGV[i + 3] == "1")
+    i = i + 4
+  elseif kind == "X" then
+    local tk = P .. ":table:" .. ARGV[i + 1]
     flush_tables()
     local members = redis.call("SMEMBERS", tk)
     table.sort(members)
     for _, k in ipairs(members) do
-      apply_row({k = k, t = ev.truncate, o = false})
+      apply_row(k, ARGV[i + 1], nil, 0, nil, nil, false)
     end
     redis.call("DEL", tk)
-  else
-    apply_row(ev)
+    i = i + 2
   end
 end
 

@@ -182,6 +182,51 @@ class PlannedBatch:
     merge_tables: list[str] = field(default_factory=list)
 
 
+def apply_args(prefix: str, batch: PlannedBatch, maxlen: int) -> list[str | bytes]:
+    """``apply_batch.lua``'s arguments: the prefix, a small JSON header (offset guard,
+    offsets, LSNs, merge tables) and the events as flat raw strings (the script's header
+    comment has the layout), so the script decodes no JSON per event."""
+    args: list[str | bytes] = [
+        prefix,
+        orjson.dumps(
+            {
+                "guard": batch.guard,
+                "offsets": batch.offsets,
+                "source_lsn": batch.source_lsn or None,
+                "merge_tables": batch.merge_tables,
+                "maxlen": maxlen,
+            }
+        ),
+    ]
+    add = args.append
+    extend = args.extend
+    for ev in batch.events:
+        outs = ev.get("o")
+        if outs is False:
+            extend(("D", ev["k"], ev["t"], "1" if ev.get("g") else "0"))
+        elif outs is None:
+            extend(("X", ev["truncate"]))
+        else:
+            src = ev.get("s")
+            lk = ev.get("l")
+            extend(
+                (
+                    "U",
+                    ev["k"],
+                    ev["t"],
+                    src or "",
+                    "" if lk is None else orjson.dumps(lk),
+                    str(len(outs)),
+                )
+            )
+            for o in outs:
+                extend(o[:3])
+                add(str(o[3]))
+                add(str(o[4]))
+                add(o[5])
+    return args
+
+
 def parse_member(member: bytes, score: float) -> StoredOp:
     first = member[:1]
     if first == b"T":  # MOVE / CLEAR: T<target>|<wire>
@@ -221,17 +266,7 @@ class Store:
     # ---- write side -------------------------------------------------------
 
     async def apply(self, batch: PlannedBatch) -> ApplyResult:
-        payload = orjson.dumps(
-            {
-                "guard": batch.guard,
-                "offsets": batch.offsets,
-                "source_lsn": batch.source_lsn or None,
-                "events": batch.events,
-                "merge_tables": batch.merge_tables,
-                "maxlen": self.changes_maxlen,
-            }
-        )
-        res = await self._apply(args=[self.prefix, payload])
+        res = await self._apply(args=apply_args(self.prefix, batch, self.changes_maxlen))
         status = res[0].decode() if isinstance(res[0], bytes) else res[0]
         if status == "stale":
             return ApplyResult("stale", stale_partition=res[1].decode(), stored_offset=int(res[2]))
