@@ -47,16 +47,29 @@ local dirty_key = P .. ":dirty"
 local n_ops = 0
 local buckets = {}   -- bucket -> {cs=, n=, last=, moved=}
 local LF = SEP .. "L"  -- row hash field: the row's lookup entries (JSON)
+local fmt = string.format
 
+-- Op ids and checksums stay decimal strings in this script (as the row index and ARGV
+-- hold them): Lua's own number-to-string conversion ("%.14g" through the C library's
+-- floating point printf) was the largest single cost of the step. Numbers are formatted
+-- with "%d" where one is needed (op ids, bucket totals).
+
+-- Bucket states (P:bucket:<bucket>), read once per batch and written back at the end.
+-- The only code that knows their layout (with read_bucket_states in store.py).
 local function bstate(b)
   local s = buckets[b]
   if not s then
     local v = redis.call("HMGET", P .. ":bucket:" .. b, "checksum", "count", "last_op", "moved")
-    s = {cs = tonumber(v[1]) or 0, n = tonumber(v[2]) or 0, last = tonumber(v[3]) or 0,
+    s = {cs = tonumber(v[1]) or 0, n = tonumber(v[2]) or 0, last = v[3] or "0",
          moved = tonumber(v[4]) or 0}
     buckets[b] = s
   end
   return s
+end
+
+local function write_bstate(b, s)
+  redis.call("HSET", P .. ":bucket:" .. b, "checksum", fmt("%d", s.cs), "count", fmt("%d", s.n),
+    "last_op", s.last, "moved", fmt("%d", s.moved))
 end
 
 -- op ids come from a local counter, written back once: one command less per op
@@ -64,7 +77,7 @@ local seq = tonumber(redis.call("GET", seq_key) or "0")
 local function next_op()
   n_ops = n_ops + 1
   seq = seq + 1
-  return seq
+  return fmt("%d", seq)
 end
 
 -- Members to add per bucket, written with one variadic ZADD per bucket at the end:
@@ -105,17 +118,23 @@ end
 local function flush_ops()
   for b, p in pairs(pending) do
     local k = P .. ":ops:" .. b
-    local args = {}
-    for _, id in ipairs(p.ids) do
-      args[#args + 1] = id
-      args[#args + 1] = p.m[id]
-      if #args >= 2000 then  -- stay well below Lua's unpack limit
-        redis.call("ZADD", k, unpack(args))
-        args = {}
+    local ids, m = p.ids, p.m
+    if #ids == 1 then
+      redis.call("ZADD", k, ids[1], m[ids[1]])
+    else
+      local args, na = {}, 0
+      for _, id in ipairs(ids) do
+        args[na + 1] = id
+        args[na + 2] = m[id]
+        na = na + 2
+        if na >= 2000 then  -- stay well below Lua's unpack limit
+          redis.call("ZADD", k, unpack(args, 1, na))
+          na = 0
+        end
       end
-    end
-    if #args > 0 then
-      redis.call("ZADD", k, unpack(args))
+      if na > 0 then
+        redis.call("ZADD", k, unpack(args, 1, na))
+      end
     end
   end
 end
@@ -176,7 +195,7 @@ local function read_row(rk)
       has_src = true
     else
       local a, c, r = string.match(flat[i + 1], "^(%d+):(%d+):(%d+)$")
-      cur[f] = {tonumber(a), c, r}  -- checksums stay decimal strings (as in ARGV)
+      cur[f] = {a, c, r}  -- op id and checksums as decimal strings
     end
   end
   return cur, #flat > 0, lookups, has_src
@@ -264,15 +283,17 @@ local function apply_row(k, t, outs, n, src, lk, pk_gone)
   end
   -- whatever the row no longer produces leaves its bucket; in op_id order, so the
   -- result never depends on hash iteration order (replays must be byte-identical)
-  local gone = {}
-  for f, e in pairs(cur) do
-    table.insert(gone, {f, e})
-  end
-  if #gone > 1 then
-    table.sort(gone, function(x, y) return x[2][1] < y[2][1] end)
-  end
-  for _, g in ipairs(gone) do
-    remove_entry(g[1], g[2], hdel)
+  if next(cur) ~= nil then
+    local gone = {}
+    for f, e in pairs(cur) do
+      table.insert(gone, {f, e})
+    end
+    if #gone > 1 then
+      table.sort(gone, function(x, y) return tonumber(x[2][1]) < tonumber(y[2][1]) end)
+    end
+    for _, g in ipairs(gone) do
+      remove_entry(g[1], g[2], hdel)
+    end
   end
   if outs then
     if lk then
@@ -373,12 +394,11 @@ if batch.merge_tables and #batch.merge_tables > 0 then
   redis.call("SADD", merge_key, unpack(batch.merge_tables))
 end
 
-local changed = {}
 local any = false
 local dirty = {}
+local changed_json = {}
 for b, s in pairs(buckets) do
-  redis.call("HSET", P .. ":bucket:" .. b, "checksum", s.cs, "count", s.n, "last_op", s.last,
-    "moved", s.moved)
+  write_bstate(b, s)
   if s.moved > 0 then
     dirty[#dirty + 1] = b
     if #dirty >= 1000 then
@@ -386,7 +406,7 @@ for b, s in pairs(buckets) do
       dirty = {}
     end
   end
-  changed[b] = {s.cs, s.n}
+  changed_json[#changed_json + 1] = cjson.encode(b) .. fmt(":[%d,%d]", s.cs, s.n)
   any = true
 end
 if #dirty > 0 then
@@ -418,7 +438,7 @@ redis.call("SET", P .. ":checkpoint", string.format("%d", cp))
 local note = {"n", redis.call("INCR", P .. ":changes:n"), "cp", cp}
 if any then
   table.insert(note, "b")
-  table.insert(note, cjson.encode(changed))
+  table.insert(note, "{" .. table.concat(changed_json, ",") .. "}")
 end
 local changed_lookups, lookup_list = {}, {}
 for _, c in pairs(lookup_counts) do
