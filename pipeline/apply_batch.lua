@@ -93,8 +93,51 @@ local function pend(b)
   return p
 end
 
--- Rewrite the op at old_id as MOVE (same op_id and checksum), remembering its target.
+-- Defragmentation re-appends a live PUT under a new op id without touching the row index
+-- (ops carry no row key): it records old id -> new id in P:reloc:<bucket> and the bucket
+-- in P:relocated. The row's op in a bucket is therefore its index entry's op id followed
+-- through that bucket's relocations; the entries followed are dropped (the row gets a new
+-- op id here). Costs nothing while no bucket has relocations (defragmentation is opt-in).
+local relocated_key = P .. ":relocated"
+local relocated = nil  -- bucket -> has relocations (asked once per batch); nil: none at all
+if redis.call("EXISTS", relocated_key) == 1 then
+  relocated = {}
+end
+
+local function resolve(b, id)
+  if not relocated then
+    return id
+  end
+  local r = relocated[b]
+  if r == nil then
+    r = redis.call("SISMEMBER", relocated_key, b) == 1
+    relocated[b] = r
+  end
+  if not r then
+    return id
+  end
+  local rk = P .. ":reloc:" .. b
+  local followed = {}
+  local nxt = redis.call("HGET", rk, id)
+  while nxt do
+    followed[#followed + 1] = id
+    id = nxt
+    nxt = redis.call("HGET", rk, id)
+  end
+  if #followed > 0 then
+    redis.call("HDEL", rk, unpack(followed))
+    if redis.call("EXISTS", rk) == 0 then
+      redis.call("SREM", relocated_key, b)
+      relocated[b] = false
+    end
+  end
+  return id
+end
+
+-- Rewrite the row's op at old_id (its index entry) as MOVE (same op_id and checksum),
+-- remembering its target.
 local function to_move(b, old_id, old_cs, target)
+  old_id = resolve(b, old_id)
   local p = pend(b)
   if not p.m[old_id] then
     redis.call("ZREMRANGEBYSCORE", P .. ":ops:" .. b, old_id, old_id)
@@ -269,9 +312,7 @@ local function apply_row(k, t, outs, n, src, lk, pk_gone)
         cur[f] = nil          -- unchanged data: no new op (invariant: skip identical PUT)
       else
         local op_id = next_op()
-        -- PUT members carry their row key ("R<len>:<row key>") so defragmentation can
-        -- find the row index entry to move along with the op
-        add_op(b, op_id, cs, "R" .. #k .. ":" .. k .. "{\"op_id\":\"" .. op_id .. "\"," .. tail)
+        add_op(b, op_id, cs, "{\"op_id\":\"" .. op_id .. "\"," .. tail)
         if e then
           to_move(b, e[1], e[2], op_id)
           cur[f] = nil

@@ -232,10 +232,19 @@ def parse_member(member: bytes, score: float) -> StoredOp:
     if first == b"T":  # MOVE / CLEAR: T<target>|<wire>
         bar = member.index(b"|")
         return StoredOp(int(score), int(member[1:bar]), member[bar + 1 :])
-    if first == b"R":  # PUT: R<len>:<row key><wire>
+    if first == b"R":  # a PUT written before 2026-12: R<len>:<row key><wire>
         colon = member.index(b":")
         return StoredOp(int(score), 0, member[colon + 1 + int(member[1:colon]) :])
-    return StoredOp(int(score), 0, member)
+    return StoredOp(int(score), 0, member)  # PUT / REMOVE: the wire JSON itself
+
+
+def is_put(member: bytes) -> bool:
+    """Is this stored op log member a PUT (untagged ``{"op_id":"<id>","op":"PUT",...``, or
+    the older ``R<len>:<row key>`` form)?"""
+    if member[:1] == b"R":
+        return True
+    i = member.find(b'","op":"', 9, 40)
+    return i > 0 and member[i + 8 : i + 11] == b"PUT"
 
 
 class Store:
@@ -463,7 +472,7 @@ class Store:
             rows = await self.r.zrange(k, start, start + chunk - 1)
             if not rows:
                 return puts, total
-            puts += sum(1 for m in rows if m[:1] == b"R")
+            puts += sum(1 for m in rows if is_put(m))
             total += len(rows)
             start += chunk
 
