@@ -2,10 +2,10 @@
 
 Layout under the configured prefix ``P`` (docs/store.md has the long form):
 
-- ``P:ops:{bucket}``     sorted set, score = op_id, member = the op's wire JSON behind a
-                         tag: ``R<len>:<row key>`` for PUT (defragmentation needs the row),
-                         ``T<target>|`` for MOVE/CLEAR (target = the op that superseded it),
-                         none for REMOVE. Tags are never sent to clients.
+- ``P:ops:{bucket}``     sorted set, score = op_id, member = the op's wire JSON; MOVE/CLEAR
+                         behind a tag ``T<target>|`` (target = the op that superseded it).
+                         PUTs of stores written before 2026-12 may carry ``R<len>:<row key>``
+                         in front (still read). Tags are never sent to clients.
 - ``P:bucket:{bucket}``  hash: checksum (unsigned running total), count, last_op, moved.
 - ``P:row:{row key}``    hash: ``bucket\\x1fobject_type\\x1fobject_id`` -> ``op_id:checksum:
                          remove_checksum`` of the row's current op there; field ``""`` holds
@@ -26,6 +26,9 @@ Layout under the configured prefix ``P`` (docs/store.md has the long form):
                          keys whose value sets changed ``l``, offsets ``o``).
 - ``P:merge_tables``     set of tables (topics) whose events showed they need merges.
 - ``P:dirty``            set of buckets with MOVEs since their last compaction.
+- ``P:reloc:{bucket}``   hash op id -> op id: live PUTs re-appended by defragmentation (the
+                         row index keeps the old id; apply_batch.lua follows these).
+- ``P:relocated``        set of buckets that have a ``P:reloc:{bucket}``.
 - ``P:gone:{row key}``   source row of a row deleted by a primary-key change (expires in a
                          day): the create half may need it to fill TOAST placeholders.
 - ``P:wcp:{key}``        hash: write-checkpoint ``id`` and ``pos:<id>`` -> position JSON; the
