@@ -154,6 +154,8 @@ def base_keys(topic: str, ev: Mapping[str, Any]) -> list[str]:
 
 
 def output_entry(out: RowOutputLike) -> list[Any]:
+    """``[bucket, object_type, object_id, put checksum, remove checksum, tail]``; the tail
+    (the op's wire JSON after its op_id field) is UTF-8 bytes, as it goes to the store."""
     ot, oid, data = out.object_type, out.object_id, out.data
     cs = put_checksum(ot, oid, data)
     dumps = orjson.dumps
@@ -168,7 +170,7 @@ def output_entry(out: RowOutputLike) -> list[Any]:
         + dumps(data)
         + b"}"
     )
-    return [out.bucket, ot, oid, cs, remove_checksum(ot, oid), tail.decode()]
+    return [out.bucket, ot, oid, cs, remove_checksum(ot, oid), tail]
 
 
 def plan_batch(
