@@ -102,10 +102,12 @@ local function pend(b)
 end
 
 -- Defragmentation re-appends a live PUT under a new op id without touching the row index
--- (ops carry no row key): it records old id -> new id in P:reloc:<bucket> and the bucket
--- in P:relocated. The row's op in a bucket is therefore its index entry's op id followed
--- through that bucket's relocations; the entries followed are dropped (the row gets a new
--- op id here). Costs nothing while no bucket has relocations (defragmentation is opt-in).
+-- (ops carry no row key): P:reloc:<bucket> maps the row index's op id to the live copy
+-- ("<indexed id>" -> "<copy id>") and back ("~<copy id>" -> "<indexed id>", so a copy moved
+-- again replaces its entry instead of growing a chain: at most two fields per live row), and
+-- P:relocated lists the buckets that have one. The row's op in a bucket is therefore its
+-- index entry's op id, or the copy it maps to; both fields are dropped here (the row gets a
+-- new op id). Costs nothing while no bucket has relocations.
 local relocated_key = P .. ":relocated"
 local relocated = nil  -- bucket -> has relocations (asked once per batch); nil: none at all
 if redis.call("EXISTS", relocated_key) == 1 then
@@ -125,21 +127,16 @@ local function resolve(b, id)
     return id
   end
   local rk = P .. ":reloc:" .. b
-  local followed = {}
-  local nxt = redis.call("HGET", rk, id)
-  while nxt do
-    followed[#followed + 1] = id
-    id = nxt
-    nxt = redis.call("HGET", rk, id)
+  local copy = redis.call("HGET", rk, id)
+  if not copy then
+    return id
   end
-  if #followed > 0 then
-    redis.call("HDEL", rk, unpack(followed))
-    if redis.call("EXISTS", rk) == 0 then
-      redis.call("SREM", relocated_key, b)
-      relocated[b] = false
-    end
+  redis.call("HDEL", rk, id, "~" .. copy)
+  if redis.call("EXISTS", rk) == 0 then
+    redis.call("SREM", relocated_key, b)
+    relocated[b] = false
   end
-  return id
+  return copy
 end
 
 -- Rewrite the row's op at old_id (its index entry) as MOVE (same op_id and checksum),

@@ -3,8 +3,9 @@
 -- Re-appends up to ARGV[3] live PUTs with op_id in (ARGV[4], ARGV[5]] as fresh PUTs at the
 -- end of the bucket (new op_ids, same data and checksum); each old PUT becomes a MOVE
 -- targeting its copy, so a later compaction step can fold the whole old prefix. Ops carry
--- no row key, so the row index is left alone: the relocation old id -> new id goes to
--- P:reloc:<bucket> (and the bucket to P:relocated), which apply_batch.lua follows.
+-- no row key, so the row index is left alone: the relocation (indexed id -> new id, and
+-- back) goes to P:reloc:<bucket> (and the bucket to P:relocated), which apply_batch.lua
+-- follows.
 -- Clients holding those rows download them again, so the scheduled compaction re-appends
 -- only the few rows that block a long foldable run (compaction.plan_reappend; the cutoff).
 --
@@ -45,8 +46,16 @@ for i = 1, #rows, 2 do
     redis.call("ZADD", k, old_id,
       "T" .. new_id .. "|{\"op_id\":\"" .. old .. "\",\"op\":\"MOVE\",\"checksum\":" .. string.format("%d", cs) .. "}")
     redis.call("ZADD", k, op_id, "{\"op_id\":\"" .. new_id .. "\"," .. tail)
-    -- the row index keeps the old id: apply_batch.lua follows old -> new (see resolve)
-    redis.call("HSET", P .. ":reloc:" .. b, old, new_id)
+    -- the row index keeps its id: apply_batch.lua maps it to the copy (see resolve). A
+    -- copy moved again replaces its entry: the indexed id maps straight to the newest copy
+    local rk = P .. ":reloc:" .. b
+    local indexed = redis.call("HGET", rk, "~" .. old)
+    if indexed then
+      redis.call("HDEL", rk, "~" .. old)
+    else
+      indexed = old
+    end
+    redis.call("HSET", rk, indexed, new_id, "~" .. new_id, indexed)
     total = (total + cs) % 4294967296
     count = count + 1
     moved = moved + 1

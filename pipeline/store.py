@@ -29,8 +29,9 @@ Layout under the configured prefix ``P`` (docs/store.md has the long form):
                          keys whose value sets changed ``l``, offsets ``o``).
 - ``P:merge_tables``     set of tables (topics) whose events showed they need merges.
 - ``P:dirty``            set of buckets with MOVEs since their last compaction.
-- ``P:reloc:{bucket}``   hash op id -> op id: live PUTs re-appended by defragmentation (the
-                         row index keeps the old id; apply_batch.lua follows these).
+- ``P:reloc:{bucket}``   hash: a row index entry's op id -> the live copy defragmentation
+                         re-appended, and ``~<copy id>`` -> that op id back (a copy moved
+                         again replaces its entry: no chains); apply_batch.lua follows them.
 - ``P:relocated``        set of buckets that have a ``P:reloc:{bucket}``.
 - ``P:gone:{row key}``   source row of a row deleted by a primary-key change (expires in a
                          day): the create half may need it to fill TOAST placeholders.

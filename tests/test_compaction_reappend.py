@@ -263,6 +263,20 @@ async def _puts(store: Store, bucket: str) -> list[tuple[tuple[str, str], str]]:
     )
 
 
+async def _relocations_bounded(store: Store, bucket: str, live: int) -> None:
+    """``P:reloc:{bucket}`` (docs/store.md) maps a row index's op id straight to the live
+    copy: at most one mapping per live row, each to a PUT in the bucket (a row moved by
+    several runs must not leave a chain behind: it would grow with every run)."""
+    raw = await store.r.hgetall(store.k("reloc", bucket))
+    fwd = {int(k): int(v) for k, v in raw.items() if not k.startswith(b"~")}
+    assert len(fwd) <= live, (bucket, fwd)
+    puts = {o.op_id for o in await store.all_ops(bucket) if o.kind == "PUT"}
+    assert set(fwd.values()) <= puts, (bucket, fwd, puts)
+    assert {int(k[1:]): int(v) for k, v in raw.items() if k.startswith(b"~")} == {
+        v: k for k, v in fwd.items()
+    }
+
+
 async def reappended_then_changed(redis_url: str, steps: list[tuple[str, Any]]) -> int:
     """Steps against the real store and the model; returns the rows re-appended in all.
 
@@ -307,6 +321,7 @@ async def reappended_then_changed(redis_url: str, steps: list[tuple[str, Any]]) 
                 )
             for b, mb in model.buckets.items():
                 assert await _puts(store, b) == sorted(mb.live_rows().items()), (kind, b)
+                await _relocations_bounded(store, b, len(mb.live_rows()))
         assert (await verify(store)).differences == []
         for b, mb in model.buckets.items():
             state = await store.bucket_state(b)

@@ -247,7 +247,7 @@ def test_defragmented_row_is_followed_by_later_changes(stack, ns) -> None:
             (7, "PUT", 0),
         ]
         assert await store.r.exists(store.k("reloc", b)) == 1
-        # defragment twice: r3's copy moves again (3 -> 6 -> 9)
+        # defragment twice: r3's copy moves again (6 -> 9; r3's index entry 3 now maps to 9)
         await compact(store, chunk=10, bucket=b, defragment=True)
         assert [(o.op_id, o.kind) for o in await store.all_ops(b)][-3:] == [
             (8, "PUT"),
@@ -270,7 +270,7 @@ def test_defragmented_row_is_followed_by_later_changes(stack, ns) -> None:
         assert ops[11] == ("PUT", 0) and ops[12] == ("REMOVE", 0)
         await store.apply(PlannedBatch([{"truncate": "todos"}], {"t/0": 7}, {"t/0": 7}))
         ops = {o.op_id: (o.kind, o.target) for o in await store.all_ops(b)}
-        # r1 (op 11) then r3 (its copy 9, found through 3 -> 6 -> 9) leave the bucket
+        # r1 (op 11) then r3 (its copy 9, found through P:reloc 3 -> 9) leave the bucket
         assert ops[11] == ("MOVE", 13) and ops[9] == ("MOVE", 14)
         assert [k for k, v in ops.items() if v[0] == "PUT"] == []
         assert await store.r.exists(store.k("reloc", b), store.k("relocated")) == 0
