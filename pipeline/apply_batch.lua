@@ -5,25 +5,29 @@
 -- therefore not cluster-safe; bucketsync runs on one primary (docs/store.md).
 --
 -- ARGV[1] prefix
--- ARGV[2] batch JSON:
+-- ARGV[2] batch header JSON:
 --   {"guard": {"<topic>/<partition>": <lowest offset in batch>, ...},
 --    "offsets": {"<topic>/<partition>": <highest offset in batch>, ...},
---    "events": [ {"k": "<row key>", "t": "<table>",
---                 "o": [[bucket, object_type, object_id, put_checksum, remove_checksum, tail], ...] | false,
---                 "s": "<source row json>" | false (false: no stored copy; tables
---                       that never need merges keep none, see core.plan_batch),
---                 "l": [[lookup key, values json], ...]  (optional)} |
---                {"truncate": "<table>"}, ... ],
 --    "merge_tables": [<table>, ...]  (tables newly known to need source rows; P:merge_tables),
 --    "source_lsn": {"<connector>": <highest PostgreSQL LSN in batch>, ...} | null,
 --    "maxlen": <changes stream maxlen> }
---   "o" = false means the row is deleted; a list (maybe empty) is the row's complete
---   set of outputs after the event. "tail" is the op's wire JSON after the op_id field.
---   "l" (rows of tables read by parameter queries) is the row's complete set of lookup
---   entries after the event; the row's previous set is kept in its row hash (field
---   "\31L"), the lookup index P:lookup:<key> is a hash values json -> number of rows
---   contributing it. A deleted row drops all its entries. Lookup keys whose value set
---   changed are announced in the change entry (field "l", a JSON array).
+-- ARGV[3..] the events, flat (raw strings: no JSON to decode per event; Store.apply
+--   writes them from core.plan_batch's dicts):
+--   "U", <row key>, <table>, <source row json> | "" (no stored copy; tables that never
+--        need merges keep none, see core.plan_batch), <lookups json> | "" (absent),
+--        <n outputs>, then n x (bucket, object_type, object_id, put_checksum,
+--        remove_checksum, tail)                      -- an upsert: the row's complete
+--                                                       set of outputs after the event
+--   "D", <row key>, <table>, "1" | "0"               -- a delete ("1": the delete half of
+--                                                       a primary-key change)
+--   "X", <table>                                     -- TRUNCATE
+--   "tail" is the op's wire JSON after the op_id field. Checksums are decimal strings.
+--   The lookups json (rows of tables read by parameter queries) is the row's complete
+--   list of lookup entries [[lookup key, values json], ...] after the event; the row's
+--   previous set is kept in its row hash (field "\31L"), the lookup index P:lookup:<key>
+--   is a hash values json -> number of rows contributing it. A deleted row drops all its
+--   entries. Lookup keys whose value set changed are announced in the change entry
+--   (field "l", a JSON array).
 -- Returns {"ok", checkpoint, n_ops, number of merge tables} or {"stale", "<tp>", stored_offset}.
 
 local P = ARGV[1]
@@ -43,22 +47,28 @@ local dirty_key = P .. ":dirty"
 local n_ops = 0
 local buckets = {}   -- bucket -> {cs=, n=, last=, moved=}
 local LF = SEP .. "L"  -- row hash field: the row's lookup entries (JSON)
+local fmt = string.format
+
+-- Op ids and checksums stay decimal strings in this script (as the row index and ARGV
+-- hold them): Lua's own number-to-string conversion ("%.14g" through the C library's
+-- floating point printf) was the largest single cost of the step. Numbers are formatted
+-- with "%d" where one is needed (op ids, bucket totals).
 
 -- Bucket states live in one hash, P:states: bucket -> "checksum count last_op moved"
 -- (so a reader gets a connection's 1,000 states with one HMGET; docs/store.md). These
--- two functions are the only places this script reads or writes a bucket's state.
+-- two functions are the only places this script reads or writes a bucket's state (read
+-- once per batch, written back at the end). last_op stays a decimal string.
 local states_key = P .. ":states"
 local function read_state(b)
   local v = redis.call("HGET", states_key, b)
-  local cs, n, last, moved = 0, 0, 0, 0
-  if v then
-    cs, n, last, moved = string.match(v, "^(%d+) (%-?%d+) (%d+) (%d+)$")
+  if not v then
+    return {cs = 0, n = 0, last = "0", moved = 0}
   end
-  return {cs = tonumber(cs), n = tonumber(n), last = tonumber(last), moved = tonumber(moved)}
+  local cs, n, last, moved = string.match(v, "^(%d+) (%-?%d+) (%d+) (%d+)$")
+  return {cs = tonumber(cs), n = tonumber(n), last = last, moved = tonumber(moved)}
 end
 local function write_state(b, s)
-  redis.call("HSET", states_key, b,
-    string.format("%d %d %d %d", s.cs, s.n, s.last, s.moved))
+  redis.call("HSET", states_key, b, fmt("%d %d %s %d", s.cs, s.n, s.last, s.moved))
 end
 
 local function bstate(b)
@@ -75,7 +85,7 @@ local seq = tonumber(redis.call("GET", seq_key) or "0")
 local function next_op()
   n_ops = n_ops + 1
   seq = seq + 1
-  return seq
+  return fmt("%d", seq)
 end
 
 -- Members to add per bucket, written with one variadic ZADD per bucket at the end:
@@ -91,8 +101,48 @@ local function pend(b)
   return p
 end
 
--- Rewrite the op at old_id as MOVE (same op_id and checksum), remembering its target.
+-- Defragmentation re-appends a live PUT under a new op id without touching the row index
+-- (ops carry no row key): P:reloc:<bucket> maps the row index's op id to the live copy
+-- ("<indexed id>" -> "<copy id>") and back ("~<copy id>" -> "<indexed id>", so a copy moved
+-- again replaces its entry instead of growing a chain: at most two fields per live row), and
+-- P:relocated lists the buckets that have one. The row's op in a bucket is therefore its
+-- index entry's op id, or the copy it maps to; both fields are dropped here (the row gets a
+-- new op id). Costs nothing while no bucket has relocations.
+local relocated_key = P .. ":relocated"
+local relocated = nil  -- bucket -> has relocations (asked once per batch); nil: none at all
+if redis.call("EXISTS", relocated_key) == 1 then
+  relocated = {}
+end
+
+local function resolve(b, id)
+  if not relocated then
+    return id
+  end
+  local r = relocated[b]
+  if r == nil then
+    r = redis.call("SISMEMBER", relocated_key, b) == 1
+    relocated[b] = r
+  end
+  if not r then
+    return id
+  end
+  local rk = P .. ":reloc:" .. b
+  local copy = redis.call("HGET", rk, id)
+  if not copy then
+    return id
+  end
+  redis.call("HDEL", rk, id, "~" .. copy)
+  if redis.call("EXISTS", rk) == 0 then
+    redis.call("SREM", relocated_key, b)
+    relocated[b] = false
+  end
+  return copy
+end
+
+-- Rewrite the row's op at old_id (its index entry) as MOVE (same op_id and checksum),
+-- remembering its target.
 local function to_move(b, old_id, old_cs, target)
+  old_id = resolve(b, old_id)
   local p = pend(b)
   if not p.m[old_id] then
     redis.call("ZREMRANGEBYSCORE", P .. ":ops:" .. b, old_id, old_id)
@@ -108,7 +158,7 @@ local function add_op(b, op_id, cs, member)
   table.insert(p.ids, op_id)
   p.m[op_id] = member
   local s = bstate(b)
-  s.cs = (s.cs + cs) % 4294967296
+  s.cs = (s.cs + tonumber(cs)) % 4294967296
   s.n = s.n + 1
   s.last = op_id
 end
@@ -116,17 +166,23 @@ end
 local function flush_ops()
   for b, p in pairs(pending) do
     local k = P .. ":ops:" .. b
-    local args = {}
-    for _, id in ipairs(p.ids) do
-      args[#args + 1] = id
-      args[#args + 1] = p.m[id]
-      if #args >= 2000 then  -- stay well below Lua's unpack limit
-        redis.call("ZADD", k, unpack(args))
-        args = {}
+    local ids, m = p.ids, p.m
+    if #ids == 1 then
+      redis.call("ZADD", k, ids[1], m[ids[1]])
+    else
+      local args, na = {}, 0
+      for _, id in ipairs(ids) do
+        args[na + 1] = id
+        args[na + 2] = m[id]
+        na = na + 2
+        if na >= 2000 then  -- stay well below Lua's unpack limit
+          redis.call("ZADD", k, unpack(args, 1, na))
+          na = 0
+        end
       end
-    end
-    if #args > 0 then
-      redis.call("ZADD", k, unpack(args))
+      if na > 0 then
+        redis.call("ZADD", k, unpack(args, 1, na))
+      end
     end
   end
 end
@@ -187,7 +243,7 @@ local function read_row(rk)
       has_src = true
     else
       local a, c, r = string.match(flat[i + 1], "^(%d+):(%d+):(%d+)$")
-      cur[f] = {tonumber(a), tonumber(c), tonumber(r)}
+      cur[f] = {a, c, r}  -- op id and checksums as decimal strings
     end
   end
   return cur, #flat > 0, lookups, has_src
@@ -244,97 +300,135 @@ local function remove_entry(f, e, hdel)
   table.insert(hdel, f)
 end
 
-local function apply_row(ev)
-  local rk = P .. ":row:" .. ev.k
+-- One row's event. outs: ARGV index of its first output and n its number of outputs
+-- (outs nil: the row is deleted); src: source row JSON or nil (no stored copy); lk:
+-- lookups JSON or nil (not a table read by parameter queries); pk_gone: the delete half of
+-- a primary-key change.
+local function apply_row(k, t, outs, n, src, lk, pk_gone)
+  local rk = P .. ":row:" .. k
   local cur, known, old_lookups, has_src = read_row(rk)
-  local outs = ev.o
   local hset, hdel = {}, {}
   if outs then
-    for _, o in ipairs(outs) do
-      local b, ot, oid, cs, rcs, tail = o[1], o[2], o[3], o[4], o[5], o[6]
+    for i = outs, outs + 6 * (n - 1), 6 do
+      local b, ot, oid, cs, rcs, tail = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
       local f = b .. SEP .. ot .. SEP .. oid
       local e = cur[f]
       if e and e[2] == cs then
         cur[f] = nil          -- unchanged data: no new op (invariant: skip identical PUT)
       else
         local op_id = next_op()
-        -- PUT members carry their row key ("R<len>:<row key>") so defragmentation can
-        -- find the row index entry to move along with the op
-        add_op(b, op_id, cs, "R" .. #ev.k .. ":" .. ev.k .. "{\"op_id\":\"" .. op_id .. "\"," .. tail)
+        add_op(b, op_id, cs, "{\"op_id\":\"" .. op_id .. "\"," .. tail)
         if e then
           to_move(b, e[1], e[2], op_id)
           cur[f] = nil
         end
-        table.insert(hset, f)
-        table.insert(hset, op_id .. ":" .. cs .. ":" .. rcs)
+        hset[#hset + 1] = f
+        hset[#hset + 1] = op_id .. ":" .. cs .. ":" .. rcs
       end
     end
   end
   -- whatever the row no longer produces leaves its bucket; in op_id order, so the
   -- result never depends on hash iteration order (replays must be byte-identical)
-  local gone = {}
-  for f, e in pairs(cur) do
-    table.insert(gone, {f, e})
-  end
-  table.sort(gone, function(x, y) return x[2][1] < y[2][1] end)
-  for _, g in ipairs(gone) do
-    remove_entry(g[1], g[2], hdel)
+  if next(cur) ~= nil then
+    local gone = {}
+    for f, e in pairs(cur) do
+      table.insert(gone, {f, e})
+    end
+    if #gone > 1 then
+      table.sort(gone, function(x, y) return tonumber(x[2][1]) < tonumber(y[2][1]) end)
+    end
+    for _, g in ipairs(gone) do
+      remove_entry(g[1], g[2], hdel)
+    end
   end
   if outs then
-    if ev.l then
-      update_lookups(old_lookups, ev.l)
-      if #ev.l > 0 then
+    if lk then
+      local l = cjson.decode(lk)
+      update_lookups(old_lookups, l)
+      if #l > 0 then
         table.insert(hset, LF)
-        table.insert(hset, cjson.encode(ev.l))
+        table.insert(hset, lk)
       elseif old_lookups then
         table.insert(hdel, LF)
       end
     end
-    if not ev.s and has_src then
+    if not src and has_src then
       table.insert(hdel, "")  -- the table needs no merges: no stored copy
     end
     if #hdel > 0 then
       redis.call("HDEL", rk, unpack(hdel))
     end
-    if ev.s then
+    if src then
       table.insert(hset, "")
-      table.insert(hset, ev.s)
+      table.insert(hset, src)
     end
     if #hset > 0 then
       redis.call("HSET", rk, unpack(hset))
     end
     if not known then
-      tmark(ev.t, ev.k, true)
+      tmark(t, k, true)
     end
   elseif known then
     if old_lookups then
       update_lookups(old_lookups, nil)
     end
-    if ev.g then
+    if pk_gone then
       -- the delete half of a primary-key change: keep the source row for a while, the
       -- create half may carry TOAST placeholders that only the old row can fill
-      local src = redis.call("HGET", rk, "")
-      if src then
-        redis.call("SET", P .. ":gone:" .. ev.k, src, "EX", 86400)
+      local old_src = redis.call("HGET", rk, "")
+      if old_src then
+        redis.call("SET", P .. ":gone:" .. k, old_src, "EX", 86400)
       end
     end
     redis.call("DEL", rk)
-    tmark(ev.t, ev.k, false)
+    tmark(t, k, false)
   end
 end
 
-for _, ev in ipairs(batch.events) do
-  if ev.truncate then
-    local tk = P .. ":table:" .. ev.truncate
+-- the layout is checked before anything is written (a script is not rolled back)
+local nargv = #ARGV
+do
+  local j = 3
+  while j <= nargv do
+    local kind = ARGV[j]
+    if kind == "U" then
+      j = j + 6 + 6 * tonumber(ARGV[j + 5])
+    elseif kind == "D" then
+      j = j + 4
+    elseif kind == "X" then
+      j = j + 2
+    else
+      return redis.error_reply("apply_batch: unknown event kind at ARGV[" .. j .. "]")
+    end
+  end
+  if j ~= nargv + 1 then
+    return redis.error_reply("apply_batch: truncated event list")
+  end
+end
+
+local i = 3
+while i <= nargv do
+  local kind = ARGV[i]
+  if kind == "U" then
+    local n = tonumber(ARGV[i + 5])
+    local src, lk = ARGV[i + 3], ARGV[i + 4]
+    if src == "" then src = nil end
+    if lk == "" then lk = nil end
+    apply_row(ARGV[i + 1], ARGV[i + 2], i + 6, n, src, lk, false)
+    i = i + 6 + 6 * n
+  elseif kind == "D" then
+    apply_row(ARGV[i + 1], ARGV[i + 2], nil, 0, nil, nil, ARGV[i + 3] == "1")
+    i = i + 4
+  elseif kind == "X" then
+    local tk = P .. ":table:" .. ARGV[i + 1]
     flush_tables()
     local members = redis.call("SMEMBERS", tk)
     table.sort(members)
     for _, k in ipairs(members) do
-      apply_row({k = k, t = ev.truncate, o = false})
+      apply_row(k, ARGV[i + 1], nil, 0, nil, nil, false)
     end
     redis.call("DEL", tk)
-  else
-    apply_row(ev)
+    i = i + 2
   end
 end
 
@@ -346,9 +440,9 @@ if batch.merge_tables and #batch.merge_tables > 0 then
   redis.call("SADD", merge_key, unpack(batch.merge_tables))
 end
 
-local changed = {}
 local any = false
 local dirty = {}
+local changed_json = {}
 for b, s in pairs(buckets) do
   write_state(b, s)
   if s.moved > 0 then
@@ -358,7 +452,7 @@ for b, s in pairs(buckets) do
       dirty = {}
     end
   end
-  changed[b] = {s.cs, s.n}
+  changed_json[#changed_json + 1] = cjson.encode(b) .. fmt(":[%d,%d]", s.cs, s.n)
   any = true
 end
 if #dirty > 0 then
@@ -390,7 +484,7 @@ redis.call("SET", P .. ":checkpoint", string.format("%d", cp))
 local note = {"n", redis.call("INCR", P .. ":changes:n"), "cp", cp}
 if any then
   table.insert(note, "b")
-  table.insert(note, cjson.encode(changed))
+  table.insert(note, "{" .. table.concat(changed_json, ",") .. "}")
 end
 local changed_lookups, lookup_list = {}, {}
 for _, c in pairs(lookup_counts) do

@@ -21,9 +21,9 @@ for i = 1, #rows, 2 do
   local m = rows[i]
   local first = string.sub(m, 1, 1)
   if first == "R" then
-    break  -- a PUT (tagged with its row key): the foldable run ends here
+    break  -- a PUT stored with its row key (before 2026-12): the foldable run ends here
   end
-  local kind = string.match(m, '"op":"(%u+)"')
+  local kind = string.match(m, '"op":"(%u+)"')  -- a PUT ends the foldable run
   if kind ~= "MOVE" and kind ~= "REMOVE" and kind ~= "CLEAR" then
     break
   end

@@ -162,6 +162,8 @@ def base_keys(topic: str, ev: DecodedEvent) -> list[str]:
 
 
 def output_entry(out: RowOutputLike) -> list[Any]:
+    """``[bucket, object_type, object_id, put checksum, remove checksum, tail]``; the tail
+    (the op's wire JSON after its op_id field) is UTF-8 bytes, as it goes to the store."""
     ot, oid, data = out.object_type, out.object_id, out.data
     cs = put_checksum(ot, oid, data)
     dumps = orjson.dumps
@@ -176,7 +178,7 @@ def output_entry(out: RowOutputLike) -> list[Any]:
         + dumps(data)
         + b"}"
     )
-    return [out.bucket, ot, oid, cs, remove_checksum(ot, oid), tail.decode()]
+    return [out.bucket, ot, oid, cs, remove_checksum(ot, oid), tail]
 
 
 def plan_batch(
@@ -218,6 +220,8 @@ def plan_batch(
     departed: dict[str, dict[str, Any]] = {}
     param_rows = _parameter_rows(rules)
     param_tables: set[str] = set(rules.parameter_tables()) if param_rows else set()  # type: ignore[attr-defined]
+    #: (table, schema) -> rules.is_relevant (it walks every query; asked once per batch)
+    relevant: dict[tuple[str, Any], bool] = {}
 
     for rec, ev in items:
         plan.events += 1
@@ -238,7 +242,11 @@ def plan_batch(
         # carries no envelope, so only the topic ties it to the row it deletes.
         table = rec.topic
         src_table = str(ev.get("source_table") or str(ev["table"]).rsplit(".", 1)[-1])
-        if not rules.is_relevant(src_table, ev.get("source_schema")):
+        schema = ev.get("source_schema")
+        rel = relevant.get((src_table, schema))
+        if rel is None:
+            rel = relevant[(src_table, schema)] = rules.is_relevant(src_table, schema)
+        if not rel:
             if on_unknown_table:
                 on_unknown_table(src_table)
             continue

@@ -2,8 +2,12 @@
 --
 -- Re-appends up to ARGV[3] live PUTs with op_id in (ARGV[4], ARGV[5]] as fresh PUTs at the
 -- end of the bucket (new op_ids, same data and checksum); each old PUT becomes a MOVE
--- targeting its copy, so a later compaction step can fold the whole old prefix.
--- Clients holding those rows download them again: this is why it is opt-in.
+-- targeting its copy, so a later compaction step can fold the whole old prefix. Ops carry
+-- no row key, so the row index is left alone: the relocation (indexed id -> new id, and
+-- back) goes to P:reloc:<bucket> (and the bucket to P:relocated), which apply_batch.lua
+-- follows.
+-- Clients holding those rows download them again, so the scheduled compaction re-appends
+-- only the few rows that block a long foldable run (compaction.plan_reappend; the cutoff).
 --
 -- ARGV[1] prefix, ARGV[2] bucket, ARGV[3] chunk, ARGV[4] cursor (exclusive), ARGV[5] cutoff
 -- Returns {moved, new_cursor, done}
@@ -12,7 +16,6 @@ local P, b, chunk = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local cursor, cutoff = ARGV[4], ARGV[5]
 local k = P .. ":ops:" .. b
 local rows = redis.call("ZRANGEBYSCORE", k, "(" .. cursor, cutoff, "WITHSCORES", "LIMIT", 0, chunk)
-local SEP = "\31"
 -- the bucket's state: P:states field b = "checksum count last_op moved"
 local sk = P .. ":states"
 local v = {string.match(redis.call("HGET", sk, b) or "0 0 0 0",
@@ -25,26 +28,34 @@ for i = 1, #rows, 2 do
   local m = rows[i]
   local old_id = tonumber(rows[i + 1])
   last = old_id
-  if string.sub(m, 1, 1) == "R" then
+  local first = string.sub(m, 1, 1)
+  local wire = nil
+  if first == "R" then  -- a PUT stored with its row key (written before 2026-12)
     local len, rest = string.match(m, "^R(%d+):(.*)$")
-    len = tonumber(len)
-    local rk = string.sub(rest, 1, len)
-    local wire = string.sub(rest, len + 1)
-    local ot = cjson.decode(wire)
-    local cs = tonumber(ot.checksum)
+    wire = string.sub(rest, tonumber(len) + 1)
+  elseif first == "{" and string.match(m, '^{"op_id":"%d+","op":"(%u+)"') == "PUT" then
+    wire = m
+  end
+  if wire then
+    local cs = tonumber(string.match(wire, '"checksum":(%d+)'))
     op_id = redis.call("INCR", P .. ":seq")
+    local new_id = string.format("%d", op_id)
+    local old = string.format("%d", old_id)
     local tail = string.gsub(wire, '^{"op_id":"%d+",', "", 1)
     redis.call("ZREMRANGEBYSCORE", k, old_id, old_id)
     redis.call("ZADD", k, old_id,
-      "T" .. op_id .. "|{\"op_id\":\"" .. string.format("%d", old_id) .. "\",\"op\":\"MOVE\",\"checksum\":" .. string.format("%d", cs) .. "}")
-    redis.call("ZADD", k, op_id, "R" .. len .. ":" .. rk .. "{\"op_id\":\"" .. op_id .. "\"," .. tail)
-    local f = b .. SEP .. ot.object_type .. SEP .. ot.object_id
-    local rkey = P .. ":row:" .. rk
-    local cur = redis.call("HGET", rkey, f)
-    if cur then
-      local rcs = string.match(cur, ":(%d+)$")
-      redis.call("HSET", rkey, f, op_id .. ":" .. string.format("%d", cs) .. ":" .. rcs)
+      "T" .. new_id .. "|{\"op_id\":\"" .. old .. "\",\"op\":\"MOVE\",\"checksum\":" .. string.format("%d", cs) .. "}")
+    redis.call("ZADD", k, op_id, "{\"op_id\":\"" .. new_id .. "\"," .. tail)
+    -- the row index keeps its id: apply_batch.lua maps it to the copy (see resolve). A
+    -- copy moved again replaces its entry: the indexed id maps straight to the newest copy
+    local rk = P .. ":reloc:" .. b
+    local indexed = redis.call("HGET", rk, "~" .. old)
+    if indexed then
+      redis.call("HDEL", rk, "~" .. old)
+    else
+      indexed = old
     end
+    redis.call("HSET", rk, indexed, new_id, "~" .. new_id, indexed)
     total = (total + cs) % 4294967296
     count = count + 1
     moved = moved + 1
@@ -56,6 +67,7 @@ if #rows < chunk * 2 then done = 1 end
 if n > 0 then
   redis.call("HSET", sk, b, string.format("%d %d %d %d", total, count, op_id, moved))
   redis.call("SADD", P .. ":dirty", b)
+  redis.call("SADD", P .. ":relocated", b)
   local cp = tonumber(redis.call("GET", P .. ":seq"))
   redis.call("SET", P .. ":checkpoint", cp)
   local changed = {}

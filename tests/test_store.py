@@ -204,4 +204,114 @@ def test_bucket_states_read_back_atomically_with_the_checkpoint(stack, ns) -> No
         assert (state.checksum, state.count, state.last_op) == want[buckets[5]]
         assert await store.all_buckets() == sorted(buckets)
 
+
+def test_puts_are_stored_as_their_wire_json(stack, ns) -> None:
+    """No row-key tag on PUT members (it kept them out of Redis's compact encodings)."""
+
+    async def go(store: Store) -> None:
+        await store.apply(
+            PlannedBatch([upsert("r1", Out("g[]", "todos", "t1", V1))], {"t/0": 0}, {"t/0": 0})
+        )
+        (member,) = await store.r.zrange(store.k("ops", "g[]"), 0, -1)
+        assert member.startswith(b'{"op_id":"1","op":"PUT","object_type":"todos"')
+
+    run(_with_store(stack, ns, go))
+
+
+def test_defragmented_row_is_followed_by_later_changes(stack, ns) -> None:
+    """Defragmentation re-appends a live PUT without touching the row index; a later update,
+    delete or TRUNCATE of that row must supersede the copy (followed through the bucket's
+    relocations), never the old op, and leave no relocation behind. Expected logs by hand."""
+
+    async def go(store: Store) -> None:
+        b = 'u["a"]'
+        await store.apply(
+            PlannedBatch(
+                [
+                    upsert("r1", Out(b, "todos", "1", '{"id":1,"v":1}')),
+                    upsert("r2", Out(b, "todos", "2", '{"id":2,"v":1}')),
+                    upsert("r3", Out(b, "todos", "3", '{"id":3,"v":1}')),
+                    upsert("r2", Out(b, "todos", "2", '{"id":2,"v":2}')),
+                ],
+                {"t/0": 0},
+                {"t/0": 3},
+            )
+        )
+        # ops 1..4: r1 PUT 1, r2 PUT 2 -> MOVE(4), r3 PUT 3, r2 PUT 4
+        await compact(store, chunk=10, bucket=b, defragment=True)
+        # defrag re-appends 1, 3, 4 as 5, 6, 7 and compaction folds 1..4 into one CLEAR
+        assert [(o.op_id, o.kind, o.target) for o in await store.all_ops(b)] == [
+            (4, "CLEAR", 7),
+            (5, "PUT", 0),
+            (6, "PUT", 0),
+            (7, "PUT", 0),
+        ]
+        assert await store.r.exists(store.k("reloc", b)) == 1
+        # defragment twice: r3's copy moves again (6 -> 9; r3's index entry 3 now maps to 9)
+        await compact(store, chunk=10, bucket=b, defragment=True)
+        assert [(o.op_id, o.kind) for o in await store.all_ops(b)][-3:] == [
+            (8, "PUT"),
+            (9, "PUT"),
+            (10, "PUT"),
+        ]
+        await store.apply(
+            PlannedBatch(
+                [
+                    upsert("r1", Out(b, "todos", "1", '{"id":1,"v":2}')),  # 11; copy 8 -> MOVE
+                    delete("r2"),  # REMOVE 12; copy 10 -> MOVE
+                    upsert("r3", Out(b, "todos", "3", '{"id":3,"v":1}')),  # unchanged: no op
+                ],
+                {"t/0": 4},
+                {"t/0": 6},
+            )
+        )
+        ops = {o.op_id: (o.kind, o.target) for o in await store.all_ops(b)}
+        assert ops[8] == ("MOVE", 11) and ops[10] == ("MOVE", 12) and ops[9] == ("PUT", 0)
+        assert ops[11] == ("PUT", 0) and ops[12] == ("REMOVE", 0)
+        await store.apply(PlannedBatch([{"truncate": "todos"}], {"t/0": 7}, {"t/0": 7}))
+        ops = {o.op_id: (o.kind, o.target) for o in await store.all_ops(b)}
+        # r1 (op 11) then r3 (its copy 9, found through P:reloc 3 -> 9) leave the bucket
+        assert ops[11] == ("MOVE", 13) and ops[9] == ("MOVE", 14)
+        assert [k for k, v in ops.items() if v[0] == "PUT"] == []
+        assert await store.r.exists(store.k("reloc", b), store.k("relocated")) == 0
+        assert (await verify(store)).differences == []
+
+    run(_with_store(stack, ns, go))
+
+
+def test_puts_stored_with_a_row_key_tag_still_work(stack, ns) -> None:
+    """Stores written before the tag was dropped: a tagged PUT is read, superseded,
+    defragmented and left unfolded by compaction like an untagged one."""
+
+    async def go(store: Store) -> None:
+        b = "g[]"
+        await store.apply(
+            PlannedBatch(
+                [
+                    upsert("r1", Out(b, "todos", "1", V1)),
+                    upsert("r2", Out(b, "todos", "2", V1)),
+                ],
+                {"t/0": 0},
+                {"t/0": 1},
+            )
+        )
+        k = store.k("ops", b)
+        for m, op_id in await store.r.zrange(k, 0, -1, withscores=True):
+            rk = b"r1" if op_id == 1 else b"r2"
+            await store.r.zrem(k, m)
+            await store.r.zadd(k, {b"R2:" + rk + m: op_id})  # the old form
+        assert [(o.op_id, o.kind) for o in await store.all_ops(b)] == [(1, "PUT"), (2, "PUT")]
+        assert await store.live_share(b) == (2, 2)
+        await store.apply(
+            PlannedBatch([upsert("r1", Out(b, "todos", "1", V2))], {"t/0": 2}, {"t/0": 2})
+        )
+        await compact(store, chunk=10, bucket=b, defragment=True)
+        ops = [(o.op_id, o.kind, o.target) for o in await store.all_ops(b)]
+        # 1 -> MOVE(3); tagged 2 re-appended as 4, 3 as 5: 1..3 fold into a CLEAR
+        assert ops == [(3, "CLEAR", 5), (4, "PUT", 0), (5, "PUT", 0)]
+        await store.apply(PlannedBatch([delete("r2")], {"t/0": 3}, {"t/0": 3}))
+        ops = [(o.op_id, o.kind, o.target) for o in await store.all_ops(b)]
+        assert ops == [(3, "CLEAR", 5), (4, "MOVE", 6), (5, "PUT", 0), (6, "REMOVE", 0)]
+        assert (await verify(store)).differences == []
+
     run(_with_store(stack, ns, go))

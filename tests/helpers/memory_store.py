@@ -12,7 +12,7 @@ It is a double of our own store interface, not of Redis. The write side mimics w
 ``apply_batch.lua`` stores, op by op (:meth:`MemoryStore.apply`), so the gateway sees the
 same members and change entries as from the real store:
 
-- a PUT is stored as ``R<len>:<row key>{"op_id":"N","op":"PUT",...}`` and a PUT of a row
+- a PUT is stored as its wire JSON ``{"op_id":"N","op":"PUT",...}`` and a PUT of a row
   already in the bucket turns the row's previous op into ``T<N>|{"op_id":..,"op":"MOVE",
   "checksum":..}`` (same op id and checksum, target = the new op); an identical PUT (same
   checksum) adds no op;
@@ -284,9 +284,7 @@ class MemoryStore:
                 rcs = op_checksum(f"delete.{ch.object_type}/{ch.object_id}")
                 if cur is not None and cur[1] == cs:
                     continue  # identical data: no new op
-                row_key = f"{ch.object_type}{SEP}{ch.object_id}".encode()
-                tag = b"R%d:" % len(row_key) + row_key  # defragmentation's row key
-                op_id = self._add(bucket, cs, tag, self._put_tail(ch, cs, data))
+                op_id = self._add(bucket, cs, b"", self._put_tail(ch, cs, data))
                 self.rows[f] = (op_id, cs, rcs)
             else:
                 if cur is None:
@@ -355,10 +353,9 @@ class MemoryStore:
         run: list[int] = []
         target = total = 0
         for op_id in sorted(b.members):
-            m = b.members[op_id]
-            if m[:1] == b"R":
+            op = parse_member(b.members[op_id], float(op_id))
+            if op.kind == "PUT":
                 break
-            op = parse_member(m, float(op_id))
             t = op_id if op.kind == "REMOVE" else op.target
             target = max(target, t)
             total = (total + orjson.loads(op.wire)["checksum"]) % 2**32
