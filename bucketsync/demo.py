@@ -299,6 +299,7 @@ def _postgres_demo(
     stop = threading.Event()
     web_server: demo_web.WebServer | None = None
     try:
+        _rebuild_outdated_store(settings)
         start_pipeline(sup, settings, config_path)
         _wait_ready(url, 60, sup)
         print(
@@ -334,6 +335,22 @@ def _postgres_demo(
             tmp.cleanup()
 
 
+def _rebuild_outdated_store(settings: Settings) -> None:
+    """The demo's store is a cache of its Kafka topics: one written by an older bucketsync
+    (another key layout) is dropped and rebuilt, where a deployment's processor refuses it."""
+    from pipeline.store import StoreLayoutMismatch, check_layout, drop_prefix
+
+    try:
+        check_layout(settings.redis.url, settings.redis.prefix)
+    except StoreLayoutMismatch as exc:
+        n = drop_prefix(settings.redis.url, settings.redis.prefix)
+        print(
+            f"bucketsync: the demo store {settings.redis.prefix!r} had layout {exc.found} "
+            f"(older bucketsync): dropped its {n} keys; rebuilding it from Kafka",
+            flush=True,
+        )
+
+
 def main(
     settings: Settings,
     *,
@@ -363,6 +380,7 @@ def main(
     stop = threading.Event()
     web_server: demo_web.WebServer | None = None
     try:
+        _rebuild_outdated_store(settings)
         start_pipeline(sup, settings, derived_path or config_path)
         _wait_ready(url, 60, sup)
         print(

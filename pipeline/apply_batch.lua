@@ -481,6 +481,9 @@ if n_ops > 0 then
 end
 local cp = seq
 redis.call("SET", P .. ":checkpoint", string.format("%d", cp))
+-- the layout these keys follow (pipeline/store.py STORE_LAYOUT): a processor refuses to
+-- apply to a store of another layout instead of mixing two
+redis.call("SET", P .. ":layout", "2")
 local note = {"n", redis.call("INCR", P .. ":changes:n"), "cp", cp}
 if any then
   table.insert(note, "b")

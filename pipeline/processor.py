@@ -53,7 +53,7 @@ from pipeline.cdc import (
 from pipeline.gaps import Admission, OffsetGapGuard
 from pipeline.membership import Membership, claim
 from pipeline.rules import SyncRules, load_sync_rules
-from pipeline.store import ActiveLease, Store
+from pipeline.store import ActiveLease, Store, StoreLayoutMismatch, check_layout
 from pipeline.transactions import TransactionStager
 
 log = logging.getLogger("bucketsync.processor")
@@ -984,6 +984,12 @@ def main(settings: Settings, *, driver: str | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     load_sync_rules(settings)  # fail fast on bad rules, before any consumer starts
     _topic_matcher(settings)
+    try:  # never mix two key layouts under one prefix
+        check_layout(settings.redis.url, settings.redis.prefix)
+    except StoreLayoutMismatch as exc:
+        raise UserError(str(exc)) from None
+    except redis_exceptions.RedisError:
+        pass  # Redis down at start: the applier waits for it (and the batch marks the layout)
     port = settings.processor.metrics_port
     if port:
         try:

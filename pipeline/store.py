@@ -402,6 +402,62 @@ return 0
 """
 
 
+#: the key layout ``apply_batch.lua`` writes (``P:layout``). 2: bucket states in one hash
+#: (``P:states``), untagged PUT members, relocations in ``P:reloc:{bucket}``. A store with
+#: ops but no marker was written by layout 1 (a hash per bucket, tagged PUTs).
+STORE_LAYOUT = "2"
+
+
+class StoreLayoutMismatch(Exception):
+    """The prefix holds a store of another key layout (see :func:`check_layout`)."""
+
+    def __init__(self, prefix: str, found: str) -> None:
+        super().__init__(
+            f"the Redis keys under prefix {prefix!r} were written by an older bucketsync "
+            f"(store layout {found}; this version writes layout {STORE_LAYOUT}: bucket states "
+            "in one hash, untagged ops). The store is rebuilt from Kafka: set redis.prefix "
+            f"to a new value, or delete the keys {prefix}:* (then the processor re-applies "
+            "every retained event)"
+        )
+        self.prefix = prefix
+        self.found = found
+
+
+def check_layout(url: str, prefix: str) -> None:
+    """Raise :class:`StoreLayoutMismatch` when ``prefix`` holds ops of another layout; an
+    empty prefix is fine (the first batch marks it)."""
+    import redis
+
+    r = redis.Redis.from_url(url)
+    try:
+        layout, seq = r.get(f"{prefix}:layout"), r.exists(f"{prefix}:seq")
+    finally:
+        r.close()
+    found = layout.decode() if isinstance(layout, bytes) else ("1" if seq else STORE_LAYOUT)
+    if found != STORE_LAYOUT:
+        raise StoreLayoutMismatch(prefix, found)
+
+
+def drop_prefix(url: str, prefix: str) -> int:
+    """Delete every key under ``prefix:`` (a store to rebuild from Kafka); returns how many."""
+    import redis
+
+    r = redis.Redis.from_url(url)
+    n = 0
+    try:
+        batch: list[bytes] = []
+        for key in r.scan_iter(match=f"{prefix}:*", count=5000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                n += int(r.unlink(*batch))
+                batch = []
+        if batch:
+            n += int(r.unlink(*batch))
+    finally:
+        r.close()
+    return n
+
+
 class ActiveLease:
     """``P:active:{group}``: which processor of a consumer group is the active one, for
     ``kafka.consistency: transaction`` (a transaction's events and its END marker lie in
