@@ -202,37 +202,31 @@ async def compact(
         targets = await store.all_buckets()
     else:
         targets = await store.dirty_buckets()
+
+    async def one(b: str) -> None:
+        await _one(
+            store,
+            b,
+            chunk,
+            stats,
+            defragment,
+            defragment_threshold,
+            reappend_budget,
+            reappend_target,
+            scan_ops,
+        )
+
     if progress:
         from rich.progress import Progress
 
         with Progress(transient=False) as bar:
             task = bar.add_task("compacting", total=len(targets))
             for b in targets:
-                await _one(
-                    store,
-                    b,
-                    chunk,
-                    stats,
-                    defragment,
-                    defragment_threshold,
-                    reappend_budget,
-                    reappend_target,
-                    scan_ops,
-                )
+                await one(b)
                 bar.advance(task)
     else:
         for b in targets:
-            await _one(
-                store,
-                b,
-                chunk,
-                stats,
-                defragment,
-                defragment_threshold,
-                reappend_budget,
-                reappend_target,
-                scan_ops,
-            )
+            await one(b)
     stats.duration_s = time.perf_counter() - t0
     RUN_SECONDS.observe(stats.duration_s)
     return stats
