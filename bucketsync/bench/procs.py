@@ -21,7 +21,7 @@ import redis
 import yaml
 
 from bucketsync.config import Settings, load_settings
-from pipeline.store import Store
+from pipeline.store import Store, drop_prefix
 
 #: raises the child's open-file limit to its hard limit before the CLI starts (many streams)
 _RAISE_NOFILE = (
@@ -268,19 +268,8 @@ def primary_and_replica(workdir: Path) -> tuple[list[subprocess.Popen[bytes]], s
 
 def delete_prefixes(url: str, prefixes: list[str]) -> None:
     """Remove every key under ``<prefix>:`` for each prefix (a benchmark's leftovers)."""
-    r = redis.Redis.from_url(url)
-    try:
-        for prefix in prefixes:
-            batch = []
-            for key in r.scan_iter(match=f"{prefix}:*", count=5000):
-                batch.append(key)
-                if len(batch) >= 1000:
-                    r.unlink(*batch)
-                    batch = []
-            if batch:
-                r.unlink(*batch)
-    finally:
-        r.close()
+    for prefix in prefixes:
+        drop_prefix(url, prefix)
 
 
 async def drop_store(store: Store) -> None:
