@@ -78,6 +78,10 @@ class RedisSettings(_Section):
     #: Seconds a new stream waits for a lagging replica to reach the client's positions
     #: (its ``after`` op ids) before its first checkpoint (then it proceeds anyway).
     replica_wait_s: float = Field(default=5.0, ge=0)
+    #: Seconds between the gateway's checks of its replica. While the replica does not
+    #: answer (or has lost its primary) the gateway reads from ``url``, and goes back once
+    #: the replica has caught up with it. 0: no checks (reads stay on the replica).
+    replica_check_s: float = Field(default=1.0, ge=0)
 
     @field_validator("replica_urls", mode="before")
     @classmethod

@@ -34,6 +34,7 @@ from gateway.logutil import RateLimitedLog, clip
 from gateway.openapi import openapi_document
 from gateway.source_position import SourcePosition
 from gateway.starts import StartReads
+from gateway.store_health import LayoutCheck, ReplicaFailover, refuse_other_layout
 from gateway.stream import SlowClient, StreamLimits, SyncStream
 from pipeline.rules import SyncRules, load_sync_rules
 from pipeline.store import Store, write_checkpoint_key
@@ -201,6 +202,10 @@ class Gateway:
     user_streams: dict[str, int] = field(default_factory=dict)
     #: the shared first read of streams starting together (None: each reads alone)
     starts: StartReads | None = None
+    #: the store's key layout, checked by the readiness probe until it carries the marker
+    layout: LayoutCheck | None = None
+    #: reads on the primary while the replica is down (``redis.replica_check_s``)
+    failover: ReplicaFailover | None = None
 
     @property
     def limits(self) -> StreamLimits:
@@ -606,8 +611,11 @@ async def readiness(request: web.Request) -> web.Response:
     gw = _gw(request)
     try:
         ok = await asyncio.wait_for(gw.store.ping(), 2.0)
+        layout = await asyncio.wait_for(gw.layout.problem(), 2.0) if gw.layout else None
     except Exception as exc:
         return web.json_response({"ready": False, "redis": str(exc)}, status=400)
+    if layout is not None:
+        return web.json_response({"ready": False, "reason": layout}, status=400)
     if gw.closing.is_set():
         return web.json_response({"ready": False, "reason": "shutting down"}, status=400)
     return web.json_response({"ready": bool(ok), "rules": True, "streams": gw.hub.connections})
@@ -682,9 +690,8 @@ async def build_app(settings: Settings, *, with_position: bool = True) -> web.Ap
     rules = load_sync_rules(settings)
     replicas = settings.redis.replica_urls
     # one replica per process, and every read of the process from it (Store docstring)
-    store = Store.from_settings(
-        settings, reader_url=replicas[os.getpid() % len(replicas)] if replicas else None
-    )
+    replica = replicas[os.getpid() % len(replicas)] if replicas else None
+    store = Store.from_settings(settings, reader_url=replica)
     hub = CheckpointHub(store, page_cache_bytes=settings.gateway.page_cache_max_bytes)
     verifier = TokenVerifier(settings.auth, base_dir=settings.config_dir)
     g = settings.gateway
@@ -693,7 +700,9 @@ async def build_app(settings: Settings, *, with_position: bool = True) -> web.Ap
         if g.start_read_max_batch > 1
         else None
     )
-    gw = Gateway(settings, rules, store, hub, verifier, starts=starts)
+    gw = Gateway(settings, rules, store, hub, verifier, starts=starts, layout=LayoutCheck(store))
+    if replica is not None and settings.redis.replica_check_s > 0:
+        gw.failover = ReplicaFailover(store, replica, settings.redis.replica_check_s)
     if with_position:
         if settings.gateway.write_checkpoint_mode == "source":
             gw.source = SourcePosition(settings)
@@ -713,6 +722,8 @@ async def build_app(settings: Settings, *, with_position: bool = True) -> web.Ap
 
     async def on_startup(app: web.Application) -> None:
         await hub.start()
+        if gw.failover is not None:
+            gw.failover.start()
 
     async def on_shutdown(app: web.Application) -> None:
         # end every stream cleanly; clients reconnect after their retry delay
@@ -723,6 +734,8 @@ async def build_app(settings: Settings, *, with_position: bool = True) -> web.Ap
 
     async def on_cleanup(app: web.Application) -> None:
         await hub.stop()
+        if gw.failover is not None:
+            await gw.failover.stop()
         if starts is not None:
             await starts.aclose()
         await verifier.aclose()
@@ -882,6 +895,7 @@ def main(
     port = port or g.port
     workers = workers or g.workers
     load_sync_rules(settings)  # refuse bad rules before binding anything
+    refuse_other_layout(settings)  # and a store this version cannot serve
     _check_port_free(host, port)
     if workers <= 1:
         _serve_worker(settings, host, port, reuse_port=False)

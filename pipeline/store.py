@@ -433,9 +433,19 @@ def check_layout(url: str, prefix: str) -> None:
         layout, seq = r.get(f"{prefix}:layout"), r.exists(f"{prefix}:seq")
     finally:
         r.close()
-    found = layout.decode() if isinstance(layout, bytes) else ("1" if seq else STORE_LAYOUT)
+    found = found_layout(layout, bool(seq))
     if found != STORE_LAYOUT:
         raise StoreLayoutMismatch(prefix, found)
+
+
+def found_layout(marker: Any, has_ops: bool) -> str:
+    """The layout a prefix holds, from its ``P:layout`` marker and whether it has ops
+    (``P:seq``): the marker; else layout 1 if it has ops; an empty prefix is this layout."""
+    if isinstance(marker, bytes):
+        return marker.decode()
+    if isinstance(marker, str):
+        return marker
+    return "1" if has_ops else STORE_LAYOUT
 
 
 def drop_prefix(url: str, prefix: str) -> int:
@@ -514,6 +524,8 @@ class Store:
         #: where the gateway's reads go: the replica, or ``client`` itself
         self.rr = reader if reader is not None else client
         self.replica = reader is not None
+        #: the replica's client (kept while :meth:`set_reader` points reads at the primary)
+        self.replica_client = reader
         self.prefix = prefix
         self.changes_maxlen = changes_maxlen
         self._apply_lua = _lua("apply_batch.lua")
@@ -551,8 +563,15 @@ class Store:
 
     async def close(self) -> None:
         await self.r.aclose()  # type: ignore[attr-defined]
-        if self.rr is not self.r:
-            await self.rr.aclose()  # type: ignore[attr-defined]
+        if self.replica_client is not None:
+            await self.replica_client.aclose()  # type: ignore[attr-defined]
+
+    def set_reader(self, reader: aioredis.Redis) -> None:
+        """Point the read side at ``reader``: the replica, or the primary (``self.r``) while
+        the replica is down (``gateway/store_health.py`` decides when, and when back)."""
+        self.rr = reader
+        self._read_with_lookups = reader.register_script(_READ_WITH_LOOKUPS_LUA)
+        self._read_with_lookups_packed = reader.register_script(_READ_WITH_LOOKUPS_PACKED_LUA)
 
     def k(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))

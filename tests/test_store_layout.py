@@ -1,7 +1,9 @@
 """The store's key layout marker (``P:layout``): a processor never mixes two layouts under
 one prefix. A store written by layout 1 (a hash per bucket, tagged PUTs; ops but no marker)
 is refused with an error naming the prefix; the demo, whose store is a cache of its topics,
-drops it and rebuilds."""
+drops it and rebuilds. A gateway never serves one (its streams would never complete a
+checkpoint): it refuses to start on it, and one that started while Redis was down reports
+not ready with the reason until the prefix is rebuilt."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import redis
 
@@ -20,7 +23,9 @@ from pipeline.store import (
     check_layout,
     drop_prefix,
 )
-from tests.processes import start_processor, write_config
+from bucketsync.run import child_argv
+from tests.gateway_helpers import running_gateway
+from tests.processes import free_port, start_processor, write_config
 from tests.test_gateway_protocol import RULES
 
 pytestmark = pytest.mark.stack
@@ -78,3 +83,60 @@ def test_the_processor_refuses_an_old_store_with_a_clear_error(
     text = out.decode()
     assert "older bucketsync" in text and ns.prefix in text, text[-2000:]
     assert "Traceback" not in text, text[-2000:]
+
+
+def _old_layout(url: str, prefix: str) -> None:
+    """What layout 1 left: ops and a state hash per bucket, no marker."""
+    r = redis.Redis.from_url(url)
+    try:
+        r.set(f"{prefix}:seq", "7")
+        r.hset(f"{prefix}:bucket:global[]", mapping={"checksum": 5, "count": 2})
+    finally:
+        r.close()
+
+
+def test_the_gateway_refuses_to_start_on_an_old_store(
+    make_settings: Any, ns: Any, tmp_path: Path
+) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    s = make_settings(sync_rules=str(rules))
+    _old_layout(s.redis.url, ns.prefix)
+    cfg = write_config(tmp_path, s, "g")
+    argv = child_argv("gateway", str(cfg), "--port", str(free_port()))
+    done = subprocess.run(argv, capture_output=True, timeout=60)
+    text = (done.stdout + done.stderr).decode()
+    assert done.returncode != 0, text[-2000:]
+    assert "older bucketsync" in text and ns.prefix in text, text[-2000:]
+    assert "Traceback" not in text, text[-2000:]
+
+
+async def test_a_gateway_on_an_old_store_is_not_ready_until_it_is_rebuilt(
+    make_settings: Any, ns: Any, tmp_path: Path
+) -> None:
+    """The store turned out old after the gateway started (Redis was down at its start, or
+    the prefix was restored from an old dump): readiness says why, 400, until the prefix is
+    dropped; then ready, and the marker the first batch writes ends the checks."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    s = make_settings(sync_rules=str(rules))
+    async with running_gateway(s) as base, aiohttp.ClientSession() as http:
+
+        async def ready() -> tuple[int, dict[str, Any]]:
+            async with http.get(f"{base}/probes/readiness") as resp:
+                return resp.status, await resp.json()
+
+        assert (await ready())[0] == 200  # an empty prefix is fine
+        _old_layout(s.redis.url, ns.prefix)
+        status, body = await ready()
+        assert status == 400 and body["ready"] is False, body
+        assert "older bucketsync" in body["reason"] and repr(ns.prefix) in body["reason"]
+        assert drop_prefix(s.redis.url, ns.prefix) == 2
+        assert (await ready())[0] == 200
+        store = Store.from_settings(s)
+        try:
+            b = PlannedBatch(guard={"x/0": 0}, offsets={"x/0": 0})
+            assert (await store.apply(b)).status == "ok"
+        finally:
+            await store.close()
+        assert (await ready())[0] == 200
