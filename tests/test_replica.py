@@ -11,6 +11,8 @@ answering reads (CLIENT PAUSE on the replica would block the gateway's scripts t
 - A client that synced through the primary and reconnects to the lagging replica's gateway
   is not served a checkpoint below its position (that would fail its checksums and make it
   download everything again): the stream waits for the replica (``redis.replica_wait_s``).
+- A replica that dies: the gateway reads from the primary until it is back and caught up
+  (``redis.replica_check_s``), its clients reconnect and keep syncing meanwhile.
 
 Clients are the simulator (checksums verified at every ``checkpoint_complete``); their rows
 are compared with a model of the rows fed (owner and text per todo id).
@@ -28,6 +30,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import redis
 
@@ -113,22 +116,20 @@ async def _wait_for(pred: Any, timeout: float = 20.0, what: str = "condition") -
 
 
 @contextlib.asynccontextmanager
-async def primary_and_replica(tmp: Path) -> AsyncIterator[tuple[str, str, HoldProxy]]:
+async def primary_and_replica(
+    tmp: Path, procs: list[subprocess.Popen[bytes]] | None = None
+) -> AsyncIterator[tuple[str, str, HoldProxy]]:
+    """``procs`` (given empty) receives the primary's and the replica's processes; the
+    processes appended to it are ended on exit too."""
     pport, rport = free_port(), free_port()
-    procs = [_redis_server(tmp / "primary", pport)]
+    procs = [] if procs is None else procs
+    procs.append(_redis_server(tmp / "primary", pport))
     proxy = HoldProxy(pport)
     try:
         await _wait_for(lambda: redis.Redis(port=pport).ping(), what="primary")
         await proxy.start()
-        procs.append(
-            _redis_server(tmp / "replica", rport, "--replicaof", "127.0.0.1", str(proxy.port))
-        )
-
-        def link_up() -> bool:
-            info = redis.Redis(port=rport).info("replication")
-            return info.get("master_link_status") == "up"
-
-        await _wait_for(link_up, what="replication link")
+        procs.append(_replica_server(tmp / "replica", rport, proxy.port))
+        await _wait_for(lambda: _link_up(rport), what="replication link")
         yield f"redis://127.0.0.1:{pport}/0", f"redis://127.0.0.1:{rport}/0", proxy
     finally:
         await proxy.close()
@@ -136,6 +137,15 @@ async def primary_and_replica(tmp: Path) -> AsyncIterator[tuple[str, str, HoldPr
             p.terminate()
         for p in procs:
             p.wait(10)
+
+
+def _replica_server(folder: Path, port: int, upstream_port: int) -> subprocess.Popen[bytes]:
+    return _redis_server(folder, port, "--replicaof", "127.0.0.1", str(upstream_port))
+
+
+def _link_up(port: int) -> bool:
+    info = redis.Redis(port=port).info("replication")
+    return info.get("master_link_status") == "up"
 
 
 def _cp(url: str, prefix: str) -> int:
@@ -149,12 +159,14 @@ async def _caught_up(primary: str, replica: str, prefix: str) -> None:
     )
 
 
-def _settings(make_settings: Any, tmp: Path, primary: str, replicas: list[str]) -> Settings:
+def _settings(
+    make_settings: Any, tmp: Path, primary: str, replicas: list[str], **redis_over: Any
+) -> Settings:
     rules = tmp / "rules.yaml"
     rules.write_text(RULES)
     s: Settings = make_settings(
         sync_rules=str(rules),
-        redis={"url": primary, "replica_urls": replicas, "replica_wait_s": 20},
+        redis={"url": primary, "replica_urls": replicas, "replica_wait_s": 20, **redis_over},
     )
     return s
 
@@ -284,3 +296,107 @@ async def test_a_replica_that_never_synced_is_not_ready(tmp_path: Path) -> None:
         finally:
             orphan.terminate()
             orphan.wait(10)
+
+
+async def _metric(session: Any, base: str, name: str) -> float:
+    async with session.get(f"{base}/metrics") as resp:
+        text = await resp.text()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+async def _sync_to(c: Client, cp: int, timeout_s: float = 60.0) -> int:
+    """Reconnect as a client does (after a failed or ended stream) until it has completed
+    checkpoint ``cp``; returns how many streams it took."""
+    deadline = time.monotonic() + timeout_s
+    streams = 0
+    while c.state.applied_op < cp:
+        assert time.monotonic() < deadline, f"client stuck at {c.state.applied_op} < {cp}"
+        streams += 1
+        with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+            await c.sync_until(1, timeout_s=3)
+        if c.state.applied_op < cp:
+            await asyncio.sleep(0.2)
+    return streams
+
+
+async def test_a_dead_replica_falls_back_to_the_primary_and_back(
+    make_settings: Any, tmp_path: Path
+) -> None:
+    """The replica is killed while clients stream from it: the gateway moves its reads to
+    the primary (counted in ``bucketsync_gateway_replica_fallbacks_total``), the clients
+    reconnect and sync what is fed meanwhile; a new replica process comes up on the same
+    port, catches up, and the gateway reads from it again (a held replica then serves
+    its own, older checkpoint: the reads are on it). Rows against the model throughout."""
+    procs: list[subprocess.Popen[bytes]] = []
+    async with primary_and_replica(tmp_path, procs) as (primary, replica, proxy):
+        s = _settings(make_settings, tmp_path, primary, [replica], replica_check_s=0.2)
+        rows = {f"t{u}-{k}": (f"u{u}", "v0") for u in range(2) for k in range(4)}
+        cp = await feed(s, [todo(t, o, text) for t, (o, text) in rows.items()])
+        await _caught_up(primary, replica, s.redis.prefix)
+        async with (
+            running_gateway(s) as gw,
+            aiohttp.ClientSession() as http,
+            Client(gw, s, "u0") as a,
+            Client(gw, s, "u1") as b,
+        ):
+            fallbacks = await _metric(http, gw, "bucketsync_gateway_replica_fallbacks_total")
+            for c in (a, b):
+                await _sync_to(c, cp)
+            assert await _metric(http, gw, "bucketsync_gateway_reading_replica") == 1
+
+            # a stream open on the replica when it dies
+            streaming = asyncio.create_task(a.sync_until(1, timeout_s=30))
+            await asyncio.sleep(0.3)
+            procs[1].kill()
+            procs[1].wait(10)
+            for i in range(3):
+                rows[f"t0-{i}"] = ("u0", f"v{i + 1}")
+                rows[f"t1-n{i}"] = ("u1", "new")
+                cp = await feed(
+                    s, [todo(f"t0-{i}", "u0", f"v{i + 1}"), todo(f"t1-n{i}", "u1", "new")]
+                )
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                await streaming
+            for c in (a, b):
+                await _sync_to(c, cp)  # served from the primary: the replica never had cp
+            assert await _metric(http, gw, "bucketsync_gateway_reading_replica") == 0
+            assert (
+                await _metric(http, gw, "bucketsync_gateway_replica_fallbacks_total")
+                == fallbacks + 1
+            )
+            for c, user in ((a, "u0"), (b, "u1")):
+                assert _rows_of(c) == _want(rows, user)
+
+            # the replica comes back (empty: it syncs in full from the primary)
+            rport = int(replica.rsplit(":", 1)[1].split("/")[0])
+            procs.append(_replica_server(tmp_path / "replica", rport, proxy.port))
+            await _caught_up(primary, replica, s.redis.prefix)
+
+            async def back() -> bool:
+                return await _metric(http, gw, "bucketsync_gateway_reading_replica") == 1
+
+            deadline = time.monotonic() + 20
+            while not await back():
+                assert time.monotonic() < deadline, "the gateway never went back to the replica"
+                await asyncio.sleep(0.1)
+            held_at = cp
+            proxy.hold()  # from here the replica stays at held_at
+            rows["t0-0"] = ("u0", "last")
+            cp = await feed(s, [todo("t0-0", "u0", "last")])
+            async with Client(gw, s, "u0") as fresh:
+                assert await fresh.sync_until(1) == 200
+                assert fresh.state.applied_op == held_at  # the replica's checkpoint
+            proxy.release()
+            for c in (a, b):
+                await _sync_to(c, cp)
+            assert (
+                await _metric(http, gw, "bucketsync_gateway_replica_fallbacks_total")
+                == fallbacks + 1
+            )
+        for c, user in ((a, "u0"), (b, "u1")):
+            assert c.state.mismatches == [], c.state.mismatches
+            assert c.state.protocol_errors == [], c.state.protocol_errors
+            assert _rows_of(c) == _want(rows, user)

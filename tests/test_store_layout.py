@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 import redis
 
+from bucketsync.run import child_argv
 from pipeline.store import (
     STORE_LAYOUT,
     PlannedBatch,
@@ -23,7 +24,6 @@ from pipeline.store import (
     check_layout,
     drop_prefix,
 )
-from bucketsync.run import child_argv
 from tests.gateway_helpers import running_gateway
 from tests.processes import free_port, start_processor, write_config
 from tests.test_gateway_protocol import RULES
