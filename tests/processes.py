@@ -3,7 +3,6 @@ kill, restart and race processors, and reading what it reached from the store.""
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import time
@@ -15,6 +14,7 @@ import redis
 import yaml
 from confluent_kafka import Consumer, TopicPartition
 
+from bucketsync.bench.procs import child_env
 from bucketsync.config import Settings
 from bucketsync.run import child_argv
 
@@ -36,14 +36,21 @@ def write_config(tmp: Path, s: Settings, name: str, **over: dict[str, Any]) -> P
 
 
 def start_processor(
-    cfg: Path, driver: str, log: IO[bytes] | None = None
+    cfg: Path, driver: str, log: IO[bytes] | None = None, *, inherit_output: bool = False
 ) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BUCKETSYNC_")}
+    """``bucketsync processor`` on ``cfg``, without the caller's ``BUCKETSYNC_*`` variables;
+    its output to ``log``, else to the test's own output (``inherit_output``), else dropped."""
+    env = child_env()
+    out: IO[bytes] | int | None = subprocess.DEVNULL
+    if log is not None:
+        out = log
+    elif inherit_output:
+        out = None
     return subprocess.Popen(
         child_argv("processor", str(cfg), "--driver", driver),
         env=env,
-        stdout=log if log is not None else subprocess.DEVNULL,
-        stderr=subprocess.STDOUT if log is not None else subprocess.DEVNULL,
+        stdout=out,
+        stderr=subprocess.STDOUT if log is not None else out,
     )
 
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,20 +11,14 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-import yaml
 
 from bucketsync.simclient import ClientState, stream_once
 from bucketsync.tokens import make_dev_token
 from tests.gateway_helpers import feed, todo
+from tests.processes import child_env, free_port, write_config
 from tests.test_gateway_protocol import RULES
 
 pytestmark = pytest.mark.stack
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_workers_share_the_port_and_streams_end_cleanly_on_sigterm(
@@ -34,12 +26,11 @@ async def test_workers_share_the_port_and_streams_end_cleanly_on_sigterm(
 ) -> None:
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
-    port = _free_port()
+    port = free_port()
     s = make_settings(sync_rules=str(rules), gateway={"port": port})
     await feed(s, [todo("t1", "u1"), todo("t2", "u2")])
-    cfg = tmp_path / "bucketsync.yaml"
-    cfg.write_text(yaml.safe_dump(s.model_dump(mode="json", exclude={"config_dir"})))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BUCKETSYNC_")}
+    cfg = write_config(tmp_path, s, "bucketsync")
+    env = child_env()
     proc = subprocess.Popen(
         [sys.executable, "-m", "bucketsync.cli", "--config", str(cfg), "gateway", "--workers", "2"],
         env=env,

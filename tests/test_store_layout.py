@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 import redis
 
+from bucketsync.config import Settings
 from bucketsync.run import child_argv
 from pipeline.store import (
     STORE_LAYOUT,
@@ -65,26 +66,6 @@ def test_a_store_of_the_old_layout_is_refused_and_can_be_dropped(
         r.close()
 
 
-def test_the_processor_refuses_an_old_store_with_a_clear_error(
-    make_settings: Any, ns: Any, tmp_path: Path
-) -> None:
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(RULES)
-    s = make_settings(sync_rules=str(rules), kafka={"topics": [ns.topic("todos")]})
-    r = redis.Redis.from_url(s.redis.url)
-    try:
-        r.set(f"{ns.prefix}:seq", "7")
-    finally:
-        r.close()
-    cfg = write_config(tmp_path, s, "p")
-    proc = start_processor(cfg, "kafka", log=subprocess.PIPE)  # type: ignore[arg-type]
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode != 0
-    text = out.decode()
-    assert "older bucketsync" in text and ns.prefix in text, text[-2000:]
-    assert "Traceback" not in text, text[-2000:]
-
-
 def _old_layout(url: str, prefix: str) -> None:
     """What layout 1 left: ops and a state hash per bucket, no marker."""
     r = redis.Redis.from_url(url)
@@ -95,20 +76,40 @@ def _old_layout(url: str, prefix: str) -> None:
         r.close()
 
 
+def _settings(make_settings: Any, ns: Any, tmp_path: Path) -> Settings:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    s: Settings = make_settings(sync_rules=str(rules), kafka={"topics": [ns.topic("todos")]})
+    return s
+
+
+def _assert_refused(returncode: int | None, out: bytes, prefix: str) -> None:
+    """Exited non-zero with one error naming the prefix, no traceback."""
+    text = out.decode()
+    assert returncode not in (0, None), text[-2000:]
+    assert "older bucketsync" in text and prefix in text, text[-2000:]
+    assert "Traceback" not in text, text[-2000:]
+
+
+def test_the_processor_refuses_an_old_store_with_a_clear_error(
+    make_settings: Any, ns: Any, tmp_path: Path
+) -> None:
+    s = _settings(make_settings, ns, tmp_path)
+    _old_layout(s.redis.url, ns.prefix)
+    proc = start_processor(write_config(tmp_path, s, "p"), "kafka", log=subprocess.PIPE)  # type: ignore[arg-type]
+    out, _ = proc.communicate(timeout=60)
+    _assert_refused(proc.returncode, out, ns.prefix)
+
+
 def test_the_gateway_refuses_to_start_on_an_old_store(
     make_settings: Any, ns: Any, tmp_path: Path
 ) -> None:
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(RULES)
-    s = make_settings(sync_rules=str(rules))
+    s = _settings(make_settings, ns, tmp_path)
     _old_layout(s.redis.url, ns.prefix)
     cfg = write_config(tmp_path, s, "g")
     argv = child_argv("gateway", str(cfg), "--port", str(free_port()))
-    done = subprocess.run(argv, capture_output=True, timeout=60)
-    text = (done.stdout + done.stderr).decode()
-    assert done.returncode != 0, text[-2000:]
-    assert "older bucketsync" in text and ns.prefix in text, text[-2000:]
-    assert "Traceback" not in text, text[-2000:]
+    done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+    _assert_refused(done.returncode, done.stdout, ns.prefix)
 
 
 async def test_a_gateway_on_an_old_store_is_not_ready_until_it_is_rebuilt(
@@ -117,9 +118,7 @@ async def test_a_gateway_on_an_old_store_is_not_ready_until_it_is_rebuilt(
     """The store turned out old after the gateway started (Redis was down at its start, or
     the prefix was restored from an old dump): readiness says why, 400, until the prefix is
     dropped; then ready, and the marker the first batch writes ends the checks."""
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(RULES)
-    s = make_settings(sync_rules=str(rules))
+    s = _settings(make_settings, ns, tmp_path)
     async with running_gateway(s) as base, aiohttp.ClientSession() as http:
 
         async def ready() -> tuple[int, dict[str, Any]]:

@@ -13,6 +13,7 @@ import pytest
 
 from pipeline.cdc import KafkaRecord
 from pipeline.transactions import TransactionStager
+from tests.bank import BANK_RULES, account_event, bank_marker
 from tests.pipeline_helpers import produce, run_processor, store_view, write_rules
 
 RULES = """
@@ -183,56 +184,8 @@ def test_processor_never_exposes_part_of_a_transaction(
 
 # ---------------------------------------------------------------- transfers, 3 partitions
 
-BANK_RULES = """
-bucket_definitions:
-  by_user:
-    parameters: SELECT request.user_id() AS user_id
-    data:
-      - SELECT id, user_id, balance FROM accounts WHERE user_id = bucket.user_id
-"""
-
 USERS = 5
 START = 1000  # every account's opening balance
-
-
-def _account_event(
-    prefix: str, row: dict[str, Any], tx: tuple[str, int] | None, lsn: int
-) -> tuple[bytes, bytes]:
-    value: dict[str, Any] = {
-        "before": None,
-        "after": row,
-        "source": {
-            "connector": "postgresql",
-            "name": prefix,
-            "schema": "public",
-            "table": "accounts",
-            "db": "app",
-            "lsn": lsn,
-            "snapshot": "false" if tx else "true",
-        },
-        "op": "u" if tx else "r",
-        "ts_ms": 1,
-    }
-    if tx is not None:
-        value["transaction"] = {
-            "id": f"{tx[0]}:{lsn}",
-            "total_order": tx[1],
-            "data_collection_order": tx[1],
-        }
-    return orjson.dumps({"id": row["id"]}), orjson.dumps(value)
-
-
-def _bank_marker(tx: str, lsn: int, n: int | None) -> tuple[bytes, bytes]:
-    value = {
-        "status": "BEGIN" if n is None else "END",
-        "id": f"{tx}:{lsn}",  # PostgreSQL: the LSN suffix differs between BEGIN and END
-        "event_count": n,
-        "data_collections": None
-        if n is None
-        else [{"data_collection": "public.accounts", "event_count": n}],
-        "ts_ms": 1,
-    }
-    return orjson.dumps({"id": f"{tx}:{lsn}"}), orjson.dumps(value)
 
 
 @pytest.mark.stack
@@ -278,7 +231,7 @@ def test_transfers_over_three_partitions_never_show_a_wrong_balance_sum(
 
     lsn = iter(range(10_000, 10**9))
     snapshot = {
-        p: [_account_event(prefix, row(a), None, next(lsn)) for a in ids if a % 3 == p]
+        p: [account_event(prefix, row(a), None, next(lsn)) for a in ids if a % 3 == p]
         for p in range(3)
     }
     waves: list[tuple[list[tuple[bytes, bytes]], dict[int, list[tuple[bytes, bytes]]]]] = []
@@ -290,7 +243,7 @@ def test_transfers_over_three_partitions_never_show_a_wrong_balance_sum(
             tx = str(5000 + w * per_wave + i)
             user = rnd.randrange(USERS)
             accts = rnd.sample([3 * user, 3 * user + 1, 3 * user + 2], rnd.choice([2, 3]))
-            markers.append(_bank_marker(tx, next(lsn), None))
+            markers.append(bank_marker(tx, next(lsn), None))
             moved = 0
             for n, a in enumerate(accts, 1):
                 if n < len(accts):
@@ -299,8 +252,8 @@ def test_transfers_over_three_partitions_never_show_a_wrong_balance_sum(
                     moved += amount
                 else:
                     balance[a] += moved
-                data[a % 3].append(_account_event(prefix, row(a), (tx, n), next(lsn)))
-            markers.append(_bank_marker(tx, next(lsn), len(accts)))
+                data[a % 3].append(account_event(prefix, row(a), (tx, n), next(lsn)))
+            markers.append(bank_marker(tx, next(lsn), len(accts)))
         waves.append((markers, data))
     final = dict(balance)
 

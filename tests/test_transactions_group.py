@@ -25,54 +25,14 @@ import pytest
 import redis
 from confluent_kafka import Producer
 
+from tests.bank import BANK_RULES, account_event, bank_marker
 from tests.pipeline_helpers import store_buckets, store_view, write_rules
 from tests.processes import end_offsets, start_processor, stop, wait_applied, write_config
 
 pytestmark = pytest.mark.stack
 
-RULES = """
-bucket_definitions:
-  by_user:
-    parameters: SELECT request.user_id() AS user_id
-    data:
-      - SELECT id, user_id, balance FROM accounts WHERE user_id = bucket.user_id
-"""
 USERS = 4
 START = 1000
-
-
-def _event(prefix: str, row: dict[str, Any], tx: str | None, n: int, lsn: int) -> bytes:
-    value: dict[str, Any] = {
-        "before": None,
-        "after": row,
-        "source": {
-            "connector": "postgresql",
-            "name": prefix,
-            "schema": "public",
-            "table": "accounts",
-            "db": "app",
-            "lsn": lsn,
-            "snapshot": "false" if tx else "true",
-        },
-        "op": "u" if tx else "r",
-        "ts_ms": 1,
-    }
-    if tx is not None:
-        value["transaction"] = {"id": f"{tx}:{lsn}", "total_order": n, "data_collection_order": n}
-    return orjson.dumps(value)
-
-
-def _marker(tx: str, lsn: int, n: int | None) -> tuple[bytes, bytes]:
-    value = {
-        "status": "BEGIN" if n is None else "END",
-        "id": f"{tx}:{lsn}",
-        "event_count": n,
-        "data_collections": None
-        if n is None
-        else [{"data_collection": "public.accounts", "event_count": n}],
-        "ts_ms": 1,
-    }
-    return orjson.dumps({"id": f"{tx}:{lsn}"}), orjson.dumps(value)
 
 
 @pytest.mark.parametrize("driver", ["kafka", "faust"])
@@ -90,7 +50,7 @@ def test_two_processors_in_transaction_mode_apply_every_transaction_whole(
             "metrics_port": 0,
             "stream_buffer_maxsize": 64,
         },
-        sync_rules=write_rules(tmp_path, RULES),
+        sync_rules=write_rules(tmp_path, BANK_RULES),
         compaction={"interval_s": 0},
     )
     rnd = random.Random(7)
@@ -100,12 +60,8 @@ def test_two_processors_in_transaction_mode_apply_every_transaction_whole(
 
     def put(a: int, tx: str | None, n: int) -> None:
         row = {"id": a, "user_id": f"u{a // 3}", "balance": balance[a]}
-        p.produce(
-            accounts,
-            key=orjson.dumps({"id": a}),
-            value=_event(prefix, row, tx, n, next(lsn)),
-            partition=a % 3,
-        )
+        k, v = account_event(prefix, row, None if tx is None else (tx, n), next(lsn))
+        p.produce(accounts, key=k, value=v, partition=a % 3)
 
     def transfers(first: int, count: int) -> None:
         for i in range(first, first + count):
@@ -116,7 +72,7 @@ def test_two_processors_in_transaction_mode_apply_every_transaction_whole(
         tx = str(5000 + i)
         user = rnd.randrange(USERS)
         accts = rnd.sample([3 * user, 3 * user + 1, 3 * user + 2], rnd.choice([2, 3]))
-        k, v = _marker(tx, next(lsn), None)
+        k, v = bank_marker(tx, next(lsn), None)
         p.produce(txt, key=k, value=v, partition=0)
         moved = 0
         for n, a in enumerate(accts, 1):
@@ -124,7 +80,7 @@ def test_two_processors_in_transaction_mode_apply_every_transaction_whole(
             balance[a] -= amount
             moved += amount
             put(a, tx, n)
-        k, v = _marker(tx, next(lsn), len(accts))
+        k, v = bank_marker(tx, next(lsn), len(accts))
         p.produce(txt, key=k, value=v, partition=0)
 
     for a in balance:

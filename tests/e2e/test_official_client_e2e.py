@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import subprocess
 import sys
@@ -14,7 +13,6 @@ from pathlib import Path
 
 import orjson
 import pytest
-import yaml
 
 from bucketsync.tokens import make_dev_token
 from gateway import stream as gw_stream
@@ -22,6 +20,7 @@ from tests.e2e.powersync_client import PowerSyncNodeClient, require_node_client
 from tests.gateway_helpers import running_gateway
 from tests.model import BucketModel
 from tests.pipeline_helpers import debezium_json, expected_normalised, produce
+from tests.processes import child_env, start_processor, write_config
 
 pytestmark = [pytest.mark.stack, pytest.mark.e2e]
 
@@ -62,22 +61,9 @@ async def test_official_client_syncs_live_changes_and_resumes(
     s = make_settings(
         kafka={"topics": [topic]}, sync_rules=str(rules), compaction={"interval_s": 0}
     )
-    cfg = tmp_path / "bucketsync.yaml"
-    cfg.write_text(yaml.safe_dump(s.model_dump(mode="json", exclude={"config_dir"})))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BUCKETSYNC_")}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bucketsync.cli",
-            "--config",
-            str(cfg),
-            "processor",
-            "--driver",
-            "faust",
-        ],
-        env=env,
-    )
+    cfg = write_config(tmp_path, s, "bucketsync")
+    env = child_env()
+    proc = start_processor(cfg, "faust", inherit_output=True)
     model = BucketModel(model_rules)
 
     def send(op: str, tid: str, owner: str | None = None, text: str = "", done: int = 0) -> None:

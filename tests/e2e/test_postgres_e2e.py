@@ -20,7 +20,6 @@ import base64
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import time
 import warnings
@@ -31,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from bucketsync import stack as stack_mod
 from bucketsync.config import Settings
@@ -40,6 +38,7 @@ from bucketsync.tokens import make_dev_token
 from tests.conftest import Namespace, StackInfo, hidden_test_env
 from tests.e2e.powersync_client import PowerSyncNodeClient, require_node_client
 from tests.gateway_helpers import running_gateway
+from tests.processes import start_processor, write_config
 
 pytestmark = [pytest.mark.stack, pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -237,11 +236,19 @@ def pg_settings(stack: StackInfo) -> Settings:
 
 @contextlib.contextmanager
 def debezium_source(
-    settings: Settings, ns: Namespace, schema: str, register: bool = True
+    settings: Settings,
+    ns: Namespace,
+    schema: str,
+    register: bool = True,
+    *,
+    tag: str = "test",
+    extra: dict[str, str] | None = None,
 ) -> Iterator[Callable[[], None]]:
-    """A connector of our own for ``schema`` (unique slot/publication/prefix); removed after."""
-    name = f"bs-test-{ns.hex}"
-    slot = pub = f"bs_{ns.hex}"
+    """A connector of our own for ``schema`` (unique slot/publication/prefix, named after
+    ``tag``; ``extra`` connector settings on top); removed after, with its slot, publication
+    and the schema. Yields the function that registers it (called already if ``register``)."""
+    name = f"bs-{tag}-{ns.hex}"
+    slot = pub = f"bs_{tag}_{ns.hex}"
     su = stack_mod.PG_SUPERUSER
     stack_mod.psql(settings, f"CREATE PUBLICATION {pub} FOR TABLES IN SCHEMA {schema}", user=su)
     _, config = stack_mod.connector_config(
@@ -255,6 +262,7 @@ def debezium_source(
             "schema.include.list": schema,
             "table.include.list": rf"{schema}\..*",
             "heartbeat.interval.ms": "0",
+            **(extra or {}),
         },
     )
 
@@ -289,6 +297,7 @@ def debezium_source(
             time.sleep(0.5)
         with contextlib.suppress(UserError):
             stack_mod.psql(settings, f"DROP PUBLICATION IF EXISTS {pub}", user=su)
+        with contextlib.suppress(UserError):
             stack_mod.psql(settings, f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
 
@@ -326,22 +335,7 @@ async def synced_client(
     s = make_settings(
         kafka={"topics": topics}, sync_rules=str(rules_file), compaction={"interval_s": 0}
     )
-    cfg = tmp_path / "bucketsync.yaml"
-    cfg.write_text(yaml.safe_dump(s.model_dump(mode="json", exclude={"config_dir"})))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BUCKETSYNC_")}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bucketsync.cli",
-            "--config",
-            str(cfg),
-            "processor",
-            "--driver",
-            "faust",
-        ],
-        env=env,
-    )
+    proc = start_processor(write_config(tmp_path, s, "bucketsync"), "faust", inherit_output=True)
     try:
         with debezium_source(pg_settings, ns, schema):
             async with running_gateway(s) as url:

@@ -26,9 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -36,16 +33,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from bucketsync import stack as stack_mod
 from bucketsync.config import Settings
-from bucketsync.errors import UserError
 from bucketsync.tokens import make_dev_token
 from tests.conftest import Namespace
 from tests.e2e.powersync_client import PowerSyncNodeClient, require_node_client
-from tests.e2e.test_postgres_e2e import pg_settings  # noqa: F401  (fixture)
+from tests.e2e.test_postgres_e2e import (
+    debezium_source,
+    pg_settings,  # noqa: F401  (fixture)
+)
 from tests.gateway_helpers import running_gateway
+from tests.processes import start_processor, write_config
 
 pytestmark = [pytest.mark.stack, pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -70,63 +69,22 @@ CLIENT_SCHEMA = {"items": {"name": "text"}}
 
 
 @contextlib.contextmanager
-def slow_connector(settings: Settings, ns: Namespace, schema: str) -> Iterator[str]:
-    """A connector of our own for ``schema`` (unique slot/publication/prefix), slow polls and
-    heartbeat rows in ``<schema>.heartbeat``; removed with its slot, publication and schema."""
-    name = f"bs-wcp-{ns.hex}"
-    slot = pub = f"bs_wcp_{ns.hex}"
-    su = stack_mod.PG_SUPERUSER
-    stack_mod.psql(settings, f"CREATE PUBLICATION {pub} FOR TABLES IN SCHEMA {schema}", user=su)
+def slow_connector(settings: Settings, ns: Namespace, schema: str) -> Iterator[None]:
+    """A connector of our own for ``schema`` (``debezium_source``: unique slot/publication/
+    prefix, removed after), with slow polls and heartbeat rows in ``<schema>.heartbeat``."""
     hb_prefix = f"{ns.prefix}.__heartbeat"
     ns.track(f"{hb_prefix}.{ns.prefix}")  # Debezium's own heartbeat topic, deleted by ns
-    _, config = stack_mod.connector_config(
-        settings,
-        {
-            "name": name,
-            "topic.prefix": ns.prefix,
-            "slot.name": slot,
-            "slot.drop.on.stop": "true",
-            "publication.name": pub,
-            "schema.include.list": schema,
-            "table.include.list": rf"{schema}\..*",
-            "poll.interval.ms": str(POLL_MS),
-            "heartbeat.interval.ms": str(HEARTBEAT_MS),
-            "topic.heartbeat.prefix": hb_prefix,
-            "heartbeat.action.query": (
-                f"INSERT INTO {schema}.heartbeat (id, ts) VALUES (1, now()) "
-                "ON CONFLICT (id) DO UPDATE SET ts = EXCLUDED.ts"
-            ),
-        },
-    )
-    try:
-        stack_mod.register_connector(settings, name, config, timeout=120)
-        yield name
-    finally:
-        with contextlib.suppress(Exception):
-            stack_mod.remove_connector(settings, name)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                stack_mod.psql(
-                    settings,
-                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-                    f"WHERE slot_name = '{slot}' AND NOT active",
-                    user=su,
-                )
-                left = stack_mod.psql(
-                    settings,
-                    f"SELECT 1 FROM pg_replication_slots WHERE slot_name = '{slot}'",
-                    user=su,
-                )
-            except UserError:
-                left = "?"
-            if not left.strip():
-                break
-            time.sleep(0.5)
-        with contextlib.suppress(UserError):
-            stack_mod.psql(settings, f"DROP PUBLICATION IF EXISTS {pub}", user=su)
-        with contextlib.suppress(UserError):
-            stack_mod.psql(settings, f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    extra = {
+        "poll.interval.ms": str(POLL_MS),
+        "heartbeat.interval.ms": str(HEARTBEAT_MS),
+        "topic.heartbeat.prefix": hb_prefix,
+        "heartbeat.action.query": (
+            f"INSERT INTO {schema}.heartbeat (id, ts) VALUES (1, now()) "
+            "ON CONFLICT (id) DO UPDATE SET ts = EXCLUDED.ts"
+        ),
+    }
+    with debezium_source(settings, ns, schema, tag="wcp", extra=extra):
+        yield
 
 
 @dataclass
@@ -255,16 +213,8 @@ async def test_own_writes_never_flicker_in_source_mode(
     base = make_settings(
         kafka={"topics": topics}, sync_rules=str(rules_file), compaction={"interval_s": 0}
     )
-    cfg = tmp_path / "bucketsync.yaml"
-    cfg.write_text(yaml.safe_dump(base.model_dump(mode="json", exclude={"config_dir"})))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BUCKETSYNC_")}
     proc_log = (tmp_path / "processor.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bucketsync.cli", "--config", str(cfg), "processor"],
-        env=env,
-        stdout=proc_log,
-        stderr=subprocess.STDOUT,
-    )
+    proc = start_processor(write_config(tmp_path, base, "bucketsync"), "kafka", proc_log)
     results: dict[str, list[WriteTrace]] = {}
     timings: dict[str, float] = {}
     try:
