@@ -8,18 +8,27 @@ The other way round, the markdown (``README.md``, ``docs/**/*.md``): every repos
 (``bucketsync/bench/mix.py``, ``docs/bench/ingest.md``) and every module path
 (``bucketsync.bench.store_layout``, ``pipeline.rules.parse_rules``) it quotes in backticks or
 links to exists, so a renamed module (``bucketsync/bench_mix.py`` ->
-``bucketsync/bench/mix.py``) cannot leave a stale name in the docs.
+``bucketsync/bench/mix.py``) cannot leave a stale name in the docs; every config key it names
+(``redis.replica_urls``, ``BUCKETSYNC_REDIS__REPLICA_URLS``) is a setting of
+``bucketsync/config.py``; and every ``bucketsync ...`` command in its code names a command,
+sub-command and options the CLI has.
 
 Pure: reads files only. The scanner is unit-tested below on small texts, so a reference
 it cannot see does not pass by accident."""
 
 from __future__ import annotations
 
+import argparse
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
+
+from bucketsync.cli import build_parser
+from bucketsync.config import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -261,3 +270,181 @@ def test_the_markdown_scan_sees_paths() -> None:
     """A guard against a scanner that silently finds nothing."""
     found = {name for p in _markdown() for _, name in quoted_paths(p.read_text(encoding="utf-8"))}
     assert "pipeline/store.py" in found
+
+
+# ------------------------------------------------------------------ config keys in markdown
+
+_ENV_KEY = re.compile(r"\bBUCKETSYNC_([A-Z]+)__([A-Z0-9_]+)\b")
+
+
+def _sections() -> dict[str, type[BaseModel]]:
+    out = {}
+    for name, f in Settings.model_fields.items():
+        if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
+            out[name] = f.annotation
+    return out
+
+
+def config_keys(text: str, sections: Collection[str]) -> list[tuple[int, str, str]]:
+    """``(line, section, key)`` of each ``section.key`` (prose or code, not inside a dotted
+    or path name) and ``BUCKETSYNC_SECTION__KEY`` a markdown text names."""
+    pattern = re.compile(
+        r"(?<![\w./-])(" + "|".join(map(re.escape, sections)) + r")\.([a-z_][a-z0-9_]*)\b(?![/(])"
+    )
+    out = [
+        (text.count("\n", 0, m.start()) + 1, m.group(1), m.group(2)) for m in pattern.finditer(text)
+    ]
+    for m in _ENV_KEY.finditer(text):
+        line = text.count("\n", 0, m.start()) + 1
+        out.append((line, m.group(1).lower(), m.group(2).lower()))
+    return out
+
+
+def _module_attribute(module: str, name: str, root: Path = ROOT) -> bool:
+    """``compaction.plan_reappend``: a function, class or constant of a project module
+    named like a config section (``pipeline/compaction.py``), not a key."""
+    for top in ("bucketsync", "pipeline", "gateway"):
+        for p in (root / top / f"{module}.py", root / top / module / "__init__.py"):
+            if p.is_file() and re.search(
+                rf"^(?:async def|def|class)\s+{name}\b|^{name}\s*[:=]",
+                p.read_text(encoding="utf-8"),
+                re.MULTILINE,
+            ):
+                return True
+    return False
+
+
+def test_config_keys_finds_dotted_keys_and_environment_names() -> None:
+    text = (
+        "set `redis.replica_urls` (or BUCKETSYNC_REDIS__REPLICA_WAIT_S); gateway.port too,\n"
+        "not bucketsync.gateway.server nor docs/redis.md nor redis.asyncio(x)\n"
+    )
+    assert config_keys(text, ["redis", "gateway"]) == [
+        (1, "redis", "replica_urls"),
+        (1, "gateway", "port"),
+        (1, "redis", "replica_wait_s"),
+    ]
+    assert _module_attribute("compaction", "plan_reappend")
+    assert not _module_attribute("compaction", "interval_s")
+
+
+@pytest.mark.parametrize("path", _markdown(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_config_key_named_in_the_docs_exists(path: Path) -> None:
+    sections = _sections()
+    stale = [
+        f"line {n}: {sec}.{key}"
+        for n, sec, key in config_keys(path.read_text(encoding="utf-8"), sections)
+        if sec not in sections
+        or (key not in sections[sec].model_fields and not _module_attribute(sec, key))
+    ]
+    assert stale == []
+
+
+def test_the_config_key_scan_sees_keys() -> None:
+    found = {
+        f"{s}.{k}"
+        for p in _markdown()
+        for _, s, k in config_keys(p.read_text(encoding="utf-8"), _sections())
+    }
+    assert {"redis.replica_urls", "processor.session_timeout_ms", "gateway.workers"} <= found
+
+
+# ------------------------------------------------------------------ CLI invocations in markdown
+
+_FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
+_SPAN = re.compile(r"`([^`\n]+)`")
+_INVOKE = re.compile(r"^\s*(?:\$\s+)?(?:python3? -m bucketsync\.cli|bucketsync)(?=\s)(.*)$")
+
+
+def invocations(text: str) -> list[tuple[int, list[str]]]:
+    """``(line, words after the program)`` of each ``bucketsync ...`` / ``python3 -m
+    bucketsync.cli ...`` that starts a line of a fenced block or a code span (comments cut)."""
+    out = []
+    for m in _FENCE.finditer(text):
+        first = text.count("\n", 0, m.start(1)) + 1
+        for i, line in enumerate(m.group(1).splitlines()):
+            if im := _INVOKE.match(line):
+                out.append((first + i, im.group(1).split("#")[0].split()))
+    for m in _SPAN.finditer(text):
+        if im := _INVOKE.match(m.group(1)):
+            out.append((text.count("\n", 0, m.start()) + 1, im.group(1).split("#")[0].split()))
+    return sorted(out)
+
+
+def _subcommands(p: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for a in p._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            return dict(a.choices)
+    return {}
+
+
+def cli_problems(words: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """What of a documented invocation the CLI does not have: its command (and a
+    sub-command or a positional's choice right after it), or an option (``[--x N]``
+    synopses too)."""
+    p, i = parser, 0
+    while i < len(words) and words[i].startswith("-"):  # global options, with a value
+        action = p._option_string_actions.get(words[i].split("=")[0])
+        if action is None:
+            return [f"no option {words[i]}"]
+        i += 1 if action.nargs == 0 or "=" in words[i] else 2
+    problems: list[str] = []
+    path = []
+    while i < len(words) and (subs := _subcommands(p)):
+        if words[i] not in subs:
+            return [f"no command {' '.join([*path, words[i]])}"]
+        path.append(words[i])
+        p, i = subs[words[i]], i + 1
+    rest = words[i:]
+    positional = [a for a in p._actions if not a.option_strings and a.choices]
+    named = rest and positional and re.fullmatch(r"[\w-]+", rest[0])
+    if named and rest[0] not in positional[0].choices:
+        problems.append(f"{' '.join(path)}: no {positional[0].dest} {rest[0]}")
+    for w in rest:
+        m = re.match(r"\[?(--[a-z][\w-]*)", w)
+        if m and m.group(1) not in p._option_string_actions:
+            problems.append(f"{' '.join(path)}: no option {m.group(1)}")
+    return problems
+
+
+def test_invocations_and_cli_problems_on_small_texts() -> None:
+    text = (
+        "Run `bucketsync bench recovery --runs 1` or\n"
+        "```bash\n"
+        "$ python3 -m bucketsync.cli --config x.yaml gateway --port 8080  # note\n"
+        "bucketsync bench nothing [--wrong 3]\n"
+        "```\n"
+        "bucketsync is prose.\n"
+    )
+    found = invocations(text)
+    assert found == [
+        (1, ["bench", "recovery", "--runs", "1"]),
+        (3, ["--config", "x.yaml", "gateway", "--port", "8080"]),
+        (4, ["bench", "nothing", "[--wrong", "3]"]),
+    ]
+    parser = build_parser()
+    assert cli_problems(found[0][1], parser) == []
+    assert cli_problems(found[1][1], parser) == []
+    assert cli_problems(found[2][1], parser) == [
+        "bench: no which nothing",
+        "bench: no option --wrong",
+    ]
+    assert cli_problems(["procesor"], parser) == ["no command procesor"]
+
+
+@pytest.mark.parametrize("path", _markdown(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_cli_invocation_in_the_docs_parses(path: Path) -> None:
+    parser = build_parser()
+    bad = [
+        f"line {n}: bucketsync {' '.join(words)}: {problem}"
+        for n, words in invocations(path.read_text(encoding="utf-8"))
+        for problem in cli_problems(words, parser)
+    ]
+    assert bad == []
+
+
+def test_the_cli_scan_sees_invocations() -> None:
+    commands = {
+        words[0] for p in _markdown() for _, words in invocations(p.read_text(encoding="utf-8"))
+    }
+    assert {"bench", "stack", "processor", "gateway"} <= commands
