@@ -278,6 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--runs", type=int, default=3, help="repetitions (recovery)")
     p.add_argument(
+        "--consistency",
+        choices=["event", "transaction"],
+        default="event",
+        help="kafka.consistency of the processors (recovery)",
+    )
+    p.add_argument(
         "--rate",
         type=float,
         default=None,

@@ -85,7 +85,12 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         from bucketsync.bench.recovery import main as recovery_main
 
         return recovery_main(
-            settings, drivers=drivers_for(args.driver), runs=args.runs, rate=rate, out=args.out
+            settings,
+            drivers=drivers_for(args.driver),
+            runs=args.runs,
+            rate=rate,
+            out=args.out,
+            consistency=args.consistency,
         )
     if args.which == "soak":
         from bucketsync.bench.soak import main as soak_main
