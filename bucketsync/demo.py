@@ -26,6 +26,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -293,6 +294,42 @@ def _postgres_demo(
     if not set(topics) <= set(settings.kafka.topics):
         # the processor must read the connector's topics: a copy of the config that says so
         settings, config_path, tmp = _derived_config(settings, topics=topics)
+    dsn = stack.postgres_dsn(settings)
+
+    def start_source(stop: threading.Event) -> demo_web.PostgresSource:
+        writer = threading.Thread(target=_pg_writer, args=(settings, stop, 2.0), daemon=True)
+        writer.start()
+        source = demo_web.PostgresSource(
+            settings, {"todos": topics[0], "lists": topics[1]}, users=PG_DEMO_USERS
+        )
+        source.seed()
+        return source
+
+    return _serve_demo(
+        settings,
+        config_path,
+        tmp,
+        duration,
+        [
+            f"PostgreSQL {dsn} -> Debezium -> {topics[0]}; syncing user u1",
+            f"write yourself:  psql {dsn}",
+        ],
+        start_source,
+    )
+
+
+def _serve_demo(
+    settings: Settings,
+    config_path: str | None,
+    tmp: tempfile.TemporaryDirectory[str] | None,
+    duration: float | None,
+    intro: list[str],
+    start_source: Callable[[threading.Event], demo_web.DemoSource | demo_web.PostgresSource],
+) -> int:
+    """Both demos once their topics and config are there: the processor and gateway, the
+    ``intro`` lines once the gateway is ready, the data source (``start_source``: seeded,
+    its writer running until the event is set), the web page and the client of user u1;
+    until ``duration`` or a process exits. Cleans up ``tmp`` (a derived config) after."""
     url = f"http://{settings.gateway.host}:{settings.gateway.port}"
     sup = Supervisor()
     sup.install_signals()
@@ -302,22 +339,14 @@ def _postgres_demo(
         _rebuild_outdated_store(settings)
         start_pipeline(sup, settings, config_path)
         _wait_ready(url, 60, sup)
-        print(
-            f"bucketsync: gateway ready at {url}; PostgreSQL {stack.postgres_dsn(settings)} "
-            f"-> Debezium -> {topics[0]}; syncing user u1",
-            flush=True,
-        )
-        print(f"bucketsync: write yourself:  psql {stack.postgres_dsn(settings)}", flush=True)
+        print(f"bucketsync: gateway ready at {url}; {intro[0]}", flush=True)
+        for line in intro[1:]:
+            print(f"bucketsync: {line}", flush=True)
         print(
             f"bucketsync: try another client:  bucketsync token --sub u2   (endpoint {url})",
             flush=True,
         )
-        writer = threading.Thread(target=_pg_writer, args=(settings, stop, 2.0), daemon=True)
-        writer.start()
-        source = demo_web.PostgresSource(
-            settings, {"todos": topics[0], "lists": topics[1]}, users=PG_DEMO_USERS
-        )
-        source.seed()
+        source = start_source(stop)
         web_server = _start_web(settings, source, url, int(duration or 3600) + 600)
         until = time.monotonic() + duration if duration else None
         token = make_dev_token(settings, sub="u1", ttl_s=int(duration or 3600) + 600)
@@ -374,41 +403,16 @@ def main(
     settings, derived_path, tmp = _demo_tables_config(settings)
     topics = settings.kafka.topics
     ensure_topics(settings, list(topics))
-    url = f"http://{settings.gateway.host}:{settings.gateway.port}"
-    sup = Supervisor()
-    sup.install_signals()
-    stop = threading.Event()
-    web_server: demo_web.WebServer | None = None
-    try:
-        _rebuild_outdated_store(settings)
-        start_pipeline(sup, settings, derived_path or config_path)
-        _wait_ready(url, 60, sup)
-        print(
-            f"bucketsync: gateway ready at {url}; feeding {', '.join(topics)} and syncing user "
-            f"u1 (sync rules {settings.sync_rules_path.name})",
-            flush=True,
-        )
-        print(
-            f"bucketsync: try another client:  bucketsync token --sub u2   (endpoint {url})",
-            flush=True,
-        )
+
+    def start_source(stop: threading.Event) -> demo_web.DemoSource:
         source = demo_web.DemoSource(settings)
         source.seed()
         feeder = threading.Thread(target=source.run_activity, args=(stop, 2.0), daemon=True)
         feeder.start()
-        web_server = _start_web(settings, source, url, int(duration or 3600) + 600)
-        until = time.monotonic() + duration if duration else None
-        token = make_dev_token(settings, sub="u1", ttl_s=int(duration or 3600) + 600)
-        client = threading.Thread(
-            target=lambda: asyncio.run(_client(url, token, stop, until)), daemon=True
-        )
-        client.start()
-        rc = sup.wait_any(until)
-        return rc
-    finally:
-        stop.set()
-        if web_server is not None:
-            web_server.stop()
-        sup.stop()
-        if tmp is not None:
-            tmp.cleanup()
+        return source
+
+    intro = (
+        f"feeding {', '.join(topics)} and syncing user u1 "
+        f"(sync rules {settings.sync_rules_path.name})"
+    )
+    return _serve_demo(settings, derived_path or config_path, tmp, duration, [intro], start_source)
