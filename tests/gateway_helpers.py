@@ -13,7 +13,7 @@ from aiohttp import web
 from bucketsync.config import Settings
 from bucketsync.simclient import ClientState, stream_once
 from bucketsync.tokens import make_dev_token
-from gateway.server import build_app, make_runner
+from gateway.server import GATEWAY_KEY, Gateway, build_app, make_runner
 from pipeline import core
 from pipeline.cdc import KafkaRecord
 from pipeline.processor import load_sync_rules
@@ -61,6 +61,16 @@ def delete_todo(tid: str) -> dict[str, Any]:
 
 @asynccontextmanager
 async def running_gateway(settings: Settings, *, with_position: bool = False) -> AsyncIterator[str]:
+    """The gateway's base URL."""
+    async with running_app(settings, with_position=with_position) as (port, _gw, _runner):
+        yield f"http://127.0.0.1:{port}"
+
+
+@asynccontextmanager
+async def running_app(
+    settings: Settings, *, with_position: bool = False
+) -> AsyncIterator[tuple[int, Gateway, web.AppRunner]]:
+    """The gateway on a free port: the port, its state and its runner."""
     app = await build_app(settings, with_position=with_position)
     runner = make_runner(app, settings, shutdown_timeout=2.0)
     await runner.setup()
@@ -70,7 +80,7 @@ async def running_gateway(settings: Settings, *, with_position: bool = False) ->
     assert server is not None and server.sockets
     port = server.sockets[0].getsockname()[1]
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield port, app[GATEWAY_KEY], runner
     finally:
         await runner.cleanup()
 

@@ -13,19 +13,15 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from aiohttp import web
 
 from bucketsync.config import Settings
 from bucketsync.tokens import make_dev_token
-from gateway.server import GATEWAY_KEY, Gateway, build_app, make_runner
-from tests.gateway_helpers import feed, todo
+from tests.gateway_helpers import feed, running_app, todo
 from tests.test_gateway_protocol import RULES
 
 pytestmark = pytest.mark.stack
@@ -40,22 +36,6 @@ def gw_settings(make_settings, tmp_path: Path):
         return make_settings(sync_rules=str(rules), gateway={"keepalive_s": 20, **gateway})
 
     return make
-
-
-@asynccontextmanager
-async def _gateway(s: Settings) -> AsyncIterator[tuple[int, Gateway, web.AppRunner]]:
-    app = await build_app(s, with_position=False)
-    runner = make_runner(app, s, shutdown_timeout=2.0)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    server = getattr(site, "_server", None)
-    assert server is not None and server.sockets
-    port = server.sockets[0].getsockname()[1]
-    try:
-        yield port, app[GATEWAY_KEY], runner
-    finally:
-        await runner.cleanup()
 
 
 class Raw:
@@ -128,7 +108,7 @@ async def _eventually(pred: Any, timeout: float = 10.0) -> None:
 async def test_idle_stream_is_detached_and_serves_changes(gw_settings) -> None:
     s = gw_settings(max_connections_per_user=1)
     await feed(s, [todo("t1", "u1")])
-    async with _gateway(s) as (port, gw, runner):
+    async with running_app(s) as (port, gw, runner):
         c = await Raw.open(port, make_dev_token(s, sub="u1"))
         await c.until(lambda r: r.count("checkpoint_complete") >= 1)
         # idle: no handler task and no aiohttp connection hold it; the hub still does
@@ -158,7 +138,7 @@ async def test_idle_stream_is_detached_and_serves_changes(gw_settings) -> None:
 async def test_detached_stream_keepalive_and_token_expiry(gw_settings) -> None:
     s = gw_settings(keepalive_s=0.5)
     await feed(s, [todo("t1", "u2")])
-    async with _gateway(s) as (port, gw, _runner):
+    async with running_app(s) as (port, gw, _runner):
         c = await Raw.open(port, make_dev_token(s, sub="u2", ttl_s=3))
         await c.until(lambda r: r.count("checkpoint_complete") >= 1)
         await _eventually(lambda: not gw.streams and gw.hub.connections == 1)
@@ -175,7 +155,7 @@ async def test_detached_stream_keepalive_and_token_expiry(gw_settings) -> None:
 async def test_shutdown_ends_detached_streams(gw_settings) -> None:
     s = gw_settings()
     await feed(s, [todo("t1", "u3")])
-    async with _gateway(s) as (port, gw, runner):
+    async with running_app(s) as (port, gw, runner):
         clients = [await Raw.open(port, make_dev_token(s, sub=f"u3-{i}")) for i in range(3)]
         for c in clients:
             await c.until(lambda r: r.count("checkpoint_complete") >= 1)
