@@ -570,6 +570,7 @@ class Store:
         """Point the read side at ``reader``: the replica, or the primary (``self.r``) while
         the replica is down (``gateway/store_health.py`` decides when, and when back)."""
         self.rr = reader
+        # the read-only scripts only: those registered on ``self.r`` write
         self._read_with_lookups = reader.register_script(_READ_WITH_LOOKUPS_LUA)
         self._read_with_lookups_packed = reader.register_script(_READ_WITH_LOOKUPS_PACKED_LUA)
 

@@ -400,3 +400,23 @@ async def test_a_dead_replica_falls_back_to_the_primary_and_back(
             assert c.state.mismatches == [], c.state.mismatches
             assert c.state.protocol_errors == [], c.state.protocol_errors
             assert _rows_of(c) == _want(rows, user)
+
+
+async def test_switching_the_reader_moves_only_the_read_scripts() -> None:
+    """Pure (no connection is made): the fallback and the way back point the read-only
+    scripts at the new reader; the write scripts stay on the primary (a replica refuses
+    writes)."""
+    import redis.asyncio as aioredis
+
+    primary, replica = aioredis.Redis(port=1), aioredis.Redis(port=2)
+    store = Store(primary, "p", reader=replica)
+    writes = ("_compact", "_notify", "_defrag", "_defrag_scan", "_issue_wcp")
+    reads = ("_read_with_lookups", "_read_with_lookups_packed")
+    try:
+        for reader in (primary, replica, primary):
+            store.set_reader(reader)
+            assert store.rr is reader
+            assert all(getattr(store, n).registered_client is reader for n in reads)
+            assert all(getattr(store, n).registered_client is primary for n in writes)
+    finally:
+        await store.close()
