@@ -702,7 +702,9 @@ async def build_app(settings: Settings, *, with_position: bool = True) -> web.Ap
     )
     gw = Gateway(settings, rules, store, hub, verifier, starts=starts, layout=LayoutCheck(store))
     if replica is not None and settings.redis.replica_check_s > 0:
-        gw.failover = ReplicaFailover(store, replica, settings.redis.replica_check_s)
+        gw.failover = ReplicaFailover(
+            store, settings.redis.url, replica, settings.redis.replica_check_s
+        )
     if with_position:
         if settings.gateway.write_checkpoint_mode == "source":
             gw.source = SourcePosition(settings)

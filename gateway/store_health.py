@@ -75,26 +75,38 @@ class ReplicaFailover:
 
     Every ``interval_s`` the replica is asked for its replication state. It is down when it
     does not answer within ``timeout_s`` or has lost its link to the primary (it would
-    serve a data set that no longer advances); the reads then go to the primary at once
-    (a newer state than the replica's: what was served stays valid), the replica's open
-    connections are dropped (reads stuck on it fail and are retried on the primary), and
-    ``bucketsync_gateway_replica_fallbacks_total`` counts it.
+    serve a data set that no longer advances); the reads then go to the primary at once,
+    through a client of their own (a newer state than the replica's: what was served stays
+    valid), the replica's open connections are dropped (reads stuck on it fail and are
+    retried on the primary), and ``bucketsync_gateway_replica_fallbacks_total`` counts it.
 
     Back to the replica only once it answers, its link is up, and its checkpoint has
-    reached the primary's, read just before: it then holds every checkpoint the gateway
-    served, so no client is taken back in time (the rule new streams follow with
-    ``redis.replica_wait_s``). A read already on its way to the primary at that instant
-    may still return a later checkpoint than the replica's; replication carries it over
-    within milliseconds, the window is not closed.
+    reached the primary's, read just before (twice: before and after waiting for the
+    replica): it then holds every checkpoint the gateway served, so no client is taken back
+    in time (the rule new streams follow with ``redis.replica_wait_s``). The reads still on
+    their way to the primary at that instant are cut (their client is closed, in-flight
+    commands included): the hub reads its change stream again from the replica, a stream
+    whose read failed ends and its client reconnects under the start rule. Not closed: a
+    read that completed on the primary between the last checkpoint read and the switch,
+    if a batch was applied in that sub-millisecond window and has not reached the replica
+    when the stream's next read does.
     """
 
     def __init__(
-        self, store: Store, replica_url: str, interval_s: float, timeout_s: float = 2.0
+        self,
+        store: Store,
+        primary_url: str,
+        replica_url: str,
+        interval_s: float,
+        timeout_s: float = 2.0,
     ) -> None:
         assert store.replica_client is not None
         self.store = store
         self.replica: aioredis.Redis = store.replica_client
         self.primary: aioredis.Redis = store.r
+        self.primary_url = primary_url
+        #: the reads' client while on the primary (closed, with what is in flight, on return)
+        self.fallback: aioredis.Redis | None = None
         self.url = replica_url
         self.interval_s = interval_s
         self.timeout_s = timeout_s
@@ -112,6 +124,9 @@ class ReplicaFailover:
                 t.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
+        if self.fallback is not None:
+            await self.fallback.aclose()  # type: ignore[attr-defined]
+            self.fallback = None
 
     async def _run(self) -> None:
         while True:
@@ -132,6 +147,9 @@ class ReplicaFailover:
             self.store.set_reader(self.replica)
             READING_REPLICA.set(1)
             log.warning("replica %s is back and caught up; reading from it again", self.url)
+            if self.fallback is not None:
+                self._drop(self.fallback, close=True)
+                self.fallback = None
 
     async def replica_problem(self) -> str | None:
         try:
@@ -146,28 +164,46 @@ class ReplicaFailover:
 
     def _fall_back(self, problem: str) -> None:
         self.on_replica = False
-        self.store.set_reader(self.primary)
+        self.fallback = aioredis.Redis.from_url(self.primary_url, decode_responses=False)
+        self.store.set_reader(self.fallback)
         REPLICA_FALLBACKS.inc()
         READING_REPLICA.set(0)
         log.warning("replica %s %s; reading from the primary until it is back", self.url, problem)
-        t = asyncio.create_task(self._drop_replica_connections())
+        self._drop(self.replica, close=False)
+
+    def _drop(self, client: aioredis.Redis, *, close: bool) -> None:
+        """Disconnect every connection of ``client``, in use or not (what waits on one
+        fails), in the background; ``close``: then close the client."""
+
+        async def drop() -> None:
+            with contextlib.suppress(Exception):
+                await client.connection_pool.disconnect(inuse_connections=True)
+            if close:
+                with contextlib.suppress(Exception):
+                    await client.aclose()  # type: ignore[attr-defined]
+
+        t = asyncio.create_task(drop())
         self._dropping.add(t)
         t.add_done_callback(self._dropping.discard)
 
-    async def _drop_replica_connections(self) -> None:
-        with contextlib.suppress(Exception):
-            await self.replica.connection_pool.disconnect(inuse_connections=True)
-
     async def _caught_up(self) -> bool:
+        """The replica's checkpoint has reached the primary's, read before the wait and
+        again after it (what the primary applied meanwhile must have arrived too)."""
         key = self.store.k("checkpoint")
+
+        async def get(client: aioredis.Redis) -> int:
+            return int(await asyncio.wait_for(client.get(key), self.timeout_s) or 0)
+
         try:
-            want = int(await asyncio.wait_for(self.primary.get(key), self.timeout_s) or 0)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self.timeout_s
+            want = await get(self.primary)
             while True:
-                have = int(await asyncio.wait_for(self.replica.get(key), self.timeout_s) or 0)
+                have = await get(self.replica)
                 if have >= want:
-                    return True
+                    want = await get(self.primary)
+                    if have >= want:
+                        return True
                 if loop.time() >= deadline:
                     return False
                 await asyncio.sleep(0.02)
