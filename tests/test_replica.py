@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -134,6 +135,7 @@ async def primary_and_replica(
     finally:
         await proxy.close()
         for p in procs:
+            p.send_signal(signal.SIGCONT)  # a frozen one would not see SIGTERM
             p.terminate()
         for p in procs:
             p.wait(10)
@@ -322,13 +324,15 @@ async def _sync_to(c: Client, cp: int, timeout_s: float = 60.0) -> int:
     return streams
 
 
+@pytest.mark.parametrize("failure", ["killed", "frozen"])
 async def test_a_dead_replica_falls_back_to_the_primary_and_back(
-    make_settings: Any, tmp_path: Path
+    failure: str, make_settings: Any, tmp_path: Path
 ) -> None:
-    """The replica is killed while clients stream from it: the gateway moves its reads to
-    the primary (counted in ``bucketsync_gateway_replica_fallbacks_total``), the clients
-    reconnect and sync what is fed meanwhile; a new replica process comes up on the same
-    port, catches up, and the gateway reads from it again (a held replica then serves
+    """The replica is killed (or frozen: SIGSTOP, reads on it hang) while clients stream
+    from it: the gateway moves its reads to the primary (counted in
+    ``bucketsync_gateway_replica_fallbacks_total``), the clients reconnect and sync what is
+    fed meanwhile; a new replica process comes up on the same port (or the frozen one
+    resumes), catches up, and the gateway reads from it again (a held replica then serves
     its own, older checkpoint: the reads are on it). Rows against the model throughout."""
     procs: list[subprocess.Popen[bytes]] = []
     async with primary_and_replica(tmp_path, procs) as (primary, replica, proxy):
@@ -350,8 +354,11 @@ async def test_a_dead_replica_falls_back_to_the_primary_and_back(
             # a stream open on the replica when it dies
             streaming = asyncio.create_task(a.sync_until(1, timeout_s=30))
             await asyncio.sleep(0.3)
-            procs[1].kill()
-            procs[1].wait(10)
+            if failure == "killed":
+                procs[1].kill()
+                procs[1].wait(10)
+            else:
+                procs[1].send_signal(signal.SIGSTOP)
             for i in range(3):
                 rows[f"t0-{i}"] = ("u0", f"v{i + 1}")
                 rows[f"t1-n{i}"] = ("u1", "new")
@@ -370,9 +377,12 @@ async def test_a_dead_replica_falls_back_to_the_primary_and_back(
             for c, user in ((a, "u0"), (b, "u1")):
                 assert _rows_of(c) == _want(rows, user)
 
-            # the replica comes back (empty: it syncs in full from the primary)
-            rport = int(replica.rsplit(":", 1)[1].split("/")[0])
-            procs.append(_replica_server(tmp_path / "replica", rport, proxy.port))
+            # the replica comes back (a new one syncs in full from the primary)
+            if failure == "killed":
+                rport = int(replica.rsplit(":", 1)[1].split("/")[0])
+                procs.append(_replica_server(tmp_path / "replica", rport, proxy.port))
+            else:
+                procs[1].send_signal(signal.SIGCONT)
             await _caught_up(primary, replica, s.redis.prefix)
 
             async def back() -> bool:
