@@ -231,11 +231,13 @@ def openapi_document() -> dict[str, Any]:
                         "operationId": name,
                         "responses": {
                             "200": {
-                                "description": "Redis answers and the gateway is not closing",
+                                "description": "Redis answers (and the replica read, synced), the store has "
+                                "this version's key layout, the gateway is not closing",
                                 "content": {"application/json": {"schema": _PROBE}},
                             },
                             "400": {
-                                "description": "Not ready (Redis unreachable or shutting down)",
+                                "description": "Not ready (Redis unreachable, the replica not synced, a "
+                                "store of another key layout, or shutting down)",
                                 "content": {"application/json": {"schema": _PROBE}},
                             },
                         },

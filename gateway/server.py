@@ -618,7 +618,8 @@ async def readiness(request: web.Request) -> web.Response:
         return web.json_response({"ready": False, "reason": layout}, status=400)
     if gw.closing.is_set():
         return web.json_response({"ready": False, "reason": "shutting down"}, status=400)
-    return web.json_response({"ready": bool(ok), "rules": True, "streams": gw.hub.connections})
+    body = {"ready": bool(ok), "rules": True, "streams": gw.hub.connections}
+    return web.json_response(body, status=200 if ok else 400)  # probes read the status only
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -430,3 +430,49 @@ async def test_switching_the_reader_moves_only_the_read_scripts() -> None:
             assert all(getattr(store, n).registered_client is primary for n in writes)
     finally:
         await store.close()
+
+
+async def test_a_gateway_on_a_replica_that_never_synced_reads_the_primary(
+    make_settings: Any, tmp_path: Path
+) -> None:
+    """An orphan replica (its primary never answered) holds no data. Without replica checks
+    (``redis.replica_check_s: 0``) the gateway is not ready: 400 (it answered 200 with
+    ``"ready": false``, which a load balancer takes for ready). With them, the first check
+    moves the reads to the primary: ready, and it serves the primary's rows."""
+    async with primary_and_replica(tmp_path) as (primary, _replica, _proxy):
+        port = free_port()
+        orphan = _redis_server(tmp_path / "orphan", port, "--replicaof", "127.0.0.1", "1")
+        try:
+            await _wait_for(lambda: redis.Redis(port=port).ping(), what="orphan replica")
+            orphan_url = f"redis://127.0.0.1:{port}/0"
+            rows = {f"t{k}": ("u0", "v0") for k in range(3)}
+            s = _settings(make_settings, tmp_path, primary, [orphan_url], replica_check_s=0)
+            cp = await feed(s, [todo(t, o, text) for t, (o, text) in rows.items()])
+            async with (
+                running_gateway(s) as gw,
+                aiohttp.ClientSession() as http,
+                http.get(f"{gw}/probes/readiness") as resp,
+            ):
+                assert resp.status == 400, await resp.text()
+                assert (await resp.json())["ready"] is False
+
+            s = _settings(make_settings, tmp_path, primary, [orphan_url], replica_check_s=0.2)
+            async with (
+                running_gateway(s) as gw,
+                aiohttp.ClientSession() as http,
+                Client(gw, s, "u0") as c,
+            ):
+                deadline = time.monotonic() + 20
+                while True:
+                    async with http.get(f"{gw}/probes/readiness") as resp:
+                        if resp.status == 200:
+                            assert (await resp.json())["ready"] is True
+                            break
+                    assert time.monotonic() < deadline, "never ready"
+                    await asyncio.sleep(0.1)
+                assert await _metric(http, gw, "bucketsync_gateway_reading_replica") == 0
+                await _sync_to(c, cp)
+                assert _rows_of(c) == _want(rows, "u0") and c.state.mismatches == []
+        finally:
+            orphan.terminate()
+            orphan.wait(10)
