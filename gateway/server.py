@@ -406,6 +406,11 @@ def _detach(
     # the handler and its parser refer to each other: without this the pair (about 1 KB)
     # waits for a full garbage collection, which the gateway runs rarely (gc.freeze)
     proto._parser = None
+    # and no keep-alive wait for a next request on this connection: the handler's task ends
+    # with this request, instead of the handler, its task and a timer living on for
+    # gateway.idle_timeout_s (after a reconnect storm: one of each per stream)
+    proto.keep_alive(False)  # cancels the connection's keep-alive timer
+    proto.force_close()
     return True
 
 
@@ -853,6 +858,28 @@ def make_runner(app: web.Application, settings: Settings, **kwargs: Any) -> Gate
     )
 
 
+GC_SECONDS = Counter(
+    "bucketsync_gateway_gc_seconds",
+    "CPU seconds spent in the garbage collector, by generation collected",
+    ["generation"],
+)
+
+
+def _time_gc() -> None:
+    """Count the collector's CPU time in ``bucketsync_gateway_gc_seconds`` (per generation)."""
+    counters = [GC_SECONDS.labels(str(g)) for g in range(3)]
+    started = [0.0]
+    clock = time.thread_time
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = clock()
+        else:
+            counters[info["generation"]].inc(clock() - started[0])
+
+    gc.callbacks.append(callback)
+
+
 def _serve_worker(settings: Settings, host: str, port: int, reuse_port: bool) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
@@ -867,6 +894,7 @@ def _serve_worker(settings: Settings, host: str, port: int, reuse_port: bool) ->
         gc.collect()
         gc.freeze()
         gc.set_threshold(20_000, 50, 50)
+        _time_gc()
         log.info("gateway listening on http://%s:%s (pid %s)", host, port, os.getpid())
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -192,11 +192,16 @@ def run(
         pids = {f"gateway-{i}": gw.pid for i, gw in enumerate(gws)} | {
             f"clients-{k}": pid for k, pid in enumerate(pool.pids)
         }
+        gc0 = [_gc_seconds(p) for p in ports]
         cpu0 = {k: tree_cpu_seconds(p) for k, p in pids.items()}
         rss0 = {k: rss_kb(p) for k, p in pids.items() if k.startswith("gateway")}
         t0 = time.time()
         storm = pool.open(concurrency=0, timeout=120, t0=t0)
         cpu = {k: round(tree_cpu_seconds(p) - cpu0[k], 2) for k, p in pids.items()}
+        gc_s = {
+            f"gateway-{i}": {g: round(v - gc0[i].get(g, 0.0), 3) for g, v in _gc_seconds(p).items()}
+            for i, p in enumerate(ports)
+        }
         gw_cpu = sum(v for k, v in cpu.items() if k.startswith("gateway"))
         cl_cpu = sum(v for k, v in cpu.items() if k.startswith("clients"))
         got = pool.call("collect")
@@ -230,6 +235,7 @@ def run(
                 "gateway_cpu_ms_per_reconnect": round(gw_cpu * 1000 / clients, 3),
                 "client_cpu_ms_per_reconnect": round(cl_cpu * 1000 / clients, 3),
                 "per_client_process": storm["per_process"],
+                "gateway_gc_s": gc_s,
                 "gateway_rss_kb": {k: rss_kb(p) for k, p in pids.items() if k in rss0},
                 "completes_per_s": kit.per_second(got["completes_per_s"], t0),
                 "resume_cdf_ms": [
@@ -249,6 +255,24 @@ def run(
         for srv in servers:
             stop(srv)
     return result
+
+
+def _gc_seconds(port: int) -> dict[str, float]:
+    """The gateway's seconds in the garbage collector so far, per generation (from its
+    /metrics; with ``--workers`` > 1 the worker that answers)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("bucketsync_gateway_gc_seconds_total{"):
+            name, _, value = line.rpartition(" ")
+            out[name.split('"')[1]] = float(value)
+    return out
 
 
 async def _apply_and_close(store: Store, events: list[UpsertEvent], offset: int) -> int:
@@ -292,6 +316,12 @@ def report(res: dict[str, Any], out: Path) -> None:
             f"| bytes sent on resume | {res['bytes_on_resume']:,} | - |",
             "| CPU seconds during the storm | "
             + ", ".join(f"{k} {v}" for k, v in res["cpu_s"].items())
+            + " | - |",
+            "| of which the gateway's garbage collector (by generation) | "
+            + "; ".join(
+                f"{k}: " + ", ".join(f"gen{g} {v} s" for g, v in sorted(gens.items()))
+                for k, gens in res.get("gateway_gc_s", {}).items()
+            )
             + " | - |",
             f"| CPU per reconnect: gateway(s) / client process(es) | "
             f"{res['gateway_cpu_ms_per_reconnect']} ms / "
