@@ -203,7 +203,7 @@ async def test_detached_stream_releases_the_request_handler_at_once(gw_settings)
     s = gw_settings(idle_timeout_s=30)
     n = 4
     await feed(s, [todo(f"t{i}", f"u{i}") for i in range(n)])
-    async with _gateway(s) as (port, gw, runner):
+    async with _gateway(s) as (port, gw, _runner):
         base = handlers()
         clients = [await Raw.open(port, make_dev_token(s, sub=f"u{i}")) for i in range(n)]
         for c in clients:
