@@ -348,8 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--client-procs",
         type=int,
         default=0,
-        help="extra client processes holding idle streams, each from its own loopback "
-        "address (fanout; one process holds at most its open-files limit)",
+        help="fanout: extra client processes holding idle streams, each from its own "
+        "loopback address (one process holds at most its open-files limit); reconnect: the "
+        "client processes (default 1)",
     )
     p.add_argument(
         "--connector-set",

@@ -153,6 +153,11 @@ class GatewaySettings(_Section):
     #: Client-controlled values (client_id, the ``after`` map, user agent, ...) are cut to
     #: this many characters in log lines.
     log_field_max_chars: int = Field(default=200, ge=16)
+    #: "stream opened" lines per second per process; the streams beyond it are counted and
+    #: said in one line per second (a reconnect storm logs a few dozen lines, not one per
+    #: stream). 0: only those summary lines; ``null``: every stream. (aiohttp's access log
+    #: leaves out started streams: their "stream opened" line says more.)
+    stream_log_per_s: int | None = Field(default=20, ge=0)
     #: Write checkpoints read the CDC topics' end offsets from Kafka through a lazily made
     #: consumer; after a failure Kafka is not asked again for this long, doubling per
     #: failure up to ``kafka_backoff_max_s`` (write checkpoints answer 503 meanwhile).

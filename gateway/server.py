@@ -20,7 +20,9 @@ from typing import Any, cast
 
 import orjson
 from aiohttp import web
+from aiohttp.web_log import AccessLogger
 from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 from confluent_kafka import Consumer, TopicPartition
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 
@@ -30,7 +32,7 @@ from gateway.auth import TokenVerifier
 from gateway.buckets import BucketResolver
 from gateway.errors import CODE_INTERNAL, CODE_TOO_MANY_CONNECTIONS, CODE_VALIDATION, ServiceError
 from gateway.hub import CheckpointHub
-from gateway.logutil import RateLimitedLog, clip
+from gateway.logutil import LogBudget, RateLimitedLog, clip
 from gateway.openapi import openapi_document
 from gateway.source_position import SourcePosition
 from gateway.starts import StartReads
@@ -206,6 +208,8 @@ class Gateway:
     layout: LayoutCheck | None = None
     #: reads on the primary while the replica is down (``redis.replica_check_s``)
     failover: ReplicaFailover | None = None
+    #: the "stream opened" lines' budget (gateway.stream_log_per_s)
+    open_log: LogBudget | None = None
 
     @property
     def limits(self) -> StreamLimits:
@@ -407,6 +411,11 @@ def _detach(
     # the handler and its parser refer to each other: without this the pair (about 1 KB)
     # waits for a full garbage collection, which the gateway runs rarely (gc.freeze)
     proto._parser = None
+    # and no keep-alive wait for a next request on this connection: the handler's task ends
+    # with this request, instead of the handler, its task and a timer living on for
+    # gateway.idle_timeout_s (after a reconnect storm: one of each per stream)
+    proto.keep_alive(False)  # cancels the connection's keep-alive timer
+    proto.force_close()
     return True
 
 
@@ -496,14 +505,15 @@ async def _sync_stream(
         f"stream sub={gw.clip(str(token.sub))} client={gw.clip(req.client_id)} "
         f"remote={gw.clip(request.remote)}"
     )
-    log.info(
-        "stream opened: sub=%s client=%s buckets=%d after=%s agent=%s",
-        gw.clip(str(token.sub)),
-        gw.clip(req.client_id),
-        len(first.grants),
-        gw.clip(orjson.dumps(req.after).decode()),
-        gw.clip(request.headers.get("x-user-agent") or request.headers.get("User-Agent")),
-    )
+    if gw.open_log is None or gw.open_log.allow():
+        log.info(
+            "stream opened: sub=%s client=%s buckets=%d after=%s agent=%s",
+            gw.clip(str(token.sub)),
+            gw.clip(req.client_id),
+            len(first.grants),
+            gw.clip(orjson.dumps(req.after).decode()),
+            gw.clip(request.headers.get("x-user-agent") or request.headers.get("User-Agent")),
+        )
     stream = SyncStream(
         store=gw.store,
         hub=gw.hub,
@@ -701,7 +711,16 @@ async def build_app(settings: Settings, *, with_position: bool = True) -> web.Ap
         if g.start_read_max_batch > 1
         else None
     )
-    gw = Gateway(settings, rules, store, hub, verifier, starts=starts, layout=LayoutCheck(store))
+    gw = Gateway(
+        settings,
+        rules,
+        store,
+        hub,
+        verifier,
+        starts=starts,
+        layout=LayoutCheck(store),
+        open_log=LogBudget(log, g.stream_log_per_s, "streams opened", "gateway.stream_log_per_s"),
+    )
     if replica is not None and settings.redis.replica_check_s > 0:
         gw.failover = ReplicaFailover(
             store, settings.redis.url, replica, settings.redis.replica_check_s
@@ -752,6 +771,18 @@ async def build_app(settings: Settings, *, with_position: bool = True) -> web.Ap
     app.on_shutdown.append(on_shutdown)
     app.on_cleanup.append(on_cleanup)
     return app
+
+
+class _AccessLog(AccessLogger):
+    """aiohttp's access log without the sync streams that started (200 on /sync/stream):
+    their "stream opened" line says more (sub, client, buckets, positions, agent) and is
+    budgeted (``gateway.stream_log_per_s``); a line each cost a reconnect storm ~6% of the
+    gateway's CPU. Refused streams and every other request are logged as before."""
+
+    def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
+        if isinstance(response, _StreamResponse) and response.status == 200:
+            return
+        super().log(request, response, time)
 
 
 class _GuardedRequestHandler(RequestHandler):
@@ -834,6 +865,7 @@ def make_runner(app: web.Application, settings: Settings, **kwargs: Any) -> Gate
     partial request heads after gateway.header_timeout_s; a stream's handler is cancelled
     when its client goes away, so idle streams never linger."""
     kwargs.setdefault("handle_signals", False)
+    kwargs.setdefault("access_log_class", _AccessLog)
     return GatewayRunner(
         app,
         settings,
@@ -841,6 +873,28 @@ def make_runner(app: web.Application, settings: Settings, **kwargs: Any) -> Gate
         keepalive_timeout=settings.gateway.idle_timeout_s,
         **kwargs,
     )
+
+
+GC_SECONDS = Counter(
+    "bucketsync_gateway_gc_seconds",
+    "CPU seconds spent in the garbage collector, by generation collected",
+    ["generation"],
+)
+
+
+def _time_gc() -> None:
+    """Count the collector's CPU time in ``bucketsync_gateway_gc_seconds`` (per generation)."""
+    counters = [GC_SECONDS.labels(str(g)) for g in range(3)]
+    started = [0.0]
+    clock = time.thread_time
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = clock()
+        else:
+            counters[info["generation"]].inc(clock() - started[0])
+
+    gc.callbacks.append(callback)
 
 
 def _serve_worker(settings: Settings, host: str, port: int, reuse_port: bool) -> None:
@@ -857,6 +911,7 @@ def _serve_worker(settings: Settings, host: str, port: int, reuse_port: bool) ->
         gc.collect()
         gc.freeze()
         gc.set_threshold(20_000, 50, 50)
+        _time_gc()
         log.info("gateway listening on http://%s:%s (pid %s)", host, port, os.getpid())
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -42,15 +42,21 @@ def test_bench_e2e_tiny(make_settings: Any, tmp_path: Path, replica: bool) -> No
     assert "produce → checkpoint_complete p50" in (tmp_path / "e2e.md").read_text()
 
 
-@pytest.mark.parametrize("replica", [False, True])
-def test_bench_reconnect_tiny(make_settings: Any, tmp_path: Path, replica: bool) -> None:
-    extra = ["--replica"] if replica else []
+@pytest.mark.parametrize(("replica", "procs"), [(False, 1), (True, 1), (False, 2)])
+def test_bench_reconnect_tiny(
+    make_settings: Any, tmp_path: Path, replica: bool, procs: int
+) -> None:
+    extra = (["--replica"] if replica else []) + ["--client-procs", str(procs)]
     res = _run(make_settings(), tmp_path / "rc.json", "reconnect", "--clients", "30", *extra)
     assert res["resumed"] == 30 and res["not_resumed"] == 0
     assert res["ops_downloaded"] == res["ops_expected"] == 15
     assert res["ops_twice"] == res["ops_missing"] == res["clients_with_wrong_rows"] == 0
     assert res["mismatches"] == res["protocol_errors"] == 0
     assert ("replica" in res["topology"]) is replica
+    assert sorted(k for k in res["cpu_s"] if k.startswith("clients")) == [
+        f"clients-{k}" for k in range(procs)
+    ]
+    assert [p["clients"] for p in res["per_client_process"]] == [30 // procs] * procs
 
 
 def test_bench_initial_sync_tiny(make_settings: Any, tmp_path: Path) -> None:

@@ -166,3 +166,32 @@ async def test_shutdown_ends_detached_streams(gw_settings) -> None:
             assert c.raw.endswith(b"0\r\n\r\n")  # ended, not cut
             c.close()
         assert gw.hub.connections == 0 and not gw.user_streams
+
+
+async def test_detached_stream_releases_the_request_handler_at_once(gw_settings) -> None:
+    """After the detach nothing holds aiohttp's handler of the connection: no keep-alive
+    timer waits ``idle_timeout_s`` for a next request that cannot come (before: every
+    detached stream's handler, its task and its timer lived on for 30 s after a storm)."""
+    import gc
+
+    from aiohttp.web_protocol import RequestHandler
+
+    def handlers() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, RequestHandler))
+
+    s = gw_settings(idle_timeout_s=30)
+    n = 4
+    await feed(s, [todo(f"t{i}", f"u{i}") for i in range(n)])
+    async with running_app(s) as (port, gw, _runner):
+        base = handlers()
+        clients = [await Raw.open(port, make_dev_token(s, sub=f"u{i}")) for i in range(n)]
+        for c in clients:
+            await c.until(lambda r: r.count("checkpoint_complete") >= 1)
+        await _eventually(lambda: not gw.streams and gw.hub.connections == n)
+        await _eventually(lambda: handlers() == base)
+        # the detached streams still serve their clients
+        await feed(s, [todo("t0", "u0", "again")])
+        await clients[0].until(lambda r: r.count("checkpoint_complete") >= 2)
+        for c in clients:
+            c.close()

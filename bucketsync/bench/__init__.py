@@ -76,6 +76,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
             clients=2000 if args.clients is None else args.clients,
             workers=args.workers,
             replica=args.replica,
+            client_procs=max(1, args.client_procs),
             out=args.out,
         )
     # the older modes' defaults (the new ones choose their own when these are unset)

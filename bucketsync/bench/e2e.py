@@ -199,8 +199,8 @@ def run(
         "partitions": PARTITIONS,
         "cores": os.cpu_count(),
         "split": "no pinning: gateway (`bucketsync gateway`, workers as given), one "
-        "`bucketsync processor`, the simulated clients (one process, aiohttp + the checksum-"
-        "verifying simulator), the producer (bench process), Kafka and Redis share the cores; "
+        "`bucketsync processor`, the simulated clients (one process, raw asyncio streams + the "
+        "checksum-verifying simulator), the producer (bench process), Kafka and Redis share the cores; "
         "cpu_s gives each one's CPU seconds over the measured window",
     }
 

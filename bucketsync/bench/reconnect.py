@@ -14,9 +14,11 @@ gateway processes read from the replica (``redis.replica_urls``); clients altern
 them (capacity of 2 gateways x 1 replica). Without it: the configured Redis, one gateway
 process (``--workers``).
 
-The split of the cores: nothing is pinned; the gateway process(es), the client process
-(:class:`bucketsync.bench.clients.ClientPool`, checksums verified at every checkpoint), Redis
-and this process share the cores; CPU seconds of each over the storm are reported.
+The split of the cores: nothing is pinned; the gateway process(es), the client process(es)
+(``--client-procs``, default 1: :class:`bucketsync.bench.clients.ClientPool`, raw asyncio
+streams, checksums verified at every checkpoint), Redis and this process share the cores;
+CPU seconds of each over the storm are reported, and the CPU per reconnect of the gateways
+and of the clients.
 """
 
 from __future__ import annotations
@@ -92,7 +94,13 @@ async def _apply(store: Store, events: list[UpsertEvent], offset: int) -> int:
 
 
 def run(
-    settings: Settings, *, clients: int, workers: int, replica: bool, workdir: Path
+    settings: Settings,
+    *,
+    clients: int,
+    workers: int,
+    replica: bool,
+    workdir: Path,
+    client_procs: int = 1,
 ) -> dict[str, Any]:
     raise_nofile()
     prefix = f"bench-reconnect-{uuid.uuid4().hex[:8]}"
@@ -140,9 +148,11 @@ def run(
             else f"the configured Redis, 1 gateway (`--workers {workers}`)"
         ),
         "cores": os.cpu_count(),
-        "split": "no pinning: gateway process(es), the simulated clients (one process, "
-        "aiohttp + the checksum-verifying simulator), Redis and the bench process share the "
-        "cores; cpu_s gives each one's CPU seconds over the storm",
+        "client_procs": client_procs,
+        "split": f"no pinning: gateway process(es), the simulated clients ({client_procs} "
+        "process(es): raw asyncio HTTP/1.1 streams + the checksum-verifying simulator), Redis "
+        "and the bench process share the cores; cpu_s gives each one's CPU seconds over the "
+        "storm",
     }
     gws: list[subprocess.Popen[bytes]] = []
     pool: kit.ClientPool | None = None
@@ -161,7 +171,7 @@ def run(
         for gw, port, i in zip(gws, ports, range(n_gw), strict=True):
             wait_listening(port, gw, workdir / f"gateway-{i}.log")
         tokens = [make_dev_token(s, sub=u, ttl_s=7200) for u in users]
-        pool = kit.ClientPool([f"http://127.0.0.1:{p}" for p in ports], tokens)
+        pool = kit.ClientPool([f"http://127.0.0.1:{p}" for p in ports], tokens, procs=client_procs)
         first = pool.open(concurrency=500, timeout=300)
         result["first_sync"] = {
             "synced": first["resumed"],
@@ -179,12 +189,21 @@ def run(
             wait_for(lambda: rr.get(f"{prefix}:checkpoint") == cp, 60, "replica catch-up")
         time.sleep(0.5)
         pool.call("mark")
-        pids = {f"gateway-{i}": gw.pid for i, gw in enumerate(gws)} | {"clients": pool.pid}
+        pids = {f"gateway-{i}": gw.pid for i, gw in enumerate(gws)} | {
+            f"clients-{k}": pid for k, pid in enumerate(pool.pids)
+        }
+        gc0 = [_gc_seconds(p) for p in ports]
         cpu0 = {k: tree_cpu_seconds(p) for k, p in pids.items()}
         rss0 = {k: rss_kb(p) for k, p in pids.items() if k.startswith("gateway")}
         t0 = time.time()
-        storm = pool.open(concurrency=0, timeout=120)
+        storm = pool.open(concurrency=0, timeout=120, t0=t0)
         cpu = {k: round(tree_cpu_seconds(p) - cpu0[k], 2) for k, p in pids.items()}
+        gc_s = {
+            f"gateway-{i}": {g: round(v - gc0[i].get(g, 0.0), 3) for g, v in _gc_seconds(p).items()}
+            for i, p in enumerate(ports)
+        }
+        gw_cpu = sum(v for k, v in cpu.items() if k.startswith("gateway"))
+        cl_cpu = sum(v for k, v in cpu.items() if k.startswith("clients"))
         got = pool.call("collect")
         tables = pool.call("tables")
         expected = [1 if u in changed else 0 for u in users]
@@ -213,6 +232,10 @@ def run(
                 "protocol_errors": got["protocol_errors"],
                 "http_errors": got["http_errors"],
                 "cpu_s": cpu,
+                "gateway_cpu_ms_per_reconnect": round(gw_cpu * 1000 / clients, 3),
+                "client_cpu_ms_per_reconnect": round(cl_cpu * 1000 / clients, 3),
+                "per_client_process": storm["per_process"],
+                "gateway_gc_s": gc_s,
                 "gateway_rss_kb": {k: rss_kb(p) for k, p in pids.items() if k in rss0},
                 "completes_per_s": kit.per_second(got["completes_per_s"], t0),
                 "resume_cdf_ms": [
@@ -232,6 +255,24 @@ def run(
         for srv in servers:
             stop(srv)
     return result
+
+
+def _gc_seconds(port: int) -> dict[str, float]:
+    """The gateway's seconds in the garbage collector so far, per generation (from its
+    /metrics; with ``--workers`` > 1 the worker that answers)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("bucketsync_gateway_gc_seconds_total{"):
+            name, _, value = line.rpartition(" ")
+            out[name.split('"')[1]] = float(value)
+    return out
 
 
 async def _apply_and_close(store: Store, events: list[UpsertEvent], offset: int) -> int:
@@ -276,6 +317,15 @@ def report(res: dict[str, Any], out: Path) -> None:
             "| CPU seconds during the storm | "
             + ", ".join(f"{k} {v}" for k, v in res["cpu_s"].items())
             + " | - |",
+            "| of which the gateway's garbage collector (by generation) | "
+            + "; ".join(
+                f"{k}: " + ", ".join(f"gen{g} {v} s" for g, v in sorted(gens.items()))
+                for k, gens in res.get("gateway_gc_s", {}).items()
+            )
+            + " | - |",
+            f"| CPU per reconnect: gateway(s) / client process(es) | "
+            f"{res['gateway_cpu_ms_per_reconnect']} ms / "
+            f"{res['client_cpu_ms_per_reconnect']} ms | - |",
             f"| first sync of all clients (ramped, 500 at a time) | "
             f"{res['first_sync']['took_s']} s | - |",
             "",
@@ -300,12 +350,20 @@ def main(
     clients: int = 2000,
     workers: int = 1,
     replica: bool = False,
+    client_procs: int = 1,
     out: str | None = None,
 ) -> int:
     """``bucketsync bench reconnect``: exit code 1 when a client did not resume, got an op
     twice, or saw a checksum mismatch."""
     with tempfile.TemporaryDirectory(prefix="bucketsync-reconnect-") as tmp:
-        res = run(settings, clients=clients, workers=workers, replica=replica, workdir=Path(tmp))
+        res = run(
+            settings,
+            clients=clients,
+            workers=workers,
+            replica=replica,
+            workdir=Path(tmp),
+            client_procs=max(1, client_procs),
+        )
     report(res, result_path(out, "reconnect"))
     ok = res["not_resumed"] == 0 and res["ops_twice"] == 0 and res["mismatches"] == 0
     return 0 if ok else 1
