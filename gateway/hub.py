@@ -24,7 +24,7 @@ import orjson
 from prometheus_client import Counter, Gauge
 
 from gateway import protocol
-from pipeline.store import BucketState, Store, StoredOp
+from pipeline.store import BucketState, Store, StoredOp, parse_members, parse_score
 
 log = logging.getLogger("bucketsync.gateway.hub")
 
@@ -180,7 +180,7 @@ class Page:
 class PageCache:
     """Pages of one bucket's ops, read once and shared by every connection that needs them.
 
-    Reads: :meth:`Store.read_ops` only, once per key ``(bucket, after, upto, max_ops,
+    Reads: :meth:`Store.read_ops_raw` only, once per key ``(bucket, after, upto, max_ops,
     max_bytes)`` while the key is cached; concurrent :meth:`get` calls for the same key
     share one read. A failed read is not cached: every waiter gets its exception and the
     next call reads again.
@@ -257,11 +257,29 @@ class PageCache:
     async def _read(self, bucket: str, after: int, upto: int, max_ops: int, max_bytes: int) -> Page:
         # one op more than the page holds: it tells whether more remain (has_more is
         # "more ops <= upto remain", sync-protocol.md §3.3, not "the read was full")
-        ops = await self.store.read_ops(bucket, after, upto, max_ops + 1)
-        has_more_store = len(ops) > max_ops
+        flat = await self.store.read_ops_raw(bucket, after, upto, max_ops + 1)
+        has_more_store = len(flat) > 2 * max_ops
         if has_more_store:
-            del ops[max_ops:]
-        return encode_page(bucket, after, ops, has_more_store, max_bytes)
+            del flat[2 * max_ops :]
+        return encode_raw_page(bucket, after, flat, has_more_store, max_bytes)
+
+
+def encode_raw_page(
+    bucket: str, after: int, flat: list[bytes], has_more_store: bool, max_bytes: int
+) -> Page:
+    """:func:`encode_page` of ops as the store returns them (``[member, score, ...]``,
+    :meth:`Store.read_ops_raw`). When every member is untagged (a PUT/REMOVE: the member is
+    the op's wire JSON) and the ops fit one line, the members are spliced into that line as
+    they are: no per-op objects, no re-encoding (the common page: an initial sync)."""
+    members = flat[0::2]
+    if not members:
+        return Page((), after, False, 0, 0)
+    last = members[-1]
+    if sum(map(len, members)) - len(last) < max_bytes and all(m[:1] == b"{" for m in members):
+        nxt = parse_score(flat[-1])
+        line = protocol.data(bucket, after, nxt, has_more_store, members)
+        return Page((line,), nxt, has_more_store, len(members), 0)
+    return encode_page(bucket, after, parse_members(flat), has_more_store, max_bytes)
 
 
 def encode_page(

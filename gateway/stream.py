@@ -32,6 +32,7 @@ from gateway.hub import (
     OPS_SENT,
     CheckpointHub,
     DeliveryStats,
+    Page,
     PageKey,
     Subscriber,
     encode_page,
@@ -882,30 +883,46 @@ class SyncStream:
                 if self.last_op.get(b, cp) <= self.positions[b]:
                     self.positions[b] = max(self.positions[b], cp)  # nothing new: no read
                     continue
-                while self.positions[b] < cp:
-                    page = await self.hub.pages.get(
-                        b,
-                        self.positions[b],
-                        cp,
-                        self.limits.max_ops_per_line,
-                        self.limits.max_line_bytes,
-                    )
-                    log.debug(
-                        "%s: %s ops of %s in (%s, %s]",
-                        self.describe,
-                        page.ops,
-                        b,
-                        self.positions[b],
-                        cp,
-                    )
-                    for line in page.lines:
-                        await self.send(line, "data")
-                    OPS_SENT.inc(page.ops)
-                    max_target = max(max_target, page.max_target)
-                    if page.has_more:
-                        self.positions[b] = page.next_after
-                    else:
-                        self.positions[b] = cp
+                pages = self.hub.pages
+                lim = self.limits
+                #: the next page's read, started before this page's lines are written (a
+                #: big bucket: the store read overlaps the socket writes)
+                ahead: asyncio.Future[Page] | None = None
+                try:
+                    while self.positions[b] < cp:
+                        if ahead is not None:
+                            page, ahead = await ahead, None
+                        else:
+                            page = await pages.get(
+                                b, self.positions[b], cp, lim.max_ops_per_line, lim.max_line_bytes
+                            )
+                        if page.has_more:
+                            ahead = asyncio.ensure_future(
+                                pages.get(
+                                    b, page.next_after, cp, lim.max_ops_per_line, lim.max_line_bytes
+                                )
+                            )
+                        log.debug(
+                            "%s: %s ops of %s in (%s, %s]",
+                            self.describe,
+                            page.ops,
+                            b,
+                            self.positions[b],
+                            cp,
+                        )
+                        for line in page.lines:
+                            await self.send(line, "data")
+                        OPS_SENT.inc(page.ops)
+                        max_target = max(max_target, page.max_target)
+                        if page.has_more:
+                            self.positions[b] = page.next_after
+                        else:
+                            self.positions[b] = cp
+                finally:
+                    if ahead is not None:
+                        # not cancelled: the read may be shared (PageCache); it fills the
+                        # cache, and its outcome is taken here so no error goes unretrieved
+                        ahead.add_done_callback(_retrieve)
             if level != levels[-1] and max_target <= cp:
                 await self.send(
                     protocol.partial_checkpoint_complete(cp, level), "partial_checkpoint_complete"
@@ -914,6 +931,11 @@ class SyncStream:
 
 
 _NO_AFTER: dict[str, int] = {}
+
+
+def _retrieve(fut: asyncio.Future[Page]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 class _Detached(asyncio.Protocol):
