@@ -377,6 +377,7 @@ class CheckpointHub:
         self._delivery: asyncio.Task[None] | None = None
         #: framed chunks shared by every connection that gets the same lines
         self._chunks: dict[tuple[bytes, ...], bytes] = {}
+        self._stored_chunks: dict[tuple[bytes, ...], tuple[bytes, bytes]] = {}
         self._complete_lines: dict[int, bytes] = {}
         self.fast_deliveries = 0
         #: the last delivery round: connections, served by the hub, seconds
@@ -471,6 +472,20 @@ class CheckpointHub:
                 self._chunks.clear()
             self._chunks[lines] = framed
         return framed
+
+    def stored_chunk(self, lines: tuple[bytes, ...]) -> tuple[bytes, bytes]:
+        """For a gzip body past its deflated start (:class:`protocol.GzipBody`): ``lines``
+        joined, and as stored deflate blocks in one HTTP/1.1 chunk, built once for every
+        connection sending the same lines (each counts the joined lines in its trailer)."""
+        got = self._stored_chunks.get(lines)
+        if got is None:
+            body = b"".join(lines)
+            inner = protocol.stored_blocks(body)
+            got = (body, b"%x\r\n%b\r\n" % (len(inner), inner))
+            if len(self._stored_chunks) >= 64:
+                self._stored_chunks.clear()
+            self._stored_chunks[lines] = got
+        return got
 
     def remember_line(self, key: object, line: bytes) -> None:
         if len(self.lines) >= 256:

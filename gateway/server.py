@@ -466,12 +466,18 @@ async def _sync_stream(
     except BaseException:
         gw.hub.unsubscribe(sub)
         raise
+    gz = (
+        protocol.GzipBody(g.compression_level)
+        if g.compression == "gzip" and protocol.accepts_gzip(request.headers.get("Accept-Encoding"))
+        else None
+    )
     resp = _StreamResponse(
         status=200,
         headers={
             "Content-Type": "application/x-ndjson",
             "Cache-Control": "no-cache",
             "X-Accel-Buffering": "no",
+            **({"Content-Encoding": "gzip", "Vary": "Accept-Encoding"} if gz else {}),
             **CORS_HEADERS,
         },
     )
@@ -517,6 +523,7 @@ async def _sync_stream(
         transport=request.transport,
         detachable=isinstance(request.transport, asyncio.Transport)
         and isinstance(getattr(request.protocol, "_manager", None), web.Server),
+        gzip=gz,
     )
     task = asyncio.current_task()
     if task is not None:

@@ -15,6 +15,7 @@ op 0) and removing the ones it lost, on the same open stream (§4.2 step 4, §4.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -116,7 +117,9 @@ class SyncStream:
     ``sub`` passed in must be subscribed with ``wcp_key`` and ``resolver.lookup_keys``,
     and ``resolution`` resolved with ``on_buckets`` setting that subscription's buckets.
     A ``transport`` lets the hub write to the socket directly (batched delivery): pass it
-    only for a chunked, uncompressed response whose headers were sent. :meth:`run`
+    only for a chunked response whose headers were sent, and that aiohttp does not compress
+    (``gzip``: the stream's own :class:`~gateway.protocol.GzipBody`, then the response
+    carries ``Content-Encoding: gzip``). :meth:`run`
     unsubscribes from the hub when it ends.
     """
 
@@ -127,6 +130,7 @@ class SyncStream:
         "_conn",
         "_detachable",
         "_ended",
+        "_gz",
         "_levels",
         "_lost",
         "_memo",
@@ -183,6 +187,7 @@ class SyncStream:
         resolution: Resolution | None = None,
         transport: asyncio.BaseTransport | None = None,
         detachable: bool = False,
+        gzip: protocol.GzipBody | None = None,
     ):
         """``sub`` and ``resolution``: the hub subscription and the first bucket set when the
         caller resolved it already (to answer PSYNC_S2305 before the 200)."""
@@ -217,7 +222,8 @@ class SyncStream:
         self.next_keepalive = time.monotonic() + limits.keepalive_s
         self.sub: Subscriber | None = sub
         #: for the hub's batched delivery: chunks written straight to the socket (the
-        #: response is chunked, uncompressed; its headers went out with the first checkpoint)
+        #: response is chunked, not compressed by aiohttp; its headers went out with the
+        #: first checkpoint)
         self._transport = transport if isinstance(transport, asyncio.WriteTransport) else None
         #: the task waits in ``_wait`` with nothing queued: the hub may deliver for it
         self._parked = False
@@ -241,6 +247,9 @@ class SyncStream:
         self._timer: asyncio.TimerHandle | None = None
         self._lost = False
         self._ended = False
+        #: the body's gzip encoding (``Content-Encoding: gzip``): deflated until the first
+        #: checkpoint is complete, stored blocks after (no compressor kept while idle)
+        self._gz = gzip
 
     def _set_grants(self, grants: Sequence[Grant]) -> list[str]:
         """Adopt a (re)resolved bucket set; returns the buckets that left it."""
@@ -312,6 +321,8 @@ class SyncStream:
         chunk = b"".join(self._out) if len(self._out) > 1 else self._out[0]
         self._out.clear()
         self._out_size = 0
+        if self._gz is not None:
+            chunk = self._gz.encode(chunk)
         try:
             if self._buffered() + len(chunk) <= self.limits.max_buffered_bytes:
                 await self._write(chunk)  # fits the buffer: cannot block, no timer needed
@@ -395,6 +406,9 @@ class SyncStream:
                 "checkpoint",
             )
             await self._serve(states)
+            if self._gz is not None:
+                await self.flush()  # the initial sync's last deflated piece
+                self._gz.settle()
             if self._transport is not None:
                 sub.owner = self
             idle = await self._loop(sub)
@@ -410,10 +424,22 @@ class SyncStream:
         while True:
             woke = await self._wait(sub)
             if woke is None:
+                await self._end_body()
                 return False
             if not woke:
                 return True
             await self._on_change(sub)
+
+    async def _end_body(self) -> None:
+        """A gzip body's end (its trailer) when the stream ends normally."""
+        gz = self._gz
+        if gz is None or self._lost:
+            return
+        t = self._transport
+        if t is not None and t.is_closing():
+            return
+        with contextlib.suppress(ConnectionResetError):
+            await self._write(gz.end())
 
     async def _wait(self, sub: Subscriber) -> bool | None:
         """Wait for a change, a keepalive tick or the end. True = changed, None = end,
@@ -848,7 +874,12 @@ class SyncStream:
             if positions[b] < cp:
                 positions[b] = cp
         lines.append(self.hub.complete_line(cp))
-        chunk = self.hub.chunk(tuple(lines))
+        gz = self._gz
+        if gz is None:
+            chunk = self.hub.chunk(tuple(lines))
+        else:
+            body, chunk = self.hub.stored_chunk(tuple(lines))
+            gz.count(body)
         assert self._transport is not None
         self._transport.write(chunk)
         # what is unsent now includes this chunk: progress is measured from here (flush)
