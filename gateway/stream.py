@@ -54,6 +54,10 @@ _LINE_COUNTERS = {
         "token_expires_in",
     )
 }
+GZIP_STREAMS = Counter(
+    "bucketsync_gateway_gzip_streams_total",
+    "Sync streams sent with Content-Encoding: gzip (gateway.compression)",
+)
 SLOW_CLIENTS = Counter("bucketsync_gateway_slow_clients_total", "Streams dropped for not reading")
 INVALIDATED = Counter(
     "bucketsync_gateway_invalidated_checkpoints_total",
@@ -250,6 +254,8 @@ class SyncStream:
         #: the body's gzip encoding (``Content-Encoding: gzip``): deflated until the first
         #: checkpoint is complete, stored blocks after (no compressor kept while idle)
         self._gz = gzip
+        if gzip is not None:
+            GZIP_STREAMS.inc()
 
     def _set_grants(self, grants: Sequence[Grant]) -> list[str]:
         """Adopt a (re)resolved bucket set; returns the buckets that left it."""
