@@ -888,22 +888,25 @@ class SyncStream:
             gz.count(body)
         assert self._transport is not None
         self._transport.write(chunk)
-        # what is unsent now includes this chunk: progress is measured from here (flush)
+        stats.streams += 1
+        stats.bytes += len(chunk)
+        stats.ops += ops
+        stats.diffs += 1
+        stats.data += n_data
+        stats.partials += n_partial
+        return True
+
+    def fast_written(self) -> None:
+        """After the hub's round wrote a chunk here (:meth:`fast_deliver`): what is unsent
+        now includes it, so progress is measured from here (as ``flush`` does)."""
+        t = self._transport
+        if t is None or t.is_closing() or self._ended:
+            return
         cur = self._unsent()
         if cur:
             self._stall_since = time.monotonic()
             self._stall_mark = cur
             self._look_by_stall_deadline()
-        stats.streams += 1
-        stats.bytes += len(chunk)
-        stats.ops += ops
-        stats.line("checkpoint_diff")
-        if n_data:
-            stats.line("data", n_data)
-        if n_partial:
-            stats.line("partial_checkpoint_complete", n_partial)
-        stats.line("checkpoint_complete")
-        return True
 
     async def _send_data(self, max_target: int = 0) -> int:
         """Send ops in ``(position, cp]`` for every bucket, by priority. Returns the largest
