@@ -202,7 +202,7 @@ def stored_blocks(data: bytes) -> bytes:
 
 
 def accepts_gzip(accept_encoding: str | None) -> bool:
-    """Does an ``Accept-Encoding`` header allow ``gzip`` (RFC 9110 §12.5.3; ``q=0`` refuses)?"""
+    """Does an ``Accept-Encoding`` header allow ``gzip`` (RFC 9110, Accept-Encoding; ``q=0`` refuses)?"""
     if not accept_encoding:
         return False
     for item in accept_encoding.split(","):
