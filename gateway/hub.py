@@ -665,10 +665,11 @@ class CheckpointHub:
             self._delivery = None
 
     async def _deliver(self, batch: list[Subscriber]) -> None:
-        """One round over ``batch``, in order: each connection's pages are looked up, the
-        ones not cached yet are read (the round waits for that read, once per distinct
-        page: the rest of a fan-out finds it cached), and its lines are written at once.
-        So the first connections are served before the last are even looked at.
+        """One round over ``batch``, in order: a connection whose pages are cached (or
+        needs none) is served as soon as it is looked at; the others wait for the pages
+        not cached yet, read all at once after the pass (each page once, concurrently: one
+        round trip for the round, however many connections need pages of their own), and
+        are served then.
 
         The cyclic garbage collector is paused while the round runs without awaiting:
         a round allocates (and frees, by reference counting) a few objects per connection,
@@ -682,7 +683,8 @@ class CheckpointHub:
         stats = DeliveryStats()
         written: list[FastPath] = []
         pages = self.pages
-        failed = False
+        waiting: list[tuple[Subscriber, FastPath]] = []
+        missing: dict[PageKey, None] = {}
         paused = gc.isenabled()
         if paused:
             gc.disable()
@@ -693,39 +695,30 @@ class CheckpointHub:
                 if keys is None or owner is None:
                     sub.wake.set()
                     continue
-                recheck = False
                 if keys:
-                    missing = [k for k in keys if pages.peek(k) is None]
-                    if missing:
-                        if failed:  # the store failed this round: its own task reads again
-                            sub.wake.set()
-                            continue
-                        recheck = True  # other tasks run meanwhile
-                        if paused:
-                            gc.enable()
-                        try:
-                            await asyncio.gather(*(pages.get(*k) for k in missing))
-                        except asyncio.CancelledError:
-                            raise
-                        except Exception:
-                            failed = True
-                            sub.wake.set()
-                            continue
-                        finally:
-                            if paused:
-                                gc.disable()
-                n = stats.streams
+                    miss = [k for k in keys if pages.peek(k) is None]
+                    if miss:
+                        for k in miss:
+                            missing[k] = None
+                        waiting.append((sub, owner))
+                        continue
+                self._serve(sub, owner, stats, written, False)
+            if missing:
+                if paused:
+                    gc.enable()
                 try:
-                    done = owner.fast_deliver(stats, recheck)
+                    await asyncio.gather(*(pages.get(*k) for k in missing))
+                except asyncio.CancelledError:
+                    raise
                 except Exception:
-                    log.exception("batched delivery failed; the stream serves itself")
-                    done = False
-                if done:
-                    if stats.streams != n:
-                        written.append(owner)
-                else:
-                    self.slow_wakes += 1
-                    sub.wake.set()
+                    for sub, _ in waiting:  # their own tasks read again and report
+                        sub.wake.set()
+                    waiting = []
+                finally:
+                    if paused:
+                        gc.disable()
+                for sub, owner in waiting:  # other tasks ran meanwhile: check again
+                    self._serve(sub, owner, stats, written, True)
         finally:
             if paused:
                 gc.enable()
@@ -743,6 +736,27 @@ class CheckpointHub:
             _record(stats)
             if self.last_change_ms:
                 CHECKPOINT_LAG.set(max(0.0, time.time() - self.last_change_ms / 1000))
+
+    def _serve(
+        self,
+        sub: Subscriber,
+        owner: FastPath,
+        stats: DeliveryStats,
+        written: list[FastPath],
+        recheck: bool,
+    ) -> None:
+        n = stats.streams
+        try:
+            done = owner.fast_deliver(stats, recheck)
+        except Exception:
+            log.exception("batched delivery failed; the stream serves itself")
+            done = False
+        if done:
+            if stats.streams != n:
+                written.append(owner)
+        else:
+            self.slow_wakes += 1
+            sub.wake.set()
 
     def position_reached(self, position: dict[str, int]) -> bool:
         return all(self.offsets.get(tp, -1) >= off for tp, off in position.items())

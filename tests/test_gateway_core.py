@@ -760,3 +760,61 @@ async def test_hub_leaves_a_busy_socket_to_the_stream(mem8: MemoryStore) -> None
             await until(lambda: out.completes() == 2)
             assert tr.chunks == [] and hub.fast_deliveries == 0
             assert out.lines[n:] == one_change(mem8, U1, 8, 9)
+
+
+class _SlowReads(MemoryStore):
+    """Page reads that take a loop turn each, counting how many are under way at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inflight = 0
+        self.most_inflight = 0
+
+    async def read_ops(self, bucket: str, after: int, upto: int, limit: int) -> list[StoredOp]:
+        self.inflight += 1
+        self.most_inflight = max(self.most_inflight, self.inflight)
+        try:
+            await asyncio.sleep(0.01)
+            return await super().read_ops(bucket, after, upto, limit)
+        finally:
+            self.inflight -= 1
+
+
+async def test_hub_round_reads_the_pages_of_many_connections_at_once() -> None:
+    """One delivery round for connections that each need a page of their own (a batch that
+    touched three users' buckets): the hub reads those pages concurrently, one round trip
+    for the round. A round that awaited each connection's page in turn (bench e2e: 2,000
+    per-user streams at 1,000 events/s, p50 32 ms -> 2.2 s) read one at a time."""
+    mem = _SlowReads()
+    users = ["u1", "u2", "u3"]
+    mem.apply([put(f'by_user["{u}"]', "t0") for u in users])
+    async with running_hub(mem) as hub:
+        streams = []
+        for u in users:
+            resolver = BucketResolver(
+                parse_rules(BY_USER),
+                {"sub": u},
+                {},
+                include_defaults=True,
+                max_buckets=100,
+                max_parameter_results=100,
+            )
+            tr = FakeTransport()
+            stream, out = make_stream(mem, hub, resolver=resolver, transport=tr)
+            streams.append((stream, out, tr))
+        async with contextlib.AsyncExitStack() as stack:
+            for stream, _out, _ in streams:
+                await stack.enter_async_context(running(stream))
+            for stream, out, _ in streams:
+                await until(lambda out=out: out.completes() == 1)  # type: ignore[misc]
+                await until(lambda stream=stream: stream._parked)  # type: ignore[misc]
+            mem.most_inflight = 0
+            mem.apply([put(f'by_user["{u}"]', "t1", v=2) for u in users])  # one change entry
+            await until(lambda: hub.fast_deliveries == 3)
+            assert mem.most_inflight == 3
+            for _, _, tr in streams:
+                assert [kind(x) for x in tr.lines()] == [
+                    "checkpoint_diff",
+                    "data",
+                    "checkpoint_complete",
+                ]
