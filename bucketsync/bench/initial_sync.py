@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import resource
 import statistics
 import tempfile
 import time
@@ -270,8 +271,12 @@ def run(settings: Settings, *, ops: int, runs: int, node: bool, workdir: Path) -
             wait_listening(port, gw, log)
             await asyncio.sleep(0.5)
             cpu0 = cpu_seconds(gw.pid)
+            others0 = await _other_cpu(store)
             res = await raw_sync(port, token)
             res["gateway_cpu_s"] = cpu_seconds(gw.pid) - cpu0
+            others1 = await _other_cpu(store)
+            res["reader_cpu_s"] = others1[0] - others0[0]
+            res["redis_cpu_s"] = others1[1] - others0[1]
             colds.append(res)
             print(f"cold run {i + 1}: {res['ops'] / res['seconds']:,.0f} ops/s", flush=True)
         assert gw is not None
@@ -289,6 +294,9 @@ def run(settings: Settings, *, ops: int, runs: int, node: bool, workdir: Path) -
                 "ops_per_s": round(c["ops"] / c["seconds"]),
                 "ops_per_gateway_cpu_s": round(c["ops"] / max(c["gateway_cpu_s"], 1e-9)),
                 "bytes": c["bytes"],
+                "gateway_cpu_s": round(c["gateway_cpu_s"], 3),
+                "reader_cpu_s": round(c["reader_cpu_s"], 3),
+                "redis_cpu_s": round(c["redis_cpu_s"], 3),
             }
             for c in colds
         ]
@@ -339,6 +347,17 @@ def run(settings: Settings, *, ops: int, runs: int, node: bool, workdir: Path) -
     return result
 
 
+async def _other_cpu(store: Store) -> tuple[float, float]:
+    """CPU seconds so far of this process (the raw reader) and of the Redis server (all of
+    its clients: on a shared Redis, other users' load too)."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    info = await store.r.info("cpu")
+    return (
+        ru.ru_utime + ru.ru_stime,
+        float(info.get("used_cpu_user", 0)) + float(info.get("used_cpu_sys", 0)),
+    )
+
+
 def _downsample(marks: list[tuple[float, int]], n: int = 300) -> list[tuple[float, int]]:
     step = max(1, len(marks) // n)
     out = [(round(t, 4), k) for t, k in marks[::step]]
@@ -376,6 +395,13 @@ def report(res: dict[str, Any], out: Path) -> None:
             f"{GOALS['ops']:,} ops |",
             f"| cold: ops per gateway CPU-second (last run) | "
             f"{res['cold_runs'][-1]['ops_per_gateway_cpu_s']:,} | - |",
+            "| cold: CPU seconds per run, gateway / raw reader / Redis (all its clients) / "
+            "wall | "
+            + "; ".join(
+                f"{c['gateway_cpu_s']} / {c['reader_cpu_s']} / {c['redis_cpu_s']} / {c['seconds']}"
+                for c in res["cold_runs"]
+            )
+            + " | - |",
             f"| warm (shared page cache) | {res['warm']['ops_per_s']:,} ops/s | - |",
             f"| official Node client: connect → first checkpoint applied | {node_row} | report |",
             f"| Python simulator (parses, verifies checksums) | {sim['seconds']} s, "
