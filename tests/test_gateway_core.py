@@ -19,7 +19,7 @@ import orjson
 import pytest
 
 from gateway.buckets import BucketResolver, Resolution
-from gateway.hub import CheckpointHub, PageCache
+from gateway.hub import FANOUT_SHARED, CheckpointHub, PageCache
 from gateway.stream import StreamLimits, SyncStream
 from pipeline.rules.parse import parse_rules
 from pipeline.store import BucketState, Store, StoredOp, write_checkpoint_key
@@ -818,3 +818,45 @@ async def test_hub_round_reads_the_pages_of_many_connections_at_once() -> None:
                     "data",
                     "checkpoint_complete",
                 ]
+
+
+GLOBAL = """
+bucket_definitions:
+  everyone:
+    data: [SELECT * FROM news]
+"""
+
+
+async def test_hub_round_serves_a_fanout_from_one_page_read() -> None:
+    """A change to a bucket held by many connections (at least ``FANOUT_SHARED``): the
+    round reads the page once, when the first connection needs it, and every connection
+    gets the same lines (diff, the op, complete) from the hub."""
+    mem = _SlowReads()
+    bucket = "everyone[]"
+    mem.apply([put(bucket, "n0")])
+    n = FANOUT_SHARED + 4
+    async with running_hub(mem) as hub:
+        streams = [make_stream(mem, hub, GLOBAL, transport=FakeTransport()) for _ in range(n)]
+        async with contextlib.AsyncExitStack() as stack:
+            for stream, _out in streams:
+                await stack.enter_async_context(running(stream))
+            for stream, out in streams:
+                await until(lambda out=out: out.completes() == 1)  # type: ignore[misc]
+                await until(lambda stream=stream: stream._parked)  # type: ignore[misc]
+            reads = mem.calls["read_ops"]
+            mem.apply([put(bucket, "n1", v=2)])
+            await until(lambda: hub.fast_deliveries == n)
+            assert mem.calls["read_ops"] == reads + 1
+            firsts = set()
+            for stream, _out in streams:
+                tr = stream._transport
+                assert isinstance(tr, FakeTransport)
+                lines = tr.lines()
+                assert [kind(x) for x in lines] == [
+                    "checkpoint_diff",
+                    "data",
+                    "checkpoint_complete",
+                ]
+                assert [op["object_id"] for op in lines[1]["data"]["data"]] == ["n1"]
+                firsts.add(tr.chunks[0])
+            assert len(firsts) == 1  # the same chunk for all
