@@ -165,6 +165,14 @@ class GatewaySettings(_Section):
     kafka_backoff_max_s: float = Field(default=30.0, gt=0)
     #: Bytes of encoded op pages the per-process page cache may hold.
     page_cache_max_bytes: int = Field(default=64 * 1_048_576, gt=0)
+    #: Sync stream response compression. ``gzip``: when the request's ``Accept-Encoding``
+    #: allows it (the official Node/JS clients send ``gzip, deflate``), the body is gzip:
+    #: deflated at ``compression_level`` up to the first ``checkpoint_complete`` (the
+    #: initial sync), stored (uncompressed) gzip blocks after it, so an idle stream keeps
+    #: no compressor (8 bytes instead of ~300 KB). ``off``: never compressed.
+    compression: Literal["off", "gzip"] = "off"
+    #: zlib level of the initial sync's deflate (1: fastest).
+    compression_level: int = Field(default=1, ge=1, le=9)
     #: What a write checkpoint is bound to. ``kafka``: the CDC topics' end offsets at request
     #: time (no database access; a write Debezium has not published yet is not covered, so a
     #: client's own row can vanish for a moment). ``source``: the source PostgreSQL's

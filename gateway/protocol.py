@@ -6,6 +6,8 @@ write checkpoints are strings; op ``data`` arrives pre-encoded from the store.
 from __future__ import annotations
 
 import re
+import struct
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -177,3 +179,101 @@ def parse_stream_request(body: Any) -> StreamRequest:
     return StreamRequest(
         after, client_id, params, include_defaults, bool(raw_data), tuple(subscriptions)
     )
+
+
+# ---- gzip (Content-Encoding) ----------------------------------------------------------
+
+_GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # deflate, no name/time, OS unknown
+#: a final, empty stored block: ends the deflate data
+_DEFLATE_END = b"\x01\x00\x00\xff\xff"
+
+
+def stored_blocks(data: bytes) -> bytes:
+    """``data`` as non-final stored (uncompressed) deflate blocks: 5 bytes per 65,535."""
+    if len(data) <= 0xFFFF:
+        n = len(data)
+        return b"\x00" + struct.pack("<HH", n, n ^ 0xFFFF) + data
+    out = []
+    for i in range(0, len(data), 0xFFFF):
+        part = data[i : i + 0xFFFF]
+        n = len(part)
+        out.append(b"\x00" + struct.pack("<HH", n, n ^ 0xFFFF) + part)
+    return b"".join(out)
+
+
+def accepts_gzip(accept_encoding: str | None) -> bool:
+    """Does an ``Accept-Encoding`` header allow ``gzip`` (RFC 9110, Accept-Encoding; ``q=0`` refuses)?"""
+    if not accept_encoding:
+        return False
+    for item in accept_encoding.split(","):
+        name, _, params = item.strip().partition(";")
+        if name.strip().lower() not in ("gzip", "x-gzip", "*"):
+            continue
+        q = 1.0
+        for p in params.split(";"):
+            k, _, v = p.strip().partition("=")
+            if k.strip().lower() == "q":
+                try:
+                    q = float(v)
+                except ValueError:
+                    q = 0.0
+        if q > 0:
+            return True
+    return False
+
+
+class GzipBody:
+    """A sync stream's body as one gzip member (``Content-Encoding: gzip``), written in
+    pieces that each end on a byte boundary, so the client can decode every line as soon as
+    it arrives.
+
+    Until :meth:`settle` the pieces are deflated (a zlib compressor at ``level``, sync-flushed
+    per piece: the initial sync, where the bytes are). After it the compressor is dropped
+    and pieces go out as stored blocks (:func:`stored_blocks`): an idle stream keeps two
+    integers (the CRC-32 and the length), not a compressor's ~300 KB; its small diffs would
+    compress little anyway. :meth:`end` closes the member (the final block and the gzip
+    trailer); a stream cut before that leaves the client a truncated gzip body, as a cut
+    stream leaves it a truncated line.
+    """
+
+    __slots__ = ("_comp", "crc", "size", "started")
+
+    def __init__(self, level: int = 1) -> None:
+        self._comp: zlib._Compress | None = zlib.compressobj(level, zlib.DEFLATED, -15, 9)
+        self.crc = 0
+        self.size = 0
+        self.started = False
+
+    @property
+    def deflating(self) -> bool:
+        return self._comp is not None
+
+    def _head(self) -> bytes:
+        if self.started:
+            return b""
+        self.started = True
+        return _GZIP_HEADER
+
+    def encode(self, data: bytes) -> bytes:
+        """``data`` (whole lines) as the next piece of the body."""
+        self.crc = zlib.crc32(data, self.crc)
+        self.size += len(data)
+        comp = self._comp
+        if comp is not None:
+            return self._head() + comp.compress(data) + comp.flush(zlib.Z_SYNC_FLUSH)
+        return self._head() + stored_blocks(data)
+
+    def count(self, data: bytes) -> None:
+        """``data`` went out as :func:`stored_blocks` framed elsewhere (a chunk shared by
+        many streams, after :meth:`settle`): only the trailer's CRC-32 and length move."""
+        self.crc = zlib.crc32(data, self.crc)
+        self.size += len(data)
+
+    def settle(self) -> None:
+        """Drop the compressor (the last piece was sync-flushed: byte aligned)."""
+        self._comp = None
+
+    def end(self) -> bytes:
+        comp, self._comp = self._comp, None
+        tail = comp.flush(zlib.Z_FINISH) if comp is not None else _DEFLATE_END
+        return self._head() + tail + struct.pack("<II", self.crc, self.size & 0xFFFFFFFF)

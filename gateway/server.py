@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import gc
@@ -11,7 +12,6 @@ import os
 import re
 import signal
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -333,9 +333,18 @@ class _Unsent:
         transport = self.transport
         n = transport.get_write_buffer_size()
         if _TIOCOUTQ is not None and self.fd >= 0 and not transport.is_closing():
-            with contextlib.suppress(OSError):
-                n += struct.unpack("i", fcntl.ioctl(self.fd, _TIOCOUTQ, b"\0\0\0\0"))[0]
+            # into one shared buffer (no bytes object and unpack per look: the hub's
+            # delivery round looks once per written stream)
+            try:
+                fcntl.ioctl(self.fd, _TIOCOUTQ, _OUTQ, True)
+            except OSError:
+                return n
+            n += _OUTQ[0]
         return n
+
+
+#: the TIOCOUTQ answer of ``_Unsent`` (one process-wide buffer: looks never overlap)
+_OUTQ = array.array("i", [0])
 
 
 async def sync_stream(request: web.Request) -> web.StreamResponse:
@@ -480,12 +489,18 @@ async def _sync_stream(
     except BaseException:
         gw.hub.unsubscribe(sub)
         raise
+    gz = (
+        protocol.GzipBody(g.compression_level)
+        if g.compression == "gzip" and protocol.accepts_gzip(request.headers.get("Accept-Encoding"))
+        else None
+    )
     resp = _StreamResponse(
         status=200,
         headers={
             "Content-Type": "application/x-ndjson",
             "Cache-Control": "no-cache",
             "X-Accel-Buffering": "no",
+            **({"Content-Encoding": "gzip", "Vary": "Accept-Encoding"} if gz else {}),
             **CORS_HEADERS,
         },
     )
@@ -532,6 +547,7 @@ async def _sync_stream(
         transport=request.transport,
         detachable=isinstance(request.transport, asyncio.Transport)
         and isinstance(getattr(request.protocol, "_manager", None), web.Server),
+        gzip=gz,
     )
     task = asyncio.current_task()
     if task is not None:

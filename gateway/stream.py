@@ -15,6 +15,7 @@ op 0) and removing the ones it lost, on the same open stream (§4.2 step 4, §4.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -32,6 +33,7 @@ from gateway.hub import (
     OPS_SENT,
     CheckpointHub,
     DeliveryStats,
+    Page,
     PageKey,
     Subscriber,
     encode_page,
@@ -52,6 +54,10 @@ _LINE_COUNTERS = {
         "token_expires_in",
     )
 }
+GZIP_STREAMS = Counter(
+    "bucketsync_gateway_gzip_streams_total",
+    "Sync streams sent with Content-Encoding: gzip (gateway.compression)",
+)
 SLOW_CLIENTS = Counter("bucketsync_gateway_slow_clients_total", "Streams dropped for not reading")
 INVALIDATED = Counter(
     "bucketsync_gateway_invalidated_checkpoints_total",
@@ -115,7 +121,9 @@ class SyncStream:
     ``sub`` passed in must be subscribed with ``wcp_key`` and ``resolver.lookup_keys``,
     and ``resolution`` resolved with ``on_buckets`` setting that subscription's buckets.
     A ``transport`` lets the hub write to the socket directly (batched delivery): pass it
-    only for a chunked, uncompressed response whose headers were sent. :meth:`run`
+    only for a chunked response whose headers were sent, and that aiohttp does not compress
+    (``gzip``: the stream's own :class:`~gateway.protocol.GzipBody`, then the response
+    carries ``Content-Encoding: gzip``). :meth:`run`
     unsubscribes from the hub when it ends.
     """
 
@@ -126,6 +134,7 @@ class SyncStream:
         "_conn",
         "_detachable",
         "_ended",
+        "_gz",
         "_levels",
         "_lost",
         "_memo",
@@ -182,6 +191,7 @@ class SyncStream:
         resolution: Resolution | None = None,
         transport: asyncio.BaseTransport | None = None,
         detachable: bool = False,
+        gzip: protocol.GzipBody | None = None,
     ):
         """``sub`` and ``resolution``: the hub subscription and the first bucket set when the
         caller resolved it already (to answer PSYNC_S2305 before the 200)."""
@@ -216,7 +226,8 @@ class SyncStream:
         self.next_keepalive = time.monotonic() + limits.keepalive_s
         self.sub: Subscriber | None = sub
         #: for the hub's batched delivery: chunks written straight to the socket (the
-        #: response is chunked, uncompressed; its headers went out with the first checkpoint)
+        #: response is chunked, not compressed by aiohttp; its headers went out with the
+        #: first checkpoint)
         self._transport = transport if isinstance(transport, asyncio.WriteTransport) else None
         #: the task waits in ``_wait`` with nothing queued: the hub may deliver for it
         self._parked = False
@@ -240,6 +251,11 @@ class SyncStream:
         self._timer: asyncio.TimerHandle | None = None
         self._lost = False
         self._ended = False
+        #: the body's gzip encoding (``Content-Encoding: gzip``): deflated until the first
+        #: checkpoint is complete, stored blocks after (no compressor kept while idle)
+        self._gz = gzip
+        if gzip is not None:
+            GZIP_STREAMS.inc()
 
     def _set_grants(self, grants: Sequence[Grant]) -> list[str]:
         """Adopt a (re)resolved bucket set; returns the buckets that left it."""
@@ -311,6 +327,8 @@ class SyncStream:
         chunk = b"".join(self._out) if len(self._out) > 1 else self._out[0]
         self._out.clear()
         self._out_size = 0
+        if self._gz is not None:
+            chunk = self._gz.encode(chunk)
         try:
             if self._buffered() + len(chunk) <= self.limits.max_buffered_bytes:
                 await self._write(chunk)  # fits the buffer: cannot block, no timer needed
@@ -394,6 +412,9 @@ class SyncStream:
                 "checkpoint",
             )
             await self._serve(states)
+            if self._gz is not None:
+                await self.flush()  # the initial sync's last deflated piece
+                self._gz.settle()
             if self._transport is not None:
                 sub.owner = self
             idle = await self._loop(sub)
@@ -409,10 +430,22 @@ class SyncStream:
         while True:
             woke = await self._wait(sub)
             if woke is None:
+                await self._end_body()
                 return False
             if not woke:
                 return True
             await self._on_change(sub)
+
+    async def _end_body(self) -> None:
+        """A gzip body's end (its trailer) when the stream ends normally."""
+        gz = self._gz
+        if gz is None or self._lost:
+            return
+        t = self._transport
+        if t is not None and t.is_closing():
+            return
+        with contextlib.suppress(ConnectionResetError):
+            await self._write(gz.end())
 
     async def _wait(self, sub: Subscriber) -> bool | None:
         """Wait for a change, a keepalive tick or the end. True = changed, None = end,
@@ -847,25 +880,33 @@ class SyncStream:
             if positions[b] < cp:
                 positions[b] = cp
         lines.append(self.hub.complete_line(cp))
-        chunk = self.hub.chunk(tuple(lines))
+        gz = self._gz
+        if gz is None:
+            chunk = self.hub.chunk(tuple(lines))
+        else:
+            body, chunk = self.hub.stored_chunk(tuple(lines))
+            gz.count(body)
         assert self._transport is not None
         self._transport.write(chunk)
-        # what is unsent now includes this chunk: progress is measured from here (flush)
+        stats.streams += 1
+        stats.bytes += len(chunk)
+        stats.ops += ops
+        stats.diffs += 1
+        stats.data += n_data
+        stats.partials += n_partial
+        return True
+
+    def fast_written(self) -> None:
+        """After the hub's round wrote a chunk here (:meth:`fast_deliver`): what is unsent
+        now includes it, so progress is measured from here (as ``flush`` does)."""
+        t = self._transport
+        if t is None or t.is_closing() or self._ended:
+            return
         cur = self._unsent()
         if cur:
             self._stall_since = time.monotonic()
             self._stall_mark = cur
             self._look_by_stall_deadline()
-        stats.streams += 1
-        stats.bytes += len(chunk)
-        stats.ops += ops
-        stats.line("checkpoint_diff")
-        if n_data:
-            stats.line("data", n_data)
-        if n_partial:
-            stats.line("partial_checkpoint_complete", n_partial)
-        stats.line("checkpoint_complete")
-        return True
 
     async def _send_data(self, max_target: int = 0) -> int:
         """Send ops in ``(position, cp]`` for every bucket, by priority. Returns the largest
@@ -882,30 +923,46 @@ class SyncStream:
                 if self.last_op.get(b, cp) <= self.positions[b]:
                     self.positions[b] = max(self.positions[b], cp)  # nothing new: no read
                     continue
-                while self.positions[b] < cp:
-                    page = await self.hub.pages.get(
-                        b,
-                        self.positions[b],
-                        cp,
-                        self.limits.max_ops_per_line,
-                        self.limits.max_line_bytes,
-                    )
-                    log.debug(
-                        "%s: %s ops of %s in (%s, %s]",
-                        self.describe,
-                        page.ops,
-                        b,
-                        self.positions[b],
-                        cp,
-                    )
-                    for line in page.lines:
-                        await self.send(line, "data")
-                    OPS_SENT.inc(page.ops)
-                    max_target = max(max_target, page.max_target)
-                    if page.has_more:
-                        self.positions[b] = page.next_after
-                    else:
-                        self.positions[b] = cp
+                pages = self.hub.pages
+                lim = self.limits
+                #: the next page's read, started before this page's lines are written (a
+                #: big bucket: the store read overlaps the socket writes)
+                ahead: asyncio.Future[Page] | None = None
+                try:
+                    while self.positions[b] < cp:
+                        if ahead is not None:
+                            page, ahead = await ahead, None
+                        else:
+                            page = await pages.get(
+                                b, self.positions[b], cp, lim.max_ops_per_line, lim.max_line_bytes
+                            )
+                        if page.has_more:
+                            ahead = asyncio.ensure_future(
+                                pages.get(
+                                    b, page.next_after, cp, lim.max_ops_per_line, lim.max_line_bytes
+                                )
+                            )
+                        log.debug(
+                            "%s: %s ops of %s in (%s, %s]",
+                            self.describe,
+                            page.ops,
+                            b,
+                            self.positions[b],
+                            cp,
+                        )
+                        for line in page.lines:
+                            await self.send(line, "data")
+                        OPS_SENT.inc(page.ops)
+                        max_target = max(max_target, page.max_target)
+                        if page.has_more:
+                            self.positions[b] = page.next_after
+                        else:
+                            self.positions[b] = cp
+                finally:
+                    if ahead is not None:
+                        # not cancelled: the read may be shared (PageCache); it fills the
+                        # cache, and its outcome is taken here so no error goes unretrieved
+                        ahead.add_done_callback(_retrieve)
             if level != levels[-1] and max_target <= cp:
                 await self.send(
                     protocol.partial_checkpoint_complete(cp, level), "partial_checkpoint_complete"
@@ -914,6 +971,11 @@ class SyncStream:
 
 
 _NO_AFTER: dict[str, int] = {}
+
+
+def _retrieve(fut: asyncio.Future[Page]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 class _Detached(asyncio.Protocol):

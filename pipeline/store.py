@@ -379,6 +379,19 @@ def parse_member(member: bytes, score: float) -> StoredOp:
     return StoredOp(int(score), 0, member)  # PUT / REMOVE: the wire JSON itself
 
 
+def parse_score(raw: bytes) -> int:
+    """An op id as Redis returns a member's score (``b"42"``; ``%.17g`` may use an exponent)."""
+    try:
+        return int(raw)
+    except ValueError:
+        return int(float(raw))
+
+
+def parse_members(flat: Sequence[bytes]) -> list[StoredOp]:
+    """``[member, score, ...]`` (:meth:`Store.read_ops_raw`) as :class:`StoredOp` s."""
+    return [parse_member(m, parse_score(s)) for m, s in zip(flat[0::2], flat[1::2], strict=True)]
+
+
 def is_put(member: bytes) -> bool:
     """Is this stored op log member a PUT (untagged ``{"op_id":"<id>","op":"PUT",...``, or
     the older ``R<len>:<row key>`` form)?"""
@@ -763,10 +776,23 @@ class Store:
 
     async def read_ops(self, bucket: str, after: int, upto: int, limit: int) -> list[StoredOp]:
         """Ops with ``after < op_id <= upto``, ascending, at most ``limit``."""
-        rows = await self.rr.zrangebyscore(
-            self.k("ops", bucket), f"({after}", upto, start=0, num=limit, withscores=True
+        return parse_members(await self.read_ops_raw(bucket, after, upto, limit))
+
+    async def read_ops_raw(self, bucket: str, after: int, upto: int, limit: int) -> list[bytes]:
+        """:meth:`read_ops` as Redis answers it: ``[member, score, member, score, ...]``
+        (members as stored, :func:`parse_member`; scores as decimal strings), with no
+        per-op Python: the gateway splices untagged members into ``data`` lines as they are."""
+        raw: list[bytes] = await self.rr.execute_command(
+            "ZRANGEBYSCORE",
+            self.k("ops", bucket),
+            f"({after}",
+            upto,
+            "WITHSCORES",
+            "LIMIT",
+            0,
+            limit,
         )
-        return [parse_member(m, s) for m, s in rows]
+        return raw
 
     async def all_ops(self, bucket: str) -> list[StoredOp]:
         rows = await self.rr.zrange(self.k("ops", bucket), 0, -1, withscores=True)

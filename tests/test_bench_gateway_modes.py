@@ -72,3 +72,7 @@ def test_bench_initial_sync_tiny(make_settings: Any, tmp_path: Path) -> None:
     assert (sim["ops"], sim["rows"], sim["completed"]) == (2000, 2000, 1)
     assert sim["mismatches"] == sim["protocol_errors"] == 0
     assert res["node_client"] == {"skipped": "--no-node"}
+    # the gzip run: every op arrives, in fewer bytes
+    assert res["gzip"]["ops"] == 2000
+    assert res["gzip"]["bytes"] < res["gzip"]["plain_bytes"] / 2
+    assert res["node_client_gzip"] == {"skipped": "--no-node"}

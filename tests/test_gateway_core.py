@@ -19,7 +19,7 @@ import orjson
 import pytest
 
 from gateway.buckets import BucketResolver, Resolution
-from gateway.hub import CheckpointHub, PageCache
+from gateway.hub import FANOUT_SHARED, CheckpointHub, PageCache
 from gateway.stream import StreamLimits, SyncStream
 from pipeline.rules.parse import parse_rules
 from pipeline.store import BucketState, Store, StoredOp, write_checkpoint_key
@@ -116,7 +116,7 @@ def kind(line: dict[str, Any]) -> str:
 def test_memory_store_matches_the_store_read_api() -> None:
     """The double offers the gateway's reads with the real store's signatures."""
     names = [n for n in vars(GatewayStoreReads) if not n.startswith("_")]
-    assert len(names) == 13
+    assert len(names) == 14
     for name in names:
         real, fake = getattr(Store, name), getattr(MemoryStore, name)
         assert inspect.signature(real) == inspect.signature(fake), name
@@ -760,3 +760,103 @@ async def test_hub_leaves_a_busy_socket_to_the_stream(mem8: MemoryStore) -> None
             await until(lambda: out.completes() == 2)
             assert tr.chunks == [] and hub.fast_deliveries == 0
             assert out.lines[n:] == one_change(mem8, U1, 8, 9)
+
+
+class _SlowReads(MemoryStore):
+    """Page reads that take a loop turn each, counting how many are under way at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inflight = 0
+        self.most_inflight = 0
+
+    async def read_ops(self, bucket: str, after: int, upto: int, limit: int) -> list[StoredOp]:
+        self.inflight += 1
+        self.most_inflight = max(self.most_inflight, self.inflight)
+        try:
+            await asyncio.sleep(0.01)
+            return await super().read_ops(bucket, after, upto, limit)
+        finally:
+            self.inflight -= 1
+
+
+async def test_hub_round_reads_the_pages_of_many_connections_at_once() -> None:
+    """One delivery round for connections that each need a page of their own (a batch that
+    touched three users' buckets): the hub reads those pages concurrently, one round trip
+    for the round. A round that awaited each connection's page in turn (bench e2e: 2,000
+    per-user streams at 1,000 events/s, p50 32 ms -> 2.2 s) read one at a time."""
+    mem = _SlowReads()
+    users = ["u1", "u2", "u3"]
+    mem.apply([put(f'by_user["{u}"]', "t0") for u in users])
+    async with running_hub(mem) as hub:
+        streams = []
+        for u in users:
+            resolver = BucketResolver(
+                parse_rules(BY_USER),
+                {"sub": u},
+                {},
+                include_defaults=True,
+                max_buckets=100,
+                max_parameter_results=100,
+            )
+            tr = FakeTransport()
+            stream, out = make_stream(mem, hub, resolver=resolver, transport=tr)
+            streams.append((stream, out, tr))
+        async with contextlib.AsyncExitStack() as stack:
+            for stream, _out, _ in streams:
+                await stack.enter_async_context(running(stream))
+            for stream, out, _ in streams:
+                await until(lambda out=out: out.completes() == 1)  # type: ignore[misc]
+                await until(lambda stream=stream: stream._parked)  # type: ignore[misc]
+            mem.most_inflight = 0
+            mem.apply([put(f'by_user["{u}"]', "t1", v=2) for u in users])  # one change entry
+            await until(lambda: hub.fast_deliveries == 3)
+            assert mem.most_inflight == 3
+            for _, _, tr in streams:
+                assert [kind(x) for x in tr.lines()] == [
+                    "checkpoint_diff",
+                    "data",
+                    "checkpoint_complete",
+                ]
+
+
+GLOBAL = """
+bucket_definitions:
+  everyone:
+    data: [SELECT * FROM news]
+"""
+
+
+async def test_hub_round_serves_a_fanout_from_one_page_read() -> None:
+    """A change to a bucket held by many connections (at least ``FANOUT_SHARED``): the
+    round reads the page once, when the first connection needs it, and every connection
+    gets the same lines (diff, the op, complete) from the hub."""
+    mem = _SlowReads()
+    bucket = "everyone[]"
+    mem.apply([put(bucket, "n0")])
+    n = FANOUT_SHARED + 4
+    async with running_hub(mem) as hub:
+        streams = [make_stream(mem, hub, GLOBAL, transport=FakeTransport()) for _ in range(n)]
+        async with contextlib.AsyncExitStack() as stack:
+            for stream, _out in streams:
+                await stack.enter_async_context(running(stream))
+            for stream, out in streams:
+                await until(lambda out=out: out.completes() == 1)  # type: ignore[misc]
+                await until(lambda stream=stream: stream._parked)  # type: ignore[misc]
+            reads = mem.calls["read_ops"]
+            mem.apply([put(bucket, "n1", v=2)])
+            await until(lambda: hub.fast_deliveries == n)
+            assert mem.calls["read_ops"] == reads + 1
+            firsts = set()
+            for stream, _out in streams:
+                tr = stream._transport
+                assert isinstance(tr, FakeTransport)
+                lines = tr.lines()
+                assert [kind(x) for x in lines] == [
+                    "checkpoint_diff",
+                    "data",
+                    "checkpoint_complete",
+                ]
+                assert [op["object_id"] for op in lines[1]["data"]["data"]] == ["n1"]
+                firsts.add(tr.chunks[0])
+            assert len(firsts) == 1  # the same chunk for all

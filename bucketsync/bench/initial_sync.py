@@ -13,7 +13,11 @@ gateway`` process (workers 1):
   (the bench's check that the stream is right; its time is the Python client's);
 - **official client**: the official PowerSync Node SDK (``tests/e2e/client``, when it is
   installed and this runs from a checkout; ``--no-node`` skips it): connect → first
-  complete checkpoint applied to its SQLite, and the row count it ends with.
+  complete checkpoint applied to its SQLite, and the row count it ends with;
+- **gzip**: a fresh gateway with ``gateway.compression: gzip``; a cold run of the raw
+  reader asking ``Accept-Encoding: gzip`` (it inflates what it receives, to count ops):
+  bytes on the wire and gateway CPU next to the plain cold run; then the official client
+  again on that gateway (its fetch asks for gzip).
 
 The split of the cores: nothing is pinned; the gateway, the reader (this process), the Node
 client (its own process) and Redis share the cores.
@@ -27,10 +31,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import resource
 import statistics
 import tempfile
 import time
 import uuid
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -97,26 +103,32 @@ async def seed(store: Store, ops: int) -> int:
     return await store.checkpoint()
 
 
-async def raw_sync(port: int, token: str) -> dict[str, Any]:
-    """POST /sync/stream and read until checkpoint_complete, counting ops (no parsing)."""
+async def raw_sync(port: int, token: str, gzip: bool = False) -> dict[str, Any]:
+    """POST /sync/stream and read until checkpoint_complete, counting ops (no parsing).
+    ``gzip``: ask for it and inflate what arrives (chunk framing is left in the inflater's
+    input only when the response is not gzip: then the count runs on the raw bytes)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 22)
     body = orjson.dumps({"buckets": [], "raw_data": True, "client_id": "bench"})
     t0 = time.perf_counter()
+    enc = "Accept-Encoding: gzip\r\n" if gzip else ""
     writer.write(
         b"POST /sync/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        + f"Authorization: Token {token}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + f"{enc}Authorization: Token {token}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
         + body
     )
     ops = 0
     size = 0
     tail = b""
     marks: list[tuple[float, int]] = []
+    dechunk = _Dechunk() if gzip else None
     try:
         while True:
             chunk = await reader.read(1 << 20)
             if not chunk:
                 raise RuntimeError("the gateway closed the stream before checkpoint_complete")
             size += len(chunk)
+            if dechunk is not None:
+                chunk = dechunk.feed(chunk)
             buf = tail + chunk
             ops += buf.count(_OP) - tail.count(_OP)
             tail = buf[-32:]
@@ -126,6 +138,40 @@ async def raw_sync(port: int, token: str) -> dict[str, Any]:
     finally:
         writer.close()
     return {"seconds": time.perf_counter() - t0, "ops": ops, "bytes": size, "marks": marks}
+
+
+class _Dechunk:
+    """A gzip response's body, inflated as it arrives (HTTP/1.1 chunk framing removed)."""
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.head_done = False
+        self.gz = False
+        self.inflate = zlib.decompressobj(31)
+
+    def feed(self, data: bytes) -> bytes:
+        self.buf += data
+        if not self.head_done:
+            head, sep, rest = self.buf.partition(b"\r\n\r\n")
+            if not sep:
+                return b""
+            self.head_done = True
+            self.gz = b"content-encoding: gzip" in head.lower()
+            self.buf = rest
+        out = []
+        while True:
+            size_s, sep, rest = self.buf.partition(b"\r\n")
+            if not sep:
+                break
+            size = int(size_s, 16)
+            if len(rest) < size + 2:
+                break
+            out.append(rest[:size])
+            self.buf = rest[size + 2 :]
+            if size == 0:
+                break
+        body = b"".join(out)
+        return self.inflate.decompress(body) if self.gz else body
 
 
 async def simulator_sync(url: str, token: str) -> dict[str, Any]:
@@ -187,6 +233,9 @@ def run(settings: Settings, *, ops: int, runs: int, node: bool, workdir: Path) -
         "stack": {"state_dir": str(settings.state_dir)},
     }
     s = write_config(settings, cfg, sections, sync_rules=str(workdir / "rules.yaml"))
+    cfg_gz = workdir / "bucketsync-gzip.yaml"
+    gz_sections = {**sections, "gateway": {**sections["gateway"], "compression": "gzip"}}
+    write_config(settings, cfg_gz, gz_sections, sync_rules=str(workdir / "rules.yaml"))
     token = make_dev_token(s, sub="bench", ttl_s=7200)
     url = f"http://127.0.0.1:{port}"
     log = workdir / "gateway.log"
@@ -222,8 +271,12 @@ def run(settings: Settings, *, ops: int, runs: int, node: bool, workdir: Path) -
             wait_listening(port, gw, log)
             await asyncio.sleep(0.5)
             cpu0 = cpu_seconds(gw.pid)
+            others0 = await _other_cpu(store)
             res = await raw_sync(port, token)
             res["gateway_cpu_s"] = cpu_seconds(gw.pid) - cpu0
+            others1 = await _other_cpu(store)
+            res["reader_cpu_s"] = others1[0] - others0[0]
+            res["redis_cpu_s"] = others1[1] - others0[1]
             colds.append(res)
             print(f"cold run {i + 1}: {res['ops'] / res['seconds']:,.0f} ops/s", flush=True)
         assert gw is not None
@@ -241,6 +294,9 @@ def run(settings: Settings, *, ops: int, runs: int, node: bool, workdir: Path) -
                 "ops_per_s": round(c["ops"] / c["seconds"]),
                 "ops_per_gateway_cpu_s": round(c["ops"] / max(c["gateway_cpu_s"], 1e-9)),
                 "bytes": c["bytes"],
+                "gateway_cpu_s": round(c["gateway_cpu_s"], 3),
+                "reader_cpu_s": round(c["reader_cpu_s"], 3),
+                "redis_cpu_s": round(c["redis_cpu_s"], 3),
             }
             for c in colds
         ]
@@ -258,6 +314,30 @@ def run(settings: Settings, *, ops: int, runs: int, node: bool, workdir: Path) -
             nd["seconds"] = round(nd["seconds"], 3)
             nd["ops_per_s"] = round(ops / nd["seconds"])
         result["node_client"] = nd
+        # gzip: a fresh gateway that compresses; the raw reader cold, then the Node client
+        stop(gw)
+        gw = spawn_cli("gateway", cfg_gz, log=log, raise_nofile=True)
+        wait_listening(port, gw, log)
+        await asyncio.sleep(0.5)
+        cpu0 = cpu_seconds(gw.pid)
+        gz = await raw_sync(port, token, gzip=True)
+        gz_cpu = cpu_seconds(gw.pid) - cpu0
+        result["gzip"] = {
+            "ops": gz["ops"],
+            "seconds": round(gz["seconds"], 3),
+            "ops_per_s": round(gz["ops"] / gz["seconds"]),
+            "gateway_cpu_s": round(gz_cpu, 3),
+            "plain_gateway_cpu_s": round(colds[-1]["gateway_cpu_s"], 3),
+            "bytes": gz["bytes"],
+            "plain_bytes": colds[-1]["bytes"],
+        }
+        ndz: dict[str, Any] = (
+            await node_sync(url, token, timeout=900) if node else {"skipped": "--no-node"}
+        )
+        if "seconds" in ndz:
+            ndz["seconds"] = round(ndz["seconds"], 3)
+            ndz["ops_per_s"] = round(ops / ndz["seconds"])
+        result["node_client_gzip"] = ndz
         result["arrival"] = {
             "cold (last run)": _downsample(colds[-1]["marks"]),
             "warm": _downsample(warm["marks"]),
@@ -265,6 +345,17 @@ def run(settings: Settings, *, ops: int, runs: int, node: bool, workdir: Path) -
 
     asyncio.run(go())
     return result
+
+
+async def _other_cpu(store: Store) -> tuple[float, float]:
+    """CPU seconds so far of this process (the raw reader) and of the Redis server (all of
+    its clients: on a shared Redis, other users' load too)."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    info = await store.r.info("cpu")
+    return (
+        ru.ru_utime + ru.ru_stime,
+        float(info.get("used_cpu_user", 0)) + float(info.get("used_cpu_sys", 0)),
+    )
 
 
 def _downsample(marks: list[tuple[float, int]], n: int = 300) -> list[tuple[float, int]]:
@@ -283,6 +374,14 @@ def report(res: dict[str, Any], out: Path) -> None:
         if "seconds" in nd
         else f"skipped: {nd.get('skipped')}"
     )
+    ndz = res["node_client_gzip"]
+    node_gz_row = (
+        f"{ndz['seconds']} s ({ndz['ops_per_s']:,} ops/s), {ndz['rows']:,} rows, "
+        f"{ndz['checksum_mismatches']} checksum mismatches"
+        if "seconds" in ndz
+        else f"skipped: {ndz.get('skipped')}"
+    )
+    gz = res["gzip"]
     sim = res["simulator"]
     cold_runs = ", ".join(f"{c['ops_per_s']:,}" for c in res["cold_runs"])
     md = "\n".join(
@@ -296,12 +395,24 @@ def report(res: dict[str, Any], out: Path) -> None:
             f"{GOALS['ops']:,} ops |",
             f"| cold: ops per gateway CPU-second (last run) | "
             f"{res['cold_runs'][-1]['ops_per_gateway_cpu_s']:,} | - |",
+            "| cold: CPU seconds per run, gateway / raw reader / Redis (all its clients) / "
+            "wall | "
+            + "; ".join(
+                f"{c['gateway_cpu_s']} / {c['reader_cpu_s']} / {c['redis_cpu_s']} / {c['seconds']}"
+                for c in res["cold_runs"]
+            )
+            + " | - |",
             f"| warm (shared page cache) | {res['warm']['ops_per_s']:,} ops/s | - |",
             f"| official Node client: connect → first checkpoint applied | {node_row} | report |",
             f"| Python simulator (parses, verifies checksums) | {sim['seconds']} s, "
             f"{sim['ops']:,} ops, {sim['mismatches']} mismatches, "
             f"{sim['protocol_errors']} protocol errors | 0 / 0 |",
             f"| bytes on the wire (cold) | {res['cold_runs'][-1]['bytes']:,} | - |",
+            f"| gzip (`gateway.compression: gzip`, level 1), cold: bytes on the wire | "
+            f"{gz['bytes']:,} ({gz['bytes'] / max(1, gz['plain_bytes']):.1%} of plain) | - |",
+            f"| gzip, cold: gateway CPU / wall rate | {gz['gateway_cpu_s']} s "
+            f"(plain: {gz['plain_gateway_cpu_s']} s) / {gz['ops_per_s']:,} ops/s | - |",
+            f"| official Node client on the gzip gateway | {node_gz_row} | report |",
             "",
             f"{res['cores']} cores; {res['split']}. Seeding took {res['seed_seconds']} s.",
             "",
