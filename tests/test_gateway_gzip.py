@@ -21,8 +21,8 @@ import pytest
 from bucketsync.config import Settings
 from bucketsync.tokens import make_dev_token
 from gateway import protocol
-from tests.gateway_helpers import feed, todo
-from tests.test_gateway_detach import Raw, _eventually, _gateway
+from tests.gateway_helpers import feed, running_app, todo
+from tests.test_gateway_detach import Raw, _eventually
 from tests.test_gateway_protocol import RULES
 
 pytestmark = pytest.mark.stack
@@ -94,7 +94,7 @@ def test_accept_encoding() -> None:
 async def test_gzip_stream_initial_sync_changes_and_end(gw_settings) -> None:
     s = gw_settings(compression="gzip", keepalive_s=0.5)
     await feed(s, [todo(f"t{i}", "u1", "x" * 200) for i in range(50)])
-    async with _gateway(s) as (port, gw, _runner):
+    async with running_app(s) as (port, gw, _runner):
         tok = make_dev_token(s, sub="u1", ttl_s=4)
         a = await GzRaw.open_gz(port, tok, "gzip, deflate")
         b = await GzRaw.open_gz(port, tok, "gzip, deflate")
@@ -139,7 +139,7 @@ async def test_no_gzip_unless_accepted_and_configured(gw_settings) -> None:
         ("gzip", "gzip", True),
     ):
         s = gw_settings(compression=compression)
-        async with _gateway(s) as (port, _gw, _runner):
+        async with running_app(s) as (port, _gw, _runner):
             c = await GzRaw.open_gz(port, make_dev_token(s, sub="u2"), accept)
             await c.until(lambda r: r.count("checkpoint_complete") >= 1)
             assert (b"content-encoding: gzip" in c.head()) == gz, (compression, accept)
