@@ -408,6 +408,25 @@ return 0
 STORE_LAYOUT = "2"
 
 
+#: Redis encoding thresholds this store is sized for (the deployment's ``redis.conf``; `bucketsync
+#: stack up`, docker-compose and the benchmarks' private servers use them). With Redis's
+#: defaults (64-byte members, 128 entries) every op log is a skiplist + dict, ~150 bytes per
+#: op beyond its wire JSON; op members are ~200 bytes of wire JSON, so these keep a bucket of
+#: up to 256 ops (and a row-index hash of up to 256 rows) a listpack: ~35 bytes per op.
+#: Larger buckets convert to a skiplist as before. docs/store.md, "Redis settings".
+REDIS_ENCODING: dict[str, str] = {
+    "zset-max-listpack-entries": "256",
+    "zset-max-listpack-value": "4096",
+    "hash-max-listpack-entries": "256",
+    "hash-max-listpack-value": "4096",
+}
+
+
+def redis_encoding_args() -> list[str]:
+    """:data:`REDIS_ENCODING` as ``redis-server`` command-line options."""
+    return [a for k, v in REDIS_ENCODING.items() for a in (f"--{k}", v)]
+
+
 class StoreLayoutMismatch(Exception):
     """The prefix holds a store of another key layout (see :func:`check_layout`)."""
 
