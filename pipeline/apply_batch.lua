@@ -10,24 +10,31 @@
 --    "offsets": {"<topic>/<partition>": <highest offset in batch>, ...},
 --    "merge_tables": [<table>, ...]  (tables newly known to need source rows; P:merge_tables),
 --    "source_lsn": {"<connector>": <highest PostgreSQL LSN in batch>, ...} | null,
---    "maxlen": <changes stream maxlen> }
--- ARGV[3..] the events, flat (raw strings: no JSON to decode per event; Store.apply
---   writes them from core.plan_batch's dicts):
---   "U", <row key>, <table>, <source row json> | "" (no stored copy; tables that never
---        need merges keep none, see core.plan_batch), <lookups json> | "" (absent),
---        <n outputs>, then n x (bucket, object_type, object_id, put_checksum,
---        remove_checksum, tail)                      -- an upsert: the row's complete
---                                                       set of outputs after the event
---   "D", <row key>, <table>, "1" | "0"               -- a delete ("1": the delete half of
---                                                       a primary-key change)
+--    "maxlen": <changes stream maxlen>,
+--    "slots": <row index hashes per table (store.ROW_SLOTS)> }
+-- ARGV[3..] the events, flat (raw strings: no JSON to decode per event; written by
+--   store.apply_payload from core.plan_batch's events):
+--   "U", <ts>, <rf>, <source row json> | "" (no stored copy; tables that never need merges
+--        keep none, see core.plan_batch), <lookups json> | "" (absent), <n outputs>,
+--        then n x (bucket, entry field, put_checksum, remove_checksum, tail)
+--                                                    -- an upsert: the row's complete set
+--                                                       of outputs after the event
+--   "D", <ts>, <rf>, <row key> | ""                  -- a delete (the row key: the delete
+--                                                       half of a primary-key change)
 --   "X", <table>                                     -- TRUNCATE
---   "tail" is the op's wire JSON after the op_id field. Checksums are decimal strings.
+--   <ts> is "<table>:<slot>" and <rf> the row's field: the row key without its table
+--   (store.row_slot). The row index of a table is spread over header.slots hashes
+--   P:ri:<table>:<slot> (field <rf>), one packed string per row (row_value below); its
+--   source row copy and lookup entries sit in P:src:<ts> and P:rl:<ts> under the same field.
+--   "entry field" is bucket \31 object_type \31 object_id, each part escaped by the store
+--   (\27 \29 \30 \31 -> \27 followed by the byte + 32) so the packed value parses
+--   unambiguously. "tail" is the op's wire JSON after the op_id field. Checksums are decimal
+--   strings.
 --   The lookups json (rows of tables read by parameter queries) is the row's complete
 --   list of lookup entries [[lookup key, values json], ...] after the event; the row's
---   previous set is kept in its row hash (field "\31L"), the lookup index P:lookup:<key>
---   is a hash values json -> number of rows contributing it. A deleted row drops all its
---   entries. Lookup keys whose value set changed are announced in the change entry
---   (field "l", a JSON array).
+--   previous set is kept in P:rl:<ts>, the lookup index P:lookup:<key> is a hash values
+--   json -> number of rows contributing it. A deleted row drops all its entries. Lookup keys
+--   whose value set changed are announced in the change entry (field "l", a JSON array).
 -- Returns {"ok", checkpoint, n_ops, number of merge tables} or {"stale", "<tp>", stored_offset}.
 
 local P = ARGV[1]
@@ -45,9 +52,10 @@ end
 local seq_key = P .. ":seq"
 local dirty_key = P .. ":dirty"
 local n_ops = 0
-local buckets = {}   -- bucket -> {cs=, n=, last=, moved=}
-local LF = SEP .. "L"  -- row hash field: the row's lookup entries (JSON)
+local buckets = {}   -- bucket -> {cs=, n=, last=, moved=}: the buckets this batch changes
+local prefetched = {}  -- bucket -> its state as read up front (maybe unchanged)
 local fmt = string.format
+local find, gmatch, match = string.find, string.gmatch, string.match
 
 -- Op ids and checksums stay decimal strings in this script (as the row index and ARGV
 -- hold them): Lua's own number-to-string conversion ("%.14g" through the C library's
@@ -56,25 +64,36 @@ local fmt = string.format
 
 -- Bucket states live in one hash, P:states: bucket -> "checksum count last_op moved"
 -- (so a reader gets a connection's 1,000 states with one HMGET; docs/store.md). These
--- two functions are the only places this script reads or writes a bucket's state (read
--- once per batch, written back at the end). last_op stays a decimal string.
+-- functions are the only places this script reads or writes a bucket's state: read once
+-- per batch (the buckets of the batch's outputs with one HMGET up front, buckets only a
+-- REMOVE touches when first seen), written back with one HSET at the end. last_op stays a
+-- decimal string.
 local states_key = P .. ":states"
-local function read_state(b)
-  local v = redis.call("HGET", states_key, b)
+local function parse_state(v)
   if not v then
     return {cs = 0, n = 0, last = "0", moved = 0}
   end
-  local cs, n, last, moved = string.match(v, "^(%d+) (%-?%d+) (%d+) (%d+)$")
+  local cs, n, last, moved = match(v, "^(%d+) (%-?%d+) (%d+) (%d+)$")
   return {cs = tonumber(cs), n = tonumber(n), last = last, moved = tonumber(moved)}
 end
-local function write_state(b, s)
-  redis.call("HSET", states_key, b, fmt("%d %d %s %d", s.cs, s.n, s.last, s.moved))
+local function read_states(list)
+  for i = 1, #list, 1000 do
+    local part = {unpack(list, i, math.min(#list, i + 999))}
+    local v = redis.call("HMGET", states_key, unpack(part))
+    for j = 1, #part do
+      prefetched[part[j]] = v[j] or false
+    end
+  end
 end
 
 local function bstate(b)
   local s = buckets[b]
   if not s then
-    s = read_state(b)
+    local v = prefetched[b]
+    if v == nil then
+      v = redis.call("HGET", states_key, b)
+    end
+    s = parse_state(v)
     buckets[b] = s
   end
   return s
@@ -146,7 +165,7 @@ local function to_move(b, old_id, old_cs, target)
   local p = pend(b)
   if not p.m[old_id] then
     redis.call("ZREMRANGEBYSCORE", P .. ":ops:" .. b, old_id, old_id)
-    table.insert(p.ids, old_id)
+    p.ids[#p.ids + 1] = old_id
   end
   p.m[old_id] = "T" .. target .. "|{\"op_id\":\"" .. old_id .. "\",\"op\":\"MOVE\",\"checksum\":" .. old_cs .. "}"
   local s = bstate(b)
@@ -155,7 +174,7 @@ end
 
 local function add_op(b, op_id, cs, member)
   local p = pend(b)
-  table.insert(p.ids, op_id)
+  p.ids[#p.ids + 1] = op_id
   p.m[op_id] = member
   local s = bstate(b)
   s.cs = (s.cs + tonumber(cs)) % 4294967296
@@ -187,66 +206,22 @@ local function flush_ops()
   end
 end
 
--- Table set changes (P:table:<table>, for TRUNCATE), written per table at the end (or
--- before a TRUNCATE reads one): tmembers[table][row key] = true (add) / false (remove).
-local tmembers = {}
-local function tmark(t, k, present)
-  local m = tmembers[t]
-  if not m then
-    m = {}
-    tmembers[t] = m
+-- The row index: P:ri:<table>:<slot> field <rf> -> one packed string per row,
+--   <flags> then per output "\30" <entry field> "\29" <op_id> ":" <checksum> ":" <remove checksum>
+-- flags: "0" nothing else stored, "1" a source row copy in P:src:<ts>, "2" lookup entries
+-- in P:rl:<ts>, "3" both. The entry field is escaped (no raw \29 or \30 in it). A row the
+-- index knows always has a value (at least its flags).
+local FLAGS = {[0] = "0", "1", "2", "3"}
+local function read_row(ri, rf)
+  local v = redis.call("HGET", ri, rf)
+  if not v then
+    return nil, 0, nil
   end
-  m[k] = present
-end
-
-local function flush_tables()
-  for t, m in pairs(tmembers) do
-    local tk = P .. ":table:" .. t
-    local add, rem = {}, {}
-    for k, present in pairs(m) do
-      if present then
-        add[#add + 1] = k
-      else
-        rem[#rem + 1] = k
-      end
-      if #add >= 1000 then
-        redis.call("SADD", tk, unpack(add))
-        add = {}
-      end
-      if #rem >= 1000 then
-        redis.call("SREM", tk, unpack(rem))
-        rem = {}
-      end
-    end
-    if #add > 0 then
-      redis.call("SADD", tk, unpack(add))
-    end
-    if #rem > 0 then
-      redis.call("SREM", tk, unpack(rem))
-    end
-  end
-  tmembers = {}
-end
-
--- Current index entries of a row: field -> {op_id, checksum, remove_checksum}.
--- Also says whether the row was known at all (then it is in its table set already).
-local function read_row(rk)
-  local flat = redis.call("HGETALL", rk)
   local cur = {}
-  local lookups = nil
-  local has_src = false
-  for i = 1, #flat, 2 do
-    local f = flat[i]
-    if f == LF then
-      lookups = flat[i + 1]
-    elseif f == "" then
-      has_src = true
-    else
-      local a, c, r = string.match(flat[i + 1], "^(%d+):(%d+):(%d+)$")
-      cur[f] = {a, c, r}  -- op id and checksums as decimal strings
-    end
+  for f, a, c, r in gmatch(v, "\30([^\29]*)\29(%d+):(%d+):(%d+)") do
+    cur[f] = {a, c, r}  -- op id and checksums as decimal strings
   end
-  return cur, #flat > 0, lookups, has_src
+  return cur, tonumber(string.sub(v, 1, 1)), v
 end
 
 -- Replace a row's lookup entries (old: stored JSON or nil; new: list or nil = none).
@@ -291,108 +266,133 @@ local function update_lookups(old_raw, new)
   end
 end
 
-local function remove_entry(f, e, hdel)
-  local b, ot, oid = string.match(f, "^(.-)" .. SEP .. "(.-)" .. SEP .. "(.*)$")
+local function unescape(x)
+  if find(x, "\27", 1, true) then
+    return (string.gsub(x, "\27(.)", function(c) return string.char(string.byte(c) - 32) end))
+  end
+  return x
+end
+
+-- the row no longer produces entry field f (index entry e): a REMOVE in its bucket
+local function remove_entry(f, e)
+  local b, ot, oid = match(f, "^([^\31]*)\31([^\31]*)\31([^\31]*)$")
+  b, ot, oid = unescape(b), unescape(ot), unescape(oid)
   local op_id = next_op()
   add_op(b, op_id, e[3], "{\"op_id\":\"" .. op_id .. "\",\"op\":\"REMOVE\",\"object_type\":"
     .. cjson.encode(ot) .. ",\"object_id\":" .. cjson.encode(oid) .. ",\"checksum\":" .. e[3] .. "}")
   to_move(b, e[1], e[2], op_id)
-  table.insert(hdel, f)
 end
 
--- One row's event. outs: ARGV index of its first output and n its number of outputs
--- (outs nil: the row is deleted); src: source row JSON or nil (no stored copy); lk:
--- lookups JSON or nil (not a table read by parameter queries); pk_gone: the delete half of
--- a primary-key change.
-local function apply_row(k, t, outs, n, src, lk, pk_gone)
-  local rk = P .. ":row:" .. k
-  local cur, known, old_lookups, has_src = read_row(rk)
-  local hset, hdel = {}, {}
+-- One row's event. ts: "<table>:<slot>", rf: its field there; outs: ARGV index of its first
+-- output and n its number of outputs (outs nil: the row is deleted); src: source row JSON
+-- or nil (no stored copy); lk: lookups JSON or nil (not a table read by parameter queries);
+-- pk_gone: the row key when this is the delete half of a primary-key change.
+local function apply_row(ts, rf, outs, n, src, lk, pk_gone)
+  local ri = P .. ":ri:" .. ts
+  local cur, flags, old_v = read_row(ri, rf)
+  -- the new packed value, as pieces joined once at the end (entries[1]: the flags)
+  local entries, ne = {"0"}, 1
   if outs then
-    for i = outs, outs + 6 * (n - 1), 6 do
-      local b, ot, oid, cs, rcs, tail = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
-      local f = b .. SEP .. ot .. SEP .. oid
-      local e = cur[f]
+    for i = outs, outs + 5 * (n - 1), 5 do
+      local f, cs = ARGV[i + 1], ARGV[i + 2]
+      local e = cur and cur[f]
       if e and e[2] == cs then
         cur[f] = nil          -- unchanged data: no new op (invariant: skip identical PUT)
+        entries[ne + 1], entries[ne + 2], entries[ne + 3], entries[ne + 4] = "\30", f, "\29", e[1]
+        entries[ne + 5], entries[ne + 6], entries[ne + 7], entries[ne + 8] = ":", cs, ":", e[3]
+        ne = ne + 8
       else
+        local b = ARGV[i]
         local op_id = next_op()
-        add_op(b, op_id, cs, "{\"op_id\":\"" .. op_id .. "\"," .. tail)
+        add_op(b, op_id, cs, "{\"op_id\":\"" .. op_id .. "\"," .. ARGV[i + 4])
         if e then
           to_move(b, e[1], e[2], op_id)
           cur[f] = nil
         end
-        hset[#hset + 1] = f
-        hset[#hset + 1] = op_id .. ":" .. cs .. ":" .. rcs
+        entries[ne + 1], entries[ne + 2], entries[ne + 3], entries[ne + 4] = "\30", f, "\29", op_id
+        entries[ne + 5], entries[ne + 6], entries[ne + 7], entries[ne + 8] = ":", cs, ":", ARGV[i + 3]
+        ne = ne + 8
       end
     end
   end
   -- whatever the row no longer produces leaves its bucket; in op_id order, so the
   -- result never depends on hash iteration order (replays must be byte-identical)
-  if next(cur) ~= nil then
+  if cur and next(cur) ~= nil then
     local gone = {}
     for f, e in pairs(cur) do
-      table.insert(gone, {f, e})
+      gone[#gone + 1] = {f, e}
     end
     if #gone > 1 then
       table.sort(gone, function(x, y) return tonumber(x[2][1]) < tonumber(y[2][1]) end)
     end
     for _, g in ipairs(gone) do
-      remove_entry(g[1], g[2], hdel)
+      remove_entry(g[1], g[2])
     end
   end
+  local had_src, had_lk = flags % 2 == 1, flags >= 2
   if outs then
+    local has_lk = had_lk
     if lk then
       local l = cjson.decode(lk)
-      update_lookups(old_lookups, l)
-      if #l > 0 then
-        table.insert(hset, LF)
-        table.insert(hset, lk)
-      elseif old_lookups then
-        table.insert(hdel, LF)
+      local rl = P .. ":rl:" .. ts
+      update_lookups(had_lk and redis.call("HGET", rl, rf) or nil, l)
+      has_lk = #l > 0
+      if has_lk then
+        redis.call("HSET", rl, rf, lk)
+      elseif had_lk then
+        redis.call("HDEL", rl, rf)
       end
-    end
-    if not src and has_src then
-      table.insert(hdel, "")  -- the table needs no merges: no stored copy
-    end
-    if #hdel > 0 then
-      redis.call("HDEL", rk, unpack(hdel))
     end
     if src then
-      table.insert(hset, "")
-      table.insert(hset, src)
+      redis.call("HSET", P .. ":src:" .. ts, rf, src)
+    elseif had_src then
+      redis.call("HDEL", P .. ":src:" .. ts, rf)  -- the table needs no merges: no stored copy
     end
-    if #hset > 0 then
-      redis.call("HSET", rk, unpack(hset))
+    entries[1] = FLAGS[(src and 1 or 0) + (has_lk and 2 or 0)]
+    local v = table.concat(entries)
+    if v ~= old_v then  -- (strings are interned: one pointer comparison)
+      redis.call("HSET", ri, rf, v)
     end
-    if not known then
-      tmark(t, k, true)
+  elseif cur then
+    if had_lk then
+      local rl = P .. ":rl:" .. ts
+      update_lookups(redis.call("HGET", rl, rf), nil)
+      redis.call("HDEL", rl, rf)
     end
-  elseif known then
-    if old_lookups then
-      update_lookups(old_lookups, nil)
-    end
-    if pk_gone then
-      -- the delete half of a primary-key change: keep the source row for a while, the
-      -- create half may carry TOAST placeholders that only the old row can fill
-      local old_src = redis.call("HGET", rk, "")
-      if old_src then
-        redis.call("SET", P .. ":gone:" .. k, old_src, "EX", 86400)
+    if had_src then
+      local sk = P .. ":src:" .. ts
+      if pk_gone then
+        -- the delete half of a primary-key change: keep the source row for a while, the
+        -- create half may carry TOAST placeholders that only the old row can fill
+        local old_src = redis.call("HGET", sk, rf)
+        if old_src then
+          redis.call("SET", P .. ":gone:" .. pk_gone, old_src, "EX", 86400)
+        end
       end
+      redis.call("HDEL", sk, rf)
     end
-    redis.call("DEL", rk)
-    tmark(t, k, false)
+    redis.call("HDEL", ri, rf)
   end
 end
 
--- the layout is checked before anything is written (a script is not rolled back)
+-- the layout is checked before anything is written (a script is not rolled back); the
+-- buckets of the batch's outputs are read with one HMGET on the way
 local nargv = #ARGV
 do
   local j = 3
+  local seen, list = {}, {}
   while j <= nargv do
     local kind = ARGV[j]
     if kind == "U" then
-      j = j + 6 + 6 * tonumber(ARGV[j + 5])
+      local n = tonumber(ARGV[j + 5])
+      for o = j + 6, j + 1 + 5 * n, 5 do
+        local b = ARGV[o]
+        if b and not seen[b] then
+          seen[b] = true
+          list[#list + 1] = b
+        end
+      end
+      j = j + 6 + 5 * n
     elseif kind == "D" then
       j = j + 4
     elseif kind == "X" then
@@ -404,6 +404,7 @@ do
   if j ~= nargv + 1 then
     return redis.error_reply("apply_batch: truncated event list")
   end
+  read_states(list)
 end
 
 local i = 3
@@ -414,26 +415,31 @@ while i <= nargv do
     local src, lk = ARGV[i + 3], ARGV[i + 4]
     if src == "" then src = nil end
     if lk == "" then lk = nil end
-    apply_row(ARGV[i + 1], ARGV[i + 2], i + 6, n, src, lk, false)
-    i = i + 6 + 6 * n
+    apply_row(ARGV[i + 1], ARGV[i + 2], i + 6, n, src, lk, nil)
+    i = i + 6 + 5 * n
   elseif kind == "D" then
-    apply_row(ARGV[i + 1], ARGV[i + 2], nil, 0, nil, nil, ARGV[i + 3] == "1")
+    local gk = ARGV[i + 3]
+    apply_row(ARGV[i + 1], ARGV[i + 2], nil, 0, nil, nil, gk ~= "" and gk or nil)
     i = i + 4
   elseif kind == "X" then
-    local tk = P .. ":table:" .. ARGV[i + 1]
-    flush_tables()
-    local members = redis.call("SMEMBERS", tk)
-    table.sort(members)
-    for _, k in ipairs(members) do
-      apply_row(k, ARGV[i + 1], nil, 0, nil, nil, false)
+    -- every row of the table (all its slots), in row key order (replays are byte-identical)
+    local rows, slot_of = {}, {}
+    for slot = 0, batch.slots - 1 do
+      local ts = ARGV[i + 1] .. ":" .. slot
+      for _, rf in ipairs(redis.call("HKEYS", P .. ":ri:" .. ts)) do
+        rows[#rows + 1] = rf
+        slot_of[rf] = ts
+      end
     end
-    redis.call("DEL", tk)
+    table.sort(rows)
+    for _, rf in ipairs(rows) do
+      apply_row(slot_of[rf], rf, nil, 0, nil, nil, nil)
+    end
     i = i + 2
   end
 end
 
 flush_ops()
-flush_tables()
 
 local merge_key = P .. ":merge_tables"
 if batch.merge_tables and #batch.merge_tables > 0 then
@@ -443,8 +449,15 @@ end
 local any = false
 local dirty = {}
 local changed_json = {}
+local states, ns = {}, 0
 for b, s in pairs(buckets) do
-  write_state(b, s)
+  states[ns + 1] = b
+  states[ns + 2] = fmt("%d %d %s %d", s.cs, s.n, s.last, s.moved)
+  ns = ns + 2
+  if ns >= 2000 then
+    redis.call("HSET", states_key, unpack(states, 1, ns))
+    ns = 0
+  end
   if s.moved > 0 then
     dirty[#dirty + 1] = b
     if #dirty >= 1000 then
@@ -454,6 +467,9 @@ for b, s in pairs(buckets) do
   end
   changed_json[#changed_json + 1] = cjson.encode(b) .. fmt(":[%d,%d]", s.cs, s.n)
   any = true
+end
+if ns > 0 then
+  redis.call("HSET", states_key, unpack(states, 1, ns))
 end
 if #dirty > 0 then
   redis.call("SADD", dirty_key, unpack(dirty))
@@ -483,7 +499,7 @@ local cp = seq
 redis.call("SET", P .. ":checkpoint", string.format("%d", cp))
 -- the layout these keys follow (pipeline/store.py STORE_LAYOUT): a processor refuses to
 -- apply to a store of another layout instead of mixing two
-redis.call("SET", P .. ":layout", "2")
+redis.call("SET", P .. ":layout", "3")
 local note = {"n", redis.call("INCR", P .. ":changes:n"), "cp", cp}
 if any then
   table.insert(note, "b")

@@ -10,16 +10,15 @@ Layout under the configured prefix ``P`` (docs/store.md has the long form):
                          (checksum: unsigned running total; moved: MOVEs since the last
                          compaction). One hash for all buckets, so a connection's 1,000
                          states are one HMGET.
-- ``P:row:{row key}``    hash: ``bucket\\x1fobject_type\\x1fobject_id`` -> ``op_id:checksum:
-                         remove_checksum`` of the row's current op there; field ``""`` holds
-                         the source row JSON (for TOAST / partial-update merges; under
-                         ``source_rows: auto`` only rows that can need one); field
-                         ``"\x1fL"`` the row's lookup entries (JSON ``[[lookup, values], ...]``,
-                         rows of tables read by parameter queries only).
-- ``P:lookup:{lookup}``  hash: JSON array of bucket parameter values -> number of source rows
-                         contributing it (``LookupEntry.lookup`` is the key; gateway reads
-                         the field names).
-- ``P:table:{table}``    set of row keys of a source table (TRUNCATE).
+- ``P:ri:{table}:{slot}`` hash (the row index; :func:`row_slot`: ``ROW_SLOTS`` hashes per
+                         table, field = the row key without its table) -> one packed string
+                         per row: a flag digit (1: a source row copy, 2: lookup entries, 3:
+                         both) then per output ``\x1e<entry field>\x1d<op_id>:<checksum>:
+                         <remove checksum>`` (:func:`entry_field`). TRUNCATE walks the slots.
+- ``P:src:{table}:{slot}`` hash: same field -> the source row JSON (for TOAST / partial-update
+                         merges; under ``source_rows: auto`` only rows that can need one).
+- ``P:rl:{table}:{slot}`` hash: same field -> the row's lookup entries (JSON ``[[lookup,
+                         values], ...]``, rows of tables read by parameter queries only).
 - ``P:seq``              op_id sequence.   ``P:checkpoint``  current checkpoint.
 - ``P:offsets``          hash ``topic/partition`` -> last applied offset.
 - ``P:source_lsn``       hash connector (``source.name``) -> highest applied PostgreSQL LSN
@@ -48,6 +47,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -290,22 +290,55 @@ class DefragStep(NamedTuple):
 
 _B = b"$%d\r\n%b\r\n"
 _B2 = _B * 2
-_B3 = _B * 3
 _B4 = _B * 4
+_B5 = _B * 5
 _B6 = _B * 6
+
+#: the row index of a table is spread over this many hashes, ``P:ri:<table>:<slot>``
+#: (:func:`row_slot`): a key per row cost ~70-100 bytes by itself, a field in a small hash a
+#: few. TRUNCATE walks the table's slots.
+ROW_SLOTS = 1024
+
+#: bytes escaped in a row index entry field (\x1b -> \x1b;, \x1d -> \x1b=, \x1e -> \x1b>,
+#: \x1f -> \x1b?): apply_batch.lua splits the packed value at \x1d / \x1e and the field at
+#: \x1f, and undoes the escape (byte - 32) for a REMOVE.
+_ENTRY_ESCAPE = {c: "\x1b" + chr(c + 32) for c in (0x1B, 0x1D, 0x1E, 0x1F)}
+
+
+def _esc(part: str) -> str:
+    return part.translate(_ENTRY_ESCAPE) if not part.isprintable() else part
+
+
+def entry_field(bucket: str, object_type: str, object_id: str) -> str:
+    """The row index's name of one output (``apply_batch.lua``: ``bucket \x1f object_type
+    \x1f object_id``, each part escaped so the packed row value parses unambiguously)."""
+    return f"{_esc(bucket)}{SEP}{_esc(object_type)}{SEP}{_esc(object_id)}"
+
+
+def row_slot(row_key: str, table: str | None = None) -> tuple[str, str]:
+    """``("<table>:<slot>", field)``: where a row sits in the row index
+    ``P:ri:<table>:<slot>`` (also ``P:src:`` and ``P:rl:``, its source row copy and lookup
+    entries). A row key is ``<topic>\x1f<key JSON>`` (``core.row_key``) and its table the
+    topic: the field is the row key without it. ``table``: the event's table, for a row key
+    that does not start with it (then the field is the whole row key)."""
+    if table is None:
+        table = row_key.partition(SEP)[0]
+    field = row_key[len(table) + 1 :] if row_key.startswith(table + SEP) else row_key
+    return f"{table}:{zlib.crc32(field.encode()) & (ROW_SLOTS - 1)}", field
 
 
 def apply_payload(prefix: str, batch: PlannedBatch, maxlen: int) -> tuple[int, bytes]:
     """``apply_batch.lua``'s arguments, already in the wire protocol (RESP bulk strings):
     the prefix, a small JSON header (offset guard, offsets, LSNs, merge tables) and the
     events as flat raw strings (the script's header comment has the layout), so the script
-    decodes no JSON per event. Returns (number of arguments, their encoding).
+    decodes no JSON per event and builds no index field. Returns (number of arguments,
+    their encoding).
 
     The one encoder of the batch: its input is the typed events of :func:`row_change`,
     :func:`row_delete` and :func:`table_truncate` (``"o"`` False: a delete; no ``"o"``: a
     TRUNCATE; else an upsert).
 
-    Packed here rather than by the client library: a batch has ~17 arguments per event,
+    Packed here rather than by the client library: a batch has ~16 arguments per event,
     and redis-py packs each one in Python (~20 us per event, measured)."""
     head = orjson.dumps(
         {
@@ -314,57 +347,52 @@ def apply_payload(prefix: str, batch: PlannedBatch, maxlen: int) -> tuple[int, b
             "source_lsn": batch.source_lsn or None,
             "merge_tables": batch.merge_tables,
             "maxlen": maxlen,
+            "slots": ROW_SLOTS,
         }
     )
     pre = prefix.encode()
     parts = [_B2 % (len(pre), pre, len(head), head)]
     add = parts.append
     n = 2
+    crc = zlib.crc32
+    mask = ROW_SLOTS - 1
     # BatchEvent is a union told apart by "o"; the loop reads it untyped (no isinstance
     # or cast per event on this path)
     events: list[Any] = batch.events
     for ev in events:
         outs = ev.get("o")
-        if outs is False:
-            k, t = ev["k"].encode(), ev["t"].encode()
-            add(_B4 % (1, b"D", len(k), k, len(t), t, 1, b"1" if ev.get("g") else b"0"))
-            n += 4
-        elif outs is None:
+        if outs is None:
             t = ev["truncate"].encode()
             add(_B2 % (1, b"X", len(t), t))
             n += 2
-        else:
-            k, t = ev["k"].encode(), ev["t"].encode()
-            src = ev.get("s")
-            sb = src.encode() if src else b""
-            lk = ev.get("l")
-            lb = b"" if lk is None else orjson.dumps(lk)
-            cnt = b"%d" % len(outs)
-            add(_B6 % (1, b"U", len(k), k, len(t), t, len(sb), sb, len(lb), lb, len(cnt), cnt))
-            n += 6
-            for o in outs:
-                bk, ot, oid, tail = o[0].encode(), o[1].encode(), o[2].encode(), o[5]
-                if type(tail) is str:
-                    tail = tail.encode()
-                cs, rcs = b"%d" % o[3], b"%d" % o[4]
-                add(
-                    _B6
-                    % (
-                        len(bk),
-                        bk,
-                        len(ot),
-                        ot,
-                        len(oid),
-                        oid,
-                        len(cs),
-                        cs,
-                        len(rcs),
-                        rcs,
-                        len(tail),
-                        tail,
-                    )
-                )
-                n += 6
+            continue
+        k, table = ev["k"], ev["t"]
+        fb = (k[len(table) + 1 :] if k.startswith(table + SEP) else k).encode()
+        ts = b"%b:%d" % (table.encode(), crc(fb) & mask)
+        if outs is False:
+            gk = k.encode() if ev.get("g") else b""  # P:gone:<row key>
+            add(_B4 % (1, b"D", len(ts), ts, len(fb), fb, len(gk), gk))
+            n += 4
+            continue
+        src = ev.get("s")
+        sb = src.encode() if src else b""
+        lk = ev.get("l")
+        lb = b"" if lk is None else orjson.dumps(lk)
+        cnt = b"%d" % len(outs)
+        add(_B6 % (1, b"U", len(ts), ts, len(fb), fb, len(sb), sb, len(lb), lb, len(cnt), cnt))
+        n += 6
+        for o in outs:
+            bucket, ot, oid, tail = o[0], o[1], o[2], o[5]
+            if bucket.isprintable() and ot.isprintable() and oid.isprintable():
+                f = f"{bucket}{SEP}{ot}{SEP}{oid}"
+            else:
+                f = entry_field(bucket, ot, oid)
+            bk, fe = bucket.encode(), f.encode()
+            if type(tail) is str:
+                tail = tail.encode()
+            cs, rcs = b"%d" % o[3], b"%d" % o[4]
+            add(_B5 % (len(bk), bk, len(fe), fe, len(cs), cs, len(rcs), rcs, len(tail), tail))
+            n += 5
     return n, b"".join(parts)
 
 
@@ -415,10 +443,32 @@ return 0
 """
 
 
-#: the key layout ``apply_batch.lua`` writes (``P:layout``). 2: bucket states in one hash
-#: (``P:states``), untagged PUT members, relocations in ``P:reloc:{bucket}``. A store with
-#: ops but no marker was written by layout 1 (a hash per bucket, tagged PUTs).
-STORE_LAYOUT = "2"
+#: the key layout ``apply_batch.lua`` writes (``P:layout``). 3: the row index in
+#: ``P:ri:<table>:<slot>`` hashes (one packed string per row; source rows and lookup
+#: entries in ``P:src:`` / ``P:rl:``), no table sets. 2: a ``P:row:{row key}`` hash per row
+#: and ``P:table:{table}`` sets. Both: bucket states in one hash (``P:states``), untagged PUT
+#: members, relocations in ``P:reloc:{bucket}``. A store with ops but no marker was written
+#: by layout 1 (a hash per bucket, tagged PUTs).
+STORE_LAYOUT = "3"
+
+
+#: Redis encoding thresholds this store is sized for (the deployment's ``redis.conf``; `bucketsync
+#: stack up`, docker-compose and the benchmarks' private servers use them). With Redis's
+#: defaults (64-byte members, 128 entries) every op log is a skiplist + dict, ~150 bytes per
+#: op beyond its wire JSON; op members are ~200 bytes of wire JSON, so these keep a bucket of
+#: up to 256 ops (and a row-index hash of up to 256 rows) a listpack: ~35 bytes per op.
+#: Larger buckets convert to a skiplist as before. docs/store.md, "Redis settings".
+REDIS_ENCODING: dict[str, str] = {
+    "zset-max-listpack-entries": "256",
+    "zset-max-listpack-value": "4096",
+    "hash-max-listpack-entries": "256",
+    "hash-max-listpack-value": "4096",
+}
+
+
+def redis_encoding_args() -> list[str]:
+    """:data:`REDIS_ENCODING` as ``redis-server`` command-line options."""
+    return [a for k, v in REDIS_ENCODING.items() for a in (f"--{k}", v)]
 
 
 class StoreLayoutMismatch(Exception):
@@ -427,8 +477,9 @@ class StoreLayoutMismatch(Exception):
     def __init__(self, prefix: str, found: str) -> None:
         super().__init__(
             f"the Redis keys under prefix {prefix!r} were written by an older bucketsync "
-            f"(store layout {found}; this version writes layout {STORE_LAYOUT}: bucket states "
-            "in one hash, untagged ops). The store is rebuilt from Kafka: set redis.prefix "
+            f"(store layout {found}; this version writes layout {STORE_LAYOUT}: the row index "
+            "in slot hashes, bucket states in one hash, untagged ops). The store is rebuilt "
+            "from Kafka: set redis.prefix "
             f"to a new value, or delete the keys {prefix}:* (then the processor re-applies "
             "every retained event)"
         )
@@ -641,11 +692,38 @@ class Store:
             return {}
         pipe = self.r.pipeline(transaction=False)
         for rk in row_keys:
-            pipe.hget(self.k("row", rk), "")
+            pipe.hget(*self.source_row_ref(rk))
         out: dict[str, dict[str, Any]] = {}
         for rk, val in zip(row_keys, await pipe.execute(), strict=True):
             if val is not None:
                 out[rk] = orjson.loads(val)
+        return out
+
+    def row_ref(self, row_key: str, kind: Literal["ri", "src", "rl"] = "ri") -> tuple[str, str]:
+        """(key, field) of a row's packed row index value (``P:ri:<table>:<slot>``), its
+        source row copy (``src``) or its lookup entries (``rl``)."""
+        ts, field = row_slot(row_key)
+        return self.k(kind, ts), field
+
+    def source_row_ref(self, row_key: str) -> tuple[str, str]:
+        """(key, field) of a row's stored source row copy (``P:src:<table>:<slot>``)."""
+        return self.row_ref(row_key, "src")
+
+    async def row_memory(self, table: str = "*", sample: int = 0) -> dict[str, int]:
+        """Memory of the row index (for benchmarks): per kind (``ri`` row index, ``src``
+        source row copies, ``rl`` lookup entries) the ``MEMORY USAGE`` of its slot hashes of
+        ``table`` (a glob; all tables by default) and the rows they hold (``<kind>_rows``).
+        ``sample``: at most that many slot hashes per kind (0: all)."""
+        out: dict[str, int] = {}
+        for kind in ("ri", "src", "rl"):
+            used = rows = keys = 0
+            async for key in self.r.scan_iter(match=self.k(kind, table, "*"), count=1000):
+                used += int(await self.r.memory_usage(key, samples=0) or 0)
+                rows += int(await self.r.hlen(key))
+                keys += 1
+                if sample and keys >= sample:
+                    break
+            out[kind], out[f"{kind}_rows"] = used, rows
         return out
 
     async def departed_rows(self, row_keys: Sequence[str]) -> dict[str, dict[str, Any]]:

@@ -17,6 +17,7 @@ import yaml
 
 from bucketsync.cli import build_parser
 from bucketsync.config import ENV_PREFIX, ConfigError, Settings, load_settings
+from pipeline.store import redis_encoding_args
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -96,6 +97,15 @@ def test_gateways_read_from_the_replica_and_processors_write_the_primary(
             assert SERVICES[name]["depends_on"]["redis-replica"]["condition"] == "service_healthy"
         else:
             assert s.redis.replica_urls == [], name
+
+
+def test_redis_services_use_the_store_encodings() -> None:
+    """Both Redis services run with the encodings the store is sized for (REDIS_ENCODING)."""
+    want = redis_encoding_args()
+    for name in ("redis", "redis-replica"):
+        cmd = SERVICES[name]["command"]
+        pairs = {(cmd[i], cmd[i + 1]) for i in range(len(cmd) - 1)}
+        assert all((want[i], want[i + 1]) in pairs for i in range(0, len(want), 2)), name
 
 
 def test_depends_on_names_real_services_with_valid_conditions() -> None:

@@ -24,6 +24,7 @@ from bucketsync.stack import actions, binaries, maven, processes
 from bucketsync.stack import redis as stack_redis
 from bucketsync.stack.kafka import KAFKA
 from bucketsync.stack.redis import REDIS
+from pipeline.store import REDIS_ENCODING
 
 
 def _free_port() -> int:
@@ -267,6 +268,8 @@ def test_redis_conf(throwaway: Callable[..., Settings]) -> None:
     assert "appendonly yes\n" in conf and "appendfsync always\n" in conf
     assert f"port {settings.stack.redis_port}\n" in conf and "bind 127.0.0.1\n" in conf
     assert f'dir "{stack.layout_for(settings).redis_dir}"' in conf
+    for key, value in REDIS_ENCODING.items():  # the encodings the store is sized for
+        assert f"\n{key} {value}\n" in conf
 
 
 def test_cluster_id() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+import orjson
 import pytest
 
 from pipeline import core
@@ -312,6 +313,57 @@ def test_puts_stored_with_a_row_key_tag_still_work(stack, ns) -> None:
         await store.apply(PlannedBatch([delete("r2")], {"t/0": 3}, {"t/0": 3}))
         ops = [(o.op_id, o.kind, o.target) for o in await store.all_ops(b)]
         assert ops == [(3, "CLEAR", 5), (4, "MOVE", 6), (5, "PUT", 0), (6, "REMOVE", 0)]
+        assert (await verify(store)).differences == []
+
+    run(_with_store(stack, ns, go))
+
+
+def test_entry_field_escapes_the_packed_index_separators() -> None:
+    """The row index packs a row's outputs into one string split at \\x1d / \\x1e (and each
+    entry field at \\x1f): an id holding those bytes is escaped, injectively."""
+    from pipeline.store import entry_field
+
+    ids = ["a", "a\x1d1:2:3", "a\x1e", "a\x1f", "a\x1b", "a\x1b=", "\x1b\x1d", "é ✓"]
+    fields = [entry_field('u["x"]', "todos", i) for i in ids]
+    assert len(set(fields)) == len(ids)
+    for f in fields:
+        assert "\x1d" not in f and "\x1e" not in f and f.count("\x1f") == 2
+    assert entry_field('u["x"]', "todos", "a") == 'u["x"]\x1ftodos\x1fa'
+
+
+def test_ids_with_separator_bytes_round_trip(stack, ns) -> None:
+    """Object ids holding the row index's separator bytes: a PUT, a change (MOVE), leaving the
+    bucket (the REMOVE names the exact id) and TRUNCATE. Expected ops written out by hand."""
+    odd = ["t\x1d1:2:3", "t\x1e", "t\x1f\x1f", "t\x1b?"]
+
+    async def go(store: Store) -> None:
+        b1 = PlannedBatch(
+            [upsert(f"r{i}", Out('u["a"]', "todos", oid, V1)) for i, oid in enumerate(odd)],
+            {"t/0": 0},
+            {"t/0": 0},
+        )
+        assert (await store.apply(b1)).status == "ok"  # ops 1-4
+        b2 = PlannedBatch(
+            [
+                upsert("r0", Out('u["a"]', "todos", odd[0], V2)),  # 5; 1 -> MOVE
+                upsert("r1", Out('u["b"]', "todos", odd[1], V1)),  # 6 in b; REMOVE 7; 2 -> MOVE
+                upsert("r2", Out('u["a"]', "todos", odd[2], V1)),  # unchanged: nothing
+                {"truncate": "todos"},  # REMOVE 8 (r0), 9 (r1 in b), 10 (r2), 11 (r3)
+            ],
+            {"t/0": 1},
+            {"t/0": 1},
+        )
+        assert (await store.apply(b2)).status == "ok"
+        a = [(o.op_id, o.kind) for o in await store.all_ops('u["a"]')]
+        moves = [(i, "MOVE") for i in range(1, 6)]
+        assert a == [*moves, (7, "REMOVE"), (8, "REMOVE"), (10, "REMOVE"), (11, "REMOVE")]
+        removed = {}
+        for o in await store.all_ops('u["a"]') + await store.all_ops('u["b"]'):
+            if o.kind == "REMOVE":
+                w = orjson.loads(o.wire)
+                removed[o.op_id] = w["object_id"]
+                assert w["checksum"] == core.remove_checksum("todos", w["object_id"])
+        assert removed == {7: odd[1], 8: odd[0], 9: odd[1], 10: odd[2], 11: odd[3]}
         assert (await verify(store)).differences == []
 
     run(_with_store(stack, ns, go))

@@ -288,7 +288,7 @@ def test_transfers_over_three_partitions_never_show_a_wrong_balance_sum(
         store = Store.from_settings(s)
         applier = BatchApplier(s, store, load_sync_rules(s), dead_letters=DeadLetterSink(s))
         driver = KafkaLoopDriver(s, applier, Membership(None))
-        keys = {a: store.k("row", row_key(accounts, {"id": a})) for a in ids}
+        keys = {a: store.source_row_ref(row_key(accounts, {"id": a})) for a in ids}
         target: dict[str, int] = {}
         checkpoints = 0
         violations: list[str] = []
@@ -303,7 +303,7 @@ def test_transfers_over_three_partitions_never_show_a_wrong_balance_sum(
             checkpoints += 1
             pipe = store.r.pipeline(transaction=True)  # the checkpoint's state, atomically
             for a in ids:
-                pipe.hget(keys[a], "")
+                pipe.hget(*keys[a])
             pipe.hgetall(store.k("offsets"))
             *raw, offsets = await pipe.execute()
             rows = {a: orjson.loads(v) for a, v in zip(ids, raw, strict=True) if v is not None}

@@ -140,8 +140,9 @@ def _run_processors(
 
 def memory_stats(settings: Settings, sample: int = 300) -> dict[str, Any]:
     """Redis bytes per op beyond its wire JSON (sampled buckets: MEMORY USAGE of the op log
-    minus the wire bytes of its ops, per op) and per live row (row index hash; the kept
-    source-row copy separately)."""
+    minus the wire bytes of its ops, per op) and per live row (sampled row index slot
+    hashes, with the lookup entries; the kept source-row copy per row that has one,
+    separately: ``MEMORY USAGE`` of its slot hashes, so including their overhead)."""
     import redis
 
     r = redis.Redis.from_url(settings.redis.url)
@@ -158,24 +159,29 @@ def memory_stats(settings: Settings, sample: int = 300) -> dict[str, Any]:
             n_ops += len(rows)
             wire += sum(len(parse_member(m, 0.0).wire) for m in rows)
             usage += int(r.memory_usage(k, samples=0) or 0)
-        row_keys = []
-        for k in r.scan_iter(match=f"{pre}:row:*", count=1000):
-            row_keys.append(k)
-            if len(row_keys) >= sample:
-                break
-        row_usage = sum(int(r.memory_usage(k, samples=0) or 0) for k in row_keys)
-        src = sum(int(r.hstrlen(k, "")) for k in row_keys)
-        kept = sum(1 for k in row_keys if r.hexists(k, ""))
-        used = int(r.info("memory")["used_memory"])
+        # the row index: slot hashes P:ri:<table>:<slot> (row index), P:src: (source row
+        # copies) and P:rl: (lookup entries) of the sampled slots
+        mem: dict[str, tuple[int, int]] = {}
+        for kind in ("ri", "src", "rl"):
+            used = held = 0
+            for i, k in enumerate(r.scan_iter(match=f"{pre}:{kind}:*", count=1000)):
+                if i >= sample:
+                    break
+                used += int(r.memory_usage(k, samples=0) or 0)
+                held += int(r.hlen(k))
+            mem[kind] = (used, held)
         return {
             "ops_sampled": n_ops,
             "op_wire_bytes": round(wire / max(n_ops, 1), 1),
             "op_bytes_beyond_wire": round((usage - wire) / max(n_ops, 1), 1),
-            "rows_sampled": len(row_keys),
-            "row_index_bytes_per_live_row": round(row_usage / max(len(row_keys), 1), 1),
-            "source_copy_bytes_per_live_row": round(src / max(len(row_keys), 1), 1),
-            "rows_with_source_copy": kept,
-            "redis_used_memory": used,
+            "rows_sampled": mem["ri"][1],
+            "row_index_bytes_per_live_row": round(mem["ri"][0] / max(mem["ri"][1], 1), 1),
+            "lookup_entries_bytes_per_row_with_lookups": round(
+                mem["rl"][0] / max(mem["rl"][1], 1), 1
+            ),
+            "source_copy_bytes_per_live_row": round(mem["src"][0] / max(mem["src"][1], 1), 1),
+            "rows_with_source_copy": mem["src"][1],
+            "redis_used_memory": int(r.info("memory")["used_memory"]),
         }
     finally:
         r.close()

@@ -21,7 +21,7 @@ import redis
 import yaml
 
 from bucketsync.config import Settings, load_settings
-from pipeline.store import Store, drop_prefix
+from pipeline.store import Store, drop_prefix, redis_encoding_args
 
 #: raises the child's open-file limit to its hard limit before the CLI starts (many streams)
 _RAISE_NOFILE = (
@@ -202,14 +202,15 @@ def tree_cpu_seconds(pid: int) -> float:
 
 
 def _redis_server(folder: Path, port: int, *extra: str) -> subprocess.Popen[bytes] | None:
-    """A redis-server without persistence on 127.0.0.1:``port``, working in ``folder``
-    (None when no redis-server binary is installed)."""
+    """A redis-server without persistence on 127.0.0.1:``port``, working in ``folder``, with
+    the store's encoding settings (``REDIS_ENCODING``; None when no redis-server binary is
+    installed)."""
     exe = shutil.which("redis-server")
     if exe is None:
         return None
     folder.mkdir(parents=True, exist_ok=True)
     argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder)]
-    argv += ["--save", "", "--appendonly", "no", *extra]
+    argv += ["--save", "", "--appendonly", "no", *redis_encoding_args(), *extra]
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

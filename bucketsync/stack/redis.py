@@ -18,6 +18,7 @@ from bucketsync.stack.component import Component, Launch
 from bucketsync.stack.layout import layout_for
 from bucketsync.stack.ports import HOST
 from bucketsync.stack.processes import Service, cmdline, cwd_of
+from pipeline.store import REDIS_ENCODING
 
 
 def redis_url(settings: Settings) -> str:
@@ -50,6 +51,8 @@ def render_redis_conf(settings: Settings) -> str:
             "appendonly yes",
             f"appendfsync {settings.stack.redis_appendfsync}",
             'save ""',
+            "# encodings the store is sized for (pipeline/store.py REDIS_ENCODING, docs/store.md)",
+            *(f"{k} {v}" for k, v in REDIS_ENCODING.items()),
             "",
         ]
     )
@@ -201,6 +204,8 @@ def render_replica_conf(settings: Settings) -> str:
             "replica-read-only yes",
             "appendonly no",
             'save ""',
+            "# encodings the store is sized for (pipeline/store.py REDIS_ENCODING, docs/store.md)",
+            *(f"{k} {v}" for k, v in REDIS_ENCODING.items()),
             "",
         ]
     )
