@@ -292,12 +292,17 @@ def config_keys(text: str, sections: Collection[str]) -> list[tuple[int, str, st
         r"(?<![\w./-])(" + "|".join(map(re.escape, sections)) + r")\.([a-z_][a-z0-9_]*)\b(?![/(])"
     )
     out = [
-        (text.count("\n", 0, m.start()) + 1, m.group(1), m.group(2)) for m in pattern.finditer(text)
+        (text.count("\n", 0, m.start()) + 1, m.group(1), m.group(2))
+        for m in pattern.finditer(text)
+        if m.group(2) not in _FILE_EXTENSIONS  # redis.conf is a file, not a key
     ]
     for m in _ENV_KEY.finditer(text):
         line = text.count("\n", 0, m.start()) + 1
         out.append((line, m.group(1).lower(), m.group(2).lower()))
     return out
+
+
+_FILE_EXTENSIONS = frozenset({"conf", "yaml", "yml", "json", "md", "py", "lua", "log", "toml"})
 
 
 def _module_attribute(module: str, name: str, root: Path = ROOT) -> bool:
@@ -317,7 +322,7 @@ def _module_attribute(module: str, name: str, root: Path = ROOT) -> bool:
 def test_config_keys_finds_dotted_keys_and_environment_names() -> None:
     text = (
         "set `redis.replica_urls` (or BUCKETSYNC_REDIS__REPLICA_WAIT_S); gateway.port too,\n"
-        "not bucketsync.gateway.server nor docs/redis.md nor redis.asyncio(x)\n"
+        "not bucketsync.gateway.server nor docs/redis.md nor redis.asyncio(x) nor redis.conf\n"
     )
     assert config_keys(text, ["redis", "gateway"]) == [
         (1, "redis", "replica_urls"),
