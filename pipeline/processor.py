@@ -402,18 +402,7 @@ class BatchApplier:
             self._inflight[0].cancel()
             self._inflight = None
         log.warning("store unreachable (%s); this batch is read again once it is back", exc)
-        delay, waited, last_log = 0.2, 0.0, 0.0
-        while True:
-            try:
-                if await self.store.ping():
-                    break
-            except STORE_ERRORS as again:
-                if waited - last_log >= 10:
-                    last_log = waited
-                    log.warning("store still unreachable after %.0fs: %s", waited, again)
-            await asyncio.sleep(delay)
-            waited += delay
-            delay = min(delay * 2, 5.0)
+        waited = await self._wait_for_store()
         await self.load_offsets()
         pos = self.resume_positions(self.guard.partitions())
         if pos and self.seek is not None:
@@ -423,6 +412,31 @@ class BatchApplier:
             waited,
             ", ".join(f"{t}/{p}@{o}" for (t, p), o in sorted(pos.items())),
         )
+
+    async def _wait_for_store(self) -> float:
+        """Until Redis answers (backoff up to 5 s, a log line every 10 s); seconds waited."""
+        delay, waited, last_log = 0.2, 0.0, 0.0
+        while True:
+            try:
+                if await self.store.ping():
+                    return waited
+            except STORE_ERRORS as again:
+                if waited - last_log >= 10:
+                    last_log = waited
+                    log.warning("store still unreachable after %.0fs: %s", waited, again)
+            await asyncio.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 5.0)
+
+    async def load_offsets_when_up(self) -> dict[str, int]:
+        """:meth:`load_offsets`, waiting for Redis first if it is down (a processor started
+        before its store waits for it instead of exiting)."""
+        while True:
+            try:
+                return await self.load_offsets()
+            except STORE_ERRORS as exc:
+                log.warning("store unreachable at start (%s); waiting for it", exc)
+                await self._wait_for_store()
 
     async def _resolve(self, adm: Admission) -> None:
         for gap in adm.gaps:
@@ -698,7 +712,7 @@ class KafkaLoopDriver:
 
     async def run(self, max_events: int | None = None, idle_exit_s: float | None = None) -> int:
         topics, pattern = _topic_matcher(self.settings)
-        await self.applier.load_offsets()
+        await self.applier.load_offsets_when_up()
         self.applier.watermarks.connect(self._highwater)
         subs = topics if not pattern else ["^" + pattern.pattern.lstrip("^")]
         self.consumer.subscribe(subs, on_assign=self._on_assign, on_revoke=self._on_revoke)
@@ -818,7 +832,7 @@ def build_faust_app(
             applier = state.get("a")
             if applier is None:
                 applier = state["a"] = await applier_factory()
-                await applier.load_offsets()
+                await applier.load_offsets_when_up()
 
                 def highwater(topic: str, partition: int) -> int | None:
                     from faust.types import TP
@@ -899,7 +913,7 @@ def build_faust_app(
         # not applied. Resume every partition right after its last applied offset.
         a = await ensure_applier()
         async with a._lock:  # not while a batch of the old assignment is being applied
-            await a.load_offsets()
+            await a.load_offsets_when_up()
             pos = a.resume_positions((tp.topic, tp.partition) for tp in assigned)
         for tp in assigned:
             await app.consumer.seek(tp, pos[(tp.topic, tp.partition)])
