@@ -818,6 +818,10 @@ def build_faust_app(
         broker_session_timeout=p.session_timeout_ms / 1000,
         broker_heartbeat_interval=min(p.heartbeat_interval_ms, p.session_timeout_ms // 3) / 1000,
         consumer_group_instance_id=membership.instance_id if membership else None,
+        # topics that do not exist yet (the connector creates them later) are ignored at
+        # assignment and only noticed at a metadata refresh: every 5 s, like the kafka
+        # driver's topic.metadata.refresh.interval.ms (aiokafka's default is 5 minutes)
+        consumer_metadata_max_age_ms=5000,
     )
     topics, pattern = _topic_matcher(settings)
     if pattern is not None:
