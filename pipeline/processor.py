@@ -977,6 +977,7 @@ def run_faust_driver(settings: Settings, membership: Membership | None = None) -
         return await _make_applier(settings)
 
     membership = membership or claim_membership(settings)
+    wait_for_broker(settings)  # Faust's worker exits if it cannot bootstrap at start
     app = build_faust_app(settings, factory, membership)
     worker = faust.Worker(app, loglevel="WARNING", quiet=True)
     try:
@@ -984,6 +985,33 @@ def run_faust_driver(settings: Settings, membership: Membership | None = None) -
     finally:
         membership.release()
     return 0
+
+
+def wait_for_broker(settings: Settings) -> None:
+    """Until the brokers in ``kafka.bootstrap_servers`` answer a metadata request (backoff up
+    to 5 s, a log line every 30 s). The kafka driver's librdkafka keeps trying by itself."""
+    from confluent_kafka.admin import AdminClient
+
+    quiet = logging.getLogger("bucketsync.processor.bootstrap")
+    quiet.addHandler(logging.NullHandler())
+    quiet.propagate = False
+    admin = AdminClient({"bootstrap.servers": settings.kafka.bootstrap_servers, "logger": quiet})
+    delay, last_log = 0.5, None
+    while True:
+        try:
+            admin.list_topics(timeout=5)
+            return
+        except KafkaException as exc:
+            now = time.monotonic()
+            if last_log is None or now - last_log >= 30:
+                last_log = now
+                log.warning(
+                    "Kafka unreachable at %s (%s); waiting for it",
+                    settings.kafka.bootstrap_servers,
+                    exc.args[0] if exc.args else exc,
+                )
+        time.sleep(delay)
+        delay = min(delay * 2, 5.0)
 
 
 def tune_gc() -> None:
