@@ -995,7 +995,8 @@ def wait_for_broker(settings: Settings) -> None:
     quiet = logging.getLogger("bucketsync.processor.bootstrap")
     quiet.addHandler(logging.NullHandler())
     quiet.propagate = False
-    admin = AdminClient({"bootstrap.servers": settings.kafka.bootstrap_servers, "logger": quiet})
+    conf: dict[str, Any] = {"bootstrap.servers": settings.kafka.bootstrap_servers, "logger": quiet}
+    admin = AdminClient(conf)
     delay, last_log = 0.5, None
     while True:
         try:
