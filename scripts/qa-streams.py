@@ -331,6 +331,17 @@ class Stream:
         self.completes = 0
         self.reconnects = 0
         self.stop = False
+        #: per bucket, what this client saw of it (for a mismatch report)
+        self.trace: dict[str, list[Any]] = {}
+        self.dumps: list[dict[str, Any]] = []
+        self.received: dict[str, dict[int, str]] = {}  # bucket -> op id -> op, this stream
+        self.redis_url: str | None = None  # set: a mismatch also snapshots the bucket's log
+        self.prefix = ""
+
+    def note(self, b: str, *what: Any) -> None:
+        t = self.trace.setdefault(b, [])
+        t.append(what)
+        del t[:-60]
 
     def body(self) -> dict[str, Any]:
         b: dict[str, Any] = {
@@ -354,6 +365,7 @@ class Stream:
         return b
 
     def drop(self, b: str) -> None:
+        self.received.pop(b, None)
         self.buckets.pop(b, None)
         self.sums.pop(b, None)
         self.after.pop(b, None)
@@ -368,6 +380,8 @@ class Stream:
         ) as r:
             if r.status_code != 200:
                 raise RuntimeError(f"{r.status_code} {r.text[:300]}")
+            for b, a in self.after.items():
+                self.note(b, "open", a, self.sums.get(b))
             drop_at = (
                 time.monotonic() + self.rnd.uniform(0.2, 2 * self.reconnect_s)
                 if self.reconnect_s > 0 and not until_complete
@@ -387,7 +401,10 @@ class Stream:
                     self.cp = {b["bucket"]: b for b in c["buckets"]}
                     for b in list(self.buckets):
                         if b not in self.cp:
+                            self.note(b, "cp-dropped", c["last_op_id"])
                             self.drop(b)
+                    for b, meta in self.cp.items():
+                        self.note(b, "cp", c["last_op_id"], meta["checksum"], meta.get("count"))
                     for s in c.get("streams", []):
                         if s.get("errors"):
                             self.stream_errors.append(s)
@@ -395,14 +412,26 @@ class Stream:
                     c = m["checkpoint_diff"]
                     for b in c["updated_buckets"]:
                         self.cp[b["bucket"]] = b
+                        self.note(
+                            b["bucket"], "diff", c["last_op_id"], b["checksum"], b.get("count")
+                        )
                     for b in c["removed_buckets"]:
                         self.cp.pop(b, None)
+                        self.note(b, "removed", c["last_op_id"])
                         self.drop(b)
                 elif "data" in m:
                     d = m["data"]
                     b = d["bucket"]
+                    self.note(
+                        b,
+                        "data",
+                        d.get("after"),
+                        [(o["op_id"], o["op"], o["checksum"]) for o in d["data"]][:40],
+                    )
                     rows = self.buckets.setdefault(b, {})
+                    got = self.received.setdefault(b, {})
                     for op in d["data"]:
+                        got[int(op["op_id"])] = op["op"]
                         cs = int(op["checksum"])
                         if op["op"] == "CLEAR":
                             rows.clear()
@@ -422,6 +451,29 @@ class Stream:
                         if self.sums.get(b, 0) % 2**32 != int(meta["checksum"]) % 2**32:
                             self.errors.append(
                                 f"{self.user}: checksum mismatch {b}: {self.sums.get(b, 0)} vs {meta['checksum']}"
+                            )
+                            snap: Any = None
+                            if self.redis_url:
+                                import redis
+
+                                log = redis.Redis.from_url(self.redis_url).zrange(
+                                    f"{self.prefix}:ops:{b}", 0, -1, withscores=True
+                                )
+                                got = self.received.get(b, {})
+                                snap = [
+                                    (int(sc), mb.decode()[:160])
+                                    for mb, sc in log
+                                    if int(sc) not in got
+                                    and int(sc) <= int(m["checkpoint_complete"]["last_op_id"])
+                                ][-12:]
+                            self.dumps.append(
+                                {
+                                    "not_received": snap,
+                                    "user": self.user,
+                                    "bucket": b,
+                                    "complete": m["checkpoint_complete"],
+                                    "trace": list(self.trace.get(b, [])),
+                                }
                             )
                         for (t, oid), data in self.buckets.get(b, {}).items():
                             v = json.loads(data)
@@ -642,7 +694,25 @@ def main() -> int:
         qa.cli(cfgp, "processor", stdout=logs[i], stderr=subprocess.STDOUT) for i in range(a.procs)
     ]
     glog = open(work / "gateway.log", "ab")  # noqa: SIM115
-    gw = qa.cli(cfgp, "gateway", stdout=glog, stderr=subprocess.STDOUT)
+    if os.environ.get("QA_GW_DEBUG"):  # the stream's page reads in the gateway log
+        gw = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import logging, sys; from bucketsync.cli import main; "
+                "logging.getLogger('bucketsync.gateway.stream').setLevel(logging.DEBUG); "
+                "sys.exit(main())",
+                "--config",
+                str(cfgp),
+                "gateway",
+            ],
+            cwd=REPO,
+            env={**{k: v for k, v in os.environ.items() if not k.startswith("BUCKETSYNC_")}},
+            stdout=glog,
+            stderr=subprocess.STDOUT,
+        )
+    else:
+        gw = qa.cli(cfgp, "gateway", stdout=glog, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     tokens = {}
     for u, org in USERS.items():
@@ -666,6 +736,7 @@ def main() -> int:
         for i, u in enumerate(USERS)
     ]
     for w in watchers:
+        w.redis_url, w.prefix = redis_url, tag
         threading.Thread(target=w.watch, daemon=True).start()
 
     def feed() -> None:
@@ -777,6 +848,9 @@ def main() -> int:
         }
     if verify.returncode:
         res["verify_out"] = vout[-800:]
+    dumps = [d for w in watchers for d in w.dumps]
+    if dumps:
+        (work / "mismatches.json").write_text(json.dumps(dumps, indent=1, default=str))
     print(json.dumps(res, default=str))
     good = (
         ok
