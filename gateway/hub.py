@@ -258,10 +258,22 @@ class PageCache:
         # one op more than the page holds: it tells whether more remain (has_more is
         # "more ops <= upto remain", sync-protocol.md §3.3, not "the read was full")
         ops = await self.store.read_ops(bucket, after, upto, max_ops + 1)
+        if not ops and after < upto:
+            # nothing in the range: or a compaction step folded it, with ops written after
+            # ``upto``, into a CLEAR above ``upto`` (a CLEAR is always the bucket's first
+            # op). Then the page targets that CLEAR, so the connection moves to a newer
+            # checkpoint instead of completing this one without the ops (§4.5)
+            head = await self.store.read_ops(bucket, -1, _NO_UPTO, 1)
+            if head and head[0].op_id > upto and head[0].kind == "CLEAR":
+                return Page((), after, False, 0, max(head[0].op_id, head[0].target))
         has_more_store = len(ops) > max_ops
         if has_more_store:
             del ops[max_ops:]
         return encode_page(bucket, after, ops, has_more_store, max_bytes)
+
+
+#: above every op id (op ids are decimal integers below 2**53)
+_NO_UPTO = 2**53
 
 
 def encode_page(
