@@ -630,6 +630,9 @@ def main() -> int:
     ap.add_argument("--live", type=int, default=600)
     ap.add_argument("--compact-interval", type=float, default=0.5)
     ap.add_argument("--reconnect", type=float, default=1.5)
+    ap.add_argument(
+        "--reappend-budget", type=float, default=None, help="compaction.reappend_budget"
+    )
     ap.add_argument("--replica", action="store_true")
     ap.add_argument("--redis-restart", action="store_true")
     ap.add_argument("--node", action="store_true", help="check users with the official client")
@@ -683,6 +686,8 @@ def main() -> int:
         "processor": {"driver": a.driver, "metrics_port": 0},
         "compaction": {"interval_s": a.compact_interval},
     }
+    if a.reappend_budget is not None:
+        cfg["compaction"]["reappend_budget"] = a.reappend_budget
     if priv and priv.rport:
         cfg["redis"]["replica_urls"] = [f"redis://127.0.0.1:{priv.rport}/0"]
     import yaml
