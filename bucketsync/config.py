@@ -90,6 +90,23 @@ class RedisSettings(_Section):
             return [u for u in (x.strip() for x in v.split(",")) if u]
         return v
 
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, v: str) -> str:
+        return _check_redis_url(v)
+
+    @field_validator("replica_urls")
+    @classmethod
+    def _replica_urls(cls, v: list[str]) -> list[str]:
+        return [_check_redis_url(u) for u in v]
+
+
+def _check_redis_url(url: str) -> str:
+    """redis-py accepts only these schemes, and says so only at the first command."""
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"{url!r} is not a Redis URL (redis://, rediss:// or unix://)")
+    return url
+
 
 class AuthSettings(_Section):
     audience: list[str] = Field(default_factory=lambda: ["bucketsync"])

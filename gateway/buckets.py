@@ -54,6 +54,10 @@ class Resolution:
     #: the write checkpoints of the stream's key, when read with the states (the stream
     #: then need not read them itself); None: not read
     write_checkpoints: dict[int, dict[str, int]] | None = None
+    #: False: the lookup rows changed on every confirming read, so ``grants`` holds only
+    #: the buckets granted both by the rows the states were read for and by the rows at
+    #: ``cp``; the stream resolves again at once
+    settled: bool = True
 
 
 class ExpansionCache:
@@ -256,7 +260,7 @@ class BucketResolver:
             else:
                 rows = await store.read_lookups(self.lookup_keys)
                 grants = self.grants(rows)
-            for _ in range(_ATTEMPTS):
+            for attempt in range(_ATTEMPTS):
                 names = [g.bucket for g in grants]
                 on_buckets(names)
                 cp, states, again = await store.read_checkpoint_with_lookups(
@@ -264,8 +268,17 @@ class BucketResolver:
                 )
                 if again == rows:
                     break
-                rows = again
-                grants = self.grants(rows)
+                latest = self.grants(again)
+                if attempt == _ATTEMPTS - 1:
+                    # never confirmed: grant only what both the rows these states and this
+                    # subscription were read for and the rows at cp grant (a bucket granted
+                    # without its state or subscription would have its ops skipped)
+                    cache.put(self.signature, again, latest)
+                    read = set(names)
+                    kept = [g for g in latest if g.bucket in read]
+                    kept_states = {g.bucket: states[g.bucket] for g in kept}
+                    return Resolution(cp, kept, kept_states, settled=False)
+                rows, grants = again, latest
             cache.put(self.signature, rows, grants)
             return Resolution(cp, grants, states)
         finally:

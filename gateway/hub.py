@@ -272,6 +272,14 @@ class PageCache:
         # one op more than the page holds: it tells whether more remain (has_more is
         # "more ops <= upto remain", sync-protocol.md §3.3, not "the read was full")
         flat = await self.store.read_ops_raw(bucket, after, upto, max_ops + 1)
+        if not flat and after < upto:
+            # nothing in the range: or a compaction step folded it, with ops written after
+            # ``upto``, into a CLEAR above ``upto`` (a CLEAR is always the bucket's first
+            # op). Then the page targets that CLEAR, so the connection moves to a newer
+            # checkpoint instead of completing this one without the ops (§4.5)
+            head = await self.store.read_ops(bucket, -1, _NO_UPTO, 1)
+            if head and head[0].op_id > upto and head[0].kind == "CLEAR":
+                return Page((), after, False, 0, max(head[0].op_id, head[0].target))
         has_more_store = len(flat) > 2 * max_ops
         if has_more_store:
             del flat[2 * max_ops :]
@@ -294,6 +302,10 @@ def encode_raw_page(
         line = protocol.data(bucket, after, nxt, has_more_store, members)
         return Page((line,), nxt, has_more_store, len(members), 0)
     return encode_page(bucket, after, parse_members(flat), has_more_store, max_bytes)
+
+
+#: above every op id (op ids are decimal integers below 2**53)
+_NO_UPTO = 2**53
 
 
 def encode_page(

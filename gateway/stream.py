@@ -277,6 +277,15 @@ class SyncStream:
         self._after = _NO_AFTER  # counts for the first bucket set only
         return removed
 
+    @staticmethod
+    def _unsettled(sub: Subscriber, res: Resolution) -> None:
+        """A bucket set the lookup rows changed under on every read (``res.settled``
+        false) holds only buckets granted throughout: resolve again once this round is
+        served."""
+        if not res.settled:
+            sub.lookups_dirty = True
+            sub.wake.set()
+
     async def _resolve(self, sub: Subscriber) -> Resolution:
         return await self.resolver.resolve(
             self.store, lambda names: self.hub.set_buckets(sub, names)
@@ -400,6 +409,7 @@ class SyncStream:
             wcp = self._current_wcp()
             if res is None:
                 res = await self._resolve(sub)
+            self._unsettled(sub, res)
             self._set_grants(res.grants)
             buckets = list(self.grants)
             cp, states = res.cp, res.states
@@ -599,6 +609,7 @@ class SyncStream:
                 await self._reload_write_checkpoints()
             sub.resync = sub.lookups_dirty = False
             res = await self._resolve(sub)
+            self._unsettled(sub, res)
             # what the hub queued up to this checkpoint is in the states just read
             sub.pending = {b: v for b, v in sub.pending.items() if v[0] > res.cp}
             removed = self._set_grants(res.grants)

@@ -402,18 +402,7 @@ class BatchApplier:
             self._inflight[0].cancel()
             self._inflight = None
         log.warning("store unreachable (%s); this batch is read again once it is back", exc)
-        delay, waited, last_log = 0.2, 0.0, 0.0
-        while True:
-            try:
-                if await self.store.ping():
-                    break
-            except STORE_ERRORS as again:
-                if waited - last_log >= 10:
-                    last_log = waited
-                    log.warning("store still unreachable after %.0fs: %s", waited, again)
-            await asyncio.sleep(delay)
-            waited += delay
-            delay = min(delay * 2, 5.0)
+        waited = await self._wait_for_store()
         await self.load_offsets()
         pos = self.resume_positions(self.guard.partitions())
         if pos and self.seek is not None:
@@ -423,6 +412,31 @@ class BatchApplier:
             waited,
             ", ".join(f"{t}/{p}@{o}" for (t, p), o in sorted(pos.items())),
         )
+
+    async def _wait_for_store(self) -> float:
+        """Until Redis answers (backoff up to 5 s, a log line every 10 s); seconds waited."""
+        delay, waited, last_log = 0.2, 0.0, 0.0
+        while True:
+            try:
+                if await self.store.ping():
+                    return waited
+            except STORE_ERRORS as again:
+                if waited - last_log >= 10:
+                    last_log = waited
+                    log.warning("store still unreachable after %.0fs: %s", waited, again)
+            await asyncio.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 5.0)
+
+    async def load_offsets_when_up(self) -> dict[str, int]:
+        """:meth:`load_offsets`, waiting for Redis first if it is down (a processor started
+        before its store waits for it instead of exiting)."""
+        while True:
+            try:
+                return await self.load_offsets()
+            except STORE_ERRORS as exc:
+                log.warning("store unreachable at start (%s); waiting for it", exc)
+                await self._wait_for_store()
 
     async def _resolve(self, adm: Admission) -> None:
         for gap in adm.gaps:
@@ -698,7 +712,7 @@ class KafkaLoopDriver:
 
     async def run(self, max_events: int | None = None, idle_exit_s: float | None = None) -> int:
         topics, pattern = _topic_matcher(self.settings)
-        await self.applier.load_offsets()
+        await self.applier.load_offsets_when_up()
         self.applier.watermarks.connect(self._highwater)
         subs = topics if not pattern else ["^" + pattern.pattern.lstrip("^")]
         self.consumer.subscribe(subs, on_assign=self._on_assign, on_revoke=self._on_revoke)
@@ -804,6 +818,10 @@ def build_faust_app(
         broker_session_timeout=p.session_timeout_ms / 1000,
         broker_heartbeat_interval=min(p.heartbeat_interval_ms, p.session_timeout_ms // 3) / 1000,
         consumer_group_instance_id=membership.instance_id if membership else None,
+        # topics that do not exist yet (the connector creates them later) are ignored at
+        # assignment and only noticed at a metadata refresh: every 5 s, like the kafka
+        # driver's topic.metadata.refresh.interval.ms (aiokafka's default is 5 minutes)
+        consumer_metadata_max_age_ms=5000,
     )
     topics, pattern = _topic_matcher(settings)
     if pattern is not None:
@@ -818,7 +836,7 @@ def build_faust_app(
             applier = state.get("a")
             if applier is None:
                 applier = state["a"] = await applier_factory()
-                await applier.load_offsets()
+                await applier.load_offsets_when_up()
 
                 def highwater(topic: str, partition: int) -> int | None:
                     from faust.types import TP
@@ -899,7 +917,7 @@ def build_faust_app(
         # not applied. Resume every partition right after its last applied offset.
         a = await ensure_applier()
         async with a._lock:  # not while a batch of the old assignment is being applied
-            await a.load_offsets()
+            await a.load_offsets_when_up()
             pos = a.resume_positions((tp.topic, tp.partition) for tp in assigned)
         for tp in assigned:
             await app.consumer.seek(tp, pos[(tp.topic, tp.partition)])
@@ -959,6 +977,7 @@ def run_faust_driver(settings: Settings, membership: Membership | None = None) -
         return await _make_applier(settings)
 
     membership = membership or claim_membership(settings)
+    wait_for_broker(settings)  # Faust's worker exits if it cannot bootstrap at start
     app = build_faust_app(settings, factory, membership)
     worker = faust.Worker(app, loglevel="WARNING", quiet=True)
     try:
@@ -966,6 +985,34 @@ def run_faust_driver(settings: Settings, membership: Membership | None = None) -
     finally:
         membership.release()
     return 0
+
+
+def wait_for_broker(settings: Settings) -> None:
+    """Until the brokers in ``kafka.bootstrap_servers`` answer a metadata request (backoff up
+    to 5 s, a log line every 30 s). The kafka driver's librdkafka keeps trying by itself."""
+    from confluent_kafka.admin import AdminClient
+
+    quiet = logging.getLogger("bucketsync.processor.bootstrap")
+    quiet.addHandler(logging.NullHandler())
+    quiet.propagate = False
+    conf: dict[str, Any] = {"bootstrap.servers": settings.kafka.bootstrap_servers, "logger": quiet}
+    admin = AdminClient(conf)
+    delay, last_log = 0.5, None
+    while True:
+        try:
+            admin.list_topics(timeout=5)
+            return
+        except KafkaException as exc:
+            now = time.monotonic()
+            if last_log is None or now - last_log >= 30:
+                last_log = now
+                log.warning(
+                    "Kafka unreachable at %s (%s); waiting for it",
+                    settings.kafka.bootstrap_servers,
+                    exc.args[0] if exc.args else exc,
+                )
+        time.sleep(delay)
+        delay = min(delay * 2, 5.0)
 
 
 def tune_gc() -> None:

@@ -356,8 +356,13 @@ class Gen:
 class Stream:
     """One sync stream; state committed at checkpoint_complete; checksums verified."""
 
-    def __init__(self, url: str, token: str, user: str, check_ledger: bool) -> None:
+    def __init__(
+        self, url: str, token: str, user: str, check_ledger: bool, reconnect_s: float = 0.0
+    ) -> None:
         self.url, self.token, self.user, self.check_ledger = url, token, user, check_ledger
+        self.reconnect_s = reconnect_s  # > 0: drop the stream at random and resume with `after`
+        self.rnd = random.Random(hash(user))
+        self.reconnects = 0
         self.buckets: dict[str, dict[tuple[str, str], str]] = {}
         self.sums: dict[str, int] = {}
         self.after: dict[str, str] = {}
@@ -383,8 +388,16 @@ class Stream:
         ) as r:
             if r.status_code != 200:
                 raise RuntimeError(f"{r.status_code} {r.text[:300]}")
+            drop_at = (
+                time.monotonic() + self.rnd.uniform(0.2, 2 * self.reconnect_s)
+                if self.reconnect_s > 0 and not until_complete
+                else None
+            )
             for line in r.iter_lines():
                 if self.stop:
+                    return
+                if drop_at is not None and time.monotonic() > drop_at:
+                    self.reconnects += 1
                     return
                 if not line:
                     continue
@@ -488,6 +501,10 @@ def main() -> int:
     )
     ap.add_argument("--no-restart-last", action="store_true")
     ap.add_argument("--pattern", action="store_true")
+    ap.add_argument("--compact-interval", type=float, default=2.0, help="compaction.interval_s")
+    ap.add_argument(
+        "--reconnect", type=float, default=0.0, help="clients drop and resume every ~N s"
+    )
     a = ap.parse_args()
     rnd = random.Random(a.seed)
     tag = f"qa{a.seed}{a.driver[0]}{'t' if a.tx else 'e'}{uuid.uuid4().hex[:6]}"
@@ -527,7 +544,7 @@ def main() -> int:
         "auth": {"hs256_secret": "qa-secret-" + tag},
         "gateway": {"port": port},
         "processor": {"driver": a.driver, "metrics_port": 0},
-        "compaction": {"interval_s": 2},
+        "compaction": {"interval_s": a.compact_interval},
     }
     import yaml
 
@@ -560,7 +577,10 @@ def main() -> int:
             break
         except Exception:
             time.sleep(0.1)
-    watchers = [Stream(url, tokens[u], u, a.tx or bool(os.environ.get("QA_LEDGER"))) for u in USERS]
+    watchers = [
+        Stream(url, tokens[u], u, a.tx or bool(os.environ.get("QA_LEDGER")), a.reconnect)
+        for u in USERS
+    ]
     ths = [threading.Thread(target=w.watch, daemon=True) for w in watchers]
     for t in ths:
         t.start()
@@ -652,6 +672,7 @@ def main() -> int:
         "fresh_diffs": fresh_diffs[:6],
         "verify_rc": verify.returncode,
         "completes": sum(w.completes for w in watchers),
+        "reconnects": sum(w.reconnects for w in watchers),
     }
     if not ok:
         res["diffs"] = {

@@ -8,11 +8,13 @@ Runs on a private stack (its own state dir and free ports, started with the same
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -113,4 +115,98 @@ def test_broker_killed_mid_backlog_and_restarted(private_stack: Settings, tmp_pa
         stop(p)
         r.close()
         log.close()
+    assert_matches_model(s, model)
+
+
+class _Bootstrap:
+    """A TCP relay to the shared broker on a port of its own, opened only on demand: the
+    processor's bootstrap address answers nothing until :meth:`open` (the broker advertises
+    its own address, so after bootstrapping the clients talk to it directly)."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        import socket as socket_
+
+        self.target = target
+        self.port = free_port()
+        self._socket = socket_
+        self._server: Any = None
+
+    def open(self) -> None:
+        import threading
+
+        srv = self._socket.create_server(("127.0.0.1", self.port))
+        self._server = srv
+
+        def pipe(a: Any, b: Any) -> None:
+            try:
+                while data := a.recv(65536):
+                    b.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for s in (a, b):
+                    with contextlib.suppress(OSError):
+                        s.shutdown(self._socket.SHUT_RDWR)
+
+        def serve() -> None:
+            while True:
+                try:
+                    conn, _ = srv.accept()
+                except OSError:
+                    return
+                up = self._socket.create_connection(self.target)
+                threading.Thread(target=pipe, args=(conn, up), daemon=True).start()
+                threading.Thread(target=pipe, args=(up, conn), daemon=True).start()
+
+        threading.Thread(target=serve, daemon=True).start()
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+
+@pytest.mark.parametrize("driver", ["kafka", "faust"])
+def test_processor_started_while_kafka_is_unreachable_waits_for_it(
+    driver: str, make_settings: Any, create_topic: Any, ns: Any, tmp_path: Path
+) -> None:
+    """Kafka not reachable when the processor starts (started before the broker, or the
+    network not up yet): the processor keeps trying instead of exiting, and once the broker
+    answers it applies the whole backlog."""
+    topics = {t: create_topic(ns.topic(f"app.public.{t}"), partitions=p) for t, p in TABLES.items()}
+    s = make_settings(
+        kafka={"topics": list(topics.values())},
+        sync_rules=write_rules(tmp_path, RULES),
+        compaction={"interval_s": 0},
+        processor={"metrics_port": 0},
+    )
+    create_topic(s.kafka.dead_letter_topic)
+    msgs, model = make_backlog(41, topics, 150)
+    for t, name in topics.items():
+        produce(s.kafka.bootstrap_servers, name, msgs[t])
+    ends = end_offsets(s.kafka.bootstrap_servers, [(topics[t], p) for t, p in TABLES.items()])
+    host, port = s.kafka.bootstrap_servers.split(",")[0].rsplit(":", 1)
+    relay = _Bootstrap((host, int(port)))
+    cfg = write_config(
+        tmp_path,
+        s,
+        "proc",
+        kafka={"bootstrap_servers": f"127.0.0.1:{relay.port}"},
+        processor={"batch_max_events": 50},
+    )
+    log = (tmp_path / "proc.log").open("ab")
+    p = start_processor(cfg, driver, log)
+    try:
+        time.sleep(10.0)  # Faust gives up on an unreachable bootstrap within a few seconds
+        assert p.poll() is None, "the processor exited because Kafka was unreachable at start"
+        relay.open()
+        r = redis.Redis.from_url(s.redis.url)
+        try:
+            wait_applied(r, s.redis.prefix, ends, timeout=120, proc=p)
+        except AssertionError:
+            print((tmp_path / "proc.log").read_bytes()[-3000:].decode(errors="replace"))
+            raise
+    finally:
+        stop(p)
+        log.close()
+        relay.close()
     assert_matches_model(s, model)

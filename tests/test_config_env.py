@@ -74,3 +74,31 @@ def test_null_disables_an_optional_key_from_the_environment(
 ) -> None:
     monkeypatch.setenv("BUCKETSYNC_GATEWAY__MAX_CONNECTIONS_PER_USER", "null")
     assert load_settings(cfg).gateway.max_connections_per_user is None
+
+
+@pytest.mark.parametrize(
+    "var,value,key",
+    [
+        ("BUCKETSYNC_REDIS__URL", "http://127.0.0.1:6379/0", "redis.url"),
+        ("BUCKETSYNC_REDIS__URL", "127.0.0.1:6379", "redis.url"),
+        ("BUCKETSYNC_REDIS__REPLICA_URLS", "redis://a:6380/0,localhost:6381", "redis.replica_urls"),
+    ],
+)
+def test_a_redis_url_without_a_redis_scheme_is_a_config_error(
+    cfg: Path, monkeypatch: pytest.MonkeyPatch, var: str, value: str, key: str
+) -> None:
+    """Not a ValueError traceback from redis-py when the first command runs (the gateway
+    and processor printed one), but a ConfigError naming the key and the variable."""
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ConfigError) as e:
+        load_settings(cfg)
+    msg = str(e.value)
+    assert key in msg and var in msg and "redis://" in msg, msg
+
+
+def test_redis_urls_with_valid_schemes_load(cfg: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BUCKETSYNC_REDIS__URL", "rediss://h:6379/1")
+    monkeypatch.setenv("BUCKETSYNC_REDIS__REPLICA_URLS", "redis://a:6380/0,unix:///tmp/r.sock")
+    s = load_settings(cfg)
+    assert s.redis.url == "rediss://h:6379/1"
+    assert s.redis.replica_urls == ["redis://a:6380/0", "unix:///tmp/r.sock"]

@@ -221,3 +221,46 @@ async def test_gateway_stays_up_through_redis_outages(
             red.kill()
     text = (tmp_path / "gateway.log").read_text(errors="replace")
     assert "Traceback" not in text, text[-3000:]
+
+
+@pytest.mark.parametrize("driver", ["kafka", "faust"])
+def test_processor_started_while_redis_is_down_waits_for_it(
+    driver: str, make_settings: Any, create_topic: Any, ns: Any, tmp_path: Path
+) -> None:
+    """A processor started before its Redis (a compose file or a reboot starting services
+    in any order) waits for the store instead of exiting, then applies the whole backlog."""
+    red = PrivateRedis(tmp_path)
+    try:
+        _t, s, model, ends = _setup(
+            make_settings, create_topic, ns, tmp_path, 23, redis_url=red.url
+        )
+        cfg = write_config(
+            tmp_path, s, "proc", processor={"batch_max_events": 50, "metrics_port": 0}
+        )
+        log = (tmp_path / "proc.log").open("ab")
+        p = start_processor(cfg, driver, log)
+        try:
+            # until the processor has tried the store (Faust's agent starts only once the
+            # group assigned its partitions), or exited
+            deadline = time.monotonic() + 60
+            while p.poll() is None and time.monotonic() < deadline:
+                if b"store unreachable at start" in (tmp_path / "proc.log").read_bytes():
+                    break
+                time.sleep(0.2)
+            time.sleep(1.0)
+            assert p.poll() is None, "the processor exited because Redis was down at start"
+            red.start()
+            r = redis.Redis.from_url(red.url)
+            try:
+                wait_applied(r, s.redis.prefix, ends, timeout=120, proc=p)
+            except AssertionError:
+                print((tmp_path / "proc.log").read_text()[-4000:])
+                raise
+            assert p.poll() is None
+        finally:
+            stop(p)
+            log.close()
+        assert_matches_model(s, model)
+    finally:
+        if red.proc is not None and red.proc.poll() is None:
+            red.kill()
