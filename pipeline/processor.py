@@ -364,9 +364,10 @@ class BatchApplier:
 
     async def _decode_all(self, records: Sequence[KafkaRecord]) -> list[DecodedEvent]:
         delay = 0.5
+        schemas, limit = self.schemas, self.settings.kafka.max_record_bytes
         while True:
-            try:
-                return [self._decode(r) for r in records]
+            try:  # self._decode, inlined (it runs for every record)
+                return [decode_record(r, schemas=schemas, max_record_bytes=limit) for r in records]
             except RegistryUnavailable as exc:
                 # never dead-letter a registry outage: wait and retry the whole batch
                 log.warning("schema registry unavailable, retrying in %.1fs: %s", delay, exc)
@@ -578,16 +579,20 @@ class BatchApplier:
     async def flush(self) -> None:
         """Wait until the batch in flight (pipelined mode) is applied."""
         async with self._lock:
-            try:
-                redo = await self._settle()
-                if redo is not None:
-                    pipelined, self.pipelined = self.pipelined, False
-                    try:
-                        await self._apply_items(redo)
-                    finally:
-                        self.pipelined = pipelined
-            except STORE_ERRORS as exc:
-                await self._recover_store(exc)
+            await self.flush_locked()
+
+    async def flush_locked(self) -> None:
+        """:meth:`flush` for a caller that holds :attr:`_lock`."""
+        try:
+            redo = await self._settle()
+            if redo is not None:
+                pipelined, self.pipelined = self.pipelined, False
+                try:
+                    await self._apply_items(redo)
+                finally:
+                    self.pipelined = pipelined
+        except STORE_ERRORS as exc:
+            await self._recover_store(exc)
 
 
 def _subscription_filter(settings: Settings) -> Callable[[str], bool]:
@@ -792,10 +797,9 @@ class KafkaLoopDriver:
 
 
 async def take_messages(queue: Any, max_n: int, within_s: float) -> list[Any]:
-    """Up to ``max_n`` items of an asyncio queue: waits for the first, then takes what is
-    queued and what arrives within ``within_s`` of the first."""
-    first = await queue.get()
-    out = [first]
+    """Up to ``max_n`` items of an asyncio queue: what is queued and what arrives within
+    ``within_s`` (none: an empty list)."""
+    out: list[Any] = []
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within_s
     while len(out) < max_n:
@@ -805,6 +809,9 @@ async def take_messages(queue: Any, max_n: int, within_s: float) -> list[Any]:
         left = deadline - loop.time()
         if left <= 0:
             break
+        if out:  # more are being delivered, one at a time: look again shortly
+            await asyncio.sleep(min(left, 0.002))
+            continue
         try:
             out.append(await asyncio.wait_for(queue.get(), left))
         except TimeoutError:
@@ -854,6 +861,11 @@ def build_faust_app(
             applier = state.get("a")
             if applier is None:
                 applier = state["a"] = await applier_factory()
+                # Not pipelined (unlike the kafka driver): with batch N+1 planned while
+                # batch N's apply was in flight, 1 of 9 runs of test_backlog's
+                # group-commits test failed under load, undiagnosed; the flush points it
+                # would need (idle, rebalance) are in place.
+                applier.pipelined = False
                 await applier.load_offsets()
 
                 def highwater(topic: str, partition: int) -> int | None:
@@ -890,8 +902,12 @@ def build_faust_app(
         applier = await ensure_applier()
         queue = channel.queue
         consumer = app.consumer
+        within = p.batch_max_wait_ms / 1000 or 0.05
         while True:
-            msgs = await take_messages(queue, p.batch_max_events, p.batch_max_wait_ms / 1000)
+            msgs = await take_messages(queue, p.batch_max_events, within)
+            if not msgs:  # idle: apply the batch in flight
+                await applier.flush()
+                continue
             records = [
                 KafkaRecord(
                     m.topic,
@@ -905,8 +921,8 @@ def build_faust_app(
                 for m in msgs
             ]
             await applier.handle(records)
-            for m in msgs:  # safe to commit (the store's offsets stay the truth)
-                m.ack(consumer)
+            for m in msgs:  # the group's commits only serve lag tools; the store's offsets
+                m.ack(consumer)  # stay the truth
 
     if settings.compaction.interval_s > 0:
 
@@ -948,6 +964,7 @@ def build_faust_app(
         # not applied. Resume every partition right after its last applied offset.
         a = await ensure_applier()
         async with a._lock:  # not while a batch of the old assignment is being applied
+            await a.flush_locked()  # nor while its apply is in flight
             await a.load_offsets()
             pos = a.resume_positions((tp.topic, tp.partition) for tp in assigned)
         for tp in assigned:
