@@ -579,20 +579,16 @@ class BatchApplier:
     async def flush(self) -> None:
         """Wait until the batch in flight (pipelined mode) is applied."""
         async with self._lock:
-            await self.flush_locked()
-
-    async def flush_locked(self) -> None:
-        """:meth:`flush` for a caller that holds :attr:`_lock`."""
-        try:
-            redo = await self._settle()
-            if redo is not None:
-                pipelined, self.pipelined = self.pipelined, False
-                try:
-                    await self._apply_items(redo)
-                finally:
-                    self.pipelined = pipelined
-        except STORE_ERRORS as exc:
-            await self._recover_store(exc)
+            try:
+                redo = await self._settle()
+                if redo is not None:
+                    pipelined, self.pipelined = self.pipelined, False
+                    try:
+                        await self._apply_items(redo)
+                    finally:
+                        self.pipelined = pipelined
+            except STORE_ERRORS as exc:
+                await self._recover_store(exc)
 
 
 def _subscription_filter(settings: Settings) -> Callable[[str], bool]:
@@ -796,29 +792,6 @@ class KafkaLoopDriver:
 # ---------------------------------------------------------------- faust driver
 
 
-async def take_messages(queue: Any, max_n: int, within_s: float) -> list[Any]:
-    """Up to ``max_n`` items of an asyncio queue: what is queued and what arrives within
-    ``within_s`` (none: an empty list)."""
-    out: list[Any] = []
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within_s
-    while len(out) < max_n:
-        if not queue.empty():
-            out.append(queue.get_nowait())
-            continue
-        left = deadline - loop.time()
-        if left <= 0:
-            break
-        if out:  # more are being delivered, one at a time: look again shortly
-            await asyncio.sleep(min(left, 0.002))
-            continue
-        try:
-            out.append(await asyncio.wait_for(queue.get(), left))
-        except TimeoutError:
-            break
-    return out
-
-
 def build_faust_app(
     settings: Settings, applier_factory: Any, membership: Membership | None = None
 ) -> Any:
@@ -861,11 +834,6 @@ def build_faust_app(
             applier = state.get("a")
             if applier is None:
                 applier = state["a"] = await applier_factory()
-                # Not pipelined (unlike the kafka driver): with batch N+1 planned while
-                # batch N's apply was in flight, 1 of 9 runs of test_backlog's
-                # group-commits test failed under load, undiagnosed; the flush points it
-                # would need (idle, rebalance) are in place.
-                applier.pipelined = False
                 await applier.load_offsets()
 
                 def highwater(topic: str, partition: int) -> int | None:
@@ -884,45 +852,28 @@ def build_faust_app(
                 applier.seek = seek
             return applier
 
-    # No agent and no stream: Faust's per-event machinery (an Event per message, the
-    # stream's processors, take_events' buffer, per-event acks through the stream) cost
-    # about three times the processor's own work per event. The conductor still delivers
-    # every message of the subscribed topics (with its flow control) to this channel's
-    # queue; the channel hands over the raw message instead of decoding it into an Event,
-    # and one task takes them off the queue in batches.
-    channel: Any = source.__aiter__()  # a clone, registered with the conductor
-
-    async def raw_message(message: Any, *, propagate: bool = False) -> Any:
-        return message
-
-    channel.decode = raw_message
-
-    @app.task
-    async def apply_cdc() -> None:
+    @app.agent(source, concurrency=1)
+    async def apply_cdc(stream: Any) -> Any:
         applier = await ensure_applier()
-        queue = channel.queue
-        consumer = app.consumer
-        within = p.batch_max_wait_ms / 1000 or 0.05
-        while True:
-            msgs = await take_messages(queue, p.batch_max_events, within)
-            if not msgs:  # idle: apply the batch in flight
-                await applier.flush()
-                continue
-            records = [
-                KafkaRecord(
-                    m.topic,
-                    m.partition,
-                    m.offset,
-                    m.key,
-                    m.value,
-                    tuple((hk, hv) for hk, hv in m.headers) if m.headers else (),
-                    int(m.timestamp * 1000) if m.timestamp else None,
+        async for events in stream.take_events(
+            p.batch_max_events, within=p.batch_max_wait_ms / 1000
+        ):
+            records = []
+            for ev in events:
+                m = ev.message
+                records.append(
+                    KafkaRecord(
+                        topic=m.topic,
+                        partition=m.partition,
+                        offset=m.offset,
+                        key=m.key,
+                        value=m.value,
+                        headers=tuple((hk, hv) for hk, hv in (m.headers or ())),
+                        timestamp_ms=int(m.timestamp * 1000) if m.timestamp else None,
+                    )
                 )
-                for m in msgs
-            ]
             await applier.handle(records)
-            for m in msgs:  # the group's commits only serve lag tools; the store's offsets
-                m.ack(consumer)  # stay the truth
+            yield len(records)
 
     if settings.compaction.interval_s > 0:
 
@@ -964,7 +915,6 @@ def build_faust_app(
         # not applied. Resume every partition right after its last applied offset.
         a = await ensure_applier()
         async with a._lock:  # not while a batch of the old assignment is being applied
-            await a.flush_locked()  # nor while its apply is in flight
             await a.load_offsets()
             pos = a.resume_positions((tp.topic, tp.partition) for tp in assigned)
         for tp in assigned:
