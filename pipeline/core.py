@@ -23,9 +23,12 @@ if TYPE_CHECKING:
 _unpack = struct.Struct("<I").unpack_from
 
 
+_sha256 = hashlib.sha256
+
+
 def op_checksum(text: str) -> int:
     """First four bytes of SHA-256, little-endian (sync-protocol.md §5.1)."""
-    return int(_unpack(hashlib.sha256(text.encode("utf-8")).digest())[0])
+    return int(_unpack(_sha256(text.encode("utf-8")).digest())[0])
 
 
 def put_checksum(object_type: str, object_id: str, data: str) -> int:
@@ -122,6 +125,40 @@ def tp_of(record: KafkaRecord) -> str:
     return f"{record.topic}/{record.partition}"
 
 
+def unapplied(records: Sequence[KafkaRecord], applied: Mapping[str, int]) -> list[KafkaRecord]:
+    """The records past their partition's applied offset (``applied``: ``topic/partition``
+    -> offset, see :func:`tp_of`), in order."""
+    out: list[KafkaRecord] = []
+    last_topic: str | None = None
+    last_part = -1
+    floor = -1
+    for r in records:  # records come in runs of one partition: one lookup per run
+        if r.topic is not last_topic or r.partition != last_part:
+            last_topic, last_part = r.topic, r.partition
+            floor = applied.get(f"{last_topic}/{last_part}", -1)
+        if r.offset > floor:
+            out.append(r)
+    return out
+
+
+def unapplied_items(
+    items: Sequence[tuple[KafkaRecord, DecodedEvent]], applied: Mapping[str, int]
+) -> list[tuple[KafkaRecord, DecodedEvent]]:
+    """:func:`unapplied` for (record, decoded event) pairs."""
+    out: list[tuple[KafkaRecord, DecodedEvent]] = []
+    last_topic: str | None = None
+    last_part = -1
+    floor = -1
+    for it in items:
+        r = it[0]
+        if r.topic is not last_topic or r.partition != last_part:
+            last_topic, last_part = r.topic, r.partition
+            floor = applied.get(f"{last_topic}/{last_part}", -1)
+        if r.offset > floor:
+            out.append(it)
+    return out
+
+
 def row_key(table: str, key: Mapping[str, Any]) -> str:
     return table + SEP + orjson.dumps(key, option=orjson.OPT_SORT_KEYS).decode()
 
@@ -161,23 +198,23 @@ def base_keys(topic: str, ev: DecodedEvent) -> list[str]:
     return keys
 
 
+#: ``"op":"PUT","object_type":<JSON string>,"object_id":`` per object type
+_TAIL_HEADS: dict[str, bytes] = {}
+
+
 def output_entry(out: RowOutputLike) -> list[Any]:
     """``[bucket, object_type, object_id, put checksum, remove checksum, tail]``; the tail
     (the op's wire JSON after its op_id field) is UTF-8 bytes, as it goes to the store."""
     ot, oid, data = out.object_type, out.object_id, out.data
-    cs = put_checksum(ot, oid, data)
+    # put_checksum, inlined (it runs for every output)
+    cs = _unpack(_sha256(f"put.{ot}.{oid}.{data}".encode()).digest())[0]
     dumps = orjson.dumps
-    tail = (
-        b'"op":"PUT","object_type":'
-        + dumps(ot)
-        + b',"object_id":'
-        + dumps(oid)
-        + b',"checksum":'
-        + str(cs).encode()
-        + b',"data":'
-        + dumps(data)
-        + b"}"
-    )
+    head = _TAIL_HEADS.get(ot)
+    if head is None:
+        if len(_TAIL_HEADS) >= 10_000:
+            _TAIL_HEADS.clear()
+        head = _TAIL_HEADS[ot] = b'"op":"PUT","object_type":' + dumps(ot) + b',"object_id":'
+    tail = b'%b%b,"checksum":%d,"data":%b}' % (head, dumps(oid), cs, dumps(data))
     return [out.bucket, ot, oid, cs, remove_checksum(ot, oid), tail]
 
 
@@ -223,25 +260,39 @@ def plan_batch(
     #: (table, schema) -> rules.is_relevant (it walks every query; asked once per batch)
     relevant: dict[tuple[str, Any], bool] = {}
 
+    guard, offsets, events = batch.guard, batch.offsets, batch.events
+    source_lsn = batch.source_lsn
+    dumps = orjson.dumps
+    last_topic: str | None = None
+    last_part = -1
+    tp = ""
+    n = 0
+    ev: Any  # narrowed by ``action`` below, which mypy does not follow
     for rec, ev in items:
-        plan.events += 1
-        tp = tp_of(rec)
-        if tp not in batch.guard:
-            batch.guard[tp] = rec.offset
-        batch.offsets[tp] = rec.offset
-        if ev["action"] == "dead_letter":
+        n += 1
+        topic = rec.topic
+        if topic is not last_topic or rec.partition != last_part:
+            last_topic, last_part = topic, rec.partition
+            tp = f"{topic}/{last_part}"
+            if tp not in guard:
+                guard[tp] = rec.offset
+        offsets[tp] = rec.offset
+        action = ev["action"]
+        if action == "dead_letter":
             dls.append(dead_letter(rec, ev))
             continue
-        if ev["action"] != "upsert" and ev["action"] != "delete" and ev["action"] != "truncate":
+        if action != "upsert" and action != "delete" and action != "truncate":
             continue  # tx markers, heartbeats, ignored records: the offset still advances
         lsn = ev.get("source_lsn")
         if lsn is not None:  # PostgreSQL WAL position: exact write checkpoints
             name = str(ev.get("source_name"))
-            batch.source_lsn[name] = max(lsn, batch.source_lsn.get(name, -1))
+            source_lsn[name] = max(lsn, source_lsn.get(name, -1))
         # Rows are identified by topic + key, not by the envelope's table id: a tombstone
         # carries no envelope, so only the topic ties it to the row it deletes.
-        table = rec.topic
-        src_table = str(ev.get("source_table") or str(ev["table"]).rsplit(".", 1)[-1])
+        table = topic
+        src_table = ev.get("source_table")
+        if src_table is None or type(src_table) is not str or not src_table:
+            src_table = str(src_table or str(ev["table"]).rsplit(".", 1)[-1])
         schema = ev.get("source_schema")
         rel = relevant.get((src_table, schema))
         if rel is None:
@@ -250,47 +301,49 @@ def plan_batch(
             if on_unknown_table:
                 on_unknown_table(src_table)
             continue
-        if ev["action"] == "truncate":
-            batch.events.append(table_truncate(table))
+        if action == "truncate":
+            events.append(table_truncate(table))
             for rk in [k for k in known_rows if k.startswith(table + SEP)]:
                 known_rows[rk] = None
             continue
-        rk = row_key(table, ev["key"])
-        if ev["action"] == "delete":
+        rk = table + SEP + dumps(ev["key"], option=orjson.OPT_SORT_KEYS).decode()  # row_key
+        if action == "delete":
             pk_change = bool(ev.get("pk_change_to"))
-            batch.events.append(row_delete(rk, table, pk_change=pk_change))
+            events.append(row_delete(rk, table, pk_change=pk_change))
             if pk_change and known_rows.get(rk) is not None:
                 departed[rk] = known_rows[rk]  # type: ignore[assignment]
             known_rows[rk] = None
             continue
-        row: dict[str, Any] = dict(ev["row"])
-        if merge_tables is not None and table not in merge_tables and needs_merges(ev):
-            merge_tables.add(table)
-            batch.merge_tables.append(table)
-        if needs_base(ev):
-            base = known_rows.get(rk)
-            old_key = ev.get("pk_change_from")
-            if base is None and isinstance(old_key, Mapping):
-                old_rk = row_key(table, old_key)
-                base = departed.get(old_rk) or stored.get(old_rk)  # type: ignore[assignment]
-            if base is None:
-                plan.merges_without_base += 1
-            else:
-                merged = dict(base)
-                merged.update(row)
-                for col in ev.get("null_columns") or ():
-                    merged[col] = None
-                row = merged
-        lookups: list[Sequence[LookupEntryLike]] = []
+        # not copied: nothing below changes it (a merge builds a new dict)
+        row: dict[str, Any] = ev["row"]
+        if "keep_columns" in ev or "partial" in ev or "replace_document" in ev:
+            if merge_tables is not None and table not in merge_tables and needs_merges(ev):
+                merge_tables.add(table)
+                batch.merge_tables.append(table)
+            if needs_base(ev):
+                base = known_rows.get(rk)
+                old_key = ev.get("pk_change_from")
+                if base is None and isinstance(old_key, Mapping):
+                    old_rk = row_key(table, old_key)
+                    base = departed.get(old_rk) or stored.get(old_rk)  # type: ignore[assignment]
+                if base is None:
+                    plan.merges_without_base += 1
+                else:
+                    merged = dict(base)
+                    merged.update(row)
+                    for col in ev.get("null_columns") or ():
+                        merged[col] = None
+                    row = merged
+        lookups: Sequence[LookupEntryLike] | None = None
         try:
-            outs = rules.evaluate_row(src_table, row, schema=ev.get("source_schema"))
+            outs = rules.evaluate_row(src_table, row, schema=schema)
             if param_rows is not None and src_table in param_tables:
-                lookups.append(param_rows(src_table, row, ev.get("source_schema")))
+                lookups = param_rows(src_table, row, schema)
         except Exception as exc:  # a rule that cannot be evaluated on this row
             dls.append(DeadLetter(rec, "rule_evaluation_error", str(exc), {"table": table}))
             continue
         try:
-            source_json = orjson.dumps(row).decode()
+            source_json = dumps(row).decode()
         except TypeError as exc:  # e.g. a schemaless integer beyond 64 bits
             dls.append(DeadLetter(rec, "type_conversion_error", str(exc), {"table": table}))
             continue
@@ -298,13 +351,14 @@ def plan_batch(
         keep_source = (
             merge_tables is None or table in merge_tables or len(source_json) >= TOAST_SAFE_BYTES
         )
-        batch.events.append(
+        events.append(
             row_change(
                 rk,
                 table,
                 [output_entry(o) for o in outs],
                 source_json if keep_source else False,
-                lookup_entries(lookups[0]) if lookups else None,
+                lookup_entries(lookups) if lookups is not None else None,
             )
         )
+    plan.events += n
     return plan

@@ -309,8 +309,13 @@ class BatchApplier:
 
     def _observe_lag(self, records: Sequence[KafkaRecord]) -> None:
         last: dict[tuple[str, int], int] = {}
-        for r in records:
-            last[(r.topic, r.partition)] = r.offset
+        prev: KafkaRecord | None = None
+        for r in records:  # records come in runs of one partition
+            if prev is not None and (r.topic is not prev.topic or r.partition != prev.partition):
+                last[(prev.topic, prev.partition)] = prev.offset
+            prev = r
+        if prev is not None:
+            last[(prev.topic, prev.partition)] = prev.offset
         for (topic, part), off in last.items():
             high = self.watermarks.high(topic, part)
             if high is not None and high >= 0:
@@ -359,9 +364,10 @@ class BatchApplier:
 
     async def _decode_all(self, records: Sequence[KafkaRecord]) -> list[DecodedEvent]:
         delay = 0.5
+        schemas, limit = self.schemas, self.settings.kafka.max_record_bytes
         while True:
-            try:
-                return [self._decode(r) for r in records]
+            try:  # self._decode, inlined (it runs for every record)
+                return [decode_record(r, schemas=schemas, max_record_bytes=limit) for r in records]
             except RegistryUnavailable as exc:
                 # never dead-letter a registry outage: wait and retry the whole batch
                 log.warning("schema registry unavailable, retrying in %.1fs: %s", delay, exc)
@@ -449,7 +455,7 @@ class BatchApplier:
             await self.seek(adm.reread)
 
     async def _handle(self, records: Sequence[KafkaRecord]) -> int:
-        fresh = [r for r in records if r.offset > self.applied.get(core.tp_of(r), -1)]
+        fresh = core.unapplied(records, self.applied)
         skipped = len(records) - len(fresh)
         if skipped:
             DUPLICATES.inc(skipped)
@@ -470,11 +476,18 @@ class BatchApplier:
         sequential: a batch is sent only after the previous one's result is known, so a
         refused (stale) batch is planned again together with everything after it."""
         for _attempt in range(5):
-            items = [it for it in items if it[0].offset > self.applied.get(core.tp_of(it[0]), -1)]
+            items = core.unapplied_items(items, self.applied)
             if not items:
                 return 0
             t1 = time.perf_counter()
-            base_keys = sorted({k for r, ev in items for k in core.base_keys(r.topic, ev)})
+            base_keys = sorted(
+                {
+                    k
+                    for r, ev in items
+                    if "keep_columns" in ev or "partial" in ev  # else no base_keys
+                    for k in core.base_keys(r.topic, ev)
+                }
+            )
             if base_keys:  # merges read what the batch in flight may still write
                 redo = await self._settle()
                 if redo is not None:
@@ -502,7 +515,7 @@ class BatchApplier:
             if redo is not None:  # the batch in flight was refused: plan both again
                 items = redo + items
                 continue
-            if any(it[0].offset <= self.applied.get(core.tp_of(it[0]), -1) for it in items):
+            if len(core.unapplied_items(items, self.applied)) != len(items):
                 continue  # re-delivered records the batch in flight has just applied
             if merge_tables is not None:
                 self.merge_tables = merge_tables
@@ -569,11 +582,12 @@ class BatchApplier:
         if dt > 0:
             OPS_RATE.set(res.ops / dt)
         per_topic: dict[str, int] = {}
-        for r, _ev in items:
+        records = [r for r, _ev in items]
+        for r in records:
             per_topic[r.topic] = per_topic.get(r.topic, 0) + 1
         for topic, n in per_topic.items():
             EVENTS.labels(topic).inc(n)
-        self._observe_lag([r for r, _ev in items])
+        self._observe_lag(records)
         return None
 
     async def flush(self) -> None:
@@ -621,6 +635,14 @@ def _topic_matcher(settings: Settings) -> tuple[list[str], re.Pattern[str] | Non
 
 
 # ---------------------------------------------------------------- kafka driver
+
+
+def _headers(raw: Any) -> tuple[tuple[str, bytes | None], ...]:
+    """A consumed message's headers (a list of pairs, or a dict) as a record keeps them."""
+    return tuple(
+        (hk, hv if not isinstance(hv, str) else hv.encode())
+        for hk, hv in (raw.items() if isinstance(raw, dict) else raw)
+    )
 
 
 class KafkaLoopDriver:
@@ -739,23 +761,17 @@ class KafkaLoopDriver:
                             log.warning("consumer error: %s", err)
                         continue
                     ts_type, ts = m.timestamp()
-                    raw_headers = m.headers() or []
+                    raw_headers = m.headers()
+                    # positional: a keyword call costs more, for every consumed record
                     records.append(
                         KafkaRecord(
-                            topic=str(m.topic()),
-                            partition=int(m.partition() or 0),
-                            offset=int(m.offset() or 0),
-                            key=m.key(),
-                            value=m.value(),
-                            headers=tuple(
-                                (hk, hv if not isinstance(hv, str) else hv.encode())
-                                for hk, hv in (
-                                    raw_headers.items()
-                                    if isinstance(raw_headers, dict)
-                                    else raw_headers
-                                )
-                            ),
-                            timestamp_ms=ts if ts_type else None,
+                            m.topic(),  # type: ignore[arg-type]  # set: not an error
+                            m.partition(),  # type: ignore[arg-type]
+                            m.offset(),  # type: ignore[arg-type]
+                            m.key(),
+                            m.value(),
+                            _headers(raw_headers) if raw_headers else (),
+                            ts if ts_type else None,
                         )
                     )
                 if fatal is not None:

@@ -99,3 +99,48 @@ def test_source_copies_only_where_a_merge_can_need_them() -> None:
     )
     assert data_of(plan, 0) == big and data_of(plan, 1) == small
     assert plan.batch.merge_tables == [T] and learned == {T}
+
+
+def _model_tail(ot: str, oid: str, data: str) -> tuple[int, int, bytes]:
+    """Independent model of an op's checksums and wire JSON tail (sync-protocol.md §5.1)."""
+    import hashlib
+    import json
+
+    def cs(text: str) -> int:
+        return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+
+    put = cs(f"put.{ot}.{oid}.{data}")
+    text = (
+        f'"op":"PUT","object_type":{json.dumps(ot, ensure_ascii=False)},'
+        f'"object_id":{json.dumps(oid, ensure_ascii=False)},"checksum":{put},'
+        f'"data":{json.dumps(data, ensure_ascii=False)}}}'
+    )
+    return put, cs(f"delete.{ot}/{oid}"), text.encode()
+
+
+def test_output_entries_match_an_independent_serialization_on_random_rows() -> None:
+    import json
+    import random
+
+    from pipeline.rules.model import RowOutput
+
+    rnd = random.Random(11)
+    alphabet = ['"', "\\", "/", "é", "字", "\u2028", "\n", "\t", "\x01", "a", "Z", "0", " ", "😀"]
+
+    def text(n: int) -> str:
+        return "".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, n)))
+
+    for i in range(3000):
+        row = {
+            "id": text(6) or str(i),
+            "n": rnd.randint(-(2**63), 2**63 - 1),
+            "b": rnd.choice([0, 1, None]),
+            "s": text(40),
+        }
+        data = json.dumps(row, separators=(",", ":"), ensure_ascii=False)
+        ot = rnd.choice(["todos", 'we"ird', "t\\x", "täble"])
+        out = RowOutput(f"b[{json.dumps(row['id'])}]", ot, row["id"], data)
+        entry = core.output_entry(out)
+        put, remove, tail = _model_tail(ot, row["id"], data)
+        assert entry == [out.bucket, ot, row["id"], put, remove, tail]
+        assert core.put_checksum(ot, row["id"], data) == put

@@ -319,6 +319,35 @@ def test_select_star_value_conversions() -> None:
     assert list(json.loads(data)) == ["id", "b", "f", "tiny", "nan", "inf", "obj", "big"]
 
 
+@given(
+    st.dictionaries(
+        st.sampled_from(["id", "a", "b", "c", "é", 'q"'][1:]),
+        st.one_of(
+            st.none(),
+            st.booleans(),
+            st.integers(min_value=-(2**63), max_value=2**63 - 1),
+            st.text(max_size=5),
+            st.binary(max_size=2),
+        ),
+    ),
+    st.one_of(st.text(min_size=1, max_size=4), st.booleans(), st.integers(0, 9)),
+)
+def test_select_star_of_plain_values_matches_a_model(row: dict[str, Any], oid: Any) -> None:
+    """Booleans are SQLite integers, binary values are dropped, the rest as it is."""
+    r = rules("bucket_definitions:\n  g:\n    data: [SELECT * FROM t]\n")
+    row = {"id": oid, **row}
+    out = r.evaluate_row("t", row)
+    expected = {
+        k: (int(v) if isinstance(v, bool) else v)
+        for k, v in row.items()
+        if not isinstance(v, bytes)
+    }
+    assert len(out) == 1
+    assert out[0].data == json.dumps(expected, separators=(",", ":"), ensure_ascii=False)
+    want_id = expected["id"]
+    assert out[0].object_id == (want_id if isinstance(want_id, str) else str(want_id))
+
+
 def test_several_data_queries_per_definition_and_dedupe() -> None:
     r = rules(
         """

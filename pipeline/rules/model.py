@@ -9,7 +9,9 @@ from typing import TypeAlias
 from pipeline.rules.values import SqliteValue
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass's __init__ sets every field through object.__setattr__,
+# and one is built for every (row, bucket); treat instances as immutable all the same.
+@dataclass(slots=True, unsafe_hash=True)
 class RowOutput:
     """One (bucket, data query) a source row lands in.
 

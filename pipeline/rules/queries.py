@@ -414,22 +414,28 @@ def _star_dict(row: Row) -> dict[str, SqliteValue]:
 
 
 def _project_star(row: Row) -> tuple[str, str]:
-    simple = True
-    for v in row.values():
+    # fast path: str/int/None values, and booleans (SQLite integers 1/0) in a copy
+    d: Any = row
+    for k, v in row.items():
         t = type(v)
-        if t is not str and t is not int and v is not None:
-            simple = False
-            break
-    if simple:
-        try:
-            data = orjson.dumps(row if type(row) is dict else dict(row)).decode()
-        except TypeError:
-            data = sv.json_dumps(dict(row))
-        oid = row.get("id")
+        if t is str or t is int or v is None:
+            continue
+        if t is bool:
+            if d is row:
+                d = dict(row)
+            d[k] = 1 if v else 0
+            continue
+        break
     else:
-        d = _star_dict(row)
-        data = sv.dumps_flat_object(d)
+        try:
+            data = orjson.dumps(d if type(d) is dict else dict(d)).decode()
+        except TypeError:
+            data = sv.json_dumps(dict(d))
         oid = d.get("id")
+        return (oid if type(oid) is str else _object_id(oid)), data
+    d = _star_dict(row)
+    data = sv.dumps_flat_object(d)
+    oid = d.get("id")
     return (oid if type(oid) is str else _object_id(oid)), data
 
 
