@@ -291,7 +291,8 @@ def bench_ingest(
 
         raw = [raw_consume_rate(s, topics, events) for _ in range(max(3, runs))]
         raw_med = statistics.median(raw)
-        plan = [(d, 1) for d in drivers] + [("kafka", 2)]
+        # each driver alone, then two processors of it in one group over the 4 partitions
+        plan = [(d, 1) for d in drivers] + [(d, 2) for d in drivers]
         measured: dict[str, list[dict[str, Any]]] = {}
         timelines: dict[str, list[tuple[float, int]]] = {}
         memory: dict[str, Any] = {}
