@@ -644,6 +644,7 @@ def main() -> int:
     ap.add_argument("--replica", action="store_true")
     ap.add_argument("--redis-restart", action="store_true")
     ap.add_argument("--node", action="store_true", help="check users with the official client")
+    ap.add_argument("--gzip", action="store_true", help="gateway.compression: gzip")
     a = ap.parse_args()
     rnd = random.Random(a.seed)
     tag = f"qs{a.seed}{a.mode[0]}{a.driver[0]}{'t' if a.tx else 'e'}{uuid.uuid4().hex[:6]}"
@@ -690,7 +691,7 @@ def main() -> int:
         "redis": {"url": redis_url, "prefix": tag},
         "sync_rules": "rules.yaml",
         "auth": {"hs256_secret": "qa-secret-" + tag},
-        "gateway": {"port": port},
+        "gateway": {"port": port, "compression": "gzip" if a.gzip else "off"},
         "processor": {"driver": a.driver, "metrics_port": 0},
         "compaction": {"interval_s": a.compact_interval},
     }
