@@ -343,6 +343,10 @@ class _Unsent:
         return n
 
 
+#: how long a new stream waits for the hub's start (its first read of the change stream)
+#: before the gateway answers 503 (the client retries)
+HUB_START_WAIT_S = 5.0
+
 #: the TIOCOUTQ answer of ``_Unsent`` (one process-wide buffer: looks never overlap)
 _OUTQ = array.array("i", [0])
 
@@ -452,6 +456,11 @@ async def _sync_stream(
     except protocol.BadRequest as exc:
         raise ServiceError(400, "PSYNC_S2001", str(exc)) from None
     g = gw.settings.gateway
+    if not gw.hub.started and not await gw.hub.wait_checkpoint(0, HUB_START_WAIT_S):
+        # the hub has not read the change stream's tail yet (Redis, or the replica, not
+        # ready when the gateway started): a stream reading its first checkpoint now would
+        # miss the changes applied before the hub's first read (nothing hands them to it)
+        raise ServiceError(503, "PSYNC_S2003", "the gateway has not reached the store yet")
     resolver = BucketResolver(
         gw.rules,
         token.payload,

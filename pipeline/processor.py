@@ -899,7 +899,14 @@ def build_faust_app(
         async def compact_marked() -> None:
             a = state.get("a")
             if a is not None:
-                st = await compaction.compact_marked(a.store, settings)
+                try:
+                    st = await compaction.compact_marked(a.store, settings)
+                except STORE_ERRORS as exc:  # a timer that raises crashes Faust's worker
+                    log.warning("compaction: store unreachable (%s); retrying next interval", exc)
+                    return
+                except Exception:  # as compaction.schedule (the Kafka driver's) does
+                    log.exception("compaction run failed; retrying next interval")
+                    return
                 if st.ops_removed:
                     log.info("compaction: %d buckets, %d ops removed", st.buckets, st.ops_removed)
 

@@ -501,6 +501,7 @@ def main() -> int:
     )
     ap.add_argument("--no-restart-last", action="store_true")
     ap.add_argument("--pattern", action="store_true")
+    ap.add_argument("--gzip", action="store_true", help="gateway.compression: gzip")
     ap.add_argument("--compact-interval", type=float, default=2.0, help="compaction.interval_s")
     ap.add_argument(
         "--reconnect", type=float, default=0.0, help="clients drop and resume every ~N s"
@@ -542,7 +543,7 @@ def main() -> int:
         "redis": {"url": "redis://127.0.0.1:6379/0", "prefix": tag},
         "sync_rules": "rules.yaml",
         "auth": {"hs256_secret": "qa-secret-" + tag},
-        "gateway": {"port": port},
+        "gateway": {"port": port, "compression": "gzip" if a.gzip else "off"},
         "processor": {"driver": a.driver, "metrics_port": 0},
         "compaction": {"interval_s": a.compact_interval},
     }

@@ -569,7 +569,14 @@ class PrivateRedis:
 
 
 async def node_check(
-    url: str, mode: str, token: str, subs: list[str], exp: Rows, work: Path, timeout: float
+    url: str,
+    mode: str,
+    token: str,
+    subs: list[str],
+    defaults: bool,
+    exp: Rows,
+    work: Path,
+    timeout: float,
 ) -> dict[str, Any]:
     sys.path.insert(0, REPO)
     from tests.e2e.powersync_client import PowerSyncNodeClient
@@ -585,7 +592,8 @@ async def node_check(
     }
     got: dict[str, Any] = {}
     async with PowerSyncNodeClient(url, schema, db_path=str(work / "node.db")) as c:
-        await c.connect(token)
+        # the same include_defaults as the user's raw streams (u6: false), which `exp` models
+        await c.connect(token, **({} if mode == "rules" else {"include_default_streams": defaults}))
         await c.wait_synced(timeout=timeout)
         if mode == "streams":
             for s in subs:
@@ -636,6 +644,7 @@ def main() -> int:
     ap.add_argument("--replica", action="store_true")
     ap.add_argument("--redis-restart", action="store_true")
     ap.add_argument("--node", action="store_true", help="check users with the official client")
+    ap.add_argument("--gzip", action="store_true", help="gateway.compression: gzip")
     a = ap.parse_args()
     rnd = random.Random(a.seed)
     tag = f"qs{a.seed}{a.mode[0]}{a.driver[0]}{'t' if a.tx else 'e'}{uuid.uuid4().hex[:6]}"
@@ -682,7 +691,7 @@ def main() -> int:
         "redis": {"url": redis_url, "prefix": tag},
         "sync_rules": "rules.yaml",
         "auth": {"hs256_secret": "qa-secret-" + tag},
-        "gateway": {"port": port},
+        "gateway": {"port": port, "compression": "gzip" if a.gzip else "off"},
         "processor": {"driver": a.driver, "metrics_port": 0},
         "compaction": {"interval_s": a.compact_interval},
     }
@@ -809,7 +818,7 @@ def main() -> int:
             (work / u).mkdir()
             try:
                 node[u] = asyncio.run(
-                    node_check(url, a.mode, tokens[u], subs[u], exp[u], work / u, 90)
+                    node_check(url, a.mode, tokens[u], subs[u], defaults[u], exp[u], work / u, 90)
                 )
             except Exception as e:
                 node[u] = {"ok": False, "error": repr(e)[:500]}

@@ -8,6 +8,7 @@ stack's, so that killing it disturbs no other test."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 import redis
 
+from tests.pipeline_helpers import store_buckets, store_view
 from tests.processes import (
     applied_offsets,
     drop_prefix,
@@ -27,9 +29,16 @@ from tests.processes import (
     wait_applied,
     write_config,
 )
-from tests.test_backlog import _setup, assert_matches_model
+from tests.test_backlog import _setup, assert_matches_model, live_rows
 
 pytestmark = pytest.mark.stack
+
+
+def assert_live_rows_match(settings: Any, model: Any) -> None:
+    view = asyncio.run(store_view(settings, asyncio.run(store_buckets(settings))))
+    got = {b: rows for b, v in view.items() if (rows := live_rows(v["ops"]))}
+    want = {b: rows for b, m in model.buckets.items() if (rows := m.live_rows())}
+    assert got == want
 
 
 class PrivateRedis:
@@ -71,10 +80,12 @@ class PrivateRedis:
         self.proc.wait(10)
 
 
-@pytest.mark.parametrize("driver", ["kafka", "faust"])
+@pytest.mark.parametrize(("driver", "compact_s"), [("kafka", 0.2), ("faust", 0.0), ("faust", 0.2)])
 def test_redis_killed_mid_backlog_and_restarted_from_aof(
-    driver: str, make_settings: Any, create_topic: Any, ns: Any, tmp_path: Path
+    driver: str, compact_s: float, make_settings: Any, create_topic: Any, ns: Any, tmp_path: Path
 ) -> None:
+    """``compact_s``: the scheduled compaction runs (and fails) during the outage too; the
+    Faust driver's compaction timer crashed the worker on it (qa-streams seed 622)."""
     red = PrivateRedis(tmp_path)
     red.start()
     try:
@@ -82,7 +93,11 @@ def test_redis_killed_mid_backlog_and_restarted_from_aof(
             make_settings, create_topic, ns, tmp_path, 21, redis_url=red.url
         )
         cfg = write_config(
-            tmp_path, s, "proc", processor={"batch_max_events": 20, "metrics_port": 0}
+            tmp_path,
+            s,
+            "proc",
+            processor={"batch_max_events": 20, "metrics_port": 0},
+            compaction={"interval_s": compact_s},
         )
         r = redis.Redis.from_url(red.url)
         p = start_processor(cfg, driver)
@@ -100,7 +115,10 @@ def test_redis_killed_mid_backlog_and_restarted_from_aof(
             assert p.poll() is None
         finally:
             stop(p)
-        assert_matches_model(s, model)
+        if compact_s:  # compaction rewrites logs (checksums, counts): the live rows only
+            assert_live_rows_match(s, model)
+        else:
+            assert_matches_model(s, model)
         drop_prefix(r, s.redis.prefix)
     finally:
         if red.proc is not None and red.proc.poll() is None:
