@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import orjson
 from prometheus_client import Counter, Histogram
+from redis import exceptions as redis_exceptions
 
 from bucketsync.config import Settings
 from pipeline.store import Store
@@ -333,6 +334,10 @@ async def schedule(settings: Settings, store: Store, stop: asyncio.Event) -> Non
                     st.rows_reappended,
                     st.longest_step_s * 1000,
                 )
+        except (redis_exceptions.ConnectionError, redis_exceptions.TimeoutError) as exc:
+            # the store is away (the processor waits for it on its own): one line per run,
+            # not a traceback every interval while Redis restarts
+            log.warning("compaction: store unreachable (%s); retrying next interval", exc)
         except Exception:
             log.exception("compaction run failed; retrying next interval")
 

@@ -282,3 +282,34 @@ def test_processor_started_while_redis_is_down_waits_for_it(
     finally:
         if red.proc is not None and red.proc.poll() is None:
             red.kill()
+
+
+async def test_scheduled_compaction_logs_one_line_while_redis_is_away(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The kafka driver's compaction schedule, with nothing listening at the store's
+    address: each run logs one warning naming the outage, no traceback per interval."""
+    import asyncio
+    import logging
+
+    from bucketsync.config import Settings
+    from pipeline import compaction
+    from pipeline.store import Store
+    from tests.processes import free_port
+
+    settings = Settings(
+        redis={"url": f"redis://127.0.0.1:{free_port()}/0", "prefix": "t-away"},
+        compaction={"interval_s": 0.05},
+    )
+    store = Store.from_settings(settings)
+    stop = asyncio.Event()
+    caplog.set_level(logging.WARNING, logger="bucketsync.compaction")
+    task = asyncio.create_task(compaction.schedule(settings, store, stop))
+    await asyncio.sleep(0.5)
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    await store.close()
+    runs = [r for r in caplog.records if "compaction" in r.getMessage()]
+    assert runs, "no compaction run was attempted"
+    assert all(r.exc_info is None for r in runs), "a traceback was logged"
+    assert all("store unreachable" in r.getMessage() for r in runs)
