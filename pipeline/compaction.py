@@ -23,7 +23,8 @@ from prometheus_client import Counter, Histogram
 from redis import exceptions as redis_exceptions
 
 from bucketsync.config import Settings
-from pipeline.store import Store
+from bucketsync.errors import UserError
+from pipeline.store import Store, StoreLayoutMismatch, check_layout
 
 log = logging.getLogger("bucketsync.compaction")
 
@@ -343,6 +344,14 @@ async def schedule(settings: Settings, store: Store, stop: asyncio.Event) -> Non
 
 
 def _store(settings: Settings) -> Store:
+    """The store ``compact`` and ``verify`` work on; a prefix of another key layout is
+    refused with the processor's error (its checksums would be read with the wrong keys)."""
+    try:
+        check_layout(settings.redis.url, settings.redis.prefix)
+    except StoreLayoutMismatch as exc:
+        raise UserError(str(exc)) from None
+    except redis_exceptions.RedisError:
+        pass  # Redis down: the command's first read says so
     return Store.from_settings(settings)
 
 

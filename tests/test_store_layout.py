@@ -114,6 +114,19 @@ def test_the_gateway_refuses_to_start_on_an_old_store(
     _assert_refused(done.returncode, done.stdout, ns.prefix)
 
 
+@pytest.mark.parametrize("command", ["verify", "compact"])
+def test_verify_and_compact_refuse_an_old_store(
+    make_settings: Any, ns: Any, tmp_path: Path, command: str
+) -> None:
+    """``bucketsync verify`` read an old store's checksums with this layout's keys and
+    reported 0 differences; both maintenance commands now refuse it like the processor."""
+    s = _settings(make_settings, ns, tmp_path)
+    _old_layout(s.redis.url, ns.prefix)
+    argv = child_argv(command, str(write_config(tmp_path, s, command)))
+    done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+    _assert_refused(done.returncode, done.stdout, ns.prefix)
+
+
 async def test_a_gateway_on_an_old_store_is_not_ready_until_it_is_rebuilt(
     make_settings: Any, ns: Any, tmp_path: Path
 ) -> None:
