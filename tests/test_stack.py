@@ -270,6 +270,9 @@ def test_redis_conf(throwaway: Callable[..., Settings]) -> None:
     assert f'dir "{stack.layout_for(settings).redis_dir}"' in conf
     for key, value in REDIS_ENCODING.items():  # the encodings the store is sized for
         assert f"\n{key} {value}\n" in conf
+    # a replica syncs at once: Redis 7's default 5 s wait for more replicas was the whole
+    # of the replica's readiness timeout, and test_redis_replica_component failed with it
+    assert "\nrepl-diskless-sync-delay 0\n" in conf
 
 
 def test_cluster_id() -> None:
