@@ -234,6 +234,21 @@ def make_settings(stack: StackInfo, ns: Namespace) -> Callable[..., Settings]:
 
 
 @pytest.fixture
+def gw_settings(make_settings: Callable[..., Settings], tmp_path: Path) -> Callable[..., Settings]:
+    """Settings for an in-process gateway on the protocol tests' rules (``make(**gateway)``:
+    gateway keys over a 20 s keepalive)."""
+    from tests.test_gateway_protocol import RULES
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+
+    def make(**gateway: Any) -> Settings:
+        return make_settings(sync_rules=str(rules), gateway={"keepalive_s": 20, **gateway})
+
+    return make
+
+
+@pytest.fixture
 def create_topic(stack: StackInfo, ns: Namespace) -> Callable[..., str]:
     from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import NewTopic

@@ -13,29 +13,15 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
-from bucketsync.config import Settings
 from bucketsync.tokens import make_dev_token
 from tests.gateway_helpers import feed, running_app, todo
-from tests.test_gateway_protocol import RULES
 
 pytestmark = pytest.mark.stack
-
-
-@pytest.fixture
-def gw_settings(make_settings, tmp_path: Path):
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(RULES)
-
-    def make(**gateway: Any) -> Settings:
-        return make_settings(sync_rules=str(rules), gateway={"keepalive_s": 20, **gateway})
-
-    return make
 
 
 class Raw:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -16,7 +15,6 @@ import pytest
 from gateway import logutil
 from gateway.logutil import LogBudget
 from tests.gateway_helpers import Client, feed, running_gateway, todo
-from tests.test_gateway_protocol import RULES
 
 # ---- LogBudget (pure) ------------------------------------------------------------------
 
@@ -87,17 +85,6 @@ async def test_budget_summary_comes_without_a_later_record(
 
 
 # ---- the gateway ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def gw_settings(make_settings: Any, tmp_path: Path) -> Any:
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(RULES)
-
-    def make(**gateway: Any) -> Any:
-        return make_settings(sync_rules=str(rules), gateway={"keepalive_s": 20, **gateway})
-
-    return make
 
 
 async def test_storm_logs_within_budget_and_access_log_skips_started_streams(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from pathlib import Path
 
 import aiohttp
 import orjson
@@ -24,17 +23,6 @@ bucket_definitions:
     data:
       - SELECT * FROM todos WHERE owner_id = bucket.user_id
 """
-
-
-@pytest.fixture
-def gw_settings(make_settings, tmp_path: Path):
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(RULES)
-
-    def make(**gateway):
-        return make_settings(sync_rules=str(rules), gateway={"keepalive_s": 20, **gateway})
-
-    return make
 
 
 def rows_of(client: Client) -> dict[str, dict]:
