@@ -13,18 +13,11 @@ import pytest
 from bucketsync.tokens import make_dev_token
 from gateway import stream as gw_stream
 from tests.e2e.powersync_client import PowerSyncNodeClient, require_node_client
+from tests.e2e.test_official_client_e2e import RULES, SCHEMA
 from tests.gateway_helpers import delete_todo, feed, running_gateway, todo
 
 pytestmark = [pytest.mark.stack, pytest.mark.e2e]
 
-RULES = """
-bucket_definitions:
-  by_user:
-    parameters: SELECT request.user_id() AS user_id
-    data:
-      - SELECT id, owner_id, description, completed FROM todos WHERE owner_id = bucket.user_id
-"""
-SCHEMA = {"todos": {"owner_id": "text", "description": "text", "completed": "integer"}}
 SELECT = "SELECT id, owner_id, description, completed FROM todos ORDER BY id"
 
 
