@@ -39,6 +39,7 @@ from bucketsync.bench.procs import (
     cpu_seconds,
     delete_prefixes,
     free_port,
+    gateway_metric_lines,
     own_topics,
     primary_and_replica,
     raise_nofile,
@@ -317,16 +318,8 @@ _COMPLETES = _METRICS[1]
 
 def _gateway_metrics(port: int) -> dict[str, float]:
     """A few counters from the gateway's /metrics (one worker's, with ``--workers`` > 1)."""
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-            text = resp.read().decode()
-    except OSError:
-        return {}
     out = {}
-    for line in text.splitlines():
-        name, _, value = line.rpartition(" ")
+    for name, value in gateway_metric_lines(port):
         if name in _METRICS:
             out[name] = float(value)
     return out

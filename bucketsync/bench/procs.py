@@ -281,3 +281,16 @@ async def drop_store(store: Store) -> None:
             await store.r.unlink(*keys[i : i + 1000])
     finally:
         await store.close()
+
+
+def gateway_metric_lines(port: int) -> list[tuple[str, str]]:
+    """``(name with labels, value)`` of each sample on a gateway's /metrics (one worker's,
+    with ``--workers`` > 1); empty when it does not answer."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return []
+    return [(name, value) for name, _, value in (ln.rpartition(" ") for ln in text.splitlines())]

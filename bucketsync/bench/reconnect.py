@@ -38,6 +38,7 @@ from bucketsync.bench import clients as kit
 from bucketsync.bench.procs import (
     delete_prefixes,
     free_port,
+    gateway_metric_lines,
     primary_and_replica,
     raise_nofile,
     rss_kb,
@@ -260,17 +261,9 @@ def run(
 def _gc_seconds(port: int) -> dict[str, float]:
     """The gateway's seconds in the garbage collector so far, per generation (from its
     /metrics; with ``--workers`` > 1 the worker that answers)."""
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-            text = resp.read().decode()
-    except OSError:
-        return {}
     out = {}
-    for line in text.splitlines():
-        if line.startswith("bucketsync_gateway_gc_seconds_total{"):
-            name, _, value = line.rpartition(" ")
+    for name, value in gateway_metric_lines(port):
+        if name.startswith("bucketsync_gateway_gc_seconds_total{"):
             out[name.split('"')[1]] = float(value)
     return out
 
