@@ -45,9 +45,8 @@ Layout under the configured prefix ``P`` (docs/store.md has the long form):
 
 from __future__ import annotations
 
-import hashlib
+import itertools
 import time
-import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,13 +54,16 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, NotRequired, TypedDi
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
+
+from pipeline.rowindex import ROW_SLOTS as ROW_SLOTS
+from pipeline.rowindex import SEP as SEP
+from pipeline.rowindex import Resolution, StoredRow, resolve, stored_row_ids
+from pipeline.rowindex import entry_field as entry_field
+from pipeline.rowindex import row_slot as row_slot
 
 if TYPE_CHECKING:
     from bucketsync.config import Settings
-
-SEP = "\x1f"
-
 
 # Every change entry carries a gap-free sequence number "n", so a reader can tell
 # that entries it never saw were trimmed away.
@@ -113,6 +115,80 @@ return out
 # Issue the next write-checkpoint id of KEYS[1]. A key that has none yet starts from the
 # counter of its legacy ``sub/client_id`` key (KEYS[2]), so ids stay increasing for
 # clients across the key change (a shared legacy counter only makes them start higher).
+# The end of every apply (inside its MULTI/EXEC, after the batch's plain writes): the parts
+# that depend on what Redis holds at that moment. ARGV:
+#   [1] prefix, [2] changes maxlen, [3] checkpoint, [4] changed buckets JSON ("" if none),
+#   [5] offsets JSON, [6] source LSNs JSON ("" if none), [7] number L of lookup changes,
+#   then L x (lookup key, values JSON, +1/-1), then buckets whose P:reloc:<bucket> may have
+#   emptied.
+# - P:source_lsn: highest applied PostgreSQL LSN per connector, never lowered; announced
+#   with the offsets as "lsn:<connector>" (exact write checkpoints compare against it);
+# - P:lookup:<key>: values JSON -> number of rows contributing it; a key whose value set
+#   changed over the batch (a value appeared or vanished) is announced ("l");
+# - the change entry, with its gap-free sequence number "n".
+_APPLY_END_LUA = """
+local P = ARGV[1]
+local offsets = ARGV[5]
+if ARGV[6] ~= "" then
+  local o = cjson.decode(offsets)
+  for name, lsn in pairs(cjson.decode(ARGV[6])) do
+    local cur = tonumber(redis.call("HGET", P .. ":source_lsn", name) or "-1")
+    if lsn > cur then
+      cur = lsn
+      redis.call("HSET", P .. ":source_lsn", name, string.format("%d", lsn))
+    end
+    o["lsn:" .. name] = string.format("%d", cur)
+  end
+  offsets = cjson.encode(o)
+end
+local nl = tonumber(ARGV[7])
+local counts, order = {}, {}
+for i = 8, 7 + 3 * nl, 3 do
+  local key, values, delta = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  local k = P .. ":lookup:" .. key
+  local now = redis.call("HINCRBY", k, values, delta)
+  if now <= 0 then
+    redis.call("HDEL", k, values)
+  end
+  local id = key .. "\31\31" .. values
+  local c = counts[id]
+  if not c then
+    c = {key, now - delta, now}
+    counts[id] = c
+    order[#order + 1] = id
+  end
+  c[3] = now
+end
+for i = 8 + 3 * nl, #ARGV do
+  if redis.call("EXISTS", P .. ":reloc:" .. ARGV[i]) == 0 then
+    redis.call("SREM", P .. ":relocated", ARGV[i])
+  end
+end
+local note = {"n", redis.call("INCR", P .. ":changes:n"), "cp", ARGV[3]}
+if ARGV[4] ~= "" then
+  note[#note + 1] = "b"
+  note[#note + 1] = ARGV[4]
+end
+local seen, keys = {}, {}
+for _, id in ipairs(order) do
+  local c = counts[id]
+  if (c[2] > 0) ~= (c[3] > 0) and not seen[c[1]] then
+    seen[c[1]] = true
+    keys[#keys + 1] = c[1]
+  end
+end
+if #keys > 0 then
+  table.sort(keys)
+  note[#note + 1] = "l"
+  note[#note + 1] = cjson.encode(keys)
+end
+note[#note + 1] = "o"
+note[#note + 1] = offsets
+redis.call("XADD", P .. ":changes", "MAXLEN", "~", ARGV[2], "*", unpack(note))
+return 1
+"""
+
+
 _ISSUE_WCP_LUA = """
 if KEYS[2] ~= KEYS[1] and redis.call("HEXISTS", KEYS[1], "id") == 0 then
   local old = redis.call("HGET", KEYS[2], "id")
@@ -288,112 +364,17 @@ class DefragStep(NamedTuple):
     seconds: float
 
 
-_B = b"$%d\r\n%b\r\n"
-_B2 = _B * 2
-_B4 = _B * 4
-_B5 = _B * 5
-_B6 = _B * 6
-
-#: the row index of a table is spread over this many hashes, ``P:ri:<table>:<slot>``
-#: (:func:`row_slot`): a key per row cost ~70-100 bytes by itself, a field in a small hash a
-#: few. TRUNCATE walks the table's slots.
-ROW_SLOTS = 1024
-
-#: bytes escaped in a row index entry field (\x1b -> \x1b;, \x1d -> \x1b=, \x1e -> \x1b>,
-#: \x1f -> \x1b?): apply_batch.lua splits the packed value at \x1d / \x1e and the field at
-#: \x1f, and undoes the escape (byte - 32) for a REMOVE.
-_ENTRY_ESCAPE = {c: "\x1b" + chr(c + 32) for c in (0x1B, 0x1D, 0x1E, 0x1F)}
+def _resp(*args: bytes) -> bytes:
+    """One command in the Redis wire protocol (RESP)."""
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%b\r\n" % (len(a), a) for a in args)
 
 
-def _esc(part: str) -> str:
-    return part.translate(_ENTRY_ESCAPE) if not part.isprintable() else part
-
-
-def entry_field(bucket: str, object_type: str, object_id: str) -> str:
-    """The row index's name of one output (``apply_batch.lua``: ``bucket \x1f object_type
-    \x1f object_id``, each part escaped so the packed row value parses unambiguously)."""
-    return f"{_esc(bucket)}{SEP}{_esc(object_type)}{SEP}{_esc(object_id)}"
-
-
-def row_slot(row_key: str, table: str | None = None) -> tuple[str, str]:
-    """``("<table>:<slot>", field)``: where a row sits in the row index
-    ``P:ri:<table>:<slot>`` (also ``P:src:`` and ``P:rl:``, its source row copy and lookup
-    entries). A row key is ``<topic>\x1f<key JSON>`` (``core.row_key``) and its table the
-    topic: the field is the row key without it. ``table``: the event's table, for a row key
-    that does not start with it (then the field is the whole row key)."""
-    if table is None:
-        table = row_key.partition(SEP)[0]
-    field = row_key[len(table) + 1 :] if row_key.startswith(table + SEP) else row_key
-    return f"{table}:{zlib.crc32(field.encode()) & (ROW_SLOTS - 1)}", field
-
-
-def apply_payload(prefix: str, batch: PlannedBatch, maxlen: int) -> tuple[int, bytes]:
-    """``apply_batch.lua``'s arguments, already in the wire protocol (RESP bulk strings):
-    the prefix, a small JSON header (offset guard, offsets, LSNs, merge tables) and the
-    events as flat raw strings (the script's header comment has the layout), so the script
-    decodes no JSON per event and builds no index field. Returns (number of arguments,
-    their encoding).
-
-    The one encoder of the batch: its input is the typed events of :func:`row_change`,
-    :func:`row_delete` and :func:`table_truncate` (``"o"`` False: a delete; no ``"o"``: a
-    TRUNCATE; else an upsert).
-
-    Packed here rather than by the client library: a batch has ~16 arguments per event,
-    and redis-py packs each one in Python (~20 us per event, measured)."""
-    head = orjson.dumps(
-        {
-            "guard": batch.guard,
-            "offsets": batch.offsets,
-            "source_lsn": batch.source_lsn or None,
-            "merge_tables": batch.merge_tables,
-            "maxlen": maxlen,
-            "slots": ROW_SLOTS,
-        }
-    )
-    pre = prefix.encode()
-    parts = [_B2 % (len(pre), pre, len(head), head)]
-    add = parts.append
-    n = 2
-    crc = zlib.crc32
-    mask = ROW_SLOTS - 1
-    # BatchEvent is a union told apart by "o"; the loop reads it untyped (no isinstance
-    # or cast per event on this path)
-    events: list[Any] = batch.events
-    for ev in events:
-        outs = ev.get("o")
-        if outs is None:
-            t = ev["truncate"].encode()
-            add(_B2 % (1, b"X", len(t), t))
-            n += 2
-            continue
-        k, table = ev["k"], ev["t"]
-        fb = (k[len(table) + 1 :] if k.startswith(table + SEP) else k).encode()
-        ts = b"%b:%d" % (table.encode(), crc(fb) & mask)
-        if outs is False:
-            gk = k.encode() if ev.get("g") else b""  # P:gone:<row key>
-            add(_B4 % (1, b"D", len(ts), ts, len(fb), fb, len(gk), gk))
-            n += 4
-            continue
-        src = ev.get("s")
-        sb = src.encode() if src else b""
-        lk = ev.get("l")
-        lb = b"" if lk is None else orjson.dumps(lk)
-        cnt = b"%d" % len(outs)
-        add(_B6 % (1, b"U", len(ts), ts, len(fb), fb, len(sb), sb, len(lb), lb, len(cnt), cnt))
-        n += 6
-        for o in outs:
-            bucket, ot, oid, tail = o[0], o[1], o[2], o[5]
-            if bucket.isprintable() and ot.isprintable() and oid.isprintable():
-                f = f"{bucket}{SEP}{ot}{SEP}{oid}"
-            else:
-                f = entry_field(bucket, ot, oid)
-            bk, fe = bucket.encode(), f.encode()
-            if type(tail) is str:
-                tail = tail.encode()
-            cs, rcs = b"%d" % o[3], b"%d" % o[4]
-            add(_B5 % (len(bk), bk, len(fe), fe, len(cs), cs, len(rcs), rcs, len(tail), tail))
-            n += 5
-    return n, b"".join(parts)
+def _resp_flat(head: Sequence[bytes], args: Sequence[bytes]) -> bytes:
+    """``head`` then ``args`` as one command (variadic ZADD/HSET/HDEL)."""
+    parts = [b"*%d\r\n" % (len(head) + len(args))]
+    parts.extend(b"$%d\r\n%b\r\n" % (len(a), a) for a in head)
+    parts.extend(b"$%d\r\n%b\r\n" % (len(a), a) for a in args)
+    return b"".join(parts)
 
 
 def parse_member(member: bytes, score: float) -> StoredOp:
@@ -563,6 +544,36 @@ class ActiveLease:
         self.r.close()
 
 
+class RowCache:
+    """The row index entries of the rows a processor applies (its partitions' rows: a row
+    belongs to one partition, so one processor writes its entries), kept so a batch reads
+    only the rows it has not seen. Bounded (:attr:`limit` rows; the oldest go first); a
+    miss is read from Redis. Cleared whenever another writer may have touched the rows:
+    partitions assigned or revoked, a stale batch, a store outage, another processor's
+    TRUNCATE (``P:ri_epoch``). ``seq``: the op sequence this processor last saw."""
+
+    def __init__(self, limit: int = 500_000) -> None:
+        self.limit = limit
+        self.rows: dict[str, StoredRow | None] = {}
+        self.seq: int | None = None
+        self.epoch: int | None = None
+
+    def clear(self) -> None:
+        self.rows.clear()
+        self.seq = None
+
+    def update(self, rows: Mapping[str, StoredRow | None]) -> None:
+        cache = self.rows
+        for rk, row in rows.items():
+            cache.pop(rk, None)  # re-inserted: the newest stay longest
+            cache[rk] = row
+        excess = len(cache) - self.limit
+        if excess > 0:
+            drop = max(excess, self.limit // 10)
+            for rk in list(itertools.islice(cache, drop)):
+                del cache[rk]
+
+
 class Store:
     """Async access to one deployment's keys (prefix).
 
@@ -592,8 +603,11 @@ class Store:
         self.replica_client = reader
         self.prefix = prefix
         self.changes_maxlen = changes_maxlen
-        self._apply_lua = _lua("apply_batch.lua")
-        self._apply_sha = hashlib.sha1(self._apply_lua.encode()).hexdigest().encode()
+        self._apply_end_lua = _APPLY_END_LUA.encode()
+        #: the row index entries of rows this processor wrote or read (see :class:`RowCache`)
+        self.rows = RowCache()
+        #: the batch resolved last, at which op sequence (resolved again only if it moved)
+        self._resolution: tuple[PlannedBatch, int, Resolution] | None = None
         self._compact = client.register_script(_lua("compact_step.lua"))
         self._notify = client.register_script(_NOTIFY_LUA)
         self._defrag = client.register_script(_lua("defrag_step.lua"))
@@ -644,18 +658,324 @@ class Store:
     # ---- write side -------------------------------------------------------
 
     async def apply(self, batch: PlannedBatch) -> ApplyResult:
-        n, body = apply_payload(self.prefix, batch, self.changes_maxlen)
-        sha = self._apply_sha
-        command = b"*%d\r\n$7\r\nEVALSHA\r\n$%d\r\n%b\r\n$1\r\n0\r\n" % (n + 3, len(sha), sha)
+        """Apply one planned batch atomically (architecture invariants 1-4).
+
+        The row index is resolved here, in the processor (:func:`pipeline.rowindex.resolve`,
+        on rows from :attr:`rows` or read once per batch), and everything is written as plain
+        commands in one MULTI/EXEC. WATCH fences it: on ``P:offsets`` (the offset guard: a
+        partition applied past this batch's first offset elsewhere makes it stale), ``P:seq``
+        (op ids are handed out here: another writer's ops, a defragmentation), ``P:states``
+        (bucket totals are computed here: a compaction step) and ``P:ri_epoch`` (a TRUNCATE
+        rewrote rows this processor may have cached). The batch is resolved before the WATCH
+        with the op sequence it last saw, so the fenced window is one round trip; when
+        something moved, it is read again (and resolved again if the sequence moved)."""
+        conn = await self.r.connection_pool.get_connection()
         try:
-            res = await self._send_packed(command + body)
-        except NoScriptError:  # a restarted or flushed Redis: load the script, once
-            await self.r.script_load(self._apply_lua)
-            res = await self._send_packed(command + body)
-        status = res[0].decode() if isinstance(res[0], bytes) else res[0]
-        if status == "stale":
-            return ApplyResult("stale", stale_partition=res[1].decode(), stored_offset=int(res[2]))
-        return ApplyResult("ok", checkpoint=int(res[1]), ops=int(res[2]), merge_tables=int(res[3]))
+            for _attempt in range(1000):
+                res = await self._apply_once(conn, batch)
+                if res is not None:
+                    return res
+            raise RuntimeError("apply: the store kept changing under the batch (1000 attempts)")
+        except BaseException:
+            await conn.disconnect()  # mid-way through a WATCH or MULTI: never reuse it
+            raise
+        finally:
+            await self.r.connection_pool.release(conn)
+
+    async def _call(self, conn: Any, commands: list[bytes]) -> list[Any]:
+        """Send ``commands`` (RESP) at once and read their replies; error replies are
+        returned, not raised."""
+        await conn.send_packed_command(b"".join(commands), check_health=False)
+        out: list[Any] = []
+        for _ in commands:
+            try:
+                out.append(await conn.read_response())
+            except ResponseError as exc:
+                out.append(exc)
+        return out
+
+    async def _load_rows(self, conn: Any, row_keys: Sequence[str]) -> None:
+        """Read the index entries of the rows the cache lacks (one round trip; a second one
+        for the lookup entries of rows that have some)."""
+        cache = self.rows
+        missing = [rk for rk in row_keys if rk not in cache.rows]
+        if not missing:
+            return
+        refs = [row_slot(rk) for rk in missing]
+        replies = await self._call(
+            conn,
+            [_resp(b"HGET", self.k("ri", ts).encode(), rf.encode()) for ts, rf in refs],
+        )
+        found: dict[str, StoredRow | None] = {}
+        need_lookups: list[tuple[str, str, str]] = []
+        for rk, (ts, rf), v in zip(missing, refs, replies, strict=True):
+            if isinstance(v, Exception):
+                raise v
+            if v is None:
+                found[rk] = None
+                continue
+            value = v.decode()
+            found[rk] = StoredRow(value)
+            if value[:1] in ("2", "3"):
+                need_lookups.append((rk, ts, rf))
+        if need_lookups:
+            replies = await self._call(
+                conn,
+                [
+                    _resp(b"HGET", self.k("rl", ts).encode(), rf.encode())
+                    for _rk, ts, rf in need_lookups
+                ],
+            )
+            for (rk, _ts, _rf), v in zip(need_lookups, replies, strict=True):
+                row = found[rk]
+                if row is not None and isinstance(v, bytes):
+                    row.lookups = v.decode()
+        cache.update(found)
+
+    async def _resolve(self, conn: Any, batch: PlannedBatch, seq: int) -> Resolution:
+        """Read what the batch needs beyond the cache and resolve it at ``seq``."""
+        events: list[Any] = batch.events
+        row_keys = list(dict.fromkeys(ev["k"] for ev in events if "k" in ev))
+        await self._load_rows(conn, row_keys)
+        cache = self.rows.rows
+        stored: dict[str, StoredRow | None] = {rk: cache.get(rk) for rk in row_keys}
+        # the source rows the delete half of a primary-key change keeps a day (P:gone)
+        gone = [
+            ev["k"]
+            for ev in events
+            if ev.get("g") and (r := stored.get(ev["k"])) is not None and r.value
+            if r.value[:1] in ("1", "3")
+        ]
+        if gone:
+            refs = [self.source_row_ref(rk) for rk in gone]
+            replies = await self._call(
+                conn, [_resp(b"HGET", k.encode(), f.encode()) for k, f in refs]
+            )
+            for rk, v in zip(gone, replies, strict=True):
+                row = stored[rk]
+                if row is not None and isinstance(v, bytes):
+                    stored[rk] = StoredRow(row.value, row.lookups, v.decode())
+        truncated: dict[str, dict[str, StoredRow]] = {}
+        for ev in events:
+            if "truncate" in ev and ev["truncate"] not in truncated:
+                truncated[ev["truncate"]] = await self._table_rows(conn, ev["truncate"])
+        relocations: dict[str, dict[int, int]] = {}
+        (relocated,) = await self._call(conn, [_resp(b"SMEMBERS", self.k("relocated").encode())])
+        if relocated:
+            names = {m.decode() for m in relocated}
+            wanted: dict[str, set[int]] = {}
+            rows_seen = list(stored.values()) + [r for t in truncated.values() for r in t.values()]
+            for row in rows_seen:
+                for b, op_id in stored_row_ids(row):
+                    if b in names:
+                        wanted.setdefault(b, set()).add(op_id)
+            if wanted:
+                order = [(b, sorted(ids)) for b, ids in wanted.items()]
+                replies = await self._call(
+                    conn,
+                    [
+                        _resp_flat(
+                            (b"HMGET", self.k("reloc", b).encode()), [b"%d" % i for i in ids]
+                        )
+                        for b, ids in order
+                    ],
+                )
+                for (b, ids), vals in zip(order, replies, strict=True):
+                    m = {i: int(v) for i, v in zip(ids, vals, strict=True) if v is not None}
+                    if m:
+                        relocations[b] = m
+        return resolve(events, stored, seq, truncated_rows=truncated, relocations=relocations)
+
+    async def _table_rows(self, conn: Any, table: str) -> dict[str, StoredRow]:
+        """Every stored row of ``table`` (a TRUNCATE): its slot hashes, with lookups."""
+        slots = [f"{table}:{i}" for i in range(ROW_SLOTS)]
+        ri = await self._call(conn, [_resp(b"HGETALL", self.k("ri", ts).encode()) for ts in slots])
+        rl = await self._call(conn, [_resp(b"HGETALL", self.k("rl", ts).encode()) for ts in slots])
+        out: dict[str, StoredRow] = {}
+        for fields, lookups in zip(ri, rl, strict=True):
+            flat_l = lookups if isinstance(lookups, list) else []
+            lk = {flat_l[i]: flat_l[i + 1] for i in range(0, len(flat_l), 2)}
+            flat = fields if isinstance(fields, list) else []
+            for i in range(0, len(flat), 2):
+                rf = flat[i]
+                got = lk.get(rf)
+                out[table + SEP + rf.decode()] = StoredRow(
+                    flat[i + 1].decode(), got.decode() if got is not None else None
+                )
+        return out
+
+    async def _apply_once(self, conn: Any, batch: PlannedBatch) -> ApplyResult | None:
+        """One attempt; None when something moved under it (try again)."""
+        cache = self.rows
+        k = self.k
+        offsets_key, seq_key, states_key, epoch_key = (
+            k("offsets").encode(),
+            k("seq").encode(),
+            k("states").encode(),
+            k("ri_epoch").encode(),
+        )
+        if cache.seq is None or cache.epoch is None:
+            seq_raw, epoch_raw = await self._call(
+                conn, [_resp(b"GET", seq_key), _resp(b"GET", epoch_key)]
+            )
+            if cache.epoch != int(epoch_raw or 0):
+                cache.clear()
+                cache.epoch = int(epoch_raw or 0)
+            cache.seq = int(seq_raw or 0)
+        seq = cache.seq
+        assert seq is not None
+        if (
+            self._resolution is None
+            or self._resolution[0] is not batch
+            or self._resolution[1] != seq
+        ):
+            self._resolution = (batch, seq, await self._resolve(conn, batch, seq))
+        res = self._resolution[2]
+        guard = list(batch.guard.items())
+        buckets = list(res.deltas)
+        reads = [
+            _resp(b"WATCH", offsets_key, seq_key, states_key, epoch_key),
+            _resp(b"GET", seq_key),
+            _resp(b"GET", epoch_key),
+        ]
+        if guard:
+            reads.append(_resp_flat((b"HMGET", offsets_key), [tp.encode() for tp, _ in guard]))
+        for i in range(0, len(buckets), 1000):
+            reads.append(
+                _resp_flat((b"HMGET", states_key), [b.encode() for b in buckets[i : i + 1000]])
+            )
+        replies = await self._call(conn, reads)
+        for r in replies:
+            if isinstance(r, Exception):
+                raise r
+        now_seq, now_epoch = int(replies[1] or 0), int(replies[2] or 0)
+        pos = 3
+        if guard:
+            for (tp, low), stored in zip(guard, replies[3], strict=True):
+                if stored is not None and int(stored) >= low:
+                    await self._call(conn, [_resp(b"UNWATCH")])
+                    self._resolution = None
+                    cache.clear()  # another processor applied these rows
+                    return ApplyResult("stale", stale_partition=tp, stored_offset=int(stored))
+            pos = 4
+        if now_epoch != cache.epoch or now_seq != seq:
+            await self._call(conn, [_resp(b"UNWATCH")])
+            if now_epoch != cache.epoch:
+                cache.clear()
+                cache.epoch = now_epoch
+            cache.seq = now_seq
+            return None
+        states: list[bytes | None] = [v for part in replies[pos:] for v in part]
+        commands = [_resp(b"MULTI")]
+        add = commands.append
+        changed: list[bytes] = []
+        state_args: list[bytes] = []
+        dirty: list[bytes] = []
+        for b, st in zip(buckets, states, strict=True):
+            d = res.deltas[b]
+            if st:
+                p_cs, p_n, _last, p_moved = st.split()
+                cs = (int(p_cs) + d.checksum) % 4294967296
+                count = int(p_n) + d.count
+                moved = int(p_moved) + d.moved
+            else:
+                cs, count, moved = d.checksum % 4294967296, d.count, d.moved
+            bb = b.encode()
+            state_args += (bb, b"%d %d %d %d" % (cs, count, d.last, moved))
+            if moved > 0:
+                dirty.append(bb)
+            changed.append(orjson.dumps(b) + b":[%d,%d]" % (cs, count))
+        for b, w in res.buckets.items():
+            ops_key = k("ops", b).encode()
+            for old in w.drop:
+                score = b"%d" % old
+                add(_resp(b"ZREMRANGEBYSCORE", ops_key, score, score))
+            flat: list[bytes] = []
+            for op_id, member in w.members.items():
+                flat += (b"%d" % op_id, member)
+            add(_resp_flat((b"ZADD", ops_key), flat))
+        for i in range(0, len(state_args), 2000):
+            add(_resp_flat((b"HSET", states_key), state_args[i : i + 2000]))
+        if dirty:
+            add(_resp_flat((b"SADD", k("dirty").encode()), dirty))
+        for kind, section in (("ri", res.index), ("src", res.sources), ("rl", res.lookups)):
+            for ts, fields in section.items():
+                key = k(kind, ts).encode()
+                sets = [
+                    x
+                    for rf, v in fields.items()
+                    if v is not None
+                    for x in (rf.encode(), v.encode())
+                ]
+                dels = [rf.encode() for rf, v in fields.items() if v is None]
+                if dels:
+                    add(_resp_flat((b"HDEL", key), dels))
+                if sets:
+                    add(_resp_flat((b"HSET", key), sets))
+        for rk, src in res.gone.items():
+            add(_resp(b"SET", k("gone", rk).encode(), src.encode(), b"EX", b"86400"))
+        for b, dropped in res.reloc_dropped.items():
+            add(_resp_flat((b"HDEL", k("reloc", b).encode()), [f.encode() for f in dropped]))
+        if batch.merge_tables:
+            add(
+                _resp_flat(
+                    (b"SADD", k("merge_tables").encode()), [t.encode() for t in batch.merge_tables]
+                )
+            )
+        if batch.offsets:
+            add(
+                _resp_flat(
+                    (b"HSET", offsets_key),
+                    [x for tp, off in batch.offsets.items() for x in (tp.encode(), b"%d" % off)],
+                )
+            )
+        cp = b"%d" % res.seq
+        if res.ops:
+            add(_resp(b"SET", seq_key, cp))
+        add(_resp(b"SET", k("checkpoint").encode(), cp))
+        # the layout these keys follow (STORE_LAYOUT): a processor refuses to apply to a
+        # store of another layout instead of mixing two
+        add(_resp(b"SET", k("layout").encode(), STORE_LAYOUT.encode()))
+        if res.truncated:
+            add(_resp(b"INCR", epoch_key))
+        end_args = [
+            self.prefix.encode(),
+            b"%d" % self.changes_maxlen,
+            cp,
+            (b"{" + b",".join(changed) + b"}") if changed else b"",
+            orjson.dumps(batch.offsets),
+            orjson.dumps(batch.source_lsn) if batch.source_lsn else b"",
+            b"%d" % len(res.lookup_deltas),
+        ]
+        for key_, values, delta in res.lookup_deltas:
+            end_args += (key_.encode(), values.encode(), b"%d" % delta)
+        end_args += [b.encode() for b in res.reloc_dropped]
+        add(_resp_flat((b"EVAL", self._apply_end_lua, b"0"), end_args))
+        add(_resp(b"SCARD", k("merge_tables").encode()))
+        add(_resp(b"EXEC"))
+        replies = await self._call(conn, commands)
+        result = replies[-1]
+        if isinstance(result, Exception):
+            raise result
+        if result is None:  # a watched key changed: read again
+            cache.seq = None
+            return None
+        for r in result:
+            if isinstance(r, Exception):
+                raise RuntimeError(f"apply: a write failed inside the transaction: {r}")
+        cache.seq = res.seq
+        if res.truncated:  # rows were deleted under row keys the cache may not know
+            cache.clear()
+            cache.seq = res.seq
+            cache.epoch = now_epoch + 1
+        cache.update(
+            {
+                rk: (StoredRow(r.value, r.lookups) if r is not None else None)
+                for rk, r in res.rows.items()
+            }
+        )
+        self._resolution = None
+        return ApplyResult("ok", checkpoint=res.seq, ops=res.ops, merge_tables=int(result[-1]))
 
     async def _send_packed(self, command: bytes) -> Any:
         """Send one command already in the wire protocol on a pooled connection and read
