@@ -231,6 +231,10 @@ class ProcessorSettings(_Section):
     session_timeout_ms: int = Field(default=9000, ge=1000, le=3_600_000)
     #: Heartbeat interval of the group membership (a third of the session timeout or less).
     heartbeat_interval_ms: int = Field(default=2000, ge=100, le=3_600_000)
+    #: Rows whose row index entries the processor keeps in memory (its partitions' rows;
+    #: a row it has not kept is read from Redis once per batch). About 300 bytes a row;
+    #: 0 keeps none.
+    row_cache_rows: int = Field(default=200_000, ge=0)
     #: Faust driver only: records buffered per stream (faust's stream_buffer_maxsize).
     stream_buffer_maxsize: int = Field(default=4096, gt=0)
     #: Seconds to wait for a record the gap guard asked to read again before asking again.

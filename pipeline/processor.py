@@ -270,6 +270,7 @@ class BatchApplier:
     ):
         self.settings = settings
         self.store = store
+        store.rows.limit = settings.processor.row_cache_rows
         self.rules = rules
         self._probe = PartitionProbe(settings) if probe is None else None
         self.guard = OffsetGapGuard(

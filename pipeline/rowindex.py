@@ -94,8 +94,7 @@ def parse_row(value: str) -> tuple[int, Entries]:
     return int(parts[0] or 0), entries
 
 
-def _pack(flags: int, entries: list[tuple[str, int, int, int]]) -> str:
-    return str(flags) + "".join(f"\x1e{f}\x1d{a}:{c}:{r}" for f, a, c, r in entries)
+_FLAGS = ("0", "1", "2", "3")
 
 
 @dataclass(slots=True)
@@ -110,34 +109,20 @@ class StoredRow:
 
 
 @dataclass(slots=True)
-class BucketDelta:
-    """A bucket's change in the batch: checksums and counts of its new ops, its last op,
-    and how many of its ops became MOVE."""
-
-    checksum: int = 0
-    count: int = 0
-    last: int = 0
-    moved: int = 0
-
-
-@dataclass(slots=True)
-class BucketWrites:
-    """The ops of one bucket: ``members`` op id -> member (in order of first write; a MOVE
-    of an op written earlier in the batch replaces it there), ``drop``: op ids of earlier
-    batches to delete first (their MOVE is among ``members``)."""
-
-    members: dict[int, bytes] = field(default_factory=dict)
-    drop: list[int] = field(default_factory=list)
-
-
-@dataclass(slots=True)
 class Resolution:
     """Every write of one batch, by concept (the store names the keys)."""
 
     seq: int  # the op sequence after the batch
     ops: int = 0
-    buckets: dict[str, BucketWrites] = field(default_factory=dict)
-    deltas: dict[str, BucketDelta] = field(default_factory=dict)
+    #: bucket -> op id -> member, in order of first write (a MOVE of an op written earlier
+    #: in the batch replaces it there). A new op's member is its wire JSON after the op_id
+    #: field (the store writes ``{"op_id":"<id>",`` in front); a MOVE's, starting with ``T``,
+    #: is complete.
+    members: dict[str, dict[int, bytes]] = field(default_factory=dict)
+    #: bucket -> op ids of earlier batches to delete first (their MOVE is in ``members``)
+    drops: dict[str, list[int]] = field(default_factory=dict)
+    #: bucket -> [checksum of its new ops (unbounded), their count, its last op, MOVEs]
+    deltas: dict[str, list[int]] = field(default_factory=dict)
     #: ts -> {rf: packed value, or None to delete}
     index: dict[str, dict[str, str | None]] = field(default_factory=dict)
     #: ts -> {rf: source row JSON, or None to delete}
@@ -173,6 +158,7 @@ def resolve(
     *,
     truncated_rows: Mapping[str, Mapping[str, StoredRow]] | None = None,
     relocations: Mapping[str, Mapping[int, int]] | None = None,
+    slots: Mapping[str, tuple[str, str]] | None = None,
 ) -> Resolution:
     """Resolve a planned batch's events (``core.plan_batch``: ``row_change``, ``row_delete``,
     ``table_truncate``) against the stored rows.
@@ -181,59 +167,56 @@ def resolve(
     a value of None: unknown). ``seq``: the op sequence before the batch. ``truncated_rows``:
     per truncated table, its stored rows (row key -> row). ``relocations``: bucket -> indexed
     op id -> the live copy defragmentation re-appended (``P:reloc``), for the stored
-    entries' buckets that have relocations."""
+    entries' buckets that have relocations. ``slots``: :func:`row_slot` of row keys, where
+    the caller has it already."""
     res = Resolution(seq)
     relocs = {b: dict(m) for b, m in (relocations or {}).items()}
     # the batch's view of each row: starts as stored, follows every event
     rows: dict[str, StoredRow | None] = res.rows
     #: row key -> its table, for the rows the events name (a TRUNCATE finds them by table)
     row_table: dict[str, str] = {}
-    buckets, deltas = res.buckets, res.deltas
+    members, drops, deltas = res.members, res.drops, res.deltas
+    known_slots = slots or {}
+    #: source rows written in the batch (a primary-key change's delete half may keep one)
+    sources: dict[str, str | None] = {}
 
     def current(rk: str) -> StoredRow | None:
         if rk in rows:
             return rows[rk]
         return stored.get(rk)
 
-    def delta(b: str) -> BucketDelta:
+    def add_op(b: str, cs: int, member_tail: bytes) -> int:
+        op_id = res.seq = res.seq + 1
+        res.ops += 1
+        m = members.get(b)
+        if m is None:
+            m = members[b] = {}
+        m[op_id] = member_tail  # the store puts '{"op_id":"<id>",' in front
         d = deltas.get(b)
         if d is None:
-            d = deltas[b] = BucketDelta()
-        return d
-
-    def writes(b: str) -> BucketWrites:
-        w = buckets.get(b)
-        if w is None:
-            w = buckets[b] = BucketWrites()
-        return w
-
-    def add_op(b: str, cs: int, member_tail: bytes) -> int:
-        res.seq += 1
-        res.ops += 1
-        op_id = res.seq
-        writes(b).members[op_id] = b'{"op_id":"%d",%b' % (op_id, member_tail)
-        d = delta(b)
-        d.checksum += cs
-        d.count += 1
-        d.last = op_id
+            deltas[b] = [cs, 1, op_id, 0]
+        else:
+            d[0] += cs
+            d[1] += 1
+            d[2] = op_id
         return op_id
 
     def to_move(b: str, old_id: int, old_cs: int, target: int) -> None:
-        m = relocs.get(b)
-        if m:
-            copy = m.pop(old_id, None)
+        r = relocs.get(b)
+        if r:
+            copy = r.pop(old_id, None)
             if copy is not None:
                 res.reloc_dropped.setdefault(b, []).extend((str(old_id), f"~{copy}"))
                 old_id = copy
-        w = writes(b)
-        if old_id not in w.members:
-            w.drop.append(old_id)
-        w.members[old_id] = b'T%d|{"op_id":"%d","op":"MOVE","checksum":%d}' % (
-            target,
-            old_id,
-            old_cs,
-        )
-        delta(b).moved += 1
+        m = members[b]  # the bucket has the superseding op already
+        if old_id not in m:
+            dr = drops.get(b)
+            if dr is None:
+                drops[b] = [old_id]
+            else:
+                dr.append(old_id)
+        m[old_id] = b'T%d|{"op_id":"%d","op":"MOVE","checksum":%d}' % (target, old_id, old_cs)
+        deltas[b][3] += 1
 
     def remove_entry(f: str, e: tuple[int, int, int]) -> None:
         b, ot, oid = (_unesc(x) for x in f.split(SEP))
@@ -282,27 +265,26 @@ def resolve(
             flags, cur = parse_row(value)
         else:
             flags, cur = 0, {}
-        new_entries: list[tuple[str, int, int, int]] = []
+        parts: list[str] = []  # the packed entries of the row after the event
         if outs is not None:
-            for o in outs:
-                bucket, ot, oid, cs, rcs, tail = o
-                f = entry_field(bucket, ot, oid)
-                e = cur.get(f)
-                if e is not None and e[1] == cs:
-                    del cur[f]  # unchanged data: no new op
-                    new_entries.append((f, e[0], cs, e[2]))
+            for bucket, ot, oid, cs, rcs, tail in outs:
+                if bucket.isprintable() and ot.isprintable() and oid.isprintable():
+                    f = f"{bucket}{SEP}{ot}{SEP}{oid}"
+                else:
+                    f = entry_field(bucket, ot, oid)
+                e = cur.pop(f, None) if cur else None
+                if e is not None and e[1] == cs:  # unchanged data: no new op
+                    parts.append(f"\x1e{f}\x1d{e[0]}:{cs}:{e[2]}")
                     continue
-                if type(tail) is str:
-                    tail = tail.encode()
-                op_id = add_op(bucket, cs, tail)
+                op_id = add_op(bucket, cs, tail.encode() if type(tail) is str else tail)
                 if e is not None:
                     to_move(bucket, e[0], e[1], op_id)
-                    del cur[f]
-                new_entries.append((f, op_id, cs, rcs))
+                parts.append(f"\x1e{f}\x1d{op_id}:{cs}:{rcs}")
         # whatever the row no longer produces leaves its bucket, in op id order (replays
         # are byte-identical)
-        for f, e in sorted(cur.items(), key=lambda fe: fe[1][0]):
-            remove_entry(f, e)
+        if cur:
+            for f, e in sorted(cur.items(), key=lambda fe: fe[1][0]):
+                remove_entry(f, e)
         had_src, had_lk = flags % 2 == 1, flags >= 2
         if outs is not None:
             has_lk = had_lk
@@ -321,19 +303,21 @@ def resolve(
                 put(res.sources, ts, rf, src)
             elif had_src:
                 put(res.sources, ts, rf, None)  # the table needs no merges: no stored copy
-            packed = _pack((1 if src is not None else 0) + (2 if has_lk else 0), new_entries)
+            packed = _FLAGS[(1 if src is not None else 0) + (2 if has_lk else 0)] + "".join(parts)
             if packed != value:
                 put(res.index, ts, rf, packed)
-            rows[rk] = StoredRow(packed, new_lookups if has_lk else None, src)
+            rows[rk] = StoredRow(packed, new_lookups if has_lk else None)
+            sources[rk] = src
         elif value is not None:
             if had_lk:
                 update_lookups(row.lookups if row is not None else None, None)
                 put(res.lookups, ts, rf, None)
             if had_src:
-                if pk_gone and row is not None and row.source is not None:
+                old_src = sources.get(rk, row.source if row else None)
+                if pk_gone and old_src is not None:
                     # the delete half of a primary-key change: keep the source row a while,
                     # the create half may carry TOAST placeholders only the old row can fill
-                    res.gone[rk] = row.source
+                    res.gone[rk] = old_src
                 put(res.sources, ts, rf, None)
             put(res.index, ts, rf, None)
             rows[rk] = None
@@ -362,7 +346,8 @@ def resolve(
             continue
         rk, table = ev["k"], ev["t"]
         row_table[rk] = table
-        ts, rf = row_slot(rk, table)
+        ref = known_slots.get(rk)
+        ts, rf = ref if ref is not None else row_slot(rk, table)
         if outs is False:
             apply_row(rk, ts, rf, None, None, None, False, bool(ev.get("g")))
             continue

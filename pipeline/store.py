@@ -364,6 +364,12 @@ class DefragStep(NamedTuple):
     seconds: float
 
 
+try:
+    from redis._parsers.hiredis import NOT_ENOUGH_DATA as _HIREDIS_NOT_ENOUGH
+except ImportError:  # redis-py without hiredis (or another layout): replies one by one
+    _HIREDIS_NOT_ENOUGH = None
+
+
 def _resp(*args: bytes) -> bytes:
     """One command in the Redis wire protocol (RESP)."""
     return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%b\r\n" % (len(a), a) for a in args)
@@ -564,9 +570,7 @@ class RowCache:
 
     def update(self, rows: Mapping[str, StoredRow | None]) -> None:
         cache = self.rows
-        for rk, row in rows.items():
-            cache.pop(rk, None)  # re-inserted: the newest stay longest
-            cache[rk] = row
+        cache.update(rows)
         excess = len(cache) - self.limit
         if excess > 0:
             drop = max(excess, self.limit // 10)
@@ -687,6 +691,21 @@ class Store:
         returned, not raised."""
         await conn.send_packed_command(b"".join(commands), check_health=False)
         out: list[Any] = []
+        n = len(commands)
+        parser = conn._parser
+        reader = getattr(parser, "_reader", None)
+        if _HIREDIS_NOT_ENOUGH is not None and reader is not None and hasattr(reader, "gets"):
+            # redis-py's hiredis parser, read straight from its reader: a batch has several
+            # thousand replies (QUEUED ones inside MULTI) and read_response costs ~3 us each;
+            # error replies come back as exception objects, as they do below
+            gets = reader.gets
+            while len(out) < n:
+                r = gets()
+                if r is _HIREDIS_NOT_ENOUGH:
+                    await parser.read_from_socket()
+                else:
+                    out.append(r)
+            return out
         for _ in commands:
             try:
                 out.append(await conn.read_response())
@@ -694,17 +713,23 @@ class Store:
                 out.append(exc)
         return out
 
-    async def _load_rows(self, conn: Any, row_keys: Sequence[str]) -> None:
-        """Read the index entries of the rows the cache lacks (one round trip; a second one
-        for the lookup entries of rows that have some)."""
+    async def _load_rows(self, conn: Any, slots: Mapping[str, tuple[str, str]]) -> None:
+        """Read the index entries of the rows (row key -> :func:`row_slot`) the cache lacks
+        (one round trip; a second one for the lookup entries of rows that have some)."""
         cache = self.rows
-        missing = [rk for rk in row_keys if rk not in cache.rows]
+        missing = [rk for rk in slots if rk not in cache.rows]
         if not missing:
             return
-        refs = [row_slot(rk) for rk in missing]
+        refs = [slots[rk] for rk in missing]
+        ri = self.k("ri", "").encode()
         replies = await self._call(
             conn,
-            [_resp(b"HGET", self.k("ri", ts).encode(), rf.encode()) for ts, rf in refs],
+            [
+                b"*3\r\n$4\r\nHGET\r\n$%d\r\n%b%b\r\n$%d\r\n%b\r\n"
+                % (len(ri) + len(tsb), ri, tsb, len(rfb), rfb)
+                for ts, rf in refs
+                for tsb, rfb in ((ts.encode(), rf.encode()),)
+            ],
         )
         found: dict[str, StoredRow | None] = {}
         need_lookups: list[tuple[str, str, str]] = []
@@ -735,10 +760,14 @@ class Store:
     async def _resolve(self, conn: Any, batch: PlannedBatch, seq: int) -> Resolution:
         """Read what the batch needs beyond the cache and resolve it at ``seq``."""
         events: list[Any] = batch.events
-        row_keys = list(dict.fromkeys(ev["k"] for ev in events if "k" in ev))
-        await self._load_rows(conn, row_keys)
+        slots: dict[str, tuple[str, str]] = {}
+        for ev in events:
+            rk = ev.get("k")
+            if rk is not None and rk not in slots:
+                slots[rk] = row_slot(rk, ev["t"])
+        await self._load_rows(conn, slots)
         cache = self.rows.rows
-        stored: dict[str, StoredRow | None] = {rk: cache.get(rk) for rk in row_keys}
+        stored: dict[str, StoredRow | None] = {rk: cache.get(rk) for rk in slots}
         # the source rows the delete half of a primary-key change keeps a day (P:gone)
         gone = [
             ev["k"]
@@ -747,9 +776,10 @@ class Store:
             if r.value[:1] in ("1", "3")
         ]
         if gone:
-            refs = [self.source_row_ref(rk) for rk in gone]
+            refs = [slots[rk] for rk in gone]
             replies = await self._call(
-                conn, [_resp(b"HGET", k.encode(), f.encode()) for k, f in refs]
+                conn,
+                [_resp(b"HGET", self.k("src", ts).encode(), rf.encode()) for ts, rf in refs],
             )
             for rk, v in zip(gone, replies, strict=True):
                 row = stored[rk]
@@ -784,7 +814,9 @@ class Store:
                     m = {i: int(v) for i, v in zip(ids, vals, strict=True) if v is not None}
                     if m:
                         relocations[b] = m
-        return resolve(events, stored, seq, truncated_rows=truncated, relocations=relocations)
+        return resolve(
+            events, stored, seq, truncated_rows=truncated, relocations=relocations, slots=slots
+        )
 
     async def _table_rows(self, conn: Any, table: str) -> dict[str, StoredRow]:
         """Every stored row of ``table`` (a TRUNCATE): its slot hashes, with lookups."""
@@ -871,36 +903,74 @@ class Store:
         changed: list[bytes] = []
         state_args: list[bytes] = []
         dirty: list[bytes] = []
+        deltas = res.deltas
+        dumps = orjson.dumps
         for b, st in zip(buckets, states, strict=True):
-            d = res.deltas[b]
+            d_cs, d_n, last, d_moved = deltas[b]
             if st:
                 p_cs, p_n, _last, p_moved = st.split()
-                cs = (int(p_cs) + d.checksum) % 4294967296
-                count = int(p_n) + d.count
-                moved = int(p_moved) + d.moved
+                cs = (int(p_cs) + d_cs) % 4294967296
+                count = int(p_n) + d_n
+                moved = int(p_moved) + d_moved
             else:
-                cs, count, moved = d.checksum % 4294967296, d.count, d.moved
+                cs, count, moved = d_cs % 4294967296, d_n, d_moved
             bb = b.encode()
-            state_args += (bb, b"%d %d %d %d" % (cs, count, d.last, moved))
+            state_args.append(b"$%d\r\n%b\r\n" % (len(bb), bb))
+            sv = b"%d %d %d %d" % (cs, count, last, moved)
+            state_args.append(b"$%d\r\n%b\r\n" % (len(sv), sv))
             if moved > 0:
                 dirty.append(bb)
-            changed.append(orjson.dumps(b) + b":[%d,%d]" % (cs, count))
-        for b, w in res.buckets.items():
+            changed.append(b"%b:[%d,%d]" % (dumps(b), cs, count))
+        drops = res.drops
+        for b, members in res.members.items():
             ops_key = k("ops", b).encode()
-            for old in w.drop:
+            head = b"$%d\r\n%b\r\n" % (len(ops_key), ops_key)
+            for old in drops.get(b, ()):
                 score = b"%d" % old
-                add(_resp(b"ZREMRANGEBYSCORE", ops_key, score, score))
-            flat: list[bytes] = []
-            for op_id, member in w.members.items():
-                flat += (b"%d" % op_id, member)
-            add(_resp_flat((b"ZADD", ops_key), flat))
-        for i in range(0, len(state_args), 2000):
-            add(_resp_flat((b"HSET", states_key), state_args[i : i + 2000]))
+                add(
+                    b"*4\r\n$16\r\nZREMRANGEBYSCORE\r\n%b$%d\r\n%b\r\n$%d\r\n%b\r\n"
+                    % (head, len(score), score, len(score), score)
+                )
+            zadd = [b"*%d\r\n$4\r\nZADD\r\n" % (2 + 2 * len(members)), head]
+            for op_id, member in members.items():
+                score = b"%d" % op_id
+                if member[:1] == b"T":  # a MOVE: complete
+                    zadd.append(
+                        b"$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(score), score, len(member), member)
+                    )
+                else:  # a new op: its wire JSON after the op_id field
+                    zadd.append(
+                        b'$%d\r\n%b\r\n$%d\r\n{"op_id":"%b",%b\r\n'
+                        % (len(score), score, len(member) + len(score) + 12, score, member)
+                    )
+            add(b"".join(zadd))
+        for i in range(0, len(state_args), 2000):  # state_args: RESP bulk strings already
+            part = state_args[i : i + 2000]
+            add(
+                b"*%d\r\n$4\r\nHSET\r\n$%d\r\n%b\r\n%b"
+                % (2 + len(part), len(states_key), states_key, b"".join(part))
+            )
         if dirty:
             add(_resp_flat((b"SADD", k("dirty").encode()), dirty))
         for kind, section in (("ri", res.index), ("src", res.sources), ("rl", res.lookups)):
+            base = k(kind, "").encode()
             for ts, fields in section.items():
-                key = k(kind, ts).encode()
+                key = base + ts.encode()
+                if len(fields) == 1:  # most slots: one row of the batch
+                    ((rf, v),) = fields.items()
+                    rfb = rf.encode()
+                    if v is None:
+                        add(
+                            b"*3\r\n$4\r\nHDEL\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
+                            % (len(key), key, len(rfb), rfb)
+                        )
+                    else:
+                        vb = v.encode()
+                        add(
+                            b"*4\r\n$4\r\nHSET\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
+                            % (len(key), key, len(rfb), rfb, len(vb), vb)
+                        )
+                    continue
                 sets = [
                     x
                     for rf, v in fields.items()
@@ -968,12 +1038,7 @@ class Store:
             cache.clear()
             cache.seq = res.seq
             cache.epoch = now_epoch + 1
-        cache.update(
-            {
-                rk: (StoredRow(r.value, r.lookups) if r is not None else None)
-                for rk, r in res.rows.items()
-            }
-        )
+        cache.update(res.rows)
         self._resolution = None
         return ApplyResult("ok", checkpoint=res.seq, ops=res.ops, merge_tables=int(result[-1]))
 
