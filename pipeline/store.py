@@ -713,13 +713,17 @@ class Store:
                 out.append(exc)
         return out
 
-    async def _load_rows(self, conn: Any, slots: Mapping[str, tuple[str, str]]) -> None:
-        """Read the index entries of the rows (row key -> :func:`row_slot`) the cache lacks
+    async def _load_rows(
+        self, conn: Any, slots: Mapping[str, tuple[str, str]]
+    ) -> dict[str, StoredRow | None]:
+        """The stored rows (row key -> :func:`row_slot`): from the cache, the others read
         (one round trip; a second one for the lookup entries of rows that have some)."""
         cache = self.rows
-        missing = [rk for rk in slots if rk not in cache.rows]
+        rows = cache.rows
+        missing = [rk for rk in slots if rk not in rows]
+        out = {rk: rows[rk] for rk in slots if rk in rows}
         if not missing:
-            return
+            return out
         refs = [slots[rk] for rk in missing]
         ri = self.k("ri", "").encode()
         replies = await self._call(
@@ -755,7 +759,8 @@ class Store:
                 row = found[rk]
                 if row is not None and isinstance(v, bytes):
                     row.lookups = v.decode()
-        cache.update(found)
+        out.update(found)
+        return out
 
     async def _resolve(self, conn: Any, batch: PlannedBatch, seq: int) -> Resolution:
         """Read what the batch needs beyond the cache and resolve it at ``seq``."""
@@ -765,9 +770,7 @@ class Store:
             rk = ev.get("k")
             if rk is not None and rk not in slots:
                 slots[rk] = row_slot(rk, ev["t"])
-        await self._load_rows(conn, slots)
-        cache = self.rows.rows
-        stored: dict[str, StoredRow | None] = {rk: cache.get(rk) for rk in slots}
+        stored = await self._load_rows(conn, slots)
         # the source rows the delete half of a primary-key change keeps a day (P:gone)
         gone = [
             ev["k"]
