@@ -343,7 +343,7 @@ class CheckpointHub:
     (``read_changes``, blocking ``block_ms`` per call; errors are retried with backoff).
     It reads no bucket states; ops only through :attr:`pages` for the batched delivery.
 
-    What each change entry does (fields as ``apply_batch.lua`` writes them):
+    What each change entry does (fields as the store's apply step writes them):
 
     - ``cp``: :attr:`checkpoint` rises to it (never falls).
     - ``b`` (bucket -> [checksum, count]): every subscriber of that bucket, and only

@@ -1,6 +1,6 @@
 """Compaction and verification of bucket op logs (sync-protocol.md §7).
 
-Online MOVE happens in the write path (``apply_batch.lua``). This module folds
+Online MOVE happens in the write path (``pipeline/rowindex.py``). This module folds
 the leading MOVE/REMOVE/CLEAR run of each marked bucket into one CLEAR, one
 bounded atomic step at a time, and verifies running totals against the logs.
 

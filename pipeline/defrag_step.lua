@@ -4,7 +4,7 @@
 -- end of the bucket (new op_ids, same data and checksum); each old PUT becomes a MOVE
 -- targeting its copy, so a later compaction step can fold the whole old prefix. Ops carry
 -- no row key, so the row index is left alone: the relocation (indexed id -> new id, and
--- back) goes to P:reloc:<bucket> (and the bucket to P:relocated), which apply_batch.lua
+-- back) goes to P:reloc:<bucket> (and the bucket to P:relocated), which the apply step
 -- follows.
 -- Clients holding those rows download them again, so the scheduled compaction re-appends
 -- only the few rows that block a long foldable run (compaction.plan_reappend; the cutoff).
@@ -46,7 +46,7 @@ for i = 1, #rows, 2 do
     redis.call("ZADD", k, old_id,
       "T" .. new_id .. "|{\"op_id\":\"" .. old .. "\",\"op\":\"MOVE\",\"checksum\":" .. string.format("%d", cs) .. "}")
     redis.call("ZADD", k, op_id, "{\"op_id\":\"" .. new_id .. "\"," .. tail)
-    -- the row index keeps its id: apply_batch.lua maps it to the copy (see resolve). A
+    -- the row index keeps its id: the apply step maps it to the copy (rowindex.py). A
     -- copy moved again replaces its entry: the indexed id maps straight to the newest copy
     local rk = P .. ":reloc:" .. b
     local indexed = redis.call("HGET", rk, "~" .. old)

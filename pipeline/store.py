@@ -32,8 +32,10 @@ Layout under the configured prefix ``P`` (docs/store.md has the long form):
 - ``P:dirty``            set of buckets with MOVEs since their last compaction.
 - ``P:reloc:{bucket}``   hash: a row index entry's op id -> the live copy defragmentation
                          re-appended, and ``~<copy id>`` -> that op id back (a copy moved
-                         again replaces its entry: no chains); apply_batch.lua follows them.
+                         again replaces its entry: no chains); the apply step follows them.
 - ``P:relocated``        set of buckets that have a ``P:reloc:{bucket}``.
+- ``P:ri_epoch``         bumped by every TRUNCATE: processors empty their row cache
+                         (:class:`RowCache`) when it changes.
 - ``P:gone:{row key}``   source row of a row deleted by a primary-key change (expires in a
                          day): the create half may need it to fill TOAST placeholders.
 - ``P:wcp:{key}``        hash: write-checkpoint ``id`` and ``pos:<id>`` -> position JSON; the
@@ -430,7 +432,7 @@ return 0
 """
 
 
-#: the key layout ``apply_batch.lua`` writes (``P:layout``). 3: the row index in
+#: the key layout the apply step writes (``P:layout``). 3: the row index in
 #: ``P:ri:<table>:<slot>`` hashes (one packed string per row; source rows and lookup
 #: entries in ``P:src:`` / ``P:rl:``), no table sets. 2: a ``P:row:{row key}`` hash per row
 #: and ``P:table:{table}`` sets. Both: bucket states in one hash (``P:states``), untagged PUT
@@ -584,9 +586,9 @@ class Store:
     ``reader``: a read-only replica of ``client`` (the gateway's ``redis.replica_urls``).
     The read side (every method under "read side" and :meth:`write_checkpoints`) then reads
     only from it; the write side and the processor's reads stay on ``client``. A replica is
-    always at a batch boundary: every apply, compaction and defragmentation step is one Lua
-    script, and Redis 7 replicates a script's effects as one MULTI/EXEC, so a replica never
-    shows part of one (``tests/test_replica.py`` checks it). Reading all of a gateway's
+    always at a batch boundary: an apply is one MULTI/EXEC, a compaction or defragmentation
+    step one Lua script, and Redis 7 replicates a script's effects as one MULTI/EXEC, so a
+    replica never shows part of one (``tests/test_replica.py`` checks it). Reading all of a gateway's
     state from the one replica keeps what it serves consistent: a change entry it read there
     means that replica holds the ops and states of that checkpoint.
     """

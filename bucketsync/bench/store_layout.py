@@ -7,7 +7,7 @@ load inflates it far less than wall time):
 - ``read``: one sync request's atomic read for a user with 1,000 memberships (checkpoint,
   1,000 bucket states, lookup rows; what ``bucketsync bench lookups`` times end to end),
   per read, and the request's wall time (``BucketResolver.resolve``, warm);
-- ``apply``: one ``apply_batch.lua`` call of 500 todo upserts spread over ``--buckets``
+- ``apply``: one apply step (``Store.apply``) of 500 todo upserts spread over ``--buckets``
   buckets, per batch.
 
 ``bucketsync bench store-layout [--buckets N]`` measures both (to compare with an older

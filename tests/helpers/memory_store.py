@@ -9,7 +9,7 @@ in between), ``read_ops`` returns ``after < op_id <= upto`` ascending, at most `
 with the gap-free sequence number ``n``.
 
 It is a double of our own store interface, not of Redis. The write side mimics what
-``apply_batch.lua`` stores, op by op (:meth:`MemoryStore.apply`), so the gateway sees the
+the store's apply step stores, op by op (:meth:`MemoryStore.apply`), so the gateway sees the
 same members and change entries as from the real store:
 
 - a PUT is stored as its wire JSON ``{"op_id":"N","op":"PUT",...}`` and a PUT of a row
@@ -269,7 +269,7 @@ class MemoryStore:
             for buckets, key in starts
         ]
 
-    # ---- the write side (what apply_batch.lua and friends store) --------------
+    # ---- the write side (what the apply step and friends store) --------------
 
     def apply(self, changes: Sequence[Change], *, offsets: Mapping[str, int] | None = None) -> int:
         """Apply one batch atomically; returns the new checkpoint."""
