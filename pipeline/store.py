@@ -270,7 +270,7 @@ class ApplyResult:
     merge_tables: int = 0  # how many tables the store knows to need source rows
 
 
-# ---- the batch payload of apply_batch.lua (its header comment is the wire contract) ----
+# ---- the events of a planned batch (pipeline/rowindex.py resolves them) ----
 
 #: one output of a row: [bucket, object_type, object_id, put_checksum, remove_checksum, tail]
 OutputEntry = list[Any]
