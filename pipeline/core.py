@@ -218,6 +218,40 @@ def output_entry(out: RowOutputLike) -> list[Any]:
     return [out.bucket, ot, oid, cs, remove_checksum(ot, oid), tail]
 
 
+def output_entries(outs: Sequence[RowOutputLike]) -> list[list[Any]]:
+    """:func:`output_entry` of each of one row's outputs. The outputs of a row share
+    their object (type and id), and often their data (one query, several buckets): what
+    depends only on those is computed once per run of equal values."""
+    res: list[list[Any]] = []
+    last_ot: str | None = None
+    last_oid: str | None = None
+    last_data: str | None = None
+    head = oid_json = b""
+    rcs = cs = 0
+    tail = b""
+    dumps = orjson.dumps
+    for out in outs:
+        ot, oid, data = out.object_type, out.object_id, out.data
+        if oid != last_oid or ot != last_ot:
+            last_ot, last_oid, last_data = ot, oid, None
+            rcs = remove_checksum(ot, oid)
+            oid_json = dumps(oid)
+            head = _TAIL_HEADS.get(ot)  # type: ignore[assignment]
+            if head is None:
+                if len(_TAIL_HEADS) >= 10_000:
+                    _TAIL_HEADS.clear()
+                head = _TAIL_HEADS[ot] = (
+                    b'"op":"PUT","object_type":' + dumps(ot) + b',"object_id":'
+                )
+        if data is not last_data and data != last_data:
+            last_data = data
+            # put_checksum, inlined (it runs for every output)
+            cs = _unpack(_sha256(f"put.{ot}.{oid}.{data}".encode()).digest())[0]
+            tail = b'%b%b,"checksum":%d,"data":%b}' % (head, oid_json, cs, dumps(data))
+        res.append([out.bucket, ot, oid, cs, rcs, tail])
+    return res
+
+
 def plan_batch(
     items: Iterable[tuple[KafkaRecord, DecodedEvent]],
     rules: RulesLike,
@@ -355,7 +389,7 @@ def plan_batch(
             row_change(
                 rk,
                 table,
-                [output_entry(o) for o in outs],
+                output_entries(outs),
                 source_json if keep_source else False,
                 lookup_entries(lookups) if lookups is not None else None,
             )

@@ -42,6 +42,8 @@ from pipeline.rules.sql import (
 from pipeline.rules.values import SqliteValue
 
 EMPTY: Final[tuple[str, ...]] = ()
+#: bucket ids a data query's single-parameter bucket function keeps per parameter value
+BUCKET_ID_CACHE: Final = 4096
 
 
 # --------------------------------------------------------------------------- context / errors
@@ -473,14 +475,23 @@ def _bucket_fn(
     if len(params) == 1 and match.simple is not None:
         col = match.simple[0]
         to_sqlite = sv.to_sqlite
+        # bucket ids of recent parameter values (text and integers only: they never
+        # compare equal to each other); bounded, cleared when full
+        ids_of: dict[str | int, tuple[str]] = {}
+        cached = ids_of.get
 
         def simple(row: Row) -> Sequence[str]:
             v = row.get(col)
             t = type(v)
-            if t is str:
-                return (prefix + json_string(v) + "]",)  # type: ignore[arg-type]
-            if t is int:
-                return (prefix + str(v) + "]",)
+            if t is str or t is int:
+                found = cached(v)  # type: ignore[arg-type]
+                if found is not None:
+                    return found
+                if len(ids_of) >= BUCKET_ID_CACHE:
+                    ids_of.clear()
+                text = json_string(v) if t is str else str(v)  # type: ignore[arg-type]
+                found = ids_of[v] = (prefix + text + "]",)  # type: ignore[index]
+                return found
             if v is None:
                 return EMPTY  # NULL column: no bucket (§8.5)
             v = to_sqlite(v)
