@@ -240,9 +240,7 @@ def output_entries(outs: Sequence[RowOutputLike]) -> list[list[Any]]:
             if head is None:
                 if len(_TAIL_HEADS) >= 10_000:
                     _TAIL_HEADS.clear()
-                head = _TAIL_HEADS[ot] = (
-                    b'"op":"PUT","object_type":' + dumps(ot) + b',"object_id":'
-                )
+                head = _TAIL_HEADS[ot] = b'"op":"PUT","object_type":' + dumps(ot) + b',"object_id":'
         if data is not last_data and data != last_data:
             last_data = data
             # put_checksum, inlined (it runs for every output)
@@ -319,8 +317,11 @@ def plan_batch(
             continue  # tx markers, heartbeats, ignored records: the offset still advances
         lsn = ev.get("source_lsn")
         if lsn is not None:  # PostgreSQL WAL position: exact write checkpoints
-            name = str(ev.get("source_name"))
-            source_lsn[name] = max(lsn, source_lsn.get(name, -1))
+            name = ev.get("source_name")
+            if type(name) is not str:
+                name = str(name)
+            if lsn > source_lsn.get(name, -1):
+                source_lsn[name] = lsn
         # Rows are identified by topic + key, not by the envelope's table id: a tombstone
         # carries no envelope, so only the topic ties it to the row it deletes.
         table = topic
