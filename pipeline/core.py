@@ -289,6 +289,8 @@ def plan_batch(
     departed: dict[str, dict[str, Any]] = {}
     param_rows = _parameter_rows(rules)
     param_tables: set[str] = set(rules.parameter_tables()) if param_rows else set()  # type: ignore[attr-defined]
+    #: the rules reuse the row's JSON text (SyncRules: the data of ``SELECT *``)
+    row_json_ok = bool(getattr(rules, "takes_row_json", False))
     #: (table, schema) -> rules.is_relevant (it walks every query; asked once per batch)
     relevant: dict[tuple[str, Any], bool] = {}
 
@@ -369,18 +371,24 @@ def plan_batch(
                     for col in ev.get("null_columns") or ():
                         merged[col] = None
                     row = merged
+        source_json: str | None = None
+        try:
+            source_json = dumps(row).decode()
+        except TypeError as exc:  # e.g. a schemaless integer beyond 64 bits
+            not_json = exc
         lookups: Sequence[LookupEntryLike] | None = None
         try:
-            outs = rules.evaluate_row(src_table, row, schema=schema)
+            if row_json_ok:
+                outs = rules.evaluate_row(src_table, row, schema=schema, row_json=source_json)  # type: ignore[call-arg]
+            else:
+                outs = rules.evaluate_row(src_table, row, schema=schema)
             if param_rows is not None and src_table in param_tables:
                 lookups = param_rows(src_table, row, schema)
         except Exception as exc:  # a rule that cannot be evaluated on this row
             dls.append(DeadLetter(rec, "rule_evaluation_error", str(exc), {"table": table}))
             continue
-        try:
-            source_json = dumps(row).decode()
-        except TypeError as exc:  # e.g. a schemaless integer beyond 64 bits
-            dls.append(DeadLetter(rec, "type_conversion_error", str(exc), {"table": table}))
+        if source_json is None:  # reported after a rule error, as before
+            dls.append(DeadLetter(rec, "type_conversion_error", str(not_json), {"table": table}))
             continue
         known_rows[rk] = row
         keep_source = (

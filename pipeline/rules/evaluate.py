@@ -15,7 +15,13 @@ from pipeline.rules.model import (
     LookupResults,
     RowOutput,
 )
-from pipeline.rules.queries import DataQuery, ParameterQuery, TableParameterQuery
+from pipeline.rules.queries import (
+    DataQuery,
+    ParameterQuery,
+    TableParameterQuery,
+    _project_star,
+    project_star_json,
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -299,15 +305,28 @@ class SyncRules:
 
     # ----------------------------------------------------------------- rows
 
+    #: :meth:`evaluate_row` takes ``row_json`` (see :func:`pipeline.core.plan_batch`)
+    takes_row_json = True
+
     def evaluate_row(
-        self, table: str, row: Mapping[str, Any], *, schema: str | None = None
+        self,
+        table: str,
+        row: Mapping[str, Any],
+        *,
+        schema: str | None = None,
+        row_json: str | None = None,
     ) -> list[RowOutput]:
         """The buckets a source row lands in, with its object type, id and data.
 
         One entry per (bucket, data query); when two data queries of one definition give
         the same bucket, object type and object id, the first is kept. Raises
         :class:`RowEvaluationError` for a row that cannot be evaluated.
+
+        ``row_json``: ``orjson.dumps(row)`` as text when the caller has it; ``SELECT *``
+        then uses it as the data of a row that needs no conversion instead of encoding
+        the row again.
         """
+        star_json = row_json if row_json is not None and type(row) is dict else None
         entry = self._data_by_table.get(table)
         if entry is None:
             if not self._data_wildcards:
@@ -333,13 +352,20 @@ class SyncRules:
                     continue
                 if projection is not last_projection:
                     if last_projection is None:
-                        projected = project(r)
+                        if star_json is not None and project is _project_star and r is row:
+                            projected = project_star_json(row, star_json)
+                        else:
+                            projected = project(r)
                     else:
                         if cache is None:
                             cache = {last_projection: projected}
                         found = cache.get(projection)
                         if found is None:
-                            found = cache[projection] = project(r)
+                            if star_json is not None and project is _project_star and r is row:
+                                found = project_star_json(row, star_json)
+                            else:
+                                found = project(r)
+                            cache[projection] = found
                         projected = found
                     last_projection = projection
             except Exception as e:

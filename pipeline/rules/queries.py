@@ -460,6 +460,18 @@ def _star_dict(row: Row) -> dict[str, SqliteValue]:
     return d
 
 
+def project_star_json(row: Row, row_json: str) -> tuple[str, str]:
+    """:func:`_project_star` of a row whose ``orjson.dumps`` text is ``row_json``: that
+    text is the data when every value is text, an integer or NULL (the fastest path
+    there encodes the row the same way)."""
+    for v in row.values():
+        t = type(v)
+        if t is not str and t is not int and v is not None:
+            return _project_star(row)
+    oid = row.get("id")
+    return (oid if type(oid) is str else _object_id(oid)), row_json
+
+
 def _project_star(row: Row) -> tuple[str, str]:
     # fastest path: only str/int/None values (decoded rows hold booleans as 1/0)
     for v in row.values():
