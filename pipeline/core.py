@@ -218,6 +218,38 @@ def output_entry(out: RowOutputLike) -> list[Any]:
     return [out.bucket, ot, oid, cs, remove_checksum(ot, oid), tail]
 
 
+def output_entries(outs: Sequence[RowOutputLike]) -> list[list[Any]]:
+    """:func:`output_entry` of each of one row's outputs. The outputs of a row share
+    their object (type and id), and often their data (one query, several buckets): what
+    depends only on those is computed once per run of equal values."""
+    res: list[list[Any]] = []
+    last_ot: str | None = None
+    last_oid: str | None = None
+    last_data: str | None = None
+    head = oid_json = b""
+    rcs = cs = 0
+    tail = b""
+    dumps = orjson.dumps
+    for out in outs:
+        ot, oid, data = out.object_type, out.object_id, out.data
+        if oid != last_oid or ot != last_ot:
+            last_ot, last_oid, last_data = ot, oid, None
+            rcs = remove_checksum(ot, oid)
+            oid_json = dumps(oid)
+            head = _TAIL_HEADS.get(ot)  # type: ignore[assignment]
+            if head is None:
+                if len(_TAIL_HEADS) >= 10_000:
+                    _TAIL_HEADS.clear()
+                head = _TAIL_HEADS[ot] = b'"op":"PUT","object_type":' + dumps(ot) + b',"object_id":'
+        if data is not last_data and data != last_data:
+            last_data = data
+            # put_checksum, inlined (it runs for every output)
+            cs = _unpack(_sha256(f"put.{ot}.{oid}.{data}".encode()).digest())[0]
+            tail = b'%b%b,"checksum":%d,"data":%b}' % (head, oid_json, cs, dumps(data))
+        res.append([out.bucket, ot, oid, cs, rcs, tail])
+    return res
+
+
 def plan_batch(
     items: Iterable[tuple[KafkaRecord, DecodedEvent]],
     rules: RulesLike,
@@ -257,6 +289,8 @@ def plan_batch(
     departed: dict[str, dict[str, Any]] = {}
     param_rows = _parameter_rows(rules)
     param_tables: set[str] = set(rules.parameter_tables()) if param_rows else set()  # type: ignore[attr-defined]
+    #: the rules reuse the row's JSON text (SyncRules: the data of ``SELECT *``)
+    row_json_ok = bool(getattr(rules, "takes_row_json", False))
     #: (table, schema) -> rules.is_relevant (it walks every query; asked once per batch)
     relevant: dict[tuple[str, Any], bool] = {}
 
@@ -285,8 +319,11 @@ def plan_batch(
             continue  # tx markers, heartbeats, ignored records: the offset still advances
         lsn = ev.get("source_lsn")
         if lsn is not None:  # PostgreSQL WAL position: exact write checkpoints
-            name = str(ev.get("source_name"))
-            source_lsn[name] = max(lsn, source_lsn.get(name, -1))
+            name = ev.get("source_name")
+            if type(name) is not str:
+                name = str(name)
+            if lsn > source_lsn.get(name, -1):
+                source_lsn[name] = lsn
         # Rows are identified by topic + key, not by the envelope's table id: a tombstone
         # carries no envelope, so only the topic ties it to the row it deletes.
         table = topic
@@ -334,18 +371,24 @@ def plan_batch(
                     for col in ev.get("null_columns") or ():
                         merged[col] = None
                     row = merged
+        source_json: str | None = None
+        try:
+            source_json = dumps(row).decode()
+        except TypeError as exc:  # e.g. a schemaless integer beyond 64 bits
+            not_json = exc
         lookups: Sequence[LookupEntryLike] | None = None
         try:
-            outs = rules.evaluate_row(src_table, row, schema=schema)
+            if row_json_ok:
+                outs = rules.evaluate_row(src_table, row, schema=schema, row_json=source_json)  # type: ignore[call-arg]
+            else:
+                outs = rules.evaluate_row(src_table, row, schema=schema)
             if param_rows is not None and src_table in param_tables:
                 lookups = param_rows(src_table, row, schema)
         except Exception as exc:  # a rule that cannot be evaluated on this row
             dls.append(DeadLetter(rec, "rule_evaluation_error", str(exc), {"table": table}))
             continue
-        try:
-            source_json = dumps(row).decode()
-        except TypeError as exc:  # e.g. a schemaless integer beyond 64 bits
-            dls.append(DeadLetter(rec, "type_conversion_error", str(exc), {"table": table}))
+        if source_json is None:  # reported after a rule error, as before
+            dls.append(DeadLetter(rec, "type_conversion_error", str(not_json), {"table": table}))
             continue
         known_rows[rk] = row
         keep_source = (
@@ -355,7 +398,7 @@ def plan_batch(
             row_change(
                 rk,
                 table,
-                [output_entry(o) for o in outs],
+                output_entries(outs),
                 source_json if keep_source else False,
                 lookup_entries(lookups) if lookups is not None else None,
             )

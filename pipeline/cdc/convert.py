@@ -442,6 +442,8 @@ _UTC_TEXT: Final = re.compile(
     r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.([0-9]{0,9}))?Z"
 )
 
+_UTC_SECONDS: Final = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
+
 
 def _zoned(v: Any) -> Any:
     """``io.debezium.time.ZonedTimestamp`` -> UTC ``YYYY-MM-DDTHH:MM:SS.ffffffZ``."""
@@ -460,6 +462,8 @@ def _zoned(v: Any) -> Any:
         and v[13] == ":"
     ):
         return v  # already canonical (the common case)
+    if len(v) == 20 and _UTC_SECONDS.fullmatch(v) is not None:
+        return v[:19] + ".000000Z"  # whole seconds (Debezium leaves out a zero fraction)
     if v in ("infinity", "-infinity"):
         return v
     m = _UTC_TEXT.fullmatch(v)

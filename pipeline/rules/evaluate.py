@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +15,13 @@ from pipeline.rules.model import (
     LookupResults,
     RowOutput,
 )
-from pipeline.rules.queries import DataQuery, ParameterQuery, TableParameterQuery
+from pipeline.rules.queries import (
+    DataQuery,
+    ParameterQuery,
+    TableParameterQuery,
+    _project_star,
+    project_star_json,
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -172,6 +178,34 @@ def _describe_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+#: (schema, suffix_at, buckets, projection, project, object type, query) of a data query
+_Step = tuple[
+    str | None,
+    int | None,
+    Callable[[Any], Sequence[str]],
+    Any,
+    Callable[[Any], tuple[str, str]],
+    str,
+    DataQuery,
+]
+
+
+def _steps(queries: Sequence[DataQuery], table: str) -> tuple[_Step, ...]:
+    """A table's data queries as plain tuples: no attribute lookups per row."""
+    return tuple(
+        (
+            q.schema,
+            q.suffix_at,
+            q.buckets,
+            q.projection,
+            q.projection.project,
+            q.object_type or table,
+            q,
+        )
+        for q in queries
+    )
+
+
 class SyncRules:
     """Compiled sync rules. Immutable and safe to share between threads and tasks.
 
@@ -214,6 +248,8 @@ class SyncRules:
         )
         self._data_wildcards = tuple(q for q in self._data_queries if q.table.wildcard)
         self._data_by_table: dict[str, tuple[tuple[DataQuery, ...], bool]] = {}
+        #: per source table, what :meth:`evaluate_row` reads of each of its data queries
+        self._steps_by_table: dict[str, tuple[_Step, ...]] = {}
         for name in {q.table.name for q in self._data_queries if not q.table.wildcard}:
             self._data_by_table[name] = self._index_data(name)
         self._params_by_table: dict[str, tuple[TableParameterQuery, ...]] = {}
@@ -269,46 +305,67 @@ class SyncRules:
 
     # ----------------------------------------------------------------- rows
 
+    #: :meth:`evaluate_row` takes ``row_json`` (see :func:`pipeline.core.plan_batch`)
+    takes_row_json = True
+
     def evaluate_row(
-        self, table: str, row: Mapping[str, Any], *, schema: str | None = None
+        self,
+        table: str,
+        row: Mapping[str, Any],
+        *,
+        schema: str | None = None,
+        row_json: str | None = None,
     ) -> list[RowOutput]:
         """The buckets a source row lands in, with its object type, id and data.
 
         One entry per (bucket, data query); when two data queries of one definition give
         the same bucket, object type and object id, the first is kept. Raises
         :class:`RowEvaluationError` for a row that cannot be evaluated.
+
+        ``row_json``: ``orjson.dumps(row)`` as text when the caller has it; ``SELECT *``
+        then uses it as the data of a row that needs no conversion instead of encoding
+        the row again.
         """
+        star_json = row_json if row_json is not None and type(row) is dict else None
         entry = self._data_by_table.get(table)
         if entry is None:
             if not self._data_wildcards:
                 return []
             entry = self._index_data(table)
             self._data_by_table[table] = entry
-        queries, dedupe = entry
+        steps = self._steps_by_table.get(table)
+        if steps is None:
+            steps = self._steps_by_table[table] = _steps(entry[0], table)
+        dedupe = entry[1]
         out: list[RowOutput] = []
         last_projection: Any = None
         projected: tuple[str, str] = ("", "")
         cache: dict[Any, tuple[str, str]] | None = None
-        for q in queries:
-            q_schema = q.schema
+        for q_schema, suffix_at, buckets, projection, project, object_type, q in steps:
             if q_schema is not None and q_schema != schema:
                 continue
             try:
                 # a wildcard table's `_table_suffix` is read like a column
-                r = row if q.suffix_at is None else {**row, "_table_suffix": table[q.suffix_at :]}
-                ids = q.buckets(r)
+                r = row if suffix_at is None else {**row, "_table_suffix": table[suffix_at:]}
+                ids = buckets(r)
                 if not ids:
                     continue
-                projection = q.projection
                 if projection is not last_projection:
                     if last_projection is None:
-                        projected = projection.project(r)
+                        if star_json is not None and project is _project_star and r is row:
+                            projected = project_star_json(row, star_json)
+                        else:
+                            projected = project(r)
                     else:
                         if cache is None:
                             cache = {last_projection: projected}
                         found = cache.get(projection)
                         if found is None:
-                            found = cache[projection] = projection.project(r)
+                            if star_json is not None and project is _project_star and r is row:
+                                found = project_star_json(row, star_json)
+                            else:
+                                found = project(r)
+                            cache[projection] = found
                         projected = found
                     last_projection = projection
             except Exception as e:
@@ -319,7 +376,6 @@ class SyncRules:
                     query=q.sql,
                 ) from e
             object_id, data = projected
-            object_type = q.object_type or table
             for bucket in ids:
                 out.append(RowOutput(bucket, object_type, object_id, data))
         if dedupe and len(out) > 1:

@@ -42,6 +42,8 @@ from pipeline.rules.sql import (
 from pipeline.rules.values import SqliteValue
 
 EMPTY: Final[tuple[str, ...]] = ()
+#: bucket ids a data query's single-parameter bucket function keeps per parameter value
+BUCKET_ID_CACHE: Final = 4096
 
 
 # --------------------------------------------------------------------------- context / errors
@@ -378,7 +380,7 @@ class Projection:
             oid = d.get("id")
             return (oid if type(oid) is str else _object_id(oid)), data
 
-        return project
+        return _straight_plain(plain, project) or project
 
     @staticmethod
     def _make_general(
@@ -400,6 +402,51 @@ class Projection:
         return project
 
 
+def _straight_plain(
+    plain: list[tuple[str, str]], general: Callable[[Row], tuple[str, str]]
+) -> Callable[[Row], tuple[str, str]] | None:
+    """A straight-line ``project`` for plain column references, for rows whose selected
+    values are all text, integers or NULL (JSON as they are); any other row goes to
+    ``general``, the loop of :meth:`Projection._make_plain`, which gives the same result
+    for these rows. Generated once per query; names reach the code only as constants."""
+    if not plain or len(plain) > 64:
+        return None
+    env: dict[str, Any] = {
+        "_str": str,
+        "_int": int,
+        "_dumps": orjson.dumps,
+        "_json_dumps": sv.json_dumps,
+        "_object_id": _object_id,
+        "_general": general,
+    }
+    lines = ["def project(row):", "    get = row.get"]
+    checks = []
+    items = []
+    oid = "None"
+    for i, (name, col) in enumerate(plain):
+        env[f"C{i}"], env[f"N{i}"] = col, name
+        lines.append(f"    v{i} = get(C{i})")
+        lines.append(f"    t{i} = type(v{i})")
+        checks.append(f"(t{i} is _str or t{i} is _int or v{i} is None)")
+        items.append(f"N{i}: v{i}")
+        if name == "id":
+            oid = f"v{i}"  # the last one wins, as in the dict
+    lines += [
+        "    if not (" + " and ".join(checks) + "):",
+        "        return _general(row)",
+        "    d = {" + ", ".join(items) + "}",
+        "    try:",
+        "        data = _dumps(d).decode()",
+        "    except TypeError:",
+        "        data = _json_dumps(d)",
+        f"    oid = {oid}",
+        "    return (oid if type(oid) is _str else _object_id(oid)), data",
+    ]
+    exec("\n".join(lines), env)  # names and columns enter only through env constants
+    fn: Callable[[Row], tuple[str, str]] = env["project"]
+    return fn
+
+
 def _star_dict(row: Row) -> dict[str, SqliteValue]:
     d: dict[str, SqliteValue] = {}
     to_sqlite = sv.to_sqlite
@@ -413,7 +460,31 @@ def _star_dict(row: Row) -> dict[str, SqliteValue]:
     return d
 
 
+def project_star_json(row: Row, row_json: str) -> tuple[str, str]:
+    """:func:`_project_star` of a row whose ``orjson.dumps`` text is ``row_json``: that
+    text is the data when every value is text, an integer or NULL (the fastest path
+    there encodes the row the same way)."""
+    for v in row.values():
+        t = type(v)
+        if t is not str and t is not int and v is not None:
+            return _project_star(row)
+    oid = row.get("id")
+    return (oid if type(oid) is str else _object_id(oid)), row_json
+
+
 def _project_star(row: Row) -> tuple[str, str]:
+    # fastest path: only str/int/None values (decoded rows hold booleans as 1/0)
+    for v in row.values():
+        t = type(v)
+        if t is not str and t is not int and v is not None:
+            break
+    else:
+        try:
+            data = orjson.dumps(row if type(row) is dict else dict(row)).decode()
+        except TypeError:
+            data = sv.json_dumps(dict(row))
+        oid = row.get("id")
+        return (oid if type(oid) is str else _object_id(oid)), data
     # fast path: str/int/None values, and booleans (SQLite integers 1/0) in a copy
     d: Any = row
     for k, v in row.items():
@@ -473,14 +544,23 @@ def _bucket_fn(
     if len(params) == 1 and match.simple is not None:
         col = match.simple[0]
         to_sqlite = sv.to_sqlite
+        # bucket ids of recent parameter values (text and integers only: they never
+        # compare equal to each other); bounded, cleared when full
+        ids_of: dict[str | int, tuple[str]] = {}
+        cached = ids_of.get
 
         def simple(row: Row) -> Sequence[str]:
             v = row.get(col)
             t = type(v)
-            if t is str:
-                return (prefix + json_string(v) + "]",)  # type: ignore[arg-type]
-            if t is int:
-                return (prefix + str(v) + "]",)
+            if t is str or t is int:
+                found = cached(v)  # type: ignore[arg-type]
+                if found is not None:
+                    return found
+                if len(ids_of) >= BUCKET_ID_CACHE:
+                    ids_of.clear()
+                text = json_string(v) if t is str else str(v)  # type: ignore[arg-type]
+                found = ids_of[v] = (prefix + text + "]",)  # type: ignore[index]
+                return found
             if v is None:
                 return EMPTY  # NULL column: no bucket (§8.5)
             v = to_sqlite(v)
