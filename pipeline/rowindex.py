@@ -123,12 +123,12 @@ class Resolution:
     drops: dict[str, list[int]] = field(default_factory=dict)
     #: bucket -> [checksum of its new ops (unbounded), their count, its last op, MOVEs]
     deltas: dict[str, list[int]] = field(default_factory=dict)
-    #: ts -> {rf: packed value, or None to delete}
-    index: dict[str, dict[str, str | None]] = field(default_factory=dict)
-    #: ts -> {rf: source row JSON, or None to delete}
-    sources: dict[str, dict[str, str | None]] = field(default_factory=dict)
-    #: ts -> {rf: lookup entries JSON, or None to delete}
-    lookups: dict[str, dict[str, str | None]] = field(default_factory=dict)
+    #: (ts, rf, packed value or None to delete), in order (a later write of a field wins)
+    index: list[tuple[str, str, str | None]] = field(default_factory=list)
+    #: (ts, rf, source row JSON or None to delete), in order
+    sources: list[tuple[str, str, str | None]] = field(default_factory=list)
+    #: (ts, rf, lookup entries JSON or None to delete), in order
+    lookups: list[tuple[str, str, str | None]] = field(default_factory=list)
     #: (lookup key, values JSON, +1 / -1) in order
     lookup_deltas: list[tuple[str, str, int]] = field(default_factory=list)
     #: row key -> source row kept a day after the delete half of a primary-key change
@@ -243,11 +243,7 @@ def resolve(
             if kv not in keep:
                 res.lookup_deltas.append((kv[0], kv[1], -1))
 
-    def put(section: dict[str, dict[str, str | None]], ts: str, rf: str, v: str | None) -> None:
-        s = section.get(ts)
-        if s is None:
-            s = section[ts] = {}
-        s[rf] = v
+    index_w, sources_w, lookups_w = res.index.append, res.sources.append, res.lookups.append
 
     def apply_row(
         rk: str,
@@ -294,32 +290,32 @@ def resolve(
                 has_lk = bool(lk)
                 if has_lk:
                     new_lookups = orjson.dumps(lk).decode()
-                    put(res.lookups, ts, rf, new_lookups)
+                    lookups_w((ts, rf, new_lookups))
                 else:
                     new_lookups = None
                     if had_lk:
-                        put(res.lookups, ts, rf, None)
+                        lookups_w((ts, rf, None))
             if src is not None:
-                put(res.sources, ts, rf, src)
+                sources_w((ts, rf, src))
             elif had_src:
-                put(res.sources, ts, rf, None)  # the table needs no merges: no stored copy
+                sources_w((ts, rf, None))  # the table needs no merges: no stored copy
             packed = _FLAGS[(1 if src is not None else 0) + (2 if has_lk else 0)] + "".join(parts)
             if packed != value:
-                put(res.index, ts, rf, packed)
+                index_w((ts, rf, packed))
             rows[rk] = StoredRow(packed, new_lookups if has_lk else None)
             sources[rk] = src
         elif value is not None:
             if had_lk:
                 update_lookups(row.lookups if row is not None else None, None)
-                put(res.lookups, ts, rf, None)
+                lookups_w((ts, rf, None))
             if had_src:
                 old_src = sources.get(rk, row.source if row else None)
                 if pk_gone and old_src is not None:
                     # the delete half of a primary-key change: keep the source row a while,
                     # the create half may carry TOAST placeholders only the old row can fill
                     res.gone[rk] = old_src
-                put(res.sources, ts, rf, None)
-            put(res.index, ts, rf, None)
+                sources_w((ts, rf, None))
+            index_w((ts, rf, None))
             rows[rk] = None
         else:
             rows[rk] = None

@@ -957,36 +957,22 @@ class Store:
             )
         if dirty:
             add(_resp_flat((b"SADD", k("dirty").encode()), dirty))
-        for kind, section in (("ri", res.index), ("src", res.sources), ("rl", res.lookups)):
+        for kind, writes in (("ri", res.index), ("src", res.sources), ("rl", res.lookups)):
             base = k(kind, "").encode()
-            for ts, fields in section.items():
-                key = base + ts.encode()
-                if len(fields) == 1:  # most slots: one row of the batch
-                    ((rf, v),) = fields.items()
-                    rfb = rf.encode()
-                    if v is None:
-                        add(
-                            b"*3\r\n$4\r\nHDEL\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
-                            % (len(key), key, len(rfb), rfb)
-                        )
-                    else:
-                        vb = v.encode()
-                        add(
-                            b"*4\r\n$4\r\nHSET\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
-                            % (len(key), key, len(rfb), rfb, len(vb), vb)
-                        )
-                    continue
-                sets = [
-                    x
-                    for rf, v in fields.items()
-                    if v is not None
-                    for x in (rf.encode(), v.encode())
-                ]
-                dels = [rf.encode() for rf, v in fields.items() if v is None]
-                if dels:
-                    add(_resp_flat((b"HDEL", key), dels))
-                if sets:
-                    add(_resp_flat((b"HSET", key), sets))
+            n_base = len(base)
+            for ts, rf, v in writes:  # one command per write: most slots get one row
+                tsb, rfb = ts.encode(), rf.encode()
+                if v is None:
+                    add(
+                        b"*3\r\n$4\r\nHDEL\r\n$%d\r\n%b%b\r\n$%d\r\n%b\r\n"
+                        % (n_base + len(tsb), base, tsb, len(rfb), rfb)
+                    )
+                else:
+                    vb = v.encode()
+                    add(
+                        b"*4\r\n$4\r\nHSET\r\n$%d\r\n%b%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
+                        % (n_base + len(tsb), base, tsb, len(rfb), rfb, len(vb), vb)
+                    )
         for rk, src in res.gone.items():
             add(_resp(b"SET", k("gone", rk).encode(), src.encode(), b"EX", b"86400"))
         for b, dropped in res.reloc_dropped.items():

@@ -68,12 +68,11 @@ class Log:
                 log[op_id] = m if m[:1] == b"T" else b'{"op_id":"%d",%b' % (op_id, m)
         for b, (cs, _n, _last, _moved) in res.deltas.items():
             self.totals[b] = (self.totals.get(b, 0) + cs) % (1 << 32)
-        for fields in res.index.values():
-            for rf, v in fields.items():
-                if v is None:
-                    self.index.pop(rf, None)
-                else:
-                    self.index[rf] = v
+        for _ts, rf, v in res.index:
+            if v is None:
+                self.index.pop(rf, None)
+            else:
+                self.index[rf] = v
         assert res.seq == self.seq + res.ops
         self.seq = res.seq
 
