@@ -341,7 +341,7 @@ class BatchApplier:
         which are read again. Call after :meth:`load_offsets`."""
         parts = list(partitions)
         # rows of these partitions may have been written by another processor meanwhile
-        self.store.rows.clear()
+        self.store.rows.invalidate()
         pos = {(t, p): self.applied.get(f"{t}/{p}", -1) + 1 for t, p in parts}
         self.guard.expect((t, p, off) for (t, p), off in pos.items())
         if self.stager is not None:
@@ -351,7 +351,7 @@ class BatchApplier:
 
     def revoked(self, partitions: Iterable[tuple[str, int]]) -> None:
         parts = list(partitions)
-        self.store.rows.clear()
+        self.store.rows.invalidate()
         self.guard.forget(parts)
         if self.stager is not None:
             self.stager.forget(f"{t}/{p}" for t, p in parts)
@@ -408,7 +408,7 @@ class BatchApplier:
         its AOF may lack its last writes, and a batch whose reply was lost may or may not
         have been applied (the offset guard in the store sorts out which)."""
         STORE_OUTAGES.inc()
-        self.store.rows.clear()  # a Redis restarted from its AOF may lack its last writes
+        self.store.rows.invalidate()  # a Redis restarted from its AOF may lack its last writes
         if self._inflight is not None:  # its result is unknown: everything is read again
             self._inflight[0].cancel()
             self._inflight = None

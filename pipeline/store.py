@@ -565,10 +565,18 @@ class RowCache:
         self.rows: dict[str, StoredRow | None] = {}
         self.seq: int | None = None
         self.epoch: int | None = None
+        self.invalid = False
 
     def clear(self) -> None:
         self.rows.clear()
         self.seq = None
+
+    def invalidate(self) -> None:
+        """Empty the cache before the next batch is resolved. Safe from another thread (the
+        kafka driver's rebalance callbacks run in its consume thread while a batch may be
+        in flight on the event loop); a batch in flight then still stores its rows, and
+        they go too."""
+        self.invalid = True
 
     def update(self, rows: Mapping[str, StoredRow | None]) -> None:
         cache = self.rows
@@ -844,6 +852,9 @@ class Store:
     async def _apply_once(self, conn: Any, batch: PlannedBatch) -> ApplyResult | None:
         """One attempt; None when something moved under it (try again)."""
         cache = self.rows
+        if cache.invalid:
+            cache.invalid = False
+            cache.clear()
         k = self.k
         offsets_key, seq_key, states_key, epoch_key = (
             k("offsets").encode(),
