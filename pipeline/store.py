@@ -47,6 +47,7 @@ Layout under the configured prefix ``P`` (docs/store.md has the long form):
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -56,6 +57,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, NotRequired, TypedDi
 
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from pipeline.rowindex import ROW_SLOTS as ROW_SLOTS
@@ -691,7 +693,11 @@ class Store:
                     return res
             raise RuntimeError("apply: the store kept changing under the batch (1000 attempts)")
         except BaseException:
-            await conn.disconnect()  # mid-way through a WATCH or MULTI: never reuse it
+            # mid-way through a WATCH or MULTI: never reuse it. Closing a connection the
+            # server reset can raise (ConnectionResetError from wait_closed): the error
+            # that matters is the one being raised
+            with contextlib.suppress(Exception):
+                await conn.disconnect()
             raise
         finally:
             await self.r.connection_pool.release(conn)
@@ -712,7 +718,10 @@ class Store:
             while len(out) < n:
                 r = gets()
                 if r is _HIREDIS_NOT_ENOUGH:
-                    await parser.read_from_socket()
+                    try:
+                        await parser.read_from_socket()
+                    except OSError as exc:  # as read_response reports it: a store outage
+                        raise RedisConnectionError(f"reading from Redis: {exc}") from exc
                 else:
                     out.append(r)
             return out
@@ -1055,7 +1064,8 @@ class Store:
         except ResponseError:
             raise  # an error reply: the connection is in sync
         except BaseException:
-            await conn.disconnect()
+            with contextlib.suppress(Exception):
+                await conn.disconnect()
             raise
         finally:
             await pool.release(conn)
