@@ -180,11 +180,6 @@ def resolve(
     #: source rows written in the batch (a primary-key change's delete half may keep one)
     sources: dict[str, str | None] = {}
 
-    def current(rk: str) -> StoredRow | None:
-        if rk in rows:
-            return rows[rk]
-        return stored.get(rk)
-
     def add_op(b: str, cs: int, member_tail: bytes) -> int:
         op_id = res.seq = res.seq + 1
         res.ops += 1
@@ -255,7 +250,7 @@ def resolve(
         has_lk_field: bool,
         pk_gone: bool,
     ) -> None:
-        row = current(rk)
+        row = rows[rk] if rk in rows else stored.get(rk)
         value = row.value if row is not None else None
         if value is not None:
             flags, cur = parse_row(value)

@@ -50,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -785,10 +786,15 @@ class Store:
         """Read what the batch needs beyond the cache and resolve it at ``seq``."""
         events: list[Any] = batch.events
         slots: dict[str, tuple[str, str]] = {}
-        for ev in events:
+        crc, mask = zlib.crc32, ROW_SLOTS - 1
+        for ev in events:  # row_slot, inlined: it runs for every event
             rk = ev.get("k")
-            if rk is not None and rk not in slots:
-                slots[rk] = row_slot(rk, ev["t"])
+            if rk is None or rk in slots:
+                continue
+            table = ev["t"]
+            n = len(table)
+            rf = rk[n + 1 :] if rk.startswith(table) and rk[n : n + 1] == SEP else rk
+            slots[rk] = (f"{table}:{crc(rf.encode()) & mask}", rf)
         stored = await self._load_rows(conn, slots)
         # the source rows the delete half of a primary-key change keeps a day (P:gone)
         gone = [
@@ -897,10 +903,9 @@ class Store:
         ]
         if guard:
             reads.append(_resp_flat((b"HMGET", offsets_key), [tp.encode() for tp, _ in guard]))
-        for i in range(0, len(buckets), 1000):
-            reads.append(
-                _resp_flat((b"HMGET", states_key), [b.encode() for b in buckets[i : i + 1000]])
-            )
+        encoded = [b.encode() for b in buckets]
+        for i in range(0, len(encoded), 1000):
+            reads.append(_resp_flat((b"HMGET", states_key), encoded[i : i + 1000]))
         replies = await self._call(conn, reads)
         for r in replies:
             if isinstance(r, Exception):
@@ -930,7 +935,7 @@ class Store:
         dirty: list[bytes] = []
         deltas = res.deltas
         dumps = orjson.dumps
-        for b, st in zip(buckets, states, strict=True):
+        for b, bb, st in zip(buckets, encoded, states, strict=True):
             d_cs, d_n, last, d_moved = deltas[b]
             if st:
                 p_cs, p_n, _last, p_moved = st.split()
@@ -939,7 +944,6 @@ class Store:
                 moved = int(p_moved) + d_moved
             else:
                 cs, count, moved = d_cs % 4294967296, d_n, d_moved
-            bb = b.encode()
             state_args.append(b"$%d\r\n%b\r\n" % (len(bb), bb))
             sv = b"%d %d %d %d" % (cs, count, last, moved)
             state_args.append(b"$%d\r\n%b\r\n" % (len(sv), sv))
@@ -947,9 +951,11 @@ class Store:
                 dirty.append(bb)
             changed.append(b"%b:[%d,%d]" % (dumps(b), cs, count))
         drops = res.drops
-        for b, members in res.members.items():
-            ops_key = k("ops", b).encode()
-            head = b"$%d\r\n%b\r\n" % (len(ops_key), ops_key)
+        ops_base = k("ops", "").encode()
+        n_ops_base = len(ops_base)
+        for b, bb in zip(buckets, encoded, strict=True):
+            members = res.members[b]  # every bucket with a delta has new ops
+            head = b"$%d\r\n%b%b\r\n" % (n_ops_base + len(bb), ops_base, bb)
             for old in drops.get(b, ()):
                 score = b"%d" % old
                 add(
