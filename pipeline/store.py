@@ -47,8 +47,10 @@ Layout under the configured prefix ``P`` (docs/store.md has the long form):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
+import logging
 import time
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
@@ -66,6 +68,8 @@ from pipeline.rowindex import SEP as SEP
 from pipeline.rowindex import Resolution, StoredRow, resolve, stored_row_ids
 from pipeline.rowindex import entry_field as entry_field
 from pipeline.rowindex import row_slot as row_slot
+
+log = logging.getLogger("bucketsync.store")
 
 if TYPE_CHECKING:
     from bucketsync.config import Settings
@@ -623,8 +627,11 @@ class Store:
         self._apply_end_lua = _APPLY_END_LUA.encode()
         #: the row index entries of rows this processor wrote or read (see :class:`RowCache`)
         self.rows = RowCache()
-        #: the batch resolved last, at which op sequence (resolved again only if it moved)
-        self._resolution: tuple[PlannedBatch, int, Resolution] | None = None
+        #: the batch resolved last, at which op sequence (resolved again only if it moved),
+        #: with its rendered writes and encoded buckets (see :meth:`_render_writes`)
+        self._resolution: tuple[PlannedBatch, int, Resolution, list[bytes], list[bytes]] | None = (
+            None
+        )
         self._compact = client.register_script(_lua("compact_step.lua"))
         self._notify = client.register_script(_NOTIFY_LUA)
         self._defrag = client.register_script(_lua("defrag_step.lua"))
@@ -683,16 +690,28 @@ class Store:
         partition applied past this batch's first offset elsewhere makes it stale), ``P:seq``
         (op ids are handed out here: another writer's ops, a defragmentation), ``P:states``
         (bucket totals are computed here: a compaction step) and ``P:ri_epoch`` (a TRUNCATE
-        rewrote rows this processor may have cached). The batch is resolved before the WATCH
-        with the op sequence it last saw, so the fenced window is one round trip; when
-        something moved, it is read again (and resolved again if the sequence moved)."""
+        rewrote rows this processor may have cached). The batch is resolved and its writes
+        rendered before the WATCH, with the op sequence it last saw, so the fenced window is
+        one round trip and the bucket states; when something moved, it is read again
+        (resolved again only if the sequence moved), with a short pause after a few misses so
+        a compaction run beside it cannot starve it."""
         conn = await self.r.connection_pool.get_connection()
         try:
-            for _attempt in range(1000):
+            attempts = 0
+            while True:
                 res = await self._apply_once(conn, batch)
                 if res is not None:
                     return res
-            raise RuntimeError("apply: the store kept changing under the batch (1000 attempts)")
+                attempts += 1
+                if attempts % 100 == 0:
+                    log.warning(
+                        "apply: %d attempts, the store keeps changing under the batch "
+                        "(another writer or a compaction run on %s)",
+                        attempts,
+                        self.prefix,
+                    )
+                if attempts >= 5:  # give the other writer room
+                    await asyncio.sleep(min(0.002 * attempts, 0.05))
         except BaseException:
             # mid-way through a WATCH or MULTI: never reuse it. Closing a connection the
             # server reset can raise (ConnectionResetError from wait_closed): the error
@@ -864,92 +883,18 @@ class Store:
                 )
         return out
 
-    async def _apply_once(self, conn: Any, batch: PlannedBatch) -> ApplyResult | None:
-        """One attempt; None when something moved under it (try again)."""
-        cache = self.rows
-        if cache.invalid:
-            cache.invalid = False
-            cache.clear()
+    def _render_writes(
+        self, batch: PlannedBatch, res: Resolution
+    ) -> tuple[list[bytes], list[bytes]]:
+        """The batch's writes that do not depend on what the fenced read finds (everything
+        but the bucket states and the end step), as RESP commands; and the batch's buckets
+        encoded (in ``res.deltas`` order). Rendered once per resolution, before the WATCH,
+        so the fenced window stays short."""
         k = self.k
-        offsets_key, seq_key, states_key, epoch_key = (
-            k("offsets").encode(),
-            k("seq").encode(),
-            k("states").encode(),
-            k("ri_epoch").encode(),
-        )
-        if cache.seq is None or cache.epoch is None:
-            seq_raw, epoch_raw = await self._call(
-                conn, [_resp(b"GET", seq_key), _resp(b"GET", epoch_key)]
-            )
-            if cache.epoch != int(epoch_raw or 0):
-                cache.clear()
-                cache.epoch = int(epoch_raw or 0)
-            cache.seq = int(seq_raw or 0)
-        seq = cache.seq
-        assert seq is not None
-        if (
-            self._resolution is None
-            or self._resolution[0] is not batch
-            or self._resolution[1] != seq
-        ):
-            self._resolution = (batch, seq, await self._resolve(conn, batch, seq))
-        res = self._resolution[2]
-        guard = list(batch.guard.items())
-        buckets = list(res.deltas)
-        reads = [
-            _resp(b"WATCH", offsets_key, seq_key, states_key, epoch_key),
-            _resp(b"GET", seq_key),
-            _resp(b"GET", epoch_key),
-        ]
-        if guard:
-            reads.append(_resp_flat((b"HMGET", offsets_key), [tp.encode() for tp, _ in guard]))
-        encoded = [b.encode() for b in buckets]
-        for i in range(0, len(encoded), 1000):
-            reads.append(_resp_flat((b"HMGET", states_key), encoded[i : i + 1000]))
-        replies = await self._call(conn, reads)
-        for r in replies:
-            if isinstance(r, Exception):
-                raise r
-        now_seq, now_epoch = int(replies[1] or 0), int(replies[2] or 0)
-        pos = 3
-        if guard:
-            for (tp, low), stored in zip(guard, replies[3], strict=True):
-                if stored is not None and int(stored) >= low:
-                    await self._call(conn, [_resp(b"UNWATCH")])
-                    self._resolution = None
-                    cache.clear()  # another processor applied these rows
-                    return ApplyResult("stale", stale_partition=tp, stored_offset=int(stored))
-            pos = 4
-        if now_epoch != cache.epoch or now_seq != seq:
-            await self._call(conn, [_resp(b"UNWATCH")])
-            if now_epoch != cache.epoch:
-                cache.clear()
-                cache.epoch = now_epoch
-            cache.seq = now_seq
-            return None
-        states: list[bytes | None] = [v for part in replies[pos:] for v in part]
-        commands = [_resp(b"MULTI")]
+        commands: list[bytes] = []
         add = commands.append
-        changed: list[bytes] = []
-        state_args: list[bytes] = []
-        dirty: list[bytes] = []
-        deltas = res.deltas
-        dumps = orjson.dumps
-        for b, bb, st in zip(buckets, encoded, states, strict=True):
-            d_cs, d_n, last, d_moved = deltas[b]
-            if st:
-                p_cs, p_n, _last, p_moved = st.split()
-                cs = (int(p_cs) + d_cs) % 4294967296
-                count = int(p_n) + d_n
-                moved = int(p_moved) + d_moved
-            else:
-                cs, count, moved = d_cs % 4294967296, d_n, d_moved
-            state_args.append(b"$%d\r\n%b\r\n" % (len(bb), bb))
-            sv = b"%d %d %d %d" % (cs, count, last, moved)
-            state_args.append(b"$%d\r\n%b\r\n" % (len(sv), sv))
-            if moved > 0:
-                dirty.append(bb)
-            changed.append(b"%b:[%d,%d]" % (dumps(b), cs, count))
+        buckets = list(res.deltas)
+        encoded = [b.encode() for b in buckets]
         drops = res.drops
         ops_base = k("ops", "").encode()
         n_ops_base = len(ops_base)
@@ -975,14 +920,6 @@ class Store:
                         % (len(score), score, len(member) + len(score) + 12, score, member)
                     )
             add(b"".join(zadd))
-        for i in range(0, len(state_args), 2000):  # state_args: RESP bulk strings already
-            part = state_args[i : i + 2000]
-            add(
-                b"*%d\r\n$4\r\nHSET\r\n$%d\r\n%b\r\n%b"
-                % (2 + len(part), len(states_key), states_key, b"".join(part))
-            )
-        if dirty:
-            add(_resp_flat((b"SADD", k("dirty").encode()), dirty))
         for kind, writes in (("ri", res.index), ("src", res.sources), ("rl", res.lookups)):
             base = k(kind, "").encode()
             n_base = len(base)
@@ -1012,23 +949,118 @@ class Store:
         if batch.offsets:
             add(
                 _resp_flat(
-                    (b"HSET", offsets_key),
+                    (b"HSET", k("offsets").encode()),
                     [x for tp, off in batch.offsets.items() for x in (tp.encode(), b"%d" % off)],
                 )
             )
         cp = b"%d" % res.seq
         if res.ops:
-            add(_resp(b"SET", seq_key, cp))
+            add(_resp(b"SET", k("seq").encode(), cp))
         add(_resp(b"SET", k("checkpoint").encode(), cp))
         # the layout these keys follow (STORE_LAYOUT): a processor refuses to apply to a
         # store of another layout instead of mixing two
         add(_resp(b"SET", k("layout").encode(), STORE_LAYOUT.encode()))
         if res.truncated:
-            add(_resp(b"INCR", epoch_key))
+            add(_resp(b"INCR", k("ri_epoch").encode()))
+        return commands, encoded
+
+    async def _apply_once(self, conn: Any, batch: PlannedBatch) -> ApplyResult | None:
+        """One attempt; None when something moved under it (try again)."""
+        cache = self.rows
+        if cache.invalid:
+            cache.invalid = False
+            cache.clear()
+        k = self.k
+        offsets_key, seq_key, states_key, epoch_key = (
+            k("offsets").encode(),
+            k("seq").encode(),
+            k("states").encode(),
+            k("ri_epoch").encode(),
+        )
+        if cache.seq is None or cache.epoch is None:
+            seq_raw, epoch_raw = await self._call(
+                conn, [_resp(b"GET", seq_key), _resp(b"GET", epoch_key)]
+            )
+            if cache.epoch != int(epoch_raw or 0):
+                cache.clear()
+                cache.epoch = int(epoch_raw or 0)
+            cache.seq = int(seq_raw or 0)
+        seq = cache.seq
+        assert seq is not None
+        memo = self._resolution
+        if memo is None or memo[0] is not batch or memo[1] != seq:
+            res = await self._resolve(conn, batch, seq)
+            writes, encoded = self._render_writes(batch, res)
+            memo = self._resolution = (batch, seq, res, writes, encoded)
+        _b, _s, res, writes, encoded = memo
+        guard = list(batch.guard.items())
+        buckets = list(res.deltas)
+        reads = [
+            _resp(b"WATCH", offsets_key, seq_key, states_key, epoch_key),
+            _resp(b"GET", seq_key),
+            _resp(b"GET", epoch_key),
+        ]
+        if guard:
+            reads.append(_resp_flat((b"HMGET", offsets_key), [tp.encode() for tp, _ in guard]))
+        for i in range(0, len(encoded), 1000):
+            reads.append(_resp_flat((b"HMGET", states_key), encoded[i : i + 1000]))
+        replies = await self._call(conn, reads)
+        for r in replies:
+            if isinstance(r, Exception):
+                raise r
+        now_seq, now_epoch = int(replies[1] or 0), int(replies[2] or 0)
+        pos = 3
+        if guard:
+            for (tp, low), stored in zip(guard, replies[3], strict=True):
+                if stored is not None and int(stored) >= low:
+                    await self._call(conn, [_resp(b"UNWATCH")])
+                    self._resolution = None
+                    cache.clear()  # another processor applied these rows
+                    return ApplyResult("stale", stale_partition=tp, stored_offset=int(stored))
+            pos = 4
+        if now_epoch != cache.epoch or now_seq != seq:
+            await self._call(conn, [_resp(b"UNWATCH")])
+            if now_epoch != cache.epoch:
+                cache.clear()
+                cache.epoch = now_epoch
+            cache.seq = now_seq
+            return None
+        # the fenced part: from here to EXEC only the bucket states and the end step
+        states: list[bytes | None] = [v for part in replies[pos:] for v in part]
+        changed: list[bytes] = []
+        state_args: list[bytes] = []
+        dirty: list[bytes] = []
+        deltas = res.deltas
+        dumps = orjson.dumps
+        for b, bb, st in zip(buckets, encoded, states, strict=True):
+            d_cs, d_n, last, d_moved = deltas[b]
+            if st:
+                p_cs, p_n, _last, p_moved = st.split()
+                cs = (int(p_cs) + d_cs) % 4294967296
+                count = int(p_n) + d_n
+                moved = int(p_moved) + d_moved
+            else:
+                cs, count, moved = d_cs % 4294967296, d_n, d_moved
+            state_args.append(b"$%d\r\n%b\r\n" % (len(bb), bb))
+            sv = b"%d %d %d %d" % (cs, count, last, moved)
+            state_args.append(b"$%d\r\n%b\r\n" % (len(sv), sv))
+            if moved > 0:
+                dirty.append(bb)
+            changed.append(b"%b:[%d,%d]" % (dumps(b), cs, count))
+        commands = [_resp(b"MULTI"), *writes]
+        add = commands.append
+        for i in range(0, len(state_args), 2000):  # state_args: RESP bulk strings already
+            part = state_args[i : i + 2000]
+            add(
+                b"*%d\r\n$4\r\nHSET\r\n$%d\r\n%b\r\n%b"
+                % (2 + len(part), len(states_key), states_key, b"".join(part))
+            )
+        if dirty:
+            add(_resp_flat((b"SADD", k("dirty").encode()), dirty))
         end_args = [
             self.prefix.encode(),
             b"%d" % self.changes_maxlen,
-            cp,
+            b"%d" % res.seq,
             (b"{" + b",".join(changed) + b"}") if changed else b"",
             orjson.dumps(batch.offsets),
             orjson.dumps(batch.source_lsn) if batch.source_lsn else b"",
@@ -1044,8 +1076,7 @@ class Store:
         result = replies[-1]
         if isinstance(result, Exception):
             raise result
-        if result is None:  # a watched key changed: read again
-            cache.seq = None
+        if result is None:  # a watched key changed meanwhile: read again
             return None
         for r in result:
             if isinstance(r, Exception):

@@ -239,3 +239,41 @@ def test_rows_evicted_from_the_cache_are_read_back(stack, ns) -> None:
 
     run(stack, ns, both, n=1)
     assert logs[0] == logs[1]
+
+
+def test_a_state_change_in_the_fenced_window_retries_without_resolving_again(stack, ns) -> None:
+    """A compaction step (another client) changes P:states between the fenced read and the
+    EXEC: the transaction is refused, the states are read again, and the batch goes in
+    without being resolved again (its op ids did not move); the bucket totals include the
+    other writer's change."""
+    model = Model()
+
+    async def go(a: Store, b: Store) -> None:
+        evs = [upsert("t", "x", Out("B", "x", '"x1"'))]
+        await a.apply(batch("t/0", 0, evs))
+        model.apply(evs)
+        real_call, real_resolve = a._call, a._resolve
+        resolves: list[int] = []
+        intruded: list[bool] = []
+
+        async def call(conn: Any, commands: list[bytes]) -> list[Any]:
+            if commands and commands[-1].endswith(b"EXEC\r\n") and not intruded:
+                intruded.append(True)  # another client: the state of an unrelated bucket
+                await b.r.hset(f"{b.prefix}:states", "Z", "5 1 1 0")
+            return await real_call(conn, commands)
+
+        async def resolve(*args: Any) -> Any:
+            resolves.append(1)
+            return await real_resolve(*args)
+
+        a._call = call  # type: ignore[method-assign]
+        a._resolve = resolve  # type: ignore[method-assign,assignment]
+        evs = [upsert("t", "x", Out("B", "x", '"x2"')), upsert("t", "y", Out("Z", "y", '"y"'))]
+        assert (await a.apply(batch("t/0", 1, evs))).status == "ok"
+        model.apply(evs)
+        assert intruded and len(resolves) == 1
+        state = await a.bucket_state("Z")
+        assert state.count == 2  # the other writer's op count plus this batch's
+        assert await replayed(a) == model.buckets()
+
+    run(stack, ns, go)
