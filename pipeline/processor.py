@@ -674,6 +674,10 @@ class KafkaLoopDriver:
             "topic.metadata.refresh.interval.ms": 5000,
             "session.timeout.ms": p.session_timeout_ms,
             "heartbeat.interval.ms": min(p.heartbeat_interval_ms, p.session_timeout_ms // 3),
+            # round robin over all subscribed partitions: librdkafka's default ("range,
+            # roundrobin", range first) assigns per topic, so Debezium's usual single-
+            # partition topics all went to one member and a second processor stood idle
+            "partition.assignment.strategy": "roundrobin",
         }
         if self.membership.instance_id:
             conf["group.instance.id"] = self.membership.instance_id
