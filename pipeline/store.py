@@ -622,8 +622,9 @@ class Store:
         self._apply_end_lua = _APPLY_END_LUA.encode()
         #: the row index entries of rows this processor wrote or read (see :class:`RowCache`)
         self.rows = RowCache()
-        #: the batch resolved last, at which op sequence (resolved again only if it moved)
-        self._resolution: tuple[PlannedBatch, int, Resolution] | None = None
+        #: the batch resolved last, at which op sequence and row index epoch (resolved again
+        #: if either moved: a TRUNCATE without ops moves the epoch only)
+        self._resolution: tuple[PlannedBatch, int, int | None, Resolution] | None = None
         self._compact = client.register_script(_lua("compact_step.lua"))
         self._notify = client.register_script(_NOTIFY_LUA)
         self._defrag = client.register_script(_lua("defrag_step.lua"))
@@ -864,6 +865,7 @@ class Store:
         if cache.invalid:
             cache.invalid = False
             cache.clear()
+            self._resolution = None  # it was resolved against the rows just forgotten
         k = self.k
         offsets_key, seq_key, states_key, epoch_key = (
             k("offsets").encode(),
@@ -879,15 +881,14 @@ class Store:
                 cache.clear()
                 cache.epoch = int(epoch_raw or 0)
             cache.seq = int(seq_raw or 0)
-        seq = cache.seq
+        seq, epoch = cache.seq, cache.epoch
         assert seq is not None
-        if (
-            self._resolution is None
-            or self._resolution[0] is not batch
-            or self._resolution[1] != seq
-        ):
-            self._resolution = (batch, seq, await self._resolve(conn, batch, seq))
-        res = self._resolution[2]
+        last = self._resolution
+        if last is None or last[0] is not batch or last[1] != seq or last[2] != epoch:
+            # resolved against the cache: a cache emptied since (another processor's
+            # TRUNCATE moved the epoch, maybe not the sequence) means resolving again
+            self._resolution = (batch, seq, epoch, await self._resolve(conn, batch, seq))
+        res = self._resolution[3]
         guard = list(batch.guard.items())
         buckets = list(res.deltas)
         reads = [

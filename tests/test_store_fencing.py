@@ -239,3 +239,40 @@ def test_rows_evicted_from_the_cache_are_read_back(stack, ns) -> None:
 
     run(stack, ns, both, n=1)
     assert logs[0] == logs[1]
+
+
+def test_a_truncate_without_ops_by_another_processor_is_not_resolved_against_the_old_cache(
+    stack, ns
+) -> None:
+    """A TRUNCATE of a table whose rows feed parameter lookups only (no bucket ops: the op
+    sequence does not move, ``P:ri_epoch`` does). Processor A cached row m1; B truncates the
+    table; A inserts m1 again with the same lookup value. A's first attempt was resolved
+    against its stale cache (m1 already there, nothing to write); the epoch fence refuses
+    it, and the retry must resolve again from the store (m1 is new: its index entry and
+    its lookup count come back), not reuse the resolution made from the emptied cache."""
+    lookup = [["mem_by_user", '["u1"]']]
+
+    def mem(key: str) -> dict[str, Any]:
+        rk = core.row_key("mem", {"id": key})
+        return {"k": rk, "t": "mem", "o": [], "s": False, "l": lookup}
+
+    async def counts(s: Store) -> dict[bytes, bytes]:
+        return dict(await s.r.hgetall(s.k("lookup", "mem_by_user")))
+
+    async def go(a: Store, b: Store) -> None:
+        await a.apply(batch("mem/0", 0, [mem("m1")]))
+        await b.apply(batch("mem/1", 0, [mem("m2")]))
+        assert await counts(a) == {b'["u1"]': b"2"}  # two rows give the value
+        seq = await a.checkpoint()
+        await b.apply(batch("mem/1", 1, [{"truncate": "mem"}]))
+        assert await counts(a) == {}
+        assert await a.checkpoint() == seq  # no ops: the sequence did not move
+        await a.apply(batch("mem/0", 1, [mem("m1")]))  # m1 inserted again after the TRUNCATE
+        # the model: one row (m1) gives the value
+        assert await counts(a) == {b'["u1"]': b"1"}
+        assert (await a.read_lookups(["mem_by_user"])) is not None
+        # m1 is indexed again: deleting it takes the value away
+        await a.apply(batch("mem/0", 2, [delete("mem", "m1")]))
+        assert await counts(a) == {}
+
+    run(stack, ns, go)
