@@ -883,8 +883,8 @@ class Store:
             cache.seq = int(seq_raw or 0)
         seq, epoch = cache.seq, cache.epoch
         assert seq is not None
-        last = self._resolution
-        if last is None or last[0] is not batch or last[1] != seq or last[2] != epoch:
+        done = self._resolution
+        if done is None or done[0] is not batch or done[1] != seq or done[2] != epoch:
             # resolved against the cache: a cache emptied since (another processor's
             # TRUNCATE moved the epoch, maybe not the sequence) means resolving again
             self._resolution = (batch, seq, epoch, await self._resolve(conn, batch, seq))
