@@ -887,8 +887,9 @@ class Store:
         if done is None or done[0] is not batch or done[1] != seq or done[2] != epoch:
             # resolved against the cache: a cache emptied since (another processor's
             # TRUNCATE moved the epoch, maybe not the sequence) means resolving again
-            self._resolution = (batch, seq, epoch, await self._resolve(conn, batch, seq))
-        res = self._resolution[3]
+            done = (batch, seq, epoch, await self._resolve(conn, batch, seq))
+            self._resolution = done
+        res = done[3]
         guard = list(batch.guard.items())
         buckets = list(res.deltas)
         reads = [
