@@ -884,9 +884,19 @@ class Store:
         seq, epoch = cache.seq, cache.epoch
         assert seq is not None
         done = self._resolution
+        if done is not None and done[3].truncated:
+            done = None  # a TRUNCATE's rows are read again every time, inside the WATCH
         if done is None or done[0] is not batch or done[1] != seq or done[2] != epoch:
             # resolved against the cache: a cache emptied since (another processor's
             # TRUNCATE moved the epoch, maybe not the sequence) means resolving again
+            if any("truncate" in ev for ev in batch.events):
+                # a TRUNCATE reads the rows of every partition of its table: other
+                # processors write them, and a change that makes no op (a lookup-only row)
+                # moves neither P:seq nor this batch's offsets; watched from before the
+                # read, any other apply (it writes P:offsets) makes this one read again
+                await self._call(
+                    conn, [_resp(b"WATCH", offsets_key, seq_key, states_key, epoch_key)]
+                )
             done = (batch, seq, epoch, await self._resolve(conn, batch, seq))
             self._resolution = done
         res = done[3]
