@@ -627,11 +627,12 @@ class Store:
         self._apply_end_lua = _APPLY_END_LUA.encode()
         #: the row index entries of rows this processor wrote or read (see :class:`RowCache`)
         self.rows = RowCache()
-        #: the batch resolved last, at which op sequence (resolved again only if it moved),
-        #: with its rendered writes and encoded buckets (see :meth:`_render_writes`)
-        self._resolution: tuple[PlannedBatch, int, Resolution, list[bytes], list[bytes]] | None = (
-            None
-        )
+        #: the batch resolved last, at which op sequence and row index epoch (resolved again
+        #: if either moved: a TRUNCATE without ops moves the epoch only), with its rendered
+        #: writes and encoded buckets (see :meth:`_render_writes`)
+        self._resolution: (
+            tuple[PlannedBatch, int, int | None, Resolution, list[bytes], list[bytes]] | None
+        ) = None
         self._compact = client.register_script(_lua("compact_step.lua"))
         self._notify = client.register_script(_NOTIFY_LUA)
         self._defrag = client.register_script(_lua("defrag_step.lua"))
@@ -970,6 +971,7 @@ class Store:
         if cache.invalid:
             cache.invalid = False
             cache.clear()
+            self._resolution = None  # it was resolved against the rows just forgotten
         k = self.k
         offsets_key, seq_key, states_key, epoch_key = (
             k("offsets").encode(),
@@ -985,14 +987,26 @@ class Store:
                 cache.clear()
                 cache.epoch = int(epoch_raw or 0)
             cache.seq = int(seq_raw or 0)
-        seq = cache.seq
+        seq, epoch = cache.seq, cache.epoch
         assert seq is not None
         memo = self._resolution
-        if memo is None or memo[0] is not batch or memo[1] != seq:
+        if memo is not None and memo[3].truncated:
+            memo = None  # a TRUNCATE's rows are read again every time, inside the WATCH
+        if memo is None or memo[0] is not batch or memo[1] != seq or memo[2] != epoch:
+            # resolved against the cache: a cache emptied since (another processor's
+            # TRUNCATE moved the epoch, maybe not the sequence) means resolving again
+            if any("truncate" in ev for ev in batch.events):
+                # a TRUNCATE reads the rows of every partition of its table: other
+                # processors write them, and a change that makes no op (a lookup-only row)
+                # moves neither P:seq nor this batch's offsets; watched from before the
+                # read, any other apply (it writes P:offsets) makes this one read again
+                await self._call(
+                    conn, [_resp(b"WATCH", offsets_key, seq_key, states_key, epoch_key)]
+                )
             res = await self._resolve(conn, batch, seq)
             writes, encoded = self._render_writes(batch, res)
-            memo = self._resolution = (batch, seq, res, writes, encoded)
-        _b, _s, res, writes, encoded = memo
+            memo = self._resolution = (batch, seq, epoch, res, writes, encoded)
+        _b, _s, _e, res, writes, encoded = memo
         guard = list(batch.guard.items())
         buckets = list(res.deltas)
         reads = [

@@ -64,6 +64,7 @@ USERS: dict[str, str | None] = {
 ORGS = ["acme", "globex", "initech", None]
 LISTS = [f"L{i}" for i in range(1, 13)]
 PARTS = {"lists": 2, "memberships": 2, "todos": 3, "docs": 1}
+FENCE = "<fence>"  # in the live feed: wait until the store applied everything produced
 
 RULES_LEGACY = """bucket_definitions:
   shared:
@@ -157,6 +158,7 @@ class Gen:
         self.txid = 500
         self.out: list[tuple[str, int | None, bytes | None, bytes | None]] = []
         self.live: Live = {}
+        self.truncates = 0
 
     def topic(self, table: str) -> str:
         return f"{self.prefix}.public.{table}"
@@ -281,11 +283,48 @@ class Gen:
             "body": "b" * rnd.randint(0, 30),
         }
 
-    def build(self, n_tx: int) -> None:
+    def truncate(self, table: str) -> None:
+        """A fence (the feeder waits until everything produced is applied), the TRUNCATE on
+        a random partition of the table, another fence: the truncate is unordered relative to
+        the table's other partitions (docs/cdc-events.md 4.4), the fences make the model
+        exact."""
+        self.lsn += 10
+        payload = {
+            "before": None,
+            "after": None,
+            "op": "t",
+            "ts_ms": 2,
+            "source": {
+                "version": "2.7.0.Final",
+                "connector": "postgresql",
+                "name": self.prefix,
+                "db": "app",
+                "schema": "public",
+                "table": table,
+                "txId": self.txid,
+                "lsn": self.lsn,
+                "ts_ms": 1,
+            },
+        }
+        fence = not os.environ.get("QA_TRUNCATE_RACY")
+        if fence:
+            self.out.append((FENCE, None, None, None))
+        p = self.rnd.randrange(PARTS[table])
+        self.out.append((self.topic(table), p, None, jd(payload).encode()))
+        if fence:
+            self.out.append((FENCE, None, None, None))
+        for k in [k for k in self.live if k[0] == table]:
+            del self.live[k]
+        self.truncates += 1
+
+    def build(self, n_tx: int, truncates: int = 0) -> None:
         rnd = self.rnd
         sizes = {"lists": len(LISTS), "memberships": 30, "todos": 60, "docs": 25}
         weights = {"lists": 1, "memberships": 4, "todos": 4, "docs": 2}
-        for _ in range(n_tx):
+        at = set(rnd.sample(range(1, n_tx), min(truncates, max(n_tx - 1, 0)))) if n_tx else set()
+        for i in range(n_tx):
+            if i in at:  # memberships: rows that feed lookups only (no bucket ops)
+                self.truncate(rnd.choice(["memberships", "memberships", "todos", "lists"]))
             changes: list[tuple[str, str, str, dict | None]] = []
             for _ in range(rnd.randint(1, 4)):
                 table = rnd.choices(list(weights), list(weights.values()))[0]
@@ -494,6 +533,31 @@ class Stream:
                 time.sleep(0.3)
 
 
+def lookup_counts_vs_rows(redis_url: str, prefix: str) -> list[Any]:
+    """The store's lookup counts (``P:lookup:<key>``: values -> rows giving them) against the
+    rows' own lookup entries (``P:rl:*``), counted here: (key, values, stored, counted) where
+    they differ. A count without a row grants access nobody has (a TRUNCATE that missed a
+    row's change); a row without its count hides one."""
+    import redis
+
+    r = redis.Redis.from_url(redis_url)
+    counted: dict[tuple[str, str], int] = {}
+    for k in r.scan_iter(match=f"{prefix}:rl:*", count=1000):
+        for v in r.hgetall(k).values():
+            for key, vals in json.loads(v):
+                counted[(key, vals)] = counted.get((key, vals), 0) + 1
+    stored: dict[tuple[str, str], int] = {}
+    head = len(f"{prefix}:lookup:")
+    for k in r.scan_iter(match=f"{prefix}:lookup:*", count=1000):
+        for f, v in r.hgetall(k).items():
+            stored[(k.decode()[head:], f.decode())] = int(v)
+    return [
+        (key, vals, stored.get((key, vals), 0), counted.get((key, vals), 0))
+        for key, vals in sorted(set(stored) | set(counted))
+        if stored.get((key, vals), 0) != counted.get((key, vals), 0)
+    ]
+
+
 # ---------------------------------------------------------------- private redis
 
 
@@ -645,7 +709,20 @@ def main() -> int:
     ap.add_argument("--redis-restart", action="store_true")
     ap.add_argument("--node", action="store_true", help="check users with the official client")
     ap.add_argument("--gzip", action="store_true", help="gateway.compression: gzip")
+    ap.add_argument(
+        "--compact-cli",
+        action="store_true",
+        help="run `bucketsync compact --all [--defragment]` over and over while ingesting",
+    )
+    ap.add_argument(
+        "--truncates",
+        type=int,
+        default=0,
+        help="TRUNCATEs in the live feed (multi-partition tables, fenced; not with --tx)",
+    )
     a = ap.parse_args()
+    if a.truncates and a.tx:
+        ap.error("--truncates: TRUNCATE events outside transactions only (no --tx)")
     rnd = random.Random(a.seed)
     tag = f"qs{a.seed}{a.mode[0]}{a.driver[0]}{'t' if a.tx else 'e'}{uuid.uuid4().hex[:6]}"
     work = Path(os.environ.get("QA_RUNS", "/tmp/qa-runs")) / tag
@@ -654,7 +731,7 @@ def main() -> int:
     gen.build(a.ntx)
     backlog = list(gen.out)
     gen.out.clear()
-    gen.build(a.live)
+    gen.build(a.live, a.truncates)
     live_msgs = list(gen.out)
     model = dict(gen.live)
     subs = {u: sorted(rnd.sample(LISTS, rnd.randint(0, 4))) for u in USERS}
@@ -668,9 +745,16 @@ def main() -> int:
     )
     for f in fs.values():
         f.result()
+    produced: dict[str, int] = {}  # "topic/partition" -> highest offset produced (fences)
+
+    def delivered(err: Any, msg: Any) -> None:
+        if err is None:
+            tp = f"{msg.topic()}/{msg.partition()}"
+            produced[tp] = max(produced.get(tp, -1), msg.offset())
+
     prod = Producer({"bootstrap.servers": BOOT, "linger.ms": 20, "enable.idempotence": True})
     for topic, p, k, v in backlog:
-        prod.produce(topic, v, k, partition=p)
+        prod.produce(topic, v, k, partition=p, on_delivery=delivered)
     prod.flush(60)
     (work / "rules.yaml").write_text(RULES_LEGACY if a.mode == "rules" else RULES_STREAMS)
     priv: PrivateRedis | None = None
@@ -753,10 +837,35 @@ def main() -> int:
         w.redis_url, w.prefix = redis_url, tag
         threading.Thread(target=w.watch, daemon=True).start()
 
+    fences: list[float] = []
+
+    def fence(p2: Producer) -> None:
+        """Until the store's applied offsets reach everything produced (processors are
+        killed meanwhile: restarted ones get there too)."""
+        import redis
+
+        p2.flush(60)
+        t = time.monotonic()
+        r = redis.Redis.from_url(redis_url)
+        while time.monotonic() - t < 120:
+            with contextlib.suppress(Exception):
+                got = {k.decode(): int(v) for k, v in r.hgetall(f"{tag}:offsets").items()}
+                if all(got.get(tp, -1) >= off for tp, off in produced.items()):
+                    break
+            time.sleep(0.05)
+        else:
+            fence_timeouts.append(dict(produced))
+        fences.append(time.monotonic() - t)
+
+    fence_timeouts: list[Any] = []
+
     def feed() -> None:
         p2 = Producer({"bootstrap.servers": BOOT, "linger.ms": 5, "enable.idempotence": True})
         for j, (topic, pp, k, v) in enumerate(live_msgs):
-            p2.produce(topic, v, k, partition=pp)
+            if topic == FENCE:
+                fence(p2)
+                continue
+            p2.produce(topic, v, k, partition=pp, on_delivery=delivered)
             if j % 10 == 0:
                 p2.poll(0)
                 time.sleep(0.03)
@@ -764,6 +873,23 @@ def main() -> int:
 
     feeder = threading.Thread(target=feed, daemon=True)
     feeder.start()
+    compact_runs: list[int] = []  # return codes of `bucketsync compact` run meanwhile
+
+    def compact_cli() -> None:
+        """`bucketsync compact --all` (every other one with --defragment), back to back,
+        while the processors ingest: their applies race its steps (WATCH on P:states and
+        P:seq) and must retry, never stall or corrupt."""
+        n = 0
+        while feeder.is_alive() or n < 2:
+            extra = ["--defragment"] if n % 2 else []
+            c = qa.cli(cfgp, "compact", "--all", *extra, stdout=subprocess.DEVNULL, stderr=clog)
+            compact_runs.append(c.wait())
+            n += 1
+
+    clog = open(work / "compact.log", "ab")  # noqa: SIM115
+    compactor = threading.Thread(target=compact_cli, daemon=True)
+    if a.compact_cli:
+        compactor.start()
     t0 = time.monotonic()
     kills = 0
     restarted_redis = False
@@ -781,8 +907,12 @@ def main() -> int:
             time.sleep(rnd.choice([0, 0, 0.5, 2]))
             procs[i] = qa.cli(cfgp, "processor", stdout=logs[i], stderr=subprocess.STDOUT)
     feeder.join()
+    if a.compact_cli:
+        compactor.join()
     exp = {u: expected(a.mode, u, USERS[u], subs[u], defaults[u], model) for u in USERS}
-    deadline = time.monotonic() + 150
+    # unfenced TRUNCATEs: the model cannot know which rows of other partitions they took
+    # (docs/cdc-events.md 4.4); the store's own invariants (verify, lookups) still hold
+    deadline = time.monotonic() + (20 if os.environ.get("QA_TRUNCATE_RACY") else 150)
     ok = False
     while time.monotonic() < deadline:
         if all(w.visible == exp[w.user] for w in watchers):
@@ -833,6 +963,7 @@ def main() -> int:
             p.kill()
     errs = [e for w in watchers for e in w.errors]
     serrs = [e for w in watchers for e in w.stream_errors]
+    lookup_diffs = lookup_counts_vs_rows(redis_url, tag)
     res: dict[str, Any] = {
         "tag": tag,
         "seed": a.seed,
@@ -855,7 +986,15 @@ def main() -> int:
         "completes": sum(w.completes for w in watchers),
         "reconnects": sum(w.reconnects for w in watchers),
         "rows": {u: len(e) for u, e in exp.items()},
+        "lookup_diffs": lookup_diffs[:5],
     }
+    if a.compact_cli:
+        res["compact_runs"] = len(compact_runs)
+        res["compact_failed"] = [rc for rc in compact_runs if rc]
+    if a.truncates:
+        res["truncates"] = gen.truncates
+        res["fence_s_max"] = round(max(fences, default=0.0), 1)
+        res["fence_timeouts"] = fence_timeouts[:2]
     if not ok:
         res["diffs"] = {
             w.user: rowdiff(w.visible, exp[w.user]) for w in watchers if w.visible != exp[w.user]
@@ -868,6 +1007,10 @@ def main() -> int:
     print(json.dumps(res, default=str))
     good = (
         ok
+        and not fence_timeouts
+        and not lookup_diffs
+        # with --redis-restart, a compact run started while Redis is down exits 1 (refused)
+        and (a.redis_restart or not any(compact_runs))
         and not errs
         and not fresh_diffs
         and verify.returncode == 0

@@ -277,3 +277,85 @@ def test_a_state_change_in_the_fenced_window_retries_without_resolving_again(sta
         assert await replayed(a) == model.buckets()
 
     run(stack, ns, go)
+
+
+def test_a_truncate_without_ops_by_another_processor_is_not_resolved_against_the_old_cache(
+    stack, ns
+) -> None:
+    """A TRUNCATE of a table whose rows feed parameter lookups only (no bucket ops: the op
+    sequence does not move, ``P:ri_epoch`` does). Processor A cached row m1; B truncates the
+    table; A inserts m1 again with the same lookup value. A's first attempt was resolved
+    against its stale cache (m1 already there, nothing to write); the epoch fence refuses
+    it, and the retry must resolve again from the store (m1 is new: its index entry and
+    its lookup count come back), not reuse the resolution made from the emptied cache."""
+    lookup = [["mem_by_user", '["u1"]']]
+
+    def mem(key: str) -> dict[str, Any]:
+        rk = core.row_key("mem", {"id": key})
+        return {"k": rk, "t": "mem", "o": [], "s": False, "l": lookup}
+
+    async def counts(s: Store) -> dict[bytes, bytes]:
+        return dict(await s.r.hgetall(s.k("lookup", "mem_by_user")))
+
+    async def go(a: Store, b: Store) -> None:
+        await a.apply(batch("mem/0", 0, [mem("m1")]))
+        await b.apply(batch("mem/1", 0, [mem("m2")]))
+        assert await counts(a) == {b'["u1"]': b"2"}  # two rows give the value
+        seq = await a.checkpoint()
+        await b.apply(batch("mem/1", 1, [{"truncate": "mem"}]))
+        assert await counts(a) == {}
+        assert await a.checkpoint() == seq  # no ops: the sequence did not move
+        await a.apply(batch("mem/0", 1, [mem("m1")]))  # m1 inserted again after the TRUNCATE
+        # the model: one row (m1) gives the value
+        assert await counts(a) == {b'["u1"]': b"1"}
+        assert (await a.read_lookups(["mem_by_user"])) is not None
+        # m1 is indexed again: deleting it takes the value away
+        await a.apply(batch("mem/0", 2, [delete("mem", "m1")]))
+        assert await counts(a) == {}
+
+    run(stack, ns, go)
+
+
+def test_a_truncate_sees_rows_another_processor_wrote_without_ops(stack, ns) -> None:
+    """Processor B's TRUNCATE reads every row of the table (every partition's) while
+    processor A writes a row of that table whose change makes no bucket op (a lookup-only
+    row: ``P:seq`` does not move) between that read and B's EXEC. A's write committed first,
+    so the TRUNCATE must take that row away too: no lookup value, no index entry, left
+    behind (the model: the table is empty after the TRUNCATE)."""
+    lookup = [["mem_by_user", '["u1"]']]
+
+    def mem(key: str, lk: list[list[str]]) -> dict[str, Any]:
+        rk = core.row_key("mem", {"id": key})
+        return {"k": rk, "t": "mem", "o": [], "s": False, "l": lk}
+
+    async def counts(s: Store) -> dict[bytes, bytes]:
+        return dict(await s.r.hgetall(s.k("lookup", "mem_by_user")))
+
+    async def go(a: Store, b: Store) -> None:
+        await a.apply(batch("mem/0", 0, [mem("m1", lookup)]))
+        await b.apply(batch("mem/1", 0, [mem("m2", lookup)]))
+        real = b._resolve
+        intruded: list[Any] = []
+
+        async def resolve_then_intrude(*args: Any) -> Any:
+            res = await real(*args)
+            if not intruded:  # A's partition: a new row, and m1 with another value
+                evs = [mem("m3", lookup), mem("m1", [["mem_by_user", '["u2"]']])]
+                intruded.append(await a.apply(batch("mem/0", 1, evs)))
+            return res
+
+        b._resolve = resolve_then_intrude  # type: ignore[method-assign,assignment]
+        seq = await a.checkpoint()
+        res = await b.apply(batch("mem/1", 1, [{"truncate": "mem"}]))
+        assert intruded[0].status == "ok" and res.status == "ok"
+        assert await a.checkpoint() == seq  # no op anywhere: only the lookups moved
+        assert await counts(a) == {}
+        assert await a.r.hgetall(a.k("lookup", "mem_by_user")) == {}
+        ri = [k async for k in a.r.scan_iter(match=a.k("ri", "mem:*"))]
+        rl = [k async for k in a.r.scan_iter(match=a.k("rl", "mem:*"))]
+        assert ri == [] and rl == []
+        # A's cache must not resurrect m3 either: deleting it changes nothing
+        await a.apply(batch("mem/0", 3, [delete("mem", "m3")]))
+        assert await counts(a) == {}
+
+    run(stack, ns, go)
