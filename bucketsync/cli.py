@@ -13,6 +13,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
 from bucketsync.config import ConfigError, Settings, load_settings
 from bucketsync.errors import UserError
 
@@ -384,6 +387,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(settings, args) or 0)
     except (ConfigError, UserError) as exc:
         print(f"bucketsync: error: {exc}", file=sys.stderr)
+        return 2
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        # long-running commands (processor, gateway) wait for Redis themselves; one-shot
+        # commands (compact, verify, ...) end here when it is down
+        print(
+            f"bucketsync: error: Redis at {settings.redis.url} is unreachable ({exc}); "
+            "is it running? (redis.url / BUCKETSYNC_REDIS__URL)",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         time.sleep(0)
