@@ -9,7 +9,7 @@ used to run inside the apply script in Redis, where every string it touched cost
 single thread (~30 us per event). A row belongs to one Kafka partition, so one processor
 owns its entries: :func:`resolve` runs in that processor on entries it cached or read, and
 the store sends the result as plain commands in one MULTI/EXEC (``Store.apply``), fenced by
-WATCH on the offsets and the op sequence.
+WATCH on the offsets, the op sequence, the bucket states and the row index epoch.
 
 Semantics are those of the former ``apply_batch.lua``, op for op (the differential and
 replay tests hold them): op ids are handed out in event order, outputs in output order,
