@@ -693,6 +693,12 @@ async def node_check(
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument(
+        "--dynamic",
+        action="store_true",
+        help='dynamic group membership (processor.instance_id: ""): kills move partitions',
+    )
+    ap.add_argument("--session-ms", type=int, default=3000, help="with --dynamic")
     ap.add_argument("--mode", choices=["rules", "streams"], default="streams")
     ap.add_argument("--driver", default="kafka")
     ap.add_argument("--tx", action="store_true")
@@ -764,6 +770,9 @@ def main() -> int:
         priv.start()
         redis_url = f"redis://127.0.0.1:{priv.port}/0"
     port = qa.free_port()
+    # --dynamic: no static group membership and a short session, so every kill and
+    # restart is a rebalance that moves partitions between live processors
+    dynamic = {"instance_id": "", "session_timeout_ms": a.session_ms} if a.dynamic else {}
     cfg: dict[str, Any] = {
         "kafka": {
             "bootstrap_servers": BOOT,
@@ -776,7 +785,7 @@ def main() -> int:
         "sync_rules": "rules.yaml",
         "auth": {"hs256_secret": "qa-secret-" + tag},
         "gateway": {"port": port, "compression": "gzip" if a.gzip else "off"},
-        "processor": {"driver": a.driver, "metrics_port": 0},
+        "processor": {"driver": a.driver, "metrics_port": 0, **dynamic},
         "compaction": {"interval_s": a.compact_interval},
     }
     if a.reappend_budget is not None:
