@@ -698,7 +698,7 @@ def main() -> int:
         action="store_true",
         help='dynamic group membership (processor.instance_id: ""): kills move partitions',
     )
-    ap.add_argument("--session-ms", type=int, default=3000, help="with --dynamic")
+    ap.add_argument("--session-ms", type=int, default=6000, help="with --dynamic")
     ap.add_argument("--mode", choices=["rules", "streams"], default="streams")
     ap.add_argument("--driver", default="kafka")
     ap.add_argument("--tx", action="store_true")
