@@ -14,6 +14,7 @@ same atomic step as the ops, and anything at or below them is skipped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -683,6 +684,11 @@ class KafkaLoopDriver:
             conf["group.instance.id"] = self.membership.instance_id
         self._conf = conf
         self.consumer = Consumer(conf)
+        #: the loop :meth:`run` awaits the consumer on (rebalance callbacks read the store's
+        #: applied offsets through it)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        with contextlib.suppress(RuntimeError):
+            self._loop = asyncio.get_running_loop()
         applier.seek = self._seek
         applier.pipelined = True  # plan batch N+1 while batch N is applied (2 cores)
 
@@ -691,12 +697,40 @@ class KafkaLoopDriver:
 
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         # runs inside consume() (executor thread) while the loop awaits it: no batch is
-        # being handled at the same time
+        # being handled at the same time (one may be in flight: pipelined)
+        self._reload_applied()
         pos = self.applier.resume_positions((tp.topic, tp.partition) for tp in partitions)
         for tp in partitions:
             tp.offset = pos[(tp.topic, tp.partition)] or OFFSET_BEGINNING
         consumer.assign(partitions)
         log.info("assigned %s", ", ".join(f"{t}/{p}@{o}" for (t, p), o in sorted(pos.items())))
+
+    def _reload_applied(self) -> None:
+        """The store's applied offsets, read again before resuming assigned partitions (as
+        the faust driver does): the ones this processor holds date from its own last batch
+        of a partition, or its start, and with partitions moving between live members
+        another one may have applied far past them meanwhile. Resuming from there read
+        (and fetched from Kafka) everything since again, only to have the batch refused as
+        stale. Called from the consume thread: the read runs on the loop, which is free
+        (it awaits consume()); if the store does not answer, the offsets held are kept
+        (the offset guard in the store fences what they let through)."""
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass  # the consume thread, as expected
+        else:
+            return  # on the loop's own thread: waiting here would block it
+        fut = asyncio.run_coroutine_threadsafe(self.applier.load_offsets(), loop)
+        try:
+            fut.result(timeout=10)
+        except Exception as exc:
+            fut.cancel()
+            log.warning(
+                "assignment: applied offsets not read again (%s); resuming from the ones held", exc
+            )
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         self.applier.revoked((tp.topic, tp.partition) for tp in partitions)
@@ -743,6 +777,7 @@ class KafkaLoopDriver:
 
     async def run(self, max_events: int | None = None, idle_exit_s: float | None = None) -> int:
         topics, pattern = _topic_matcher(self.settings)
+        self._loop = asyncio.get_running_loop()
         await self.applier.load_offsets_when_up()
         self.applier.watermarks.connect(self._highwater)
         subs = topics if not pattern else ["^" + pattern.pattern.lstrip("^")]
