@@ -227,7 +227,8 @@ class ProcessorSettings(_Section):
     #: membership; anything else: used as given (must be unique within the group).
     instance_id: str = "auto"
     #: Consumer group session timeout: how long until another processor takes over the
-    #: partitions of one that died (the broker allows 6,000-300,000 by default).
+    #: partitions of one that died. The broker's group.min/max.session.timeout.ms bound it
+    #: (6,000-1,800,000 by default); a processor refuses a value outside them at start.
     session_timeout_ms: int = Field(default=9000, ge=1000, le=3_600_000)
     #: Heartbeat interval of the group membership (a third of the session timeout or less).
     heartbeat_interval_ms: int = Field(default=2000, ge=100, le=3_600_000)

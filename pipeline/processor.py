@@ -1082,6 +1082,39 @@ def wait_for_broker(settings: Settings) -> None:
         delay = min(delay * 2, 5.0)
 
 
+def check_session_timeout(settings: Settings) -> None:
+    """Refuse a ``processor.session_timeout_ms`` the broker rejects (its
+    ``group.min.session.timeout.ms`` .. ``group.max.session.timeout.ms``, 6,000-1,800,000 by
+    default): librdkafka only logs the failed JoinGroup every few seconds, so the processor
+    would run without ever consuming. Best effort: a broker that does not answer or does
+    not describe its config is not checked."""
+    from confluent_kafka.admin import AdminClient, ConfigResource
+
+    quiet = logging.getLogger("bucketsync.processor.bootstrap")
+    quiet.addHandler(logging.NullHandler())
+    quiet.propagate = False
+    conf: dict[str, Any] = {"bootstrap.servers": settings.kafka.bootstrap_servers, "logger": quiet}
+    admin = AdminClient(conf)
+    try:
+        brokers = list(admin.list_topics(timeout=5).brokers)
+        if not brokers:
+            return
+        res = ConfigResource(ConfigResource.Type.BROKER, str(brokers[0]))
+        cfg = admin.describe_configs([res])[res].result(timeout=5)
+        low = int(cfg["group.min.session.timeout.ms"].value)
+        high = int(cfg["group.max.session.timeout.ms"].value)
+    except Exception as exc:  # best effort: the consumer reports what matters
+        log.debug("broker session timeout range not read: %s", exc)
+        return
+    value = settings.processor.session_timeout_ms
+    if not low <= value <= high:
+        raise UserError(
+            f"processor.session_timeout_ms is {value}, outside what the broker accepts "
+            f"({low}-{high}: its group.min.session.timeout.ms / group.max.session.timeout.ms);"
+            " the processor could never join its consumer group"
+        )
+
+
 def tune_gc() -> None:
     """The batch loop allocates millions of short-lived objects that reference counting
     frees; the cyclic collector's default young-generation threshold (700) made it scan
@@ -1098,6 +1131,7 @@ def main(settings: Settings, *, driver: str | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     load_sync_rules(settings)  # fail fast on bad rules, before any consumer starts
     _topic_matcher(settings)
+    check_session_timeout(settings)
     try:  # never mix two key layouts under one prefix
         check_layout(settings.redis.url, settings.redis.prefix)
     except StoreLayoutMismatch as exc:
