@@ -141,6 +141,32 @@ def _schema_for(table: str, row: dict[str, Any] | None, prefix: str) -> dict[str
     }
 
 
+def source_block(prefix: str, table: str, txid: int, lsn: int) -> dict[str, Any]:
+    """A Debezium PostgreSQL ``source`` block (connector ``prefix``, schema ``public``)."""
+    return {
+        "version": "2.7.0.Final",
+        "connector": "postgresql",
+        "name": prefix,
+        "db": "app",
+        "schema": "public",
+        "table": table,
+        "txId": txid,
+        "lsn": lsn,
+        "ts_ms": 1,
+    }
+
+
+def truncate_payload(prefix: str, table: str, txid: int, lsn: int) -> dict[str, Any]:
+    """A Debezium TRUNCATE event of ``table`` (no envelope schema, no key)."""
+    return {
+        "before": None,
+        "after": None,
+        "op": "t",
+        "ts_ms": 2,
+        "source": source_block(prefix, table, txid, lsn),
+    }
+
+
 class Gen:
     def __init__(self, prefix: str, rnd: random.Random, tx: bool) -> None:
         self.prefix, self.rnd, self.tx = prefix, rnd, tx
@@ -172,17 +198,7 @@ class Gen:
         payload = {
             "before": before if op in ("u", "d") else None,
             "after": after,
-            "source": {
-                "version": "2.7.0.Final",
-                "connector": "postgresql",
-                "name": self.prefix,
-                "db": "app",
-                "schema": "public",
-                "table": table,
-                "txId": self.txid,
-                "lsn": self.lsn,
-                "ts_ms": 1,
-            },
+            "source": source_block(self.prefix, table, self.txid, self.lsn),
             "transaction": txblock,
             "op": op,
             "ts_ms": 2,
@@ -214,23 +230,7 @@ class Gen:
 
     def truncate_docs(self) -> None:
         self.lsn += 10
-        payload = {
-            "before": None,
-            "after": None,
-            "op": "t",
-            "ts_ms": 2,
-            "source": {
-                "version": "2.7.0.Final",
-                "connector": "postgresql",
-                "name": self.prefix,
-                "db": "app",
-                "schema": "public",
-                "table": "docs",
-                "txId": self.txid,
-                "lsn": self.lsn,
-                "ts_ms": 1,
-            },
-        }
+        payload = truncate_payload(self.prefix, "docs", self.txid, self.lsn)
         self.out.append((self.topic("docs"), 0, None, jd(payload).encode()))
         for k in [k for k in self.live if k[0] == "docs"]:
             del self.live[k]

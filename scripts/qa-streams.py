@@ -176,17 +176,7 @@ class Gen:
         payload = {
             "before": before if op in ("u", "d") else None,
             "after": after,
-            "source": {
-                "version": "2.7.0.Final",
-                "connector": "postgresql",
-                "name": self.prefix,
-                "db": "app",
-                "schema": "public",
-                "table": table,
-                "txId": self.txid,
-                "lsn": self.lsn,
-                "ts_ms": 1,
-            },
+            "source": qa.source_block(self.prefix, table, self.txid, self.lsn),
             "transaction": block,
             "op": op,
             "ts_ms": 2,
@@ -289,23 +279,7 @@ class Gen:
         the table's other partitions (docs/cdc-events.md 4.4), the fences make the model
         exact."""
         self.lsn += 10
-        payload = {
-            "before": None,
-            "after": None,
-            "op": "t",
-            "ts_ms": 2,
-            "source": {
-                "version": "2.7.0.Final",
-                "connector": "postgresql",
-                "name": self.prefix,
-                "db": "app",
-                "schema": "public",
-                "table": table,
-                "txId": self.txid,
-                "lsn": self.lsn,
-                "ts_ms": 1,
-            },
-        }
+        payload = qa.truncate_payload(self.prefix, table, self.txid, self.lsn)
         fence = not os.environ.get("QA_TRUNCATE_RACY")
         if fence:
             self.out.append((FENCE, None, None, None))
