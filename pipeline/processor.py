@@ -1054,16 +1054,23 @@ def run_faust_driver(settings: Settings, membership: Membership | None = None) -
     return 0
 
 
-def wait_for_broker(settings: Settings) -> None:
-    """Until the brokers in ``kafka.bootstrap_servers`` answer a metadata request (backoff up
-    to 5 s, a log line every 30 s). The kafka driver's librdkafka keeps trying by itself."""
+def _quiet_admin(settings: Settings) -> Any:
+    """An AdminClient on ``kafka.bootstrap_servers`` whose librdkafka logs go nowhere (the
+    start-up checks report what matters themselves)."""
     from confluent_kafka.admin import AdminClient
 
     quiet = logging.getLogger("bucketsync.processor.bootstrap")
-    quiet.addHandler(logging.NullHandler())
+    if not quiet.handlers:
+        quiet.addHandler(logging.NullHandler())
     quiet.propagate = False
     conf: dict[str, Any] = {"bootstrap.servers": settings.kafka.bootstrap_servers, "logger": quiet}
-    admin = AdminClient(conf)
+    return AdminClient(conf)
+
+
+def wait_for_broker(settings: Settings) -> None:
+    """Until the brokers in ``kafka.bootstrap_servers`` answer a metadata request (backoff up
+    to 5 s, a log line every 30 s). The kafka driver's librdkafka keeps trying by itself."""
+    admin = _quiet_admin(settings)
     delay, last_log = 0.5, None
     while True:
         try:
@@ -1088,13 +1095,9 @@ def check_session_timeout(settings: Settings) -> None:
     default): librdkafka only logs the failed JoinGroup every few seconds, so the processor
     would run without ever consuming. Best effort: a broker that does not answer or does
     not describe its config is not checked."""
-    from confluent_kafka.admin import AdminClient, ConfigResource
+    from confluent_kafka.admin import ConfigResource
 
-    quiet = logging.getLogger("bucketsync.processor.bootstrap")
-    quiet.addHandler(logging.NullHandler())
-    quiet.propagate = False
-    conf: dict[str, Any] = {"bootstrap.servers": settings.kafka.bootstrap_servers, "logger": quiet}
-    admin = AdminClient(conf)
+    admin = _quiet_admin(settings)
     try:
         brokers = list(admin.list_topics(timeout=5).brokers)
         if not brokers:

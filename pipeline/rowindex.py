@@ -259,6 +259,7 @@ def resolve(
         parts: list[str] = []  # the packed entries of the row after the event
         if outs is not None:
             for bucket, ot, oid, cs, rcs, tail in outs:
+                # entry_field's common case, inlined (it runs for every output)
                 if bucket.isprintable() and ot.isprintable() and oid.isprintable():
                     f = f"{bucket}{SEP}{ot}{SEP}{oid}"
                 else:

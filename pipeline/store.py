@@ -1104,23 +1104,6 @@ class Store:
         self._resolution = None
         return ApplyResult("ok", checkpoint=res.seq, ops=res.ops, merge_tables=int(result[-1]))
 
-    async def _send_packed(self, command: bytes) -> Any:
-        """Send one command already in the wire protocol on a pooled connection and read
-        its reply (a connection that failed mid-way is dropped, never reused)."""
-        pool = self.r.connection_pool
-        conn = await pool.get_connection()
-        try:
-            await conn.send_packed_command(command)
-            return await conn.read_response()
-        except ResponseError:
-            raise  # an error reply: the connection is in sync
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await conn.disconnect()
-            raise
-        finally:
-            await pool.release(conn)
-
     async def applied_offsets(self) -> dict[str, int]:
         raw = await self.r.hgetall(self.k("offsets"))
         return {k.decode(): int(v) for k, v in raw.items()}
