@@ -240,6 +240,12 @@ class ProcessorSettings(_Section):
     stream_buffer_maxsize: int = Field(default=4096, gt=0)
     #: Seconds to wait for a record the gap guard asked to read again before asking again.
     gap_reread_retry_s: float = Field(default=5.0, gt=0)
+    #: kafka.consistency=event: seconds the create half of a primary-key change that
+    #: carries TOAST placeholders waits for the old key's delete half (on another
+    #: partition, maybe not applied yet): only it gives the old row as it was. Its partition
+    #: waits meanwhile; after this the row is applied with the old row as known (or NULL in
+    #: those columns). 0: never wait.
+    pk_change_wait_s: float = Field(default=60.0, ge=0)
     #: With kafka.consistency=transaction: most events held for open transactions;
     #: beyond it they are applied at once (a checkpoint may then expose part of one).
     max_staged_events: int = Field(default=100_000, gt=0)

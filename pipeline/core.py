@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -186,6 +186,49 @@ def needs_merges(ev: DecodedEvent) -> bool:
     return bool(ev.get("keep_columns") or ev.get("partial") or ev.get("replace_document"))
 
 
+def waiting_creates(
+    items: Sequence[tuple[KafkaRecord, DecodedEvent]],
+    departed: Container[str],
+    waited_out: Container[str] = (),
+) -> dict[tuple[str, int], tuple[int, set[str]]]:
+    """Create halves of primary-key changes that must wait for their old key's delete half.
+
+    Such a create half carries TOAST placeholders that only the old row can fill, and it
+    sits on the new key's partition: the old key's events (its creation, its updates, the
+    delete half) sit on another partition and may not be applied yet. Only the delete half
+    gives the old row exactly as it was at the change (the store keeps it a day, ``P:gone``,
+    ``departed`` here); until then the create half and everything after it on its partition
+    wait, or a merge would fill the columns from a stale old row, or leave them NULL.
+
+    ``departed``: old row keys whose delete half is applied (or is earlier in ``items``:
+    those are found here too). ``waited_out``: old row keys that waited long enough.
+    Returns ``(topic, partition) -> (first offset that waits, old row keys awaited)``."""
+    out: dict[tuple[str, int], tuple[int, set[str]]] = {}
+    seen_deletes: set[str] = set()
+    ev: Any  # narrowed by ``action`` below, which mypy does not follow
+    for rec, ev in items:
+        action = ev["action"]
+        if action == "delete":
+            if ev.get("pk_change_to"):
+                seen_deletes.add(row_key(rec.topic, ev["key"]))
+            continue
+        if action != "upsert":
+            continue
+        old = ev.get("pk_change_from")
+        if not isinstance(old, Mapping) or not needs_base(ev):
+            continue
+        old_rk = row_key(rec.topic, old)
+        if old_rk in seen_deletes or old_rk in departed or old_rk in waited_out:
+            continue
+        tp = (rec.topic, rec.partition)
+        first = out.get(tp)
+        if first is None:
+            out[tp] = (rec.offset, {old_rk})
+        else:
+            first[1].add(old_rk)
+    return out
+
+
 def base_keys(topic: str, ev: DecodedEvent) -> list[str]:
     """Row keys whose stored source rows this event may merge from: its own, and for the
     create half of a primary-key change also the old key's."""
@@ -257,6 +300,7 @@ def plan_batch(
     *,
     on_unknown_table: Callable[[str], None] | None = None,
     merge_tables: set[str] | None = None,
+    gone_rows: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Plan:
     """Turn decoded events (in consumption order) into one atomic batch.
 
@@ -272,6 +316,9 @@ def plan_batch(
     entries there. So the planner needs no stored lookup state, and a membership change
     lands in the same checkpoint as the ops of the batch.
 
+    ``gone_rows``: source rows the store keeps after the delete half of a primary-key
+    change (``P:gone``), for the old keys of create halves that need them.
+
     ``merge_tables``: ``None`` keeps every row's source row (``"s"``) in the store. A set
     keeps them only for rows of at least :data:`TOAST_SAFE_BYTES` of JSON and for the
     tables in it (topics); a table whose events show that it
@@ -285,6 +332,7 @@ def plan_batch(
     plan = Plan(batch, dls)
     stored = stored_rows or {}
     known_rows: dict[str, dict[str, Any] | None] = {k: dict(v) for k, v in stored.items()}
+    gone = gone_rows or {}
     #: rows deleted in this batch by the delete half of a primary-key change
     departed: dict[str, dict[str, Any]] = {}
     param_rows = _parameter_rows(rules)
@@ -361,8 +409,10 @@ def plan_batch(
                 base = known_rows.get(rk)
                 old_key = ev.get("pk_change_from")
                 if base is None and isinstance(old_key, Mapping):
+                    # the old row as its delete half left it (this batch, or kept by the
+                    # store a day), else as the batch knows it (stored, or written earlier)
                     old_rk = row_key(table, old_key)
-                    base = departed.get(old_rk) or stored.get(old_rk)  # type: ignore[assignment]
+                    base = departed.get(old_rk) or gone.get(old_rk) or known_rows.get(old_rk)  # type: ignore[assignment]
                 if base is None:
                     plan.merges_without_base += 1
                 else:

@@ -24,8 +24,9 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Container, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
 
 import orjson
 from confluent_kafka import (
@@ -99,6 +100,13 @@ MERGES_WITHOUT_BASE = Counter(
     "bucketsync_processor_merges_without_base_total",
     "Upserts with TOAST placeholders / partial updates whose stored source row was "
     "missing (evaluated on the columns the event carries)",
+)
+
+PK_CHANGE_WAITS = Counter(
+    "bucketsync_processor_pk_change_waits_total",
+    "Partitions held because the create half of a primary-key change waited for its old "
+    "key's delete half (TOAST placeholders), by outcome",
+    ["outcome"],
 )
 
 PIPELINE_VERSION = "bucketsync-0.1.0"
@@ -256,6 +264,21 @@ class DeadLetterSink:
             raise RuntimeError(f"dead-letter topic {self.topic}: delivery failed: {errs or left}")
 
 
+@dataclass(slots=True)
+class _Hold:
+    """A partition held at ``offset``: its record there waits for the delete halves of
+    ``old_keys`` (see :func:`pipeline.core.waiting_creates`)."""
+
+    offset: int
+    old_keys: set[str]
+    since: float
+    checked: float
+
+
+#: how often a held partition asks the store whether its delete halves are applied
+HOLD_CHECK_S = 0.2
+
+
 class BatchApplier:
     """Decode -> plan -> dead letters -> one atomic apply. Shared by both drivers."""
 
@@ -308,6 +331,11 @@ class BatchApplier:
         self.pipelined = False
         #: seconds spent per stage, for ``bucketsync bench`` and profiling
         self.timings: dict[str, float] = {"decode": 0.0, "read": 0.0, "plan": 0.0, "apply": 0.0}
+        #: partitions held at a create half waiting for its old key's delete half
+        #: (core.waiting_creates): (topic, partition) -> hold
+        self.holds: dict[tuple[str, int], _Hold] = {}
+        #: old row keys whose create half waited processor.pk_change_wait_s in vain
+        self._waited_out: set[str] = set()
 
     def _observe_lag(self, records: Sequence[KafkaRecord]) -> None:
         last: dict[tuple[str, int], int] = {}
@@ -343,6 +371,8 @@ class BatchApplier:
         parts = list(partitions)
         # rows of these partitions may have been written by another processor meanwhile
         self.store.rows.invalidate()
+        for tp in parts:
+            self.holds.pop(tp, None)
         pos = {(t, p): self.applied.get(f"{t}/{p}", -1) + 1 for t, p in parts}
         self.guard.expect((t, p, off) for (t, p), off in pos.items())
         if self.stager is not None:
@@ -354,6 +384,8 @@ class BatchApplier:
         parts = list(partitions)
         self.store.rows.invalidate()
         self.guard.forget(parts)
+        for tp in parts:
+            self.holds.pop(tp, None)
         if self.stager is not None:
             self.stager.forget(f"{t}/{p}" for t, p in parts)
             STAGED.set(self.stager.staged)
@@ -388,6 +420,10 @@ class BatchApplier:
         """Apply one batch; returns the number of ops written. An empty batch only
         releases transactions whose grace period ran out."""
         async with self._lock:
+            if self.holds:
+                # a held partition's records come again once it is released (a seek)
+                records = [r for r in records if (r.topic, r.partition) not in self.holds]
+                await self._check_holds()
             if records:
                 adm = await self.guard.admit(records)
                 await self._resolve(adm)
@@ -402,6 +438,80 @@ class BatchApplier:
         """While deliveries are idle: read again a partition whose tail was dropped."""
         async with self._lock:
             await self._resolve(await self.guard.check_stalled(highwater))
+            if self.holds:
+                try:
+                    await self._check_holds()
+                except STORE_ERRORS as exc:
+                    await self._recover_store(exc)
+
+    async def _check_holds(self) -> None:
+        """Release held partitions whose delete halves are applied now, or that waited
+        ``processor.pk_change_wait_s``: the partition is read again from the held record."""
+        now = time.monotonic()
+        due = [tp for tp, h in self.holds.items() if now - h.checked >= HOLD_CHECK_S]
+        if not due:
+            return
+        keys = sorted({k for tp in due for k in self.holds[tp].old_keys})
+        gone = await self.store.departed_rows(keys)
+        release: dict[tuple[str, int], int] = {}
+        for tp in due:
+            h = self.holds[tp]
+            h.checked = now
+            if all(k in gone for k in h.old_keys):
+                PK_CHANGE_WAITS.labels("released").inc()
+                release[tp] = h.offset
+            elif now - h.since >= self.settings.processor.pk_change_wait_s:
+                PK_CHANGE_WAITS.labels("waited_out").inc()
+                log.warning(
+                    "%s/%d@%d: the delete half of primary-key change(s) from %s did not come "
+                    "in %.0f s (processor.pk_change_wait_s); applying the new row with the "
+                    "old row as known",
+                    tp[0],
+                    tp[1],
+                    h.offset,
+                    ", ".join(sorted(h.old_keys)),
+                    now - h.since,
+                )
+                if len(self._waited_out) > 100_000:
+                    self._waited_out.clear()
+                self._waited_out |= h.old_keys
+                release[tp] = h.offset
+        if release:
+            for tp in release:
+                del self.holds[tp]
+            self.guard.expect((t, p, off) for (t, p), off in release.items())
+            if self.seek is not None:
+                await self.seek(release)
+
+    async def _hold_waiting(
+        self, items: list[tuple[KafkaRecord, DecodedEvent]], departed: Container[str]
+    ) -> list[tuple[KafkaRecord, DecodedEvent]]:
+        """Event mode: hold the partitions of create halves whose old key's delete half is
+        not applied yet (not in ``departed``: core.waiting_creates); returns the items that
+        go on now."""
+        waits = core.waiting_creates(items, departed, self._waited_out)
+        if not waits:
+            return items
+        now = time.monotonic()
+        for (topic, part), (offset, keys) in waits.items():
+            PK_CHANGE_WAITS.labels("held").inc()
+            log.info(
+                "%s/%d@%d: a primary-key change waits for the delete half of %s (another "
+                "partition): the partition is held",
+                topic,
+                part,
+                offset,
+                ", ".join(sorted(keys)),
+            )
+            self.holds[(topic, part)] = _Hold(offset, keys, now, now)
+        self.guard.expect((t, p, h[0]) for (t, p), h in waits.items())
+        assert self.seek is not None
+        await self.seek({tp: h[0] for tp, h in waits.items()})
+        return [
+            (r, ev)
+            for r, ev in items
+            if (w := waits.get((r.topic, r.partition))) is None or r.offset < w[0]
+        ]
 
     async def _recover_store(self, exc: BaseException) -> None:
         """Redis went away mid-batch. Wait for it (backoff), then take its applied offsets
@@ -485,24 +595,37 @@ class BatchApplier:
             items = core.unapplied_items(items, self.applied)
             if not items:
                 return 0
-            t1 = time.perf_counter()
-            base_keys = sorted(
-                {
-                    k
+            if self.holds:  # records a stale batch brings back (redo) stay held
+                items = [
+                    (r, ev)
                     for r, ev in items
-                    if "keep_columns" in ev or "partial" in ev  # else no base_keys
-                    for k in core.base_keys(r.topic, ev)
-                }
-            )
+                    if (h := self.holds.get((r.topic, r.partition))) is None or r.offset < h.offset
+                ]
+                if not items:
+                    return 0
+            t1 = time.perf_counter()
+            merging = [(r, ev) for r, ev in items if "keep_columns" in ev or "partial" in ev]
+            base_keys = sorted({k for r, ev in merging for k in core.base_keys(r.topic, ev)})
+            gone: dict[str, Any] = {}
             if base_keys:  # merges read what the batch in flight may still write
                 redo = await self._settle()
                 if redo is not None:
                     items = redo + items
                     continue
+                old_keys = {
+                    core.row_key(r.topic, old)
+                    for r, ev in merging
+                    if (old := cast(Any, ev).get("pk_change_from")) is not None
+                }
+                if old_keys:
+                    # the old rows as their delete halves left them (None: without a copy)
+                    departed = await self.store.departed_rows(sorted(old_keys))
+                    if self.stager is None and self.seek is not None:
+                        items = await self._hold_waiting(items, departed)
+                        if not items:
+                            return 0
+                    gone = {k: v for k, v in departed.items() if v is not None}
             stored = await self.store.source_rows(base_keys)
-            missing = [k for k in base_keys if k not in stored]
-            if missing:  # old keys of primary-key changes applied in an earlier batch
-                stored.update(await self.store.departed_rows(missing))
             t2 = time.perf_counter()
             merge_tables = None if self.merge_tables is None else set(self.merge_tables)
             plan = core.plan_batch(
@@ -511,6 +634,7 @@ class BatchApplier:
                 stored,
                 on_unknown_table=self._note_unknown,
                 merge_tables=merge_tables,
+                gone_rows=gone,
             )
             if plan.merges_without_base:
                 MERGES_WITHOUT_BASE.inc(plan.merges_without_base)

@@ -304,16 +304,20 @@ def resolve(
             if had_lk:
                 update_lookups(row.lookups if row is not None else None, None)
                 lookups_w((ts, rf, None))
+            old_src = None
             if had_src:
                 old_src = sources.get(rk, row.source if row else None)
-                if pk_gone and old_src is not None:
-                    # the delete half of a primary-key change: keep the source row a while,
-                    # the create half may carry TOAST placeholders only the old row can fill
-                    res.gone[rk] = old_src
                 sources_w((ts, rf, None))
+            if pk_gone:
+                # the delete half of a primary-key change: keep the source row a while, the
+                # create half may carry TOAST placeholders only the old row can fill; kept
+                # as "null" when there is no copy, so a create half waiting for it goes on
+                res.gone[rk] = old_src if old_src is not None else "null"
             index_w((ts, rf, None))
             rows[rk] = None
         else:
+            if pk_gone:
+                res.gone[rk] = "null"  # an unknown row: nothing to keep, but it has gone
             rows[rk] = None
 
     for ev in events:

@@ -1157,8 +1157,9 @@ class Store:
             out[kind], out[f"{kind}_rows"] = used, rows
         return out
 
-    async def departed_rows(self, row_keys: Sequence[str]) -> dict[str, dict[str, Any]]:
-        """Source rows kept after the delete half of a primary-key change (one day)."""
+    async def departed_rows(self, row_keys: Sequence[str]) -> dict[str, dict[str, Any] | None]:
+        """Source rows kept after the delete half of a primary-key change (one day); None for
+        a row that went without a copy. Rows whose delete half is not applied are absent."""
         if not row_keys:
             return {}
         vals = await self.r.mget([self.k("gone", rk) for rk in row_keys])
