@@ -437,6 +437,8 @@ class BatchApplier:
     async def check_stalled(self, highwater: dict[tuple[str, int], int]) -> None:
         """While deliveries are idle: read again a partition whose tail was dropped."""
         async with self._lock:
+            if self.holds:  # a held partition makes no progress on purpose
+                highwater = {tp: h for tp, h in highwater.items() if tp not in self.holds}
             await self._resolve(await self.guard.check_stalled(highwater))
             if self.holds:
                 try:
