@@ -622,7 +622,11 @@ class BatchApplier:
                 if old_keys:
                     # the old rows as their delete halves left them (None: without a copy)
                     departed = await self.store.departed_rows(sorted(old_keys))
-                    if self.stager is None and self.seek is not None:
+                    if (
+                        self.stager is None
+                        and self.seek is not None
+                        and self.settings.processor.pk_change_wait_s > 0
+                    ):
                         items = await self._hold_waiting(items, departed)
                         if not items:
                             return 0

@@ -24,12 +24,13 @@ dead-letter topic must be empty. Prints one JSON line; exit 0 when all agree.
 Needs the dev stack with its source: `bucketsync stack up --source postgres`.
 
 usage: scripts/qa-postgres.py --seed N [--driver kafka|faust] [--tx] [--procs 2] [--kills K]
-                              [--ntx N] [--live N]
+                              [--ntx N] [--live N] [--dynamic] [--node]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import hashlib
 import importlib.util
@@ -342,6 +343,56 @@ def dead_letters(topic: str) -> int:
         c.close()
 
 
+# ---------------------------------------------------------------- official client
+
+CLIENT_SCHEMA = {
+    "lists": {"owner_id": "text", "amount": "integer", "name": "text"},
+    "boards": {"title": "text", "org": "text"},
+    "cards": {"board_id": "text", "title": "text", "body": "text"},
+    "docs": {"org_id": "text", "title": "text"},
+}
+
+
+async def node_check(
+    url: str, token: str, exp: dict[tuple[str, str, str], Any], db: Path, timeout: float
+) -> dict[str, Any]:
+    """The official PowerSync Node client's tables against the model's rows of one user."""
+    from tests.e2e.powersync_client import PowerSyncNodeClient
+
+    want: dict[str, list[dict[str, Any]]] = {t: [] for t in CLIENT_SCHEMA}
+    for (_b, t, oid), data in exp.items():
+        want[t].append({"id": oid, **{c: data.get(c) for c in CLIENT_SCHEMA[t]}})
+    for rows in want.values():
+        rows.sort(key=lambda r: r["id"])
+    got: dict[str, Any] = {}
+    async with PowerSyncNodeClient(url, CLIENT_SCHEMA, db_path=str(db)) as c:
+        await c.connect(token)
+        await c.wait_synced(timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            got = {
+                t: await c.query(f"SELECT {', '.join(['id', *cols])} FROM {t} ORDER BY id")
+                for t, cols in CLIENT_SCHEMA.items()
+            }
+            if got == want or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
+        mism = list(c.checksum_mismatches)
+        await c.disconnect()
+    return {
+        "ok": got == want and not mism,
+        "mismatches": mism[:3],
+        "diff": {
+            t: {
+                "missing": [r["id"] for r in want[t] if r not in got.get(t, [])][:5],
+                "extra": [r["id"] for r in got.get(t, []) if r not in want[t]][:5],
+            }
+            for t in CLIENT_SCHEMA
+            if got.get(t) != want[t]
+        },
+    }
+
+
 # ---------------------------------------------------------------- driver
 
 
@@ -356,6 +407,9 @@ def main() -> int:
     ap.add_argument("--live", type=int, default=300, help="transactions while they run")
     ap.add_argument("--compact-interval", type=float, default=2.0, help="compaction.interval_s")
     ap.add_argument("--dynamic", action="store_true", help="dynamic group membership")
+    ap.add_argument(
+        "--node", action="store_true", help="also check two users with the official Node client"
+    )
     a = ap.parse_args()
 
     import yaml
@@ -494,6 +548,16 @@ def main() -> int:
                          [(k, str(st.visible[k])[:200], str(exp[k])[:200]) for k in wrong])
                     )  # fmt: skip
                 fresh_diffs += [("err", e) for e in st.errors]
+            if a.node:
+                node = {}
+                for u in ("u1", "u4"):  # with and without the org claim
+                    exp = expected_for(u, USERS[u], tables)
+                    node[u] = asyncio.run(
+                        node_check(url, tokens[u], exp, work / f"node-{u}.db", 120)
+                    )
+                res["node"] = node
+                if not all(n["ok"] for n in node.values()):
+                    fresh_diffs.append(("node", node))
             verify = qs.cli(cfgp, "verify", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             vout = verify.communicate()[0].decode()
             errs = [e for w in watchers for e in w.errors]
