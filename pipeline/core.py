@@ -202,7 +202,14 @@ def waiting_creates(
 
     ``departed``: old row keys whose delete half is applied (or is earlier in ``items``:
     those are found here too). ``waited_out``: old row keys that waited long enough.
-    Returns ``(topic, partition) -> (first offset that waits, old row keys awaited)``."""
+    Returns ``(topic, partition) -> (first offset that waits, the old row key it awaits)``.
+
+    Only a partition's *first* waiting create half counts: later ones are looked at again
+    once it goes on. Awaiting theirs too would deadlock: their delete halves may sit behind
+    another partition's held record, which in turn awaits a delete half behind this one's.
+    A single wait cannot: a create half awaits the delete half of its own source change, and
+    every partition holds the changes in the source's commit order, so a chain of waits runs
+    back in that order and ends at a partition that has the awaited record before its hold."""
     out: dict[tuple[str, int], tuple[int, set[str]]] = {}
     seen_deletes: set[str] = set()
     ev: Any  # narrowed by ``action`` below, which mypy does not follow
@@ -217,15 +224,13 @@ def waiting_creates(
         old = ev.get("pk_change_from")
         if not isinstance(old, Mapping) or not needs_base(ev):
             continue
+        tp = (rec.topic, rec.partition)
+        if tp in out:
+            continue
         old_rk = row_key(rec.topic, old)
         if old_rk in seen_deletes or old_rk in departed or old_rk in waited_out:
             continue
-        tp = (rec.topic, rec.partition)
-        first = out.get(tp)
-        if first is None:
-            out[tp] = (rec.offset, {old_rk})
-        else:
-            first[1].add(old_rk)
+        out[tp] = (rec.offset, {old_rk})
     return out
 
 

@@ -177,9 +177,11 @@ def test_waiting_creates_finds_the_first_create_half_per_partition() -> None:
         (rec(1, 3), delete(c, {"id": 4})),
     ]
     waits = core.waiting_creates(items, departed=set())
-    # partition 0 waits from offset 6 for both old keys; the delete half of c comes later
-    # in the batch (another partition), which does not help the earlier create half
-    assert waits == {(T, 0): (6, {core.row_key(T, a), core.row_key(T, c)})}
+    # partition 0 waits from offset 6 for its first create half's old key only: the next
+    # one is looked at again once that goes on (awaiting both could deadlock, see the next
+    # test); the delete half of c comes later in the batch, another partition, which does
+    # not help the earlier create half
+    assert waits == {(T, 0): (6, {core.row_key(T, a)})}
     # applied delete halves, or ones earlier in the batch, or a wait that ran out: no wait
     assert core.waiting_creates(items, departed={core.row_key(T, a)}) == {
         (T, 0): (7, {core.row_key(T, c)})
@@ -189,6 +191,46 @@ def test_waiting_creates_finds_the_first_create_half_per_partition() -> None:
     # a create half without placeholders needs nothing from the old row
     plain = {**create(b, a), "keep_columns": []}
     assert core.waiting_creates([(rec(0, 1), plain)], departed=set()) == {}
+
+
+def test_holds_never_wait_on_each_other() -> None:
+    """Two partitions, each with PK changes whose halves cross (the QA run that found it:
+    partition 0 held at a create half also awaited a later one's delete half, which sat
+    behind partition 2's hold, which awaited a delete half behind partition 0's hold; both
+    waited the full pk_change_wait_s and then filled a TOASTed column from a stale row).
+    Replaying the partitions as a processor would (each stops at its first waiting create
+    half, goes on once that create half's delete half is applied) must end with both fully
+    applied."""
+    k = {i: {"id": i} for i in range(10)}
+    # source order: change 1 (k1 -> k2: delete on p1, create on p0), change 2 (k3 -> k4:
+    # delete on p0, create on p1), change 3 (k5 -> k6: delete on p1, create on p0)
+    parts: dict[int, list[Any]] = {
+        0: [(rec(0, 0), create(k[2], k[1])), (rec(0, 1), delete(k[3], k[4])),
+            (rec(0, 2), create(k[6], k[5]))],
+        1: [(rec(1, 0), delete(k[1], k[2])), (rec(1, 1), create(k[4], k[3])),
+            (rec(1, 2), delete(k[5], k[6]))],
+    }  # fmt: skip
+    pos = {0: 0, 1: 0}
+    departed: set[str] = set()
+    holds: dict[int, set[str]] = {}  # partition -> the old keys its hold awaits
+    for _round in range(10):
+        for p in (0, 1):  # p0 first: it meets its create half before p1 applied anything
+            if p in holds:
+                if not holds[p] <= departed:
+                    continue
+                del holds[p]  # released: read again from the held record
+            batch = parts[p][pos[p] :]
+            waits = core.waiting_creates(batch, departed)
+            stop = len(parts[p])
+            if (T, p) in waits:
+                stop, holds[p] = waits[(T, p)]
+            for r, ev in batch:
+                if r.offset >= stop:
+                    break
+                if ev["action"] == "delete":
+                    departed.add(core.row_key(T, ev["key"]))
+                pos[p] = r.offset + 1
+    assert pos == {0: 3, 1: 3} and not holds
 
 
 def test_the_old_rows_delete_half_wins_over_its_stored_copy() -> None:
