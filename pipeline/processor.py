@@ -1038,8 +1038,26 @@ def build_faust_app(
                 async def seek(positions: dict[tuple[str, int], int]) -> None:
                     from faust.types import TP
 
-                    for (topic, part), off in positions.items():
-                        await app.consumer.seek(TP(topic, part), off)
+                    consumer: Any = app.consumer
+                    thread = getattr(consumer, "_thread", None)
+                    if thread is None or not hasattr(thread, "call_thread"):
+                        for (topic, part), off in positions.items():
+                            await consumer.seek(TP(topic, part), off)
+                        return
+
+                    def seek_in_thread() -> None:
+                        # faust's Consumer.seek calls aiokafka from this (the agent's) thread
+                        # while aiokafka's fetcher runs in faust's consumer thread: a seek in
+                        # the middle of a fetch crashed it (KeyError in fetched_records, the
+                        # worker died; faust-streaming/aiokafka#19). Run it in that thread, as
+                        # faust's own seek_wait does.
+                        c = thread._ensure_consumer()
+                        for (topic, part), off in positions.items():
+                            c.seek(TP(topic, part), off)
+
+                    await thread.call_thread(seek_in_thread)
+                    for (topic, part), off in positions.items():  # what Consumer.seek sets
+                        consumer._read_offset[TP(topic, part)] = off if off else None
 
                 applier.seek = seek
             return applier
