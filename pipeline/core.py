@@ -214,6 +214,9 @@ def waiting_creates(
     seen_deletes: set[str] = set()
     ev: Any  # narrowed by ``action`` below, which mypy does not follow
     for rec, ev in items:
+        tp = (rec.topic, rec.partition)
+        if tp in out:  # held from an earlier record: its deletes are not applied either
+            continue
         action = ev["action"]
         if action == "delete":
             if ev.get("pk_change_to"):
@@ -223,9 +226,6 @@ def waiting_creates(
             continue
         old = ev.get("pk_change_from")
         if not isinstance(old, Mapping) or not needs_base(ev):
-            continue
-        tp = (rec.topic, rec.partition)
-        if tp in out:
             continue
         old_rk = row_key(rec.topic, old)
         if old_rk in seen_deletes or old_rk in departed or old_rk in waited_out:

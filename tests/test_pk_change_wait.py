@@ -188,6 +188,18 @@ def test_waiting_creates_finds_the_first_create_half_per_partition() -> None:
     }
     assert core.waiting_creates([items[3], items[0], items[2]], departed=set()) == {}
     assert core.waiting_creates(items[:2], departed=set(), waited_out={core.row_key(T, a)}) == {}
+    # a delete half on a partition that is held before it is not applied in this batch:
+    # it helps nobody (qa-postgres seed 23: partition 2 held at offset 8, its delete half
+    # at 126 counted as seen, the create half on partition 0 went on without its old row)
+    held_first: list[Any] = [
+        (rec(1, 0), create({"id": 8}, {"id": 9})),
+        (rec(1, 1), delete(a, b)),
+        (rec(0, 0), create(b, a)),
+    ]
+    assert core.waiting_creates(held_first, departed=set()) == {
+        (T, 1): (0, {core.row_key(T, {"id": 9})}),
+        (T, 0): (0, {core.row_key(T, a)}),
+    }
     # a create half without placeholders needs nothing from the old row
     plain = {**create(b, a), "keep_columns": []}
     assert core.waiting_creates([(rec(0, 1), plain)], departed=set()) == {}
