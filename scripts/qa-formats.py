@@ -17,7 +17,7 @@ every checkpoint_complete). Five connectors, one table each, mixed formats:
 * `<tag>my.inventory.products` MySQL, JSON with schemas, 2 partitions: full before
   images, Decimal, int8, Timestamp (ms), ZonedTimestamp with offsets (to UTC),
   primary-key changes, and DDL events on the schema-change topic `<tag>my`.
-* `<tag>mg.catalog.items` MongoDB, schemaless, 2 partitions: ObjectId and string `_id`
+* `<tag>mg.catalog.items` MongoDB, schemaless, 2 partitions: ObjectId, string and int `_id`
   keys, Extended JSON v1 documents in `after` (inserts, full-document updates), partial
   updates without post-image (`updateDescription`: relaxed v2 fields, removed fields ->
   NULL, a dotted path patching a JSON column, the bucket parameter set/unset), deletes,
@@ -772,14 +772,20 @@ class Gen:
             "ord": self.mongo_ord % 7,
         }
 
-    def mongo_key(self, _id: str) -> tuple[dict[str, str], int]:
-        ext = compact({"$oid": _id}) if len(_id) == 24 else compact(_id)
-        return {"id": ext}, sum(_id.encode()) % self.topics["items"][1]
+    def mongo_key(self, _id: str | int) -> tuple[dict[str, str], int]:
+        """The key's ``id``: the ``_id`` as Extended JSON (an ObjectId, a string, an int)."""
+        if isinstance(_id, int):
+            ext = str(_id)
+        else:
+            ext = compact({"$oid": _id}) if len(_id) == 24 else compact(_id)
+        return {"id": ext}, sum(str(_id).encode()) % self.topics["items"][1]
 
-    def item_doc(self, _id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    def item_doc(self, _id: str | int) -> tuple[dict[str, Any], dict[str, Any]]:
         """(Extended JSON v1 document, canonical row) of a fresh document."""
         rnd = self.rnd
-        doc: dict[str, Any] = {"_id": {"$oid": _id} if len(_id) == 24 else _id}
+        doc: dict[str, Any] = {
+            "_id": {"$oid": _id} if isinstance(_id, str) and len(_id) == 24 else _id
+        }
         row: dict[str, Any] = {"id": _id}
         own = self.owner()
         if own is not None:
@@ -804,7 +810,7 @@ class Gen:
             row["promo"] = 1 if doc["promo"] else 0
         return doc, row
 
-    def items_record(self, _id: str, value: Any) -> None:
+    def items_record(self, _id: str | int, value: Any) -> None:
         key, part = self.mongo_key(_id)
         self.emit(self.topics["items"][0], part, key, value)
 
@@ -814,7 +820,9 @@ class Gen:
         x = rnd.random()
         if not live or x < 0.3:
             _id = (
-                f"{rnd.getrandbits(96):024x}" if rnd.random() < 0.7 else f"s{rnd.randint(0, 10**6)}"
+                f"{rnd.getrandbits(96):024x}"
+                if rnd.random() < 0.6
+                else rnd.choice([f"s{rnd.randint(0, 10**6)}", rnd.randint(-5, 10**6)])
             )
             if _id in self.model["items"]:
                 return
@@ -1249,7 +1257,10 @@ def read_dead_letters(topic: str) -> list[tuple[str, int, int, str]]:
         c.close()
 
 
-def produce(records: list[Rec], where: dict[int, tuple[str, int, int]] | None, pace: bool) -> None:
+def produce(
+    records: list[Rec], where: dict[int, tuple[str, int, int]] | None, pace: float = 0
+) -> None:
+    """Produce in order; ``pace`` > 0: about that many records per second."""
     p = Producer(
         {
             "bootstrap.servers": BOOT,
@@ -1270,7 +1281,7 @@ def produce(records: list[Rec], where: dict[int, tuple[str, int, int]] | None, p
         if j % 20 == 0:
             p.poll(0)
             if pace:
-                time.sleep(0.02)
+                time.sleep(20 / pace)
     left = p.flush(120)
     if left:
         raise RuntimeError(f"{left} records not delivered")
@@ -1296,8 +1307,12 @@ def main() -> int:
         "--dynamic", action="store_true", help='processor.instance_id: "" (kills rebalance)'
     )
     ap.add_argument("--snapshot", type=int, default=30, help="snapshot reads per snapshotted table")
-    ap.add_argument("--steps", type=int, default=1500, help="backlog steps (source transactions)")
-    ap.add_argument("--live", type=int, default=500, help="steps produced while processors run")
+    ap.add_argument("--steps", type=int, default=4000, help="backlog steps (source transactions)")
+    ap.add_argument("--live", type=int, default=4000, help="steps produced while processors run")
+    ap.add_argument("--pace", type=float, default=800, help="live records per second")
+    ap.add_argument(
+        "--kill-gap", type=float, default=4.0, help="seconds between kills: uniform(0.3, this)"
+    )
     ap.add_argument(
         "--pk-toast",
         action="store_true",
@@ -1326,7 +1341,7 @@ def main() -> int:
     for f in admin.create_topics(new).values():
         f.result()
     where_b: dict[int, tuple[str, int, int]] = {}
-    produce(backlog, where_b, False)
+    produce(backlog, where_b)
     (work / "rules.yaml").write_text(RULES)
     port = qs.free_port()
     dynamic = {"instance_id": "", "session_timeout_ms": 6000} if a.dynamic else {}
@@ -1384,12 +1399,12 @@ def main() -> int:
     for w in watchers:
         threading.Thread(target=w.watch, daemon=True).start()
     where_l: dict[int, tuple[str, int, int]] = {}
-    feeder = threading.Thread(target=produce, args=(live_msgs, where_l, True), daemon=True)
+    feeder = threading.Thread(target=produce, args=(live_msgs, where_l, a.pace), daemon=True)
     feeder.start()
     kills = 0
     t0 = time.monotonic()
     while kills < a.kills:
-        time.sleep(rnd.uniform(0.2, 3.0))
+        time.sleep(rnd.uniform(0.3, a.kill_gap))
         i = rnd.randrange(a.procs)
         procs[i].send_signal(signal.SIGKILL)
         procs[i].wait()
