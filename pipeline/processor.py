@@ -408,16 +408,32 @@ class BatchApplier:
             self._probe.close()
 
     def _decode(self, rec: KafkaRecord) -> DecodedEvent:
+        k = self.settings.kafka
         return decode_record(
-            rec, schemas=self.schemas, max_record_bytes=self.settings.kafka.max_record_bytes
+            rec,
+            schemas=self.schemas,
+            max_record_bytes=k.max_record_bytes,
+            type_hints=k.type_hints or None,
+            connector_kinds=k.connector_kinds or None,
         )
 
     async def _decode_all(self, records: Sequence[KafkaRecord]) -> list[DecodedEvent]:
         delay = 0.5
-        schemas, limit = self.schemas, self.settings.kafka.max_record_bytes
+        k = self.settings.kafka
+        schemas, limit = self.schemas, k.max_record_bytes
+        hints, kinds = k.type_hints or None, k.connector_kinds or None
         while True:
             try:  # self._decode, inlined (it runs for every record)
-                return [decode_record(r, schemas=schemas, max_record_bytes=limit) for r in records]
+                return [
+                    decode_record(
+                        r,
+                        schemas=schemas,
+                        max_record_bytes=limit,
+                        type_hints=hints,
+                        connector_kinds=kinds,
+                    )
+                    for r in records
+                ]
             except RegistryUnavailable as exc:
                 # never dead-letter a registry outage: wait and retry the whole batch
                 log.warning("schema registry unavailable, retrying in %.1fs: %s", delay, exc)
