@@ -1545,6 +1545,12 @@ def main() -> int:
         "n_stream_errors": len(errs),
         "verify_rc": verify.returncode,
         "completes": sum(w.completes for w in watchers),
+        # transactions applied incomplete after processor.transaction_grace_s (a stall of the
+        # connector's partitions; seen after a restart meets a replayed transaction fragment)
+        "tx_grace_escapes": sum(
+            (work / f"proc{i}.log").read_text(errors="replace").count("incomplete after")
+            for i in range(a.procs)
+        ),
     }
     bad = False
     for name, v in (
