@@ -47,6 +47,23 @@ class KafkaSettings(_Section):
     #: ``event``: every batch is a checkpoint; ``transaction``: checkpoints never
     #: expose part of a source transaction (needs Debezium transaction metadata).
     consistency: Literal["event", "transaction"] = "event"
+    #: Types for schemaless JSON (``schemas.enable=false``, cdc-events.md §2.3): table id
+    #: (``<topic.prefix>.<schema or database>.<table>``) -> column -> semantic type or Connect
+    #: type, with parameters after ``;``: ``io.debezium.time.Date``,
+    #: ``org.apache.kafka.connect.data.Decimal;scale=2``. A hinted column is converted as if
+    #: the schema had named that type; unhinted values map JSON-natively.
+    type_hints: dict[str, dict[str, str]] = Field(default_factory=dict)
+    #: Connector kind per ``topic.prefix`` (``postgresql``, ``mysql``, ``mariadb``,
+    #: ``mongodb``): records without a ``source`` block (tombstones, flattened records)
+    #: of a MongoDB connector then get their ``_id`` from the key even when it is an
+    #: integer, and the topic named exactly like a prefix is its schema-change topic.
+    connector_kinds: dict[
+        str,
+        Literal[
+            "postgresql", "mysql", "mariadb", "mongodb", "sqlserver", "oracle", "db2",
+            "informix", "vitess", "spanner", "jdbc",
+        ],
+    ] = Field(default_factory=dict)  # fmt: skip
 
     @field_validator("topic_pattern")
     @classmethod

@@ -234,6 +234,135 @@ def waiting_creates(
     return out
 
 
+def _json_path(path: str) -> list[str | int] | None:
+    """``$.a."b c"[2]`` -> ``["a", "b c", 2]`` (the decoder's paths, SQLite syntax); None
+    when it is not one."""
+    if not path.startswith("$"):
+        return None
+    out: list[str | int] = []
+    i, n = 1, len(path)
+    while i < n:
+        c = path[i]
+        if c == "[":
+            j = path.find("]", i)
+            if j < 0 or not path[i + 1 : j].isdigit():
+                return None
+            out.append(int(path[i + 1 : j]))
+            i = j + 1
+        elif c == "." and path[i + 1 : i + 2] == '"':
+            j = i + 2
+            part = []
+            while j < n and path[j] != '"':
+                if path[j] == "\\" and j + 1 < n:
+                    j += 1
+                part.append(path[j])
+                j += 1
+            if j >= n:
+                return None
+            out.append("".join(part))
+            i = j + 1
+        elif c == ".":
+            j = i + 1
+            while j < n and path[j] not in '.["':
+                j += 1
+            if j == i + 1:
+                return None
+            out.append(path[i + 1 : j])
+            i = j
+        else:
+            return None
+    return out
+
+
+def _patch_value(doc: Any, steps: list[str | int], patch: Mapping[str, Any]) -> Any:
+    """``doc`` (a parsed JSON value, or None) with one patch applied at ``steps`` (not
+    empty), as MongoDB changed the document: ``set`` creates missing objects on the way (an
+    array index past the end pads with nulls), ``remove`` drops an object member or array
+    element, ``truncate`` shortens the array there. A path through a scalar changes
+    nothing."""
+    op = patch["op"]
+    head, rest = steps[0], steps[1:]
+    if isinstance(head, int):
+        if not isinstance(doc, list):
+            if doc is not None or op != "set":
+                return doc
+            doc = []
+        doc = list(doc)
+        if not rest:
+            if op == "set":
+                while len(doc) < head:
+                    doc.append(None)
+                value = orjson.loads(patch["value"])
+                if head < len(doc):
+                    doc[head] = value
+                else:
+                    doc.append(value)
+            elif op == "remove":
+                if head < len(doc):
+                    del doc[head]
+            elif head < len(doc) and isinstance(doc[head], list):
+                doc[head] = doc[head][: int(patch["size"])]
+            return doc
+        if head < len(doc):
+            doc[head] = _patch_value(doc[head], rest, patch)
+        elif op == "set":
+            while len(doc) < head:
+                doc.append(None)
+            doc.append(_patch_value(None, rest, patch))
+        return doc
+    if not isinstance(doc, dict):
+        if doc is not None or op != "set":
+            return doc
+        doc = {}
+    doc = dict(doc)
+    if not rest:
+        if op == "set":
+            doc[head] = orjson.loads(patch["value"])
+        elif op == "remove":
+            doc.pop(head, None)
+        elif isinstance(doc.get(head), list):
+            doc[head] = doc[head][: int(patch["size"])]
+        return doc
+    if head in doc or op == "set":
+        doc[head] = _patch_value(doc.get(head), rest, patch)
+    return doc
+
+
+def apply_json_patches(row: dict[str, Any], patches: Sequence[Mapping[str, Any]]) -> None:
+    """Apply a MongoDB partial update's nested changes (``json_patches``: ``dims.w`` set,
+    ``tags.2`` removed, arrays truncated) to the compact JSON text of their top-level
+    columns in ``row``, in place (cdc-events.md §7). A column that does not hold JSON
+    text of an object or array is left as it is, except that a ``set`` on a NULL column
+    creates the document."""
+    # truncations first: a pipeline update that shortens an array and sets elements of the
+    # shorter array reports both, and the set elements must survive
+    for patch in sorted(patches, key=lambda p: p["op"] != "truncate"):
+        col = patch["column"]
+        steps = _json_path(str(patch["path"]))
+        if steps is None or (not steps and patch["op"] != "truncate"):
+            continue
+        text = row.get(col)
+        if text is None:
+            doc: Any = None
+        elif isinstance(text, str):
+            try:
+                doc = orjson.loads(text)
+            except orjson.JSONDecodeError:
+                continue
+            if not isinstance(doc, dict | list):
+                continue
+        else:
+            continue
+        if steps:
+            new = _patch_value(doc, steps, patch)
+        elif isinstance(doc, list):  # the column itself is the truncated array
+            new = doc[: int(patch["size"])]
+        else:
+            continue
+        if new is not doc:
+            row[col] = None if new is None else orjson.dumps(new).decode()
+
+
 def base_keys(topic: str, ev: DecodedEvent) -> list[str]:
     """Row keys whose stored source rows this event may merge from: its own, and for the
     create half of a primary-key change also the old key's."""
@@ -426,6 +555,11 @@ def plan_batch(
                     for col in ev.get("null_columns") or ():
                         merged[col] = None
                     row = merged
+                patches = ev.get("json_patches")
+                if patches:
+                    if row is ev["row"]:
+                        row = dict(row)
+                    apply_json_patches(row, patches)
         source_json: str | None = None
         try:
             source_json = dumps(row).decode()

@@ -218,7 +218,14 @@ class Watermarks:
 
 class DeadLetterSink:
     """Writes dead letters to the configured topic: original bytes plus reason headers
-    (the production :class:`DeadLetterWriter`)."""
+    (the production :class:`DeadLetterWriter`).
+
+    A record the dead-letter topic refuses as too large (its ``max.message.bytes`` is
+    below the source topic's, e.g. an ``oversize`` record of a topic that allows large
+    messages) is written again without its value (and without its key if that alone is
+    too large), with ``bucketsync.value_omitted`` / ``bucketsync.key_omitted`` headers
+    holding the omitted byte counts: its coordinates and reason are kept, and a permanent
+    error never stops the processor."""
 
     def __init__(self, settings: Settings):
         self.topic = settings.kafka.dead_letter_topic
@@ -231,12 +238,13 @@ class DeadLetterSink:
             }
         )
         self._errors: list[str] = []
-
-    def _on_delivery(self, err: Any, _msg: Any) -> None:
-        if err is not None:
-            self._errors.append(str(err))
+        #: dead letters refused as too large, to be written again without their bytes
+        self._too_large: list[core.DeadLetter] = []
 
     def send(self, dl: core.DeadLetter) -> None:
+        self._send(dl, omit=False)
+
+    def _send(self, dl: core.DeadLetter, *, omit: bool) -> None:
         r = dl.record
         headers: list[tuple[str, str | bytes | None]] = [
             ("bucketsync.reason", dl.reason.encode()),
@@ -251,16 +259,53 @@ class DeadLetterSink:
             headers.append(("bucketsync.source.timestamp", str(r.timestamp_ms).encode()))
         if dl.details:
             headers.append(("bucketsync.details", orjson.dumps(dl.details, default=str)))
-        headers.extend((k, v if v is not None else b"") for k, v in r.headers)
-        self._producer.produce(
-            self.topic, key=r.key, value=r.value, headers=headers, on_delivery=self._on_delivery
-        )
+        key, value = r.key, r.value
+        if omit:
+            if value is not None:
+                headers.append(("bucketsync.value_omitted", str(len(value)).encode()))
+                value = None
+            if key is not None and len(key) > 65_536:
+                headers.append(("bucketsync.key_omitted", str(len(key)).encode()))
+                key = None
+        else:
+            headers.extend((k, v if v is not None else b"") for k, v in r.headers)
+
+        def delivered(err: Any, _msg: Any) -> None:
+            if err is None:
+                return
+            if not omit and err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
+                self._too_large.append(dl)
+            else:
+                self._errors.append(str(err))
+
+        try:
+            self._producer.produce(
+                self.topic, key=key, value=value, headers=headers, on_delivery=delivered
+            )
+        except KafkaException as exc:  # larger than the producer's own message.max.bytes
+            if omit or exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
+                raise
+            self._too_large.append(dl)
         self._producer.poll(0)
 
     def flush(self, timeout: float = 30.0) -> None:
         left = self._producer.flush(timeout)
-        if left or self._errors:
+        if self._too_large and not left:
+            again, self._too_large = self._too_large, []
+            for dl in again:
+                log.warning(
+                    "dead letter %s/%s@%s (%s) is too large for %s: written without its bytes",
+                    dl.record.topic,
+                    dl.record.partition,
+                    dl.record.offset,
+                    dl.reason,
+                    self.topic,
+                )
+                self._send(dl, omit=True)
+            left = self._producer.flush(timeout)
+        if left or self._errors or self._too_large:
             errs, self._errors = self._errors, []
+            self._too_large = []
             raise RuntimeError(f"dead-letter topic {self.topic}: delivery failed: {errs or left}")
 
 
@@ -395,16 +440,32 @@ class BatchApplier:
             self._probe.close()
 
     def _decode(self, rec: KafkaRecord) -> DecodedEvent:
+        k = self.settings.kafka
         return decode_record(
-            rec, schemas=self.schemas, max_record_bytes=self.settings.kafka.max_record_bytes
+            rec,
+            schemas=self.schemas,
+            max_record_bytes=k.max_record_bytes,
+            type_hints=k.type_hints or None,
+            connector_kinds=k.connector_kinds or None,
         )
 
     async def _decode_all(self, records: Sequence[KafkaRecord]) -> list[DecodedEvent]:
         delay = 0.5
-        schemas, limit = self.schemas, self.settings.kafka.max_record_bytes
+        k = self.settings.kafka
+        schemas, limit = self.schemas, k.max_record_bytes
+        hints, kinds = k.type_hints or None, k.connector_kinds or None
         while True:
             try:  # self._decode, inlined (it runs for every record)
-                return [decode_record(r, schemas=schemas, max_record_bytes=limit) for r in records]
+                return [
+                    decode_record(
+                        r,
+                        schemas=schemas,
+                        max_record_bytes=limit,
+                        type_hints=hints,
+                        connector_kinds=kinds,
+                    )
+                    for r in records
+                ]
             except RegistryUnavailable as exc:
                 # never dead-letter a registry outage: wait and retry the whole batch
                 log.warning("schema registry unavailable, retrying in %.1fs: %s", delay, exc)

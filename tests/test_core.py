@@ -144,3 +144,60 @@ def test_output_entries_match_an_independent_serialization_on_random_rows() -> N
         put, remove, tail = _model_tail(ot, row["id"], data)
         assert entry == [out.bucket, ot, row["id"], put, remove, tail]
         assert core.put_checksum(ot, row["id"], data) == put
+
+
+MONGO_RULES = parse_rules(
+    """
+bucket_definitions:
+  all_items:
+    data:
+      - SELECT _id AS id, qty, dims, tags, sub, promo FROM items
+"""
+)
+
+
+def test_mongo_partial_update_patches_nested_fields_of_the_stored_document() -> None:
+    """cdc-events.md §7: dotted paths in updatedFields / removedFields and truncatedArrays
+    change the JSON text of the top-level column (they were decoded, then dropped)."""
+    from pipeline.cdc import decode_record
+
+    topic = "cat.c.items"
+    value = {
+        "op": "u",
+        "after": None,
+        "source": {"connector": "mongodb", "name": "cat", "db": "c", "collection": "items"},
+        "updateDescription": {
+            "updatedFields": orjson.dumps(
+                {"qty": 3, "dims.w": 31, "tags.2": "x", "sub.a b": {"$numberLong": "5"}}
+            ).decode(),
+            "removedFields": ["promo", "dims.h"],
+            "truncatedArrays": [{"field": "tags", "size": 2}],
+        },
+    }
+    r = KafkaRecord(topic, 0, 7, orjson.dumps({"id": '"abc"'}), orjson.dumps(value))
+    decoded = decode_record(r)
+    # the document before: {_id: "abc", qty: 1, dims: {w: 30, h: 40, d: 2},
+    # tags: ["a", "b", "c", "d"], promo: true}; MongoDB's document after the update:
+    # {_id: "abc", qty: 3, dims: {w: 31, d: 2}, tags: ["a", "b", "x"], sub: {"a b": 5}}
+    stored = {
+        core.row_key(topic, {"_id": "abc"}): {
+            "_id": "abc",
+            "qty": 1,
+            "dims": '{"w":30,"h":40,"d":2}',
+            "tags": '["a","b","c","d"]',
+            "promo": 1,
+        }
+    }
+    plan = core.plan_batch([(r, decoded)], MONGO_RULES, stored)
+    assert not plan.dead_letters
+    ops = plan.batch.events[0]["o"]
+    assert len(ops) == 1
+    data = orjson.loads(orjson.loads(b"{" + ops[0][5])["data"])  # the op after its op_id
+    assert data == {
+        "id": "abc",
+        "qty": 3,
+        "dims": '{"w":31,"d":2}',
+        "tags": '["a","b","x"]',
+        "sub": '{"a b":5}',
+        "promo": None,
+    }
