@@ -381,6 +381,8 @@ class BatchApplier:
         self.holds: dict[tuple[str, int], _Hold] = {}
         #: old row keys whose create half waited processor.pk_change_wait_s in vain
         self._waited_out: set[str] = set()
+        #: transactions the stager completed, for the next apply to record (P:tx_done)
+        self._done_txs: list[str] = []
 
     def _observe_lag(self, records: Sequence[KafkaRecord]) -> None:
         last: dict[tuple[str, int], int] = {}
@@ -399,6 +401,11 @@ class BatchApplier:
     async def load_offsets(self) -> dict[str, int]:
         self.applied = await self.store.applied_offsets()
         await self._load_merge_tables()
+        if self.stager is not None:
+            done = await self.store.done_transactions(self.stager.remember)
+            if self._inflight is not None:  # on its way to the store
+                done += self._inflight[1].batch.done_txs
+            self.stager.reset_done(done + self._done_txs)
         return self.applied
 
     async def _load_merge_tables(self) -> None:
@@ -586,6 +593,7 @@ class BatchApplier:
         if self._inflight is not None:  # its result is unknown: everything is read again
             self._inflight[0].cancel()
             self._inflight = None
+        self._done_txs = []  # their events are read again too
         log.warning("store unreachable (%s); this batch is read again once it is back", exc)
         waited = await self._wait_for_store()
         await self.load_offsets()
@@ -646,6 +654,7 @@ class BatchApplier:
             for rec, ev in items:
                 self.stager.push(rec, ev)
             items = self.stager.release()
+            self._done_txs.extend(self.stager.take_done())
             STAGED.set(self.stager.staged)
         return await self._apply_items(items)
 
@@ -729,6 +738,7 @@ class BatchApplier:
                 )
             if plan.dead_letters:
                 await asyncio.get_running_loop().run_in_executor(None, self.dead_letters.flush)
+            plan.batch.done_txs, self._done_txs = self._done_txs, []
             self._inflight = (
                 asyncio.ensure_future(self.store.apply(plan.batch)),
                 plan,
@@ -756,6 +766,7 @@ class BatchApplier:
             self._inflight = None
         dt = time.perf_counter() - t0
         if res.status == "stale":
+            self._done_txs = plan.batch.done_txs + self._done_txs  # recorded with the redo
             log.info(
                 "partition %s already applied up to %s elsewhere; re-reading offsets",
                 res.stale_partition,

@@ -27,6 +27,8 @@ Layout under the configured prefix ``P`` (docs/store.md has the long form):
 - ``P:changes``          stream: one entry per applied batch (cp, changed buckets ``b``, lookup
                          keys whose value sets changed ``l``, offsets ``o``).
 - ``P:merge_tables``     set of tables (topics) whose events showed they need merges.
+- ``P:tx_done``          zset: the latest source transactions applied whole (score: op
+                         sequence), so a restarted processor knows their replays.
 - ``P:active:{group}``   transaction mode: token of the group's active processor (TTL;
                          ``ActiveLease``).
 - ``P:dirty``            set of buckets with MOVEs since their last compaction.
@@ -345,6 +347,8 @@ class PlannedBatch:
     source_lsn: dict[str, int] = field(default_factory=dict)
     #: tables (topics) newly known to need stored source rows (see core.plan_batch)
     merge_tables: list[str] = field(default_factory=list)
+    #: source transactions the batch completes (kafka.consistency: transaction)
+    done_txs: list[str] = field(default_factory=list)
 
 
 class CompactStep(NamedTuple):
@@ -446,6 +450,8 @@ return 0
 #: members, relocations in ``P:reloc:{bucket}``. A store with ops but no marker was written
 #: by layout 1 (a hash per bucket, tagged PUTs).
 STORE_LAYOUT = "3"
+#: completed source transactions kept in ``P:tx_done`` (the stager remembers as many)
+TX_DONE_KEEP = 10_000
 
 
 #: Redis encoding thresholds this store is sized for (the deployment's ``redis.conf``; `bucketsync
@@ -947,6 +953,13 @@ class Store:
                     (b"SADD", k("merge_tables").encode()), [t.encode() for t in batch.merge_tables]
                 )
             )
+        if batch.done_txs:  # the latest TX_DONE_KEEP, for replays after a restart
+            score = b"%d" % res.seq
+            key = k("tx_done").encode()
+            add(
+                _resp_flat((b"ZADD", key), [x for t in batch.done_txs for x in (score, t.encode())])
+            )
+            add(_resp(b"ZREMRANGEBYRANK", key, b"0", b"%d" % -(TX_DONE_KEEP + 1)))
         if batch.offsets:
             add(
                 _resp_flat(
@@ -1107,6 +1120,11 @@ class Store:
     async def applied_offsets(self) -> dict[str, int]:
         raw = await self.r.hgetall(self.k("offsets"))
         return {k.decode(): int(v) for k, v in raw.items()}
+
+    async def done_transactions(self, limit: int = 10_000) -> list[str]:
+        """The latest source transactions applied whole (``P:tx_done``), oldest first."""
+        raw = await self.r.zrange(self.k("tx_done"), -max(1, limit), -1)
+        return [m.decode() for m in raw]
 
     async def merge_tables(self) -> set[str]:
         """Tables (topics) whose rows keep their source row for merges."""

@@ -117,6 +117,9 @@ class TransactionStager:
         self._done: OrderedDict[str, None] = OrderedDict()
         #: transactions released incomplete and not completed since (bounded like _done)
         self._forced: OrderedDict[str, None] = OrderedDict()
+        #: transactions completed since the last :meth:`take_done` (the store keeps them, so
+        #: a processor started later still knows their replays: :meth:`remember_done`)
+        self._newly_done: list[str] = []
         self._waiting: dict[str, int] = {}  # tx -> its events still staged
         self._seq = 0
         self._end_seq = 0
@@ -334,6 +337,7 @@ class TransactionStager:
                     self._txs.pop(txid)
                     self._forced.pop(txid, None)
                     self._done[txid] = None
+                    self._newly_done.append(txid)
                     while len(self._done) > self._remember:
                         self._done.popitem(last=False)
             elif not st.forced:  # released incomplete by the cap: stays open
@@ -346,6 +350,30 @@ class TransactionStager:
                 self._forced[old] = None  # still staged: keep it, evict later
                 break
         return out
+
+    @property
+    def remember(self) -> int:
+        """How many completed transactions are remembered (their later events are replays)."""
+        return self._remember
+
+    def take_done(self) -> list[str]:
+        """Transactions completed by :meth:`release` since the last call."""
+        done, self._newly_done = self._newly_done, []
+        return done
+
+    def reset_done(self, txids: Iterable[str]) -> None:
+        """The completed transactions are ``txids`` (oldest first): those the store has
+        applied, and those on their way to it. Later events of them are replays (a
+        restarted Debezium connector sends its last records again).
+
+        Called whenever the processor takes the store's applied offsets as the truth (at
+        start, on assignment, after a refused batch or a store outage). Without it a replay
+        after a restart was staged as a new transaction and held for ``grace_s``, and
+        everything after it on its partitions with it; and after a store outage that lost
+        the batch in flight, its transactions, read again, were dropped as replays."""
+        self._done = OrderedDict((t, None) for t in txids if t not in self._txs)
+        while len(self._done) > self._remember:
+            self._done.popitem(last=False)
 
     def _merge(self, lists: list[list[_Staged]]) -> list[_Staged]:
         """One order for the released events: each partition's order kept; among
