@@ -462,9 +462,21 @@ def load_settings(
     data: dict[str, Any] = {}
     if cfg_path.exists():
         try:
-            loaded = yaml.safe_load(cfg_path.read_text()) or {}
+            text = cfg_path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"config file {cfg_path} is not UTF-8 text (byte {exc.start})"
+            ) from None
+        except OSError as exc:
+            raise ConfigError(
+                f"config file {cfg_path} cannot be read: {exc.strerror or exc}"
+            ) from None
+        try:
+            loaded = yaml.load(text, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {cfg_path} is not valid YAML: {exc}") from exc
+            raise ConfigError(
+                f"config file {cfg_path} is not valid YAML: {_yaml_problem(exc)}"
+            ) from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {cfg_path} must hold a mapping at the top level")
         data = loaded
@@ -487,6 +499,32 @@ def load_settings(
         raise ConfigError(_describe(exc, str(cfg_path))) from None
     finally:
         _yaml_data = {}
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the
+    last silently: a second ``processor:`` block would drop every key of the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[tuple[str, str]] = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue
+            if (key_node.tag, key_node.value) in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key_node.value!r} appears twice", key_node.start_mark
+                )
+            seen.add((key_node.tag, key_node.value))
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line for a YAML error (PyYAML's own text spans several, with a caret drawing)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    if mark is not None:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return " ".join(str(exc).split())
 
 
 def _unknown_env_keys() -> list[str]:
