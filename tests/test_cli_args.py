@@ -1,0 +1,108 @@
+"""Command-line values out of range are refused by the parser, naming the option, before
+anything runs (exit 2, no traceback): ``gateway --port 99999`` was a traceback from
+``bind()``, ``bench ingest --runs 0`` wrote an empty report, ``loadgen --events -1`` said
+it produced -1 events, ``compact --reappend-budget -1`` (a key whose config form must be
+>= 0) ran. ``gateway --port 0`` means any free port, as ``gateway.port: 0`` does; it used
+to fall back to ``gateway.port``."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bucketsync.cli import build_parser
+from tests.processes import child_env, free_port, write_config
+
+
+@pytest.mark.parametrize(
+    "argv,option",
+    [
+        (["gateway", "--port", "99999"], "--port"),
+        (["gateway", "--port", "-1"], "--port"),
+        (["gateway", "--workers", "0"], "--workers"),
+        (["run", "--port", "70000"], "--port"),
+        (["demo", "--duration", "0"], "--duration"),
+        (["demo", "--duration", "nan"], "--duration"),
+        (["token", "--sub", ""], "--sub"),
+        (["compact", "--all", "--reappend-budget", "-1"], "--reappend-budget"),
+        (["compact", "--all", "--reappend-target", "-0.5"], "--reappend-target"),
+        (["inspect", "--limit", "-1"], "--limit"),
+        (["loadgen", "--events", "-1"], "--events"),
+        (["loadgen", "--rows", "0"], "--rows"),
+        (["loadgen", "--rate", "-5"], "--rate"),
+        (["simulate", "--clients", "0"], "--clients"),
+        (["simulate", "--report-s", "0"], "--report-s"),
+        (["bench", "ingest", "--runs", "0"], "--runs"),
+        (["bench", "ingest", "--events", "0"], "--events"),
+        (["bench", "cdc", "--rate", "0"], "--rate"),
+        (["bench", "soak", "--minutes", "0"], "--minutes"),
+        (["bench", "e2e", "--workers", "0"], "--workers"),
+        (["bench", "fanout", "--levels", "1000,abc"], "--levels"),
+        (["bench", "fanout", "--levels", "5000,1000"], "--levels"),
+        (["bench", "fanout", "--gateway-workers", "0"], "--gateway-workers"),
+        (["bench", "initial-sync", "--ops", "0"], "--ops"),
+        (["bench", "store-layout", "--buckets", "0"], "--buckets"),
+        (["bench", "reconnect", "--clients", "x"], "--clients"),
+    ],
+)
+def test_out_of_range_values_are_refused_naming_the_option(
+    argv: list[str], option: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["gateway", "--port", "0", "--workers", "1"],
+        ["loadgen", "--rate", "0", "--events", "1"],
+        ["simulate", "--duration", "0", "--ramp", "0", "--reconnect-s", "0"],
+        ["compact", "--all", "--reappend-budget", "0", "--reappend-target", "0"],
+        ["bench", "fanout", "--levels", "10,10,20", "--client-procs", "0"],
+        ["bench", "e2e", "--batch-wait-ms", "0", "--rate", "0.5"],
+        ["inspect", "--limit", "0"],
+    ],
+)
+def test_boundary_values_that_mean_something_are_accepted(argv: list[str]) -> None:
+    build_parser().parse_args(argv)
+
+
+@pytest.mark.stack
+def test_gateway_port_0_listens_on_a_free_port(make_settings, tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("bucket_definitions:\n  g:\n    data: ['SELECT * FROM todos']\n")
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", free_port()))
+    taken.listen()
+    configured = taken.getsockname()[1]
+    s = make_settings(sync_rules=str(rules), gateway={"port": configured})
+    cfg = write_config(tmp_path, s, "bucketsync")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bucketsync.cli", "--config", str(cfg), "gateway", "--port", "0"],
+        env=child_env(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "listening on" in line or "error" in line:
+                break
+        text = "".join(lines)
+        assert "listening on http://127.0.0.1:" in text, text
+        port = int(text.rsplit("127.0.0.1:", 1)[1].split()[0])
+        assert port not in (0, configured), text
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        taken.close()
