@@ -216,7 +216,7 @@ class GatewaySettings(_Section):
 class ProcessorSettings(_Section):
     #: Most events applied in one atomic Redis step.
     batch_max_events: int = Field(default=2000, gt=0)
-    #: Longest wait to fill a batch, milliseconds.
+    #: Longest wait to fill a batch, milliseconds; 0: no waiting, a batch is what has arrived.
     batch_max_wait_ms: int = Field(default=50, ge=0)
     #: ``kafka`` (a plain confluent-kafka loop, the default) or ``faust`` (faust-streaming;
     #: it drops buffered records around rebalances, which the offset gap guard re-reads).

@@ -788,12 +788,14 @@ class KafkaLoopDriver:
         last_data = last_stall_check = time.monotonic()
         try:
             while not self._stop.is_set():
-                msgs = await loop.run_in_executor(
-                    None,
-                    self.consumer.consume,
-                    p.batch_max_events,
-                    p.batch_max_wait_ms / 1000 or 0.05,
-                )
+                if p.batch_max_wait_ms:
+                    msgs = await loop.run_in_executor(
+                        None, self.consumer.consume, p.batch_max_events, p.batch_max_wait_ms / 1000
+                    )
+                else:  # 0: no waiting to fill a batch, what has arrived (or the next record)
+                    msgs = await loop.run_in_executor(
+                        None, self.consumer.consume, p.batch_max_events, 0
+                    ) or await loop.run_in_executor(None, self.consumer.consume, 1, 0.05)
                 records = []
                 fatal = None
                 for m in msgs:
@@ -917,8 +919,9 @@ def build_faust_app(
     @app.agent(source, concurrency=1)
     async def apply_cdc(stream: Any) -> Any:
         applier = await ensure_applier()
+        # faust reads within=0 as "no timeout": it would hold a batch until it is full
         async for events in stream.take_events(
-            p.batch_max_events, within=p.batch_max_wait_ms / 1000
+            p.batch_max_events, within=max(p.batch_max_wait_ms, 1) / 1000
         ):
             records = []
             for ev in events:
