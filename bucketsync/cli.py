@@ -422,7 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=64.0,
         help="most RSS growth per process, start to end, for a passing soak (soak)",
     )
-    p.add_argument("--events", type=_int_at_least(1), default=None, help="events (ingest, compact)")
+    p.add_argument(
+        "--events",
+        type=_int_at_least(1),
+        default=None,
+        help="events (ingest, compact: the mix's events, uniform's ops)",
+    )
     p.add_argument(
         "--history",
         choices=["mix", "uniform"],
