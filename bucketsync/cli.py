@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -499,6 +500,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         time.sleep(0)
         return 130
+    except BrokenPipeError:
+        # `bucketsync inspect | head`: the reader left; no traceback, and none at exit when
+        # Python flushes stdout again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

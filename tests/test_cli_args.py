@@ -7,6 +7,7 @@ to fall back to ``gateway.port``."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -106,3 +107,23 @@ def test_gateway_port_0_listens_on_a_free_port(make_settings, tmp_path: Path) ->
         proc.terminate()
         proc.wait(10)
         taken.close()
+
+
+def test_a_closed_stdout_is_no_traceback(tmp_path: Path) -> None:
+    """``bucketsync token ... | head -c0``: the reader left before the output; no traceback."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("auth:\n  hs256_secret: " + "s" * 40 + "\n")
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        p = subprocess.run(
+            [sys.executable, "-m", "bucketsync.cli", "--config", str(cfg), "token", "--sub", "u"],
+            stdout=w,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=child_env(),
+            timeout=60,
+        )
+    finally:
+        os.close(w)
+    assert p.returncode == 141 and p.stderr == "", p.stderr
