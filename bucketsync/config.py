@@ -62,6 +62,10 @@ class KafkaSettings(_Section):
     def _topics_or_pattern(self) -> KafkaSettings:
         if self.topics and self.topic_pattern:
             raise ValueError("set either kafka.topics or kafka.topic_pattern, not both")
+        if self.schema_registry_url and self.avro_schemas_dir:
+            raise ValueError(
+                "set either kafka.schema_registry_url or kafka.avro_schemas_dir, not both"
+            )
         return self
 
 

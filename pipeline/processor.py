@@ -39,7 +39,7 @@ from confluent_kafka import (
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from redis import exceptions as redis_exceptions
 
-from bucketsync.config import Settings
+from bucketsync.config import ConfigError, Settings
 from bucketsync.errors import UserError
 from pipeline import compaction, core
 from pipeline.cdc import (
@@ -169,7 +169,10 @@ def make_schema_resolver(settings: Settings) -> SchemaResolver | None:
     if k.schema_registry_url:
         return HttpSchemaRegistry(k.schema_registry_url)
     if k.avro_schemas_dir:
-        return LocalSchemaDir(settings.resolve_path(k.avro_schemas_dir))
+        path = settings.resolve_path(k.avro_schemas_dir)
+        if not path.is_dir():
+            raise ConfigError(f"kafka.avro_schemas_dir {path} is not a directory")
+        return LocalSchemaDir(path)
     return None
 
 
@@ -1137,6 +1140,7 @@ def main(settings: Settings, *, driver: str | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     load_sync_rules(settings)  # fail fast on bad rules, before any consumer starts
     _topic_matcher(settings)
+    make_schema_resolver(settings)  # a missing kafka.avro_schemas_dir, before consuming
     check_session_timeout(settings)
     try:  # never mix two key layouts under one prefix
         check_layout(settings.redis.url, settings.redis.prefix)

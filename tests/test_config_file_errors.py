@@ -93,3 +93,24 @@ def test_committed_configs_load() -> None:
     root = Path(__file__).resolve().parent.parent
     for name in ("bucketsync.example.yaml", "bucketsync.yaml"):
         load_settings(root / name)
+
+
+def test_both_avro_schema_sources_are_refused(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("kafka:\n  schema_registry_url: http://127.0.0.1:8081\n  avro_schemas_dir: s\n")
+    with pytest.raises(ConfigError) as e:
+        load_settings(p)
+    assert "kafka.schema_registry_url or kafka.avro_schemas_dir" in str(e.value), str(e.value)
+
+
+def test_a_missing_avro_schemas_dir_is_refused_at_start(tmp_path: Path) -> None:
+    from pipeline.processor import make_schema_resolver
+
+    p = tmp_path / "c.yaml"
+    p.write_text("kafka:\n  avro_schemas_dir: schemas/avro\n")
+    s = load_settings(p)
+    with pytest.raises(ConfigError) as e:
+        make_schema_resolver(s)
+    assert f"kafka.avro_schemas_dir {tmp_path / 'schemas/avro'} is not a directory" in str(e.value)
+    (tmp_path / "schemas/avro").mkdir(parents=True)
+    assert make_schema_resolver(s) is not None
