@@ -28,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 
 from bucketsync.config import Settings
 from gateway import protocol
-from gateway.auth import TokenVerifier
+from gateway.auth import TokenVerifier, refuse_unusable_auth
 from gateway.buckets import BucketResolver
 from gateway.errors import CODE_INTERNAL, CODE_TOO_MANY_CONNECTIONS, CODE_VALIDATION, ServiceError
 from gateway.hub import CheckpointHub
@@ -983,6 +983,7 @@ def main(
 
         raise UserError("gateway port 0 (any free port) needs one worker; set gateway.port")
     load_sync_rules(settings)  # refuse bad rules before binding anything
+    refuse_unusable_auth(settings.auth)  # and settings that accept no token
     refuse_other_layout(settings)  # and a store this version cannot serve
     _check_port_free(host, port)
     if workers <= 1:
