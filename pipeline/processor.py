@@ -107,6 +107,51 @@ PIPELINE_VERSION = "bucketsync-0.1.0"
 Seeker = Callable[[dict[tuple[str, int], int]], Awaitable[None]]
 
 
+class _RdkafkaForward(logging.Handler):
+    """librdkafka's own log lines (it prints them to stderr by default: a connection refused
+    line per client and attempt, ~20 a second with a wrong ``kafka.bootstrap_servers``),
+    forwarded to the processor's log at most once per facility every ``interval_s``, naming
+    the setting, at WARNING at most (the broker being away is waited out, not an error)."""
+
+    def __init__(self, servers: str, interval_s: float = 30.0) -> None:
+        super().__init__()
+        self.servers = servers
+        self.interval_s = interval_s
+        self._next: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = record.getMessage()
+        except Exception:
+            return
+        facility = msg.split(" ", 1)[0]
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next.get(facility, 0.0):
+                self._held[facility] = self._held.get(facility, 0) + 1
+                return
+            self._next[facility] = now + self.interval_s
+            held = self._held.pop(facility, 0)
+        more = f"; {held} more like it in the last {self.interval_s:.0f}s" if held else ""
+        log.log(
+            min(record.levelno, logging.WARNING),
+            "librdkafka: %s (kafka.bootstrap_servers %s%s)",
+            msg[:300],
+            self.servers,
+            more,
+        )
+
+
+def rdkafka_logger(settings: Settings, client: str) -> logging.Logger:
+    """The ``logger`` of a librdkafka client of the processor (see :class:`_RdkafkaForward`);
+    a private logger outside the logging tree, one per client."""
+    lg = logging.Logger(f"bucketsync.processor.rdkafka.{client}", logging.INFO)
+    lg.addHandler(_RdkafkaForward(settings.kafka.bootstrap_servers))
+    return lg
+
+
 class PartitionProbe:
     """Reads a partition at an offset with a consumer of its own (no group, no commits),
     to tell the gap guard whether a record exists inside a gap."""
@@ -120,6 +165,7 @@ class PartitionProbe:
             "isolation.level": "read_committed",
             "fetch.message.max.bytes": 16 * 1_048_576,
             "max.partition.fetch.bytes": 16 * 1_048_576,
+            "logger": rdkafka_logger(settings, "gap-probe"),
         }
         self._timeout = timeout_s
         self._consumer: Consumer | None = None
@@ -223,6 +269,7 @@ class DeadLetterSink:
                 "enable.idempotence": True,
                 "linger.ms": 5,
                 "message.max.bytes": 16 * 1_048_576,
+                "logger": rdkafka_logger(settings, "dead-letters"),
             }
         )
         self._errors: list[str] = []
@@ -682,6 +729,7 @@ class KafkaLoopDriver:
             # roundrobin", range first) assigns per topic, so Debezium's usual single-
             # partition topics all went to one member and a second processor stood idle
             "partition.assignment.strategy": "roundrobin",
+            "logger": rdkafka_logger(settings, "consumer"),
         }
         if self.membership.instance_id:
             conf["group.instance.id"] = self.membership.instance_id

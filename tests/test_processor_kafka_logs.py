@@ -1,0 +1,45 @@
+"""A processor pointed at no broker (a wrong ``kafka.bootstrap_servers``) says so in its own
+log, rate limited, naming the setting: librdkafka printed a raw ``%3|...|FAIL|`` line to
+stderr per connection attempt (hundreds in 30 s)."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.pipeline_helpers import write_rules
+from tests.processes import free_port, start_processor, stop, write_config
+from tests.test_backlog import RULES
+
+pytestmark = pytest.mark.stack
+
+
+def test_an_unreachable_broker_is_one_line_naming_the_setting(
+    make_settings: Any, tmp_path: Path
+) -> None:
+    servers = f"127.0.0.1:{free_port()}"
+    s = make_settings(
+        kafka={"topics": ["nowhere.public.jobs"], "bootstrap_servers": servers},
+        sync_rules=write_rules(tmp_path, RULES),
+        compaction={"interval_s": 0},
+        processor={"metrics_port": 0, "instance_id": ""},
+    )
+    cfg = write_config(tmp_path, s, "proc")
+    log_path = tmp_path / "proc.log"
+    with log_path.open("ab") as log:
+        p: subprocess.Popen[bytes] = start_processor(cfg, "kafka", log)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and "consuming" not in log_path.read_text():
+                time.sleep(0.2)
+            time.sleep(5)  # some connection attempts (librdkafka retries every ~0.1-1 s)
+        finally:
+            stop(p)
+    text = log_path.read_text()
+    assert f"(kafka.bootstrap_servers {servers}" in text, text[-2000:]
+    raw = [line for line in text.splitlines() if line.startswith("%")]
+    assert raw == [], raw[:5]
