@@ -127,3 +127,20 @@ def test_a_closed_stdout_is_no_traceback(tmp_path: Path) -> None:
     finally:
         os.close(w)
     assert p.returncode == 141 and p.stderr == "", p.stderr
+
+
+def test_simulate_against_no_gateway_fails(tmp_path: Path) -> None:
+    """``bucketsync simulate`` where no client ever completes a checkpoint (here: nothing
+    listens at the URL) verified nothing and exits 1; it exited 0."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("auth:\n  hs256_secret: " + "s" * 40 + "\n")
+    url = f"http://127.0.0.1:{free_port()}"
+    argv = ["--config", str(cfg), "simulate", "--url", url, "--clients", "2", "--duration", "1"]
+    p = subprocess.run(
+        [sys.executable, "-m", "bucketsync.cli", *argv],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=60,
+    )
+    assert p.returncode == 1 and "no client completed a checkpoint" in p.stdout, p.stdout
