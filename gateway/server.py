@@ -961,8 +961,8 @@ def _check_port_free(host: str, port: int) -> None:
             s.bind((host, port))
         except OSError as exc:
             raise UserError(
-                f"gateway port {host}:{port} is not available ({exc.strerror}); "
-                "set gateway.port or pass --port"
+                f"gateway address {host}:{port} is not available ({exc.strerror}); "
+                "set gateway.host / gateway.port or pass --host / --port"
             ) from None
 
 
