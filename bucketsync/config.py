@@ -440,6 +440,23 @@ class Settings(BaseSettings):
         return self.resolve_path(self.stack.state_dir)
 
 
+def _did_you_mean(loc: tuple[str, ...]) -> str:
+    """`` (did you mean 'processor.batch_max_events'?)`` for a misspelt key, else ``""``."""
+    import difflib
+
+    if len(loc) == 1:
+        known = [k for k in Settings.model_fields if k != "config_dir"]
+    elif len(loc) == 2 and loc[0] in Settings.model_fields:
+        section = Settings.model_fields[loc[0]].annotation
+        if not (isinstance(section, type) and issubclass(section, BaseModel)):
+            return ""
+        known = list(section.model_fields)
+    else:
+        return ""
+    close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.75)
+    return f" (did you mean '{'.'.join((*loc[:-1], close[0]))}'?)" if close else ""
+
+
 def _describe(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
@@ -447,7 +464,8 @@ def _describe(err: ValidationError, source: str) -> str:
         var = _env_origin.get(tuple(str(p) for p in e["loc"][:2]))
         where = f"environment variable {var}" if var else source
         if e["type"] == "extra_forbidden":
-            lines.append(f"unknown config key '{loc}' in {where}")
+            hint = _did_you_mean(tuple(str(p) for p in e["loc"]))
+            lines.append(f"unknown config key '{loc}' in {where}{hint}")
         else:
             lines.append(f"invalid config key '{loc}' in {where}: {e['msg']}")
     return "; ".join(lines)
@@ -492,8 +510,10 @@ def load_settings(
         raise ConfigError(f"unknown config key 'config_dir' in {cfg_path}")
     unknown_env = _unknown_env_keys()
     if unknown_env:
+        top = unknown_env[0][len(ENV_PREFIX) :].split("__", 1)[0].lower()
+        hint = _did_you_mean((top,))
         raise ConfigError(
-            f"unknown config key in environment variable {unknown_env[0]} "
+            f"unknown config key in environment variable {unknown_env[0]}{hint} "
             f"(known sections: {', '.join(sorted(set(Settings.model_fields) - {'config_dir'}))})"
         )
     _yaml_data = data

@@ -114,3 +114,30 @@ def test_a_missing_avro_schemas_dir_is_refused_at_start(tmp_path: Path) -> None:
     assert f"kafka.avro_schemas_dir {tmp_path / 'schemas/avro'} is not a directory" in str(e.value)
     (tmp_path / "schemas/avro").mkdir(parents=True)
     assert make_schema_resolver(s) is not None
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("procesor:\n  batch_max_events: 5\n", "'procesor' in {p} (did you mean 'processor'?)"),
+        (
+            "processor:\n  batch_max_event: 5\n",
+            "'processor.batch_max_event' in {p} (did you mean 'processor.batch_max_events'?)",
+        ),
+        ("gateway:\n  zzz: 1\n", "'gateway.zzz' in {p}"),
+    ],
+)
+def test_an_unknown_key_names_the_closest_known_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, expected: str
+) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    msg = _refused(p, capsys)
+    assert msg.endswith(expected.format(p=p)), msg
+
+
+def test_an_unknown_env_key_names_the_closest_known_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BUCKETSYNC_GATEWAY__STALL_TIMEOUT", "5")
+    with pytest.raises(ConfigError) as e:
+        load_settings()
+    assert "did you mean 'gateway.stall_timeout_s'?" in str(e.value), str(e.value)
