@@ -337,7 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="status line interval",
     )
 
-    p = add("bench", cmd_bench, "Benchmarks; results as JSON plus a short table.")
+    p = add(
+        "bench",
+        cmd_bench,
+        "Benchmarks; results as JSON, markdown and PNG, and a table on the terminal.",
+    )
     p.add_argument(
         "which",
         choices=[
@@ -468,7 +472,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=20,
         help="buckets one batch of 500 upserts spreads over (store-layout)",
     )
-    p.add_argument("--out", default=None, help="write the JSON result here")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="write the JSON result here (the .md and .png beside it); default bench-results/",
+    )
     return parser
 
 
