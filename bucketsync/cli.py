@@ -40,6 +40,11 @@ def _parse_claim(text: str) -> tuple[str, Any]:
 def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
     from bucketsync.tokens import make_dev_token
 
+    if args.ttl > settings.auth.max_lifetime_s:
+        raise UserError(
+            f"--ttl {args.ttl} is longer than auth.max_lifetime_s ({settings.auth.max_lifetime_s}): "
+            "the gateway would refuse the token (PSYNC_S2104)"
+        )
     claims = dict(args.claim or [])
     print(make_dev_token(settings, sub=args.sub, claims=claims, ttl_s=args.ttl))
     return 0

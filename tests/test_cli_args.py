@@ -144,3 +144,18 @@ def test_simulate_against_no_gateway_fails(tmp_path: Path) -> None:
         timeout=60,
     )
     assert p.returncode == 1 and "no client completed a checkpoint" in p.stdout, p.stdout
+
+
+def test_token_longer_than_the_gateway_accepts_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``bucketsync token --ttl`` past ``auth.max_lifetime_s`` printed a token the gateway
+    refuses (PSYNC_S2104)."""
+    monkeypatch.delenv("BUCKETSYNC_AUTH__MAX_LIFETIME_S", raising=False)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("auth:\n  max_lifetime_s: 600\n  hs256_secret: " + "s" * 40 + "\n")
+    from bucketsync import cli
+
+    assert cli.main(["--config", str(cfg), "token", "--sub", "u", "--ttl", "601"]) == 2
+    assert "auth.max_lifetime_s (600)" in capsys.readouterr().err
+    assert cli.main(["--config", str(cfg), "token", "--sub", "u", "--ttl", "600"]) == 0
