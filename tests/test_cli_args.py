@@ -159,3 +159,22 @@ def test_token_longer_than_the_gateway_accepts_is_refused(
     assert cli.main(["--config", str(cfg), "token", "--sub", "u", "--ttl", "601"]) == 2
     assert "auth.max_lifetime_s (600)" in capsys.readouterr().err
     assert cli.main(["--config", str(cfg), "token", "--sub", "u", "--ttl", "600"]) == 0
+
+
+def test_loadgen_with_kafka_unreachable_is_one_line(tmp_path: Path) -> None:
+    """``bucketsync loadgen`` against a broker that is not there: one line naming the setting
+    and exit 2 (it was a KafkaException traceback after ~200 raw librdkafka lines)."""
+    servers = f"127.0.0.1:{free_port()}"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"kafka:\n  bootstrap_servers: '{servers}'\n  topics: [a.public.t]\n")
+    p = subprocess.run(
+        [sys.executable, "-m", "bucketsync.cli", "--config", str(cfg), "loadgen", "--events", "1"],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=120,
+    )
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert p.stderr.count("\n") == 1 and f"Kafka at {servers} is unreachable" in p.stderr, p.stderr[
+        -2000:
+    ]
