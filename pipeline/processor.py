@@ -829,7 +829,18 @@ class KafkaLoopDriver:
     async def run(self, max_events: int | None = None, idle_exit_s: float | None = None) -> int:
         topics, pattern = _topic_matcher(self.settings)
         self._loop = asyncio.get_running_loop()
-        await self.applier.load_offsets_when_up()
+        # a stop (SIGTERM, Ctrl-C) while Redis is still down at start ends the wait
+        offsets = asyncio.ensure_future(self.applier.load_offsets_when_up())
+        stopped = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait({offsets, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if not offsets.done():
+            offsets.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await offsets
+            log.info("stopped while waiting for the store")
+            return 0
+        offsets.result()
         self.applier.watermarks.connect(self._highwater)
         subs = topics if not pattern else ["^" + pattern.pattern.lstrip("^")]
         self.consumer.subscribe(subs, on_assign=self._on_assign, on_revoke=self._on_revoke)

@@ -43,3 +43,33 @@ def test_an_unreachable_broker_is_one_line_naming_the_setting(
     assert f"(kafka.bootstrap_servers {servers}" in text, text[-2000:]
     raw = [line for line in text.splitlines() if line.startswith("%")]
     assert raw == [], raw[:5]
+
+
+@pytest.mark.parametrize("driver", ["kafka"])
+def test_sigterm_while_waiting_for_redis_at_start_stops_the_processor(
+    driver: str, make_settings: Any, tmp_path: Path
+) -> None:
+    """A processor started with its Redis down waits for it; SIGTERM (or Ctrl-C) during that
+    wait ends it (exit 0). It kept waiting: only SIGKILL stopped it."""
+    s = make_settings(
+        kafka={"topics": ["nowhere.public.jobs"]},
+        redis={"url": f"redis://127.0.0.1:{free_port()}/0"},
+        sync_rules=write_rules(tmp_path, RULES),
+        compaction={"interval_s": 0},
+        processor={"metrics_port": 0, "instance_id": ""},
+    )
+    cfg = write_config(tmp_path, s, "proc")
+    log_path = tmp_path / "proc.log"
+    with log_path.open("ab") as log:
+        p: subprocess.Popen[bytes] = start_processor(cfg, driver, log)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and "store unreachable" not in log_path.read_text():
+                time.sleep(0.2)
+            assert "store unreachable" in log_path.read_text(), log_path.read_text()[-2000:]
+            p.terminate()
+            assert p.wait(60) == 0, log_path.read_text()[-2000:]
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
