@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import os
 import re
 import signal
@@ -1110,13 +1111,49 @@ def run_faust_driver(settings: Settings, membership: Membership | None = None) -
 
     membership = membership or claim_membership(settings)
     wait_for_broker(settings)  # Faust's worker exits if it cannot bootstrap at start
-    app = build_faust_app(settings, factory, membership)
-    worker = faust.Worker(app, loglevel="WARNING", quiet=True)
     try:
+        # Faust's worker, once started, does not stop while its agent waits for Redis
+        if not wait_for_store(settings):
+            log.info("stopped while waiting for the store")
+            return 0
+        app = build_faust_app(settings, factory, membership)
+        worker = faust.Worker(app, loglevel="WARNING", quiet=True)
         worker.execute_from_commandline()
     finally:
         membership.release()
     return 0
+
+
+def wait_for_store(settings: Settings) -> bool:
+    """Until Redis at ``redis.url`` answers (backoff up to 5 s, a log line every 30 s);
+    False when SIGTERM or SIGINT came first."""
+
+    async def go() -> bool:
+        store = Store.from_settings(settings)
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        delay, last_log = 0.2, -math.inf
+        try:
+            while not stop.is_set():
+                try:
+                    if await store.ping():
+                        return True
+                except STORE_ERRORS as exc:
+                    if time.monotonic() - last_log >= 30:
+                        last_log = time.monotonic()
+                        log.warning("store unreachable at start (%s); waiting for it", exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                delay = min(delay * 2, 5.0)
+            return False
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            await store.close()
+
+    return asyncio.run(go())
 
 
 def _quiet_admin(settings: Settings) -> Any:
