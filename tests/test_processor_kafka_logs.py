@@ -47,12 +47,12 @@ def test_an_unreachable_broker_is_one_line_naming_the_setting(
 
 @pytest.mark.parametrize("driver", ["kafka", "faust"])
 def test_sigterm_while_waiting_for_redis_at_start_stops_the_processor(
-    driver: str, make_settings: Any, tmp_path: Path
+    driver: str, make_settings: Any, ns: Any, tmp_path: Path
 ) -> None:
     """A processor started with its Redis down waits for it; SIGTERM (or Ctrl-C) during that
     wait ends it (exit 0). It kept waiting: only SIGKILL stopped it."""
     s = make_settings(
-        kafka={"topics": ["nowhere.public.jobs"]},
+        kafka={"topics": [ns.topic("app.public.jobs")]},
         redis={"url": f"redis://127.0.0.1:{free_port()}/0"},
         sync_rules=write_rules(tmp_path, RULES),
         compaction={"interval_s": 0},
