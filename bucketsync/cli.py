@@ -8,6 +8,8 @@ break unrelated commands.
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +40,11 @@ def _parse_claim(text: str) -> tuple[str, Any]:
 def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
     from bucketsync.tokens import make_dev_token
 
+    if args.ttl > settings.auth.max_lifetime_s:
+        raise UserError(
+            f"--ttl {args.ttl} is longer than auth.max_lifetime_s ({settings.auth.max_lifetime_s}): "
+            "the gateway would refuse the token (PSYNC_S2104)"
+        )
     claims = dict(args.claim or [])
     print(make_dev_token(settings, sub=args.sub, claims=claims, ttl_s=args.ttl))
     return 0
@@ -138,6 +145,63 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     return bench_main(settings, args)
 
 
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``low`` (argparse names the option)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _number_at_least(low: float, *, above: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number of at least ``low`` (above it with ``above``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+        if not math.isfinite(value) or value < low or (above and value == low):
+            bound = f"above {low:g}" if above else f"at least {low:g}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    return parse
+
+
+def _port(text: str) -> int:
+    value = _int_at_least(0)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number 0-65535, got {value}")
+    return value
+
+
+def _non_empty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def _levels(text: str) -> str:
+    """``--levels 1000,5000``: comma-separated stream counts, ascending."""
+    try:
+        levels = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not a comma-separated list of integers"
+        ) from None
+    if any(n < 1 for n in levels) or levels != sorted(levels):
+        raise argparse.ArgumentTypeError(f"'{text}': stream counts must be >= 1 and ascending")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bucketsync",
@@ -170,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="status as JSON")
 
     p = add("token", cmd_token, "Print a development JWT the gateway accepts (HS256).")
-    p.add_argument("--sub", required=True, help="user id (the token's sub claim)")
+    p.add_argument("--sub", required=True, type=_non_empty, help="user id (the token's sub claim)")
     p.add_argument(
         "--claim",
         action="append",
@@ -184,18 +248,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--driver", choices=["faust", "kafka"], default=None, help="consumer driver")
 
     p = add("gateway", cmd_gateway, "Run the sync gateway (PowerSync protocol over HTTP).")
-    p.add_argument("--port", type=int, default=None, help="listen port (overrides gateway.port)")
+    p.add_argument("--port", type=_port, default=None, help="listen port (overrides gateway.port)")
     p.add_argument("--host", default=None, help="listen address (overrides gateway.host)")
-    p.add_argument("--workers", type=int, default=None, help="processes sharing the port")
+    p.add_argument(
+        "--workers", type=_int_at_least(1), default=None, help="processes sharing the port"
+    )
 
     p = add("run", cmd_run, "Run processor, gateway and compaction schedule together (dev).")
-    p.add_argument("--port", type=int, default=None, help="gateway port")
+    p.add_argument("--port", type=_port, default=None, help="gateway port")
 
     p = add("demo", cmd_demo, "The main job: stack up, pipeline, demo feed and a live demo client.")
     p.add_argument(
         "--source", choices=["feed", "postgres"], default="feed", help="demo data source"
     )
-    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    p.add_argument(
+        "--duration",
+        type=_number_at_least(0, above=True),
+        default=None,
+        help="stop after this many seconds",
+    )
     p.add_argument("--no-stack", action="store_true", help="do not start the local stack")
 
     p = add("compact", cmd_compact, "Compact bucket op logs (MOVE/REMOVE/CLEAR prefix -> CLEAR).")
@@ -207,13 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--reappend-budget",
-        type=float,
+        type=_number_at_least(0),
         default=None,
         help="ops folded per live row re-appended (default: compaction.reappend_budget; 0 = off)",
     )
     p.add_argument(
         "--reappend-target",
-        type=float,
+        type=_number_at_least(0),
         default=None,
         help="ops per live row to bring a bucket back to (default: compaction.reappend_target)",
     )
@@ -225,14 +296,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("inspect", cmd_inspect, "Show store state: checkpoint, offsets, a bucket's ops.")
     p.add_argument("--bucket", help="print this bucket's ops")
-    p.add_argument("--limit", type=int, default=50, help="ops to print")
+    p.add_argument("--limit", type=_int_at_least(0), default=50, help="ops to print")
 
     p = add("loadgen", cmd_loadgen, "Produce synthetic Debezium events to a topic.")
     p.add_argument("--topic", default=None, help="topic (default: first configured topic)")
-    p.add_argument("--events", type=int, default=10_000, help="number of events")
-    p.add_argument("--users", type=int, default=100, help="distinct owners")
-    p.add_argument("--rows", type=int, default=1_000, help="distinct rows")
-    p.add_argument("--rate", type=float, default=0, help="events/s, 0 = as fast as possible")
+    p.add_argument("--events", type=_int_at_least(1), default=10_000, help="number of events")
+    p.add_argument("--users", type=_int_at_least(1), default=100, help="distinct owners")
+    p.add_argument("--rows", type=_int_at_least(1), default=1_000, help="distinct rows")
+    p.add_argument(
+        "--rate", type=_number_at_least(0), default=0, help="events/s, 0 = as fast as possible"
+    )
 
     p = add(
         "simulate",
@@ -246,19 +319,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="gateway base URL (repeatable; clients spread over them); "
         "default http://127.0.0.1:<gateway.port>",
     )
-    p.add_argument("--clients", type=int, default=1000, help="concurrent streams")
-    p.add_argument("--users", type=int, default=100, help="distinct users (token sub u1..uN)")
-    p.add_argument("--duration", type=float, default=0, help="seconds, 0 = until stopped")
-    p.add_argument("--ramp", type=float, default=200.0, help="new clients per second, 0 = all")
+    p.add_argument("--clients", type=_int_at_least(1), default=1000, help="concurrent streams")
+    p.add_argument(
+        "--users", type=_int_at_least(1), default=100, help="distinct users (token sub u1..uN)"
+    )
+    p.add_argument(
+        "--duration", type=_number_at_least(0), default=0, help="seconds, 0 = until stopped"
+    )
+    p.add_argument(
+        "--ramp", type=_number_at_least(0), default=200.0, help="new clients per second, 0 = all"
+    )
     p.add_argument(
         "--reconnect-s",
-        type=float,
+        type=_number_at_least(0),
         default=0,
         help="resume each stream after about this many seconds, 0 = keep it open",
     )
-    p.add_argument("--report-s", type=float, default=10.0, help="status line interval")
+    p.add_argument(
+        "--report-s",
+        type=_number_at_least(0, above=True),
+        default=10.0,
+        help="status line interval",
+    )
 
-    p = add("bench", cmd_bench, "Benchmarks; results as JSON plus a short table.")
+    p = add(
+        "bench",
+        cmd_bench,
+        "Benchmarks; results as JSON, markdown and PNG, and a table on the terminal.",
+    )
     p.add_argument(
         "which",
         choices=[
@@ -279,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--driver", choices=["kafka", "faust", "both"], default="both", help="drivers (recovery)"
     )
-    p.add_argument("--runs", type=int, default=3, help="repetitions (recovery)")
+    p.add_argument("--runs", type=_int_at_least(1), default=3, help="repetitions (recovery)")
     p.add_argument(
         "--consistency",
         choices=["event", "transaction"],
@@ -288,29 +376,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--rate",
-        type=float,
+        type=_number_at_least(0, above=True),
         default=None,
         help="transactions/s (cdc, default 50), events/s (recovery, soak: 50; e2e: 5000)",
     )
-    p.add_argument("--minutes", type=float, default=30.0, help="duration (soak)")
+    p.add_argument(
+        "--minutes", type=_number_at_least(0, above=True), default=30.0, help="duration (soak)"
+    )
     p.add_argument(
         "--clients",
-        type=int,
+        type=_int_at_least(1),
         default=None,
         help="simulated clients (soak: 5000; e2e, reconnect: 2000)",
     )
-    p.add_argument("--seconds", type=float, default=20.0, help="producing time (e2e)")
     p.add_argument(
-        "--workers", type=int, default=1, help="gateway worker processes (e2e, reconnect)"
+        "--seconds", type=_number_at_least(0, above=True), default=20.0, help="producing time (e2e)"
+    )
+    p.add_argument(
+        "--workers",
+        type=_int_at_least(1),
+        default=1,
+        help="gateway worker processes (e2e, reconnect)",
     )
     p.add_argument(
         "--batch-wait-ms",
-        type=int,
+        type=_int_at_least(0),
         default=10,
         help="processor.batch_max_wait_ms for the run (e2e)",
     )
     p.add_argument(
-        "--ops", type=int, default=200_000, help="ops in the one big bucket (initial-sync)"
+        "--ops",
+        type=_int_at_least(1),
+        default=200_000,
+        help="ops in the one big bucket (initial-sync)",
     )
     p.add_argument(
         "--no-node",
@@ -322,14 +420,24 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="a private Redis primary + replica, 2 gateways reading the replica (reconnect, e2e)",
     )
-    p.add_argument("--sample-s", type=float, default=5.0, help="sampling interval (soak)")
+    p.add_argument(
+        "--sample-s",
+        type=_number_at_least(0, above=True),
+        default=5.0,
+        help="sampling interval (soak)",
+    )
     p.add_argument(
         "--rss-bound-mb",
-        type=float,
+        type=_number_at_least(0, above=True),
         default=64.0,
         help="most RSS growth per process, start to end, for a passing soak (soak)",
     )
-    p.add_argument("--events", type=int, default=None, help="events (ingest, compact)")
+    p.add_argument(
+        "--events",
+        type=_int_at_least(1),
+        default=None,
+        help="events (ingest, compact: the mix's events, uniform's ops)",
+    )
     p.add_argument(
         "--history",
         choices=["mix", "uniform"],
@@ -338,18 +446,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--levels",
+        type=_levels,
         default=None,
         help="comma-separated stream counts, ascending (fanout; default 1000,5000,10000)",
     )
     p.add_argument(
         "--gateway-workers",
-        type=int,
+        type=_int_at_least(1),
         default=1,
         help="gateway processes sharing the port (fanout)",
     )
     p.add_argument(
         "--client-procs",
-        type=int,
+        type=_int_at_least(0),
         default=0,
         help="fanout: extra client processes holding idle streams, each from its own "
         "loopback address (one process holds at most its open-files limit); reconnect: the "
@@ -364,11 +473,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--buckets",
-        type=int,
+        type=_int_at_least(1),
         default=20,
         help="buckets one batch of 500 upserts spreads over (store-layout)",
     )
-    p.add_argument("--out", default=None, help="write the JSON result here")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="write the JSON result here (the .md and .png beside it); default bench-results/",
+    )
     return parser
 
 
@@ -400,6 +513,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         time.sleep(0)
         return 130
+    except BrokenPipeError:
+        # `bucketsync inspect | head`: the reader left; no traceback, and none at exit when
+        # Python flushes stdout again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

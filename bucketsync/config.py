@@ -79,6 +79,10 @@ class KafkaSettings(_Section):
     def _topics_or_pattern(self) -> KafkaSettings:
         if self.topics and self.topic_pattern:
             raise ValueError("set either kafka.topics or kafka.topic_pattern, not both")
+        if self.schema_registry_url and self.avro_schemas_dir:
+            raise ValueError(
+                "set either kafka.schema_registry_url or kafka.avro_schemas_dir, not both"
+            )
         return self
 
 
@@ -233,7 +237,7 @@ class GatewaySettings(_Section):
 class ProcessorSettings(_Section):
     #: Most events applied in one atomic Redis step.
     batch_max_events: int = Field(default=2000, gt=0)
-    #: Longest wait to fill a batch, milliseconds.
+    #: Longest wait to fill a batch, milliseconds; 0: no waiting, a batch is what has arrived.
     batch_max_wait_ms: int = Field(default=50, ge=0)
     #: ``kafka`` (a plain confluent-kafka loop, the default) or ``faust`` (faust-streaming;
     #: it drops buffered records around rebalances, which the offset gap guard re-reads).
@@ -459,6 +463,23 @@ class Settings(BaseSettings):
         return self.resolve_path(self.stack.state_dir)
 
 
+def _did_you_mean(loc: tuple[str, ...]) -> str:
+    """`` (did you mean 'processor.batch_max_events'?)`` for a misspelt key, else ``""``."""
+    import difflib
+
+    if len(loc) == 1:
+        known = [k for k in Settings.model_fields if k != "config_dir"]
+    elif len(loc) == 2 and loc[0] in Settings.model_fields:
+        section = Settings.model_fields[loc[0]].annotation
+        if not (isinstance(section, type) and issubclass(section, BaseModel)):
+            return ""
+        known = list(section.model_fields)
+    else:
+        return ""
+    close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.75)
+    return f" (did you mean '{'.'.join((*loc[:-1], close[0]))}'?)" if close else ""
+
+
 def _describe(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
@@ -466,7 +487,8 @@ def _describe(err: ValidationError, source: str) -> str:
         var = _env_origin.get(tuple(str(p) for p in e["loc"][:2]))
         where = f"environment variable {var}" if var else source
         if e["type"] == "extra_forbidden":
-            lines.append(f"unknown config key '{loc}' in {where}")
+            hint = _did_you_mean(tuple(str(p) for p in e["loc"]))
+            lines.append(f"unknown config key '{loc}' in {where}{hint}")
         else:
             lines.append(f"invalid config key '{loc}' in {where}: {e['msg']}")
     return "; ".join(lines)
@@ -485,9 +507,21 @@ def load_settings(
     data: dict[str, Any] = {}
     if cfg_path.exists():
         try:
-            loaded = yaml.safe_load(cfg_path.read_text()) or {}
+            text = cfg_path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"config file {cfg_path} is not UTF-8 text (byte {exc.start})"
+            ) from None
+        except OSError as exc:
+            raise ConfigError(
+                f"config file {cfg_path} cannot be read: {exc.strerror or exc}"
+            ) from None
+        try:
+            loaded = yaml.load(text, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {cfg_path} is not valid YAML: {exc}") from exc
+            raise ConfigError(
+                f"config file {cfg_path} is not valid YAML: {_yaml_problem(exc)}"
+            ) from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {cfg_path} must hold a mapping at the top level")
         data = loaded
@@ -499,8 +533,10 @@ def load_settings(
         raise ConfigError(f"unknown config key 'config_dir' in {cfg_path}")
     unknown_env = _unknown_env_keys()
     if unknown_env:
+        top = unknown_env[0][len(ENV_PREFIX) :].split("__", 1)[0].lower()
+        hint = _did_you_mean((top,))
         raise ConfigError(
-            f"unknown config key in environment variable {unknown_env[0]} "
+            f"unknown config key in environment variable {unknown_env[0]}{hint} "
             f"(known sections: {', '.join(sorted(set(Settings.model_fields) - {'config_dir'}))})"
         )
     _yaml_data = data
@@ -510,6 +546,32 @@ def load_settings(
         raise ConfigError(_describe(exc, str(cfg_path))) from None
     finally:
         _yaml_data = {}
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the
+    last silently: a second ``processor:`` block would drop every key of the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[tuple[str, str]] = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue
+            if (key_node.tag, key_node.value) in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key_node.value!r} appears twice", key_node.start_mark
+                )
+            seen.add((key_node.tag, key_node.value))
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line for a YAML error (PyYAML's own text spans several, with a caret drawing)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    if mark is not None:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return " ".join(str(exc).split())
 
 
 def _unknown_env_keys() -> list[str]:

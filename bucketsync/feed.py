@@ -6,6 +6,7 @@ Events are what a Debezium PostgreSQL connector with the JSON converter and
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from confluent_kafka import Producer
+from confluent_kafka import KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from bucketsync.config import Settings
@@ -117,8 +118,20 @@ class TodoFeed:
 
 
 def ensure_topics(settings: Settings, topics: list[str], partitions: int = 1) -> None:
-    admin = AdminClient({"bootstrap.servers": settings.kafka.bootstrap_servers})
-    existing = set(admin.list_topics(timeout=10).topics)
+    """Create the topics that do not exist; Kafka unreachable is a :class:`UserError` naming
+    ``kafka.bootstrap_servers`` (librdkafka's own connection lines are not printed)."""
+    quiet = logging.Logger("bucketsync.feed.rdkafka")  # outside the logging tree: dropped
+    quiet.addHandler(logging.NullHandler())
+    servers = settings.kafka.bootstrap_servers
+    admin = AdminClient({"bootstrap.servers": servers}, logger=quiet)
+    try:
+        existing = set(admin.list_topics(timeout=10).topics)
+    except KafkaException as exc:
+        reason = exc.args[0].str() if exc.args and hasattr(exc.args[0], "str") else exc
+        raise UserError(
+            f"Kafka at {servers} is unreachable ({reason}); is it running? "
+            "(kafka.bootstrap_servers / BUCKETSYNC_KAFKA__BOOTSTRAP_SERVERS)"
+        ) from None
     new = [
         NewTopic(t, num_partitions=partitions, replication_factor=1)
         for t in topics

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 
 from bucketsync.config import Settings
+from pipeline.compaction import refuse_unknown_bucket
 from pipeline.store import Store
 
 
 async def _inspect(settings: Settings, bucket: str | None, limit: int) -> None:
     store = Store.from_settings(settings)
     try:
+        if bucket is not None:
+            await refuse_unknown_bucket(store, bucket)
         print(f"prefix      {settings.redis.prefix}")
         print(f"checkpoint  {await store.checkpoint()}")
         for tp, off in sorted((await store.applied_offsets()).items()):

@@ -85,7 +85,7 @@ def start_pipeline(
 ) -> None:
     env = dict(os.environ)
     sup.start("processor", child_argv("processor", config_path), env)
-    extra = ["--port", str(port)] if port else []
+    extra = ["--port", str(port)] if port is not None else []
     sup.start("gateway", child_argv("gateway", config_path, *extra), env)
 
 

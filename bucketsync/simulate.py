@@ -7,7 +7,8 @@ The load-test client of the compose topology (``docker compose --profile loadtes
 ``checkpoint_complete`` the way the official client does. A client whose stream ends
 reconnects with its ``after`` positions; with ``--reconnect-s`` each stream is also closed
 and resumed after that many seconds. Prints a status line every ``--report-s`` and a
-summary at the end; exits 1 on any checksum mismatch or protocol error.
+summary at the end; exits 1 on any checksum mismatch or protocol error, or when no client
+completed a checkpoint (gateway unreachable, every request refused: nothing was verified).
 """
 
 from __future__ import annotations
@@ -119,6 +120,9 @@ async def simulate(
     if totals.error_kinds:
         print("connection errors: " + ", ".join(f"{k} {n}" for k, n in totals.error_kinds.items()))
     bad = sum(len(s.mismatches) + len(s.protocol_errors) for s in states)
+    if not any(s.completed for s in states):
+        print(f"no client completed a checkpoint from {', '.join(urls)}: nothing was verified")
+        return 1
     return 1 if bad else 0
 
 

@@ -290,6 +290,17 @@ def parse_authorization(header: str | None) -> str:
     return token
 
 
+def refuse_unusable_auth(auth: AuthSettings) -> None:
+    """A gateway whose settings can accept no token at all is refused at start (it would run
+    and answer every client 401): no key source, or no audience."""
+    if not (auth.hs256_secret or auth.jwks_file or auth.jwks_url):
+        raise ConfigError(
+            "no token verification key: set auth.hs256_secret, auth.jwks_file or auth.jwks_url"
+        )
+    if not auth.audience:
+        raise ConfigError("auth.audience is empty: every token would be refused")
+
+
 class TokenVerifier:
     """Verifies client JWTs against the configured keys and claim rules.
 

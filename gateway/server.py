@@ -28,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 
 from bucketsync.config import Settings
 from gateway import protocol
-from gateway.auth import TokenVerifier
+from gateway.auth import TokenVerifier, refuse_unusable_auth
 from gateway.buckets import BucketResolver
 from gateway.errors import CODE_INTERNAL, CODE_TOO_MANY_CONNECTIONS, CODE_VALIDATION, ServiceError
 from gateway.hub import CheckpointHub
@@ -937,7 +937,8 @@ def _serve_worker(settings: Settings, host: str, port: int, reuse_port: bool) ->
         gc.freeze()
         gc.set_threshold(20_000, 50, 50)
         _time_gc()
-        log.info("gateway listening on http://%s:%s (pid %s)", host, port, os.getpid())
+        bound = port or next((a[1] for a in runner.addresses if isinstance(a, tuple)), port)
+        log.info("gateway listening on http://%s:%s (pid %s)", host, bound, os.getpid())
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -960,8 +961,8 @@ def _check_port_free(host: str, port: int) -> None:
             s.bind((host, port))
         except OSError as exc:
             raise UserError(
-                f"gateway port {host}:{port} is not available ({exc.strerror}); "
-                "set gateway.port or pass --port"
+                f"gateway address {host}:{port} is not available ({exc.strerror}); "
+                "set gateway.host / gateway.port or pass --host / --port"
             ) from None
 
 
@@ -975,9 +976,14 @@ def main(
     """``bucketsync gateway [--host H] [--port P] [--workers N]`` (defaults: ``gateway.*``)."""
     g = settings.gateway
     host = host or g.host
-    port = port or g.port
-    workers = workers or g.workers
+    port = g.port if port is None else port
+    workers = g.workers if workers is None else workers
+    if port == 0 and workers > 1:
+        from bucketsync.errors import UserError
+
+        raise UserError("gateway port 0 (any free port) needs one worker; set gateway.port")
     load_sync_rules(settings)  # refuse bad rules before binding anything
+    refuse_unusable_auth(settings.auth)  # and settings that accept no token
     refuse_other_layout(settings)  # and a store this version cannot serve
     _check_port_free(host, port)
     if workers <= 1:

@@ -355,6 +355,18 @@ def _store(settings: Settings) -> Store:
     return Store.from_settings(settings)
 
 
+async def refuse_unknown_bucket(store: Store, bucket: str) -> None:
+    """``--bucket B`` naming no bucket of the store is a user error (a typo would otherwise
+    "compact" or "verify" an empty bucket and report success)."""
+    if not await store.has_bucket(bucket):
+        from bucketsync.errors import UserError
+
+        raise UserError(
+            f"no bucket {bucket!r} in the store (redis.prefix {store.prefix!r}); "
+            "`bucketsync inspect` lists the buckets"
+        )
+
+
 def main(
     settings: Settings,
     *,
@@ -370,6 +382,8 @@ def main(
     async def go() -> int:
         store = _store(settings)
         try:
+            if bucket is not None:
+                await refuse_unknown_bucket(store, bucket)
             st = await compact(
                 store,
                 settings.compaction.chunk_ops,
@@ -409,6 +423,8 @@ def verify_main(settings: Settings, *, bucket: str | None = None) -> int:
     async def go() -> int:
         store = _store(settings)
         try:
+            if bucket is not None:
+                await refuse_unknown_bucket(store, bucket)
             res = await verify(store, bucket)
         finally:
             await store.close()

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import os
 import re
 import signal
@@ -40,7 +41,7 @@ from confluent_kafka import (
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from redis import exceptions as redis_exceptions
 
-from bucketsync.config import Settings
+from bucketsync.config import ConfigError, Settings
 from bucketsync.errors import UserError
 from pipeline import compaction, core
 from pipeline.cdc import (
@@ -115,6 +116,51 @@ PIPELINE_VERSION = "bucketsync-0.1.0"
 Seeker = Callable[[dict[tuple[str, int], int]], Awaitable[None]]
 
 
+class _RdkafkaForward(logging.Handler):
+    """librdkafka's own log lines (it prints them to stderr by default: a connection refused
+    line per client and attempt, ~20 a second with a wrong ``kafka.bootstrap_servers``),
+    forwarded to the processor's log at most once per facility every ``interval_s``, naming
+    the setting, at WARNING at most (the broker being away is waited out, not an error)."""
+
+    def __init__(self, servers: str, interval_s: float = 30.0) -> None:
+        super().__init__()
+        self.servers = servers
+        self.interval_s = interval_s
+        self._next: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = record.getMessage()
+        except Exception:
+            return
+        facility = msg.split(" ", 1)[0]
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next.get(facility, 0.0):
+                self._held[facility] = self._held.get(facility, 0) + 1
+                return
+            self._next[facility] = now + self.interval_s
+            held = self._held.pop(facility, 0)
+        more = f"; {held} more like it in the last {self.interval_s:.0f}s" if held else ""
+        log.log(
+            min(record.levelno, logging.WARNING),
+            "librdkafka: %s (kafka.bootstrap_servers %s%s)",
+            msg[:300],
+            self.servers,
+            more,
+        )
+
+
+def rdkafka_logger(settings: Settings, client: str) -> logging.Logger:
+    """The ``logger`` of a librdkafka client of the processor (see :class:`_RdkafkaForward`);
+    a private logger outside the logging tree, one per client."""
+    lg = logging.Logger(f"bucketsync.processor.rdkafka.{client}", logging.INFO)
+    lg.addHandler(_RdkafkaForward(settings.kafka.bootstrap_servers))
+    return lg
+
+
 class PartitionProbe:
     """Reads a partition at an offset with a consumer of its own (no group, no commits),
     to tell the gap guard whether a record exists inside a gap."""
@@ -128,6 +174,7 @@ class PartitionProbe:
             "isolation.level": "read_committed",
             "fetch.message.max.bytes": 16 * 1_048_576,
             "max.partition.fetch.bytes": 16 * 1_048_576,
+            "logger": rdkafka_logger(settings, "gap-probe"),
         }
         self._timeout = timeout_s
         self._consumer: Consumer | None = None
@@ -177,7 +224,10 @@ def make_schema_resolver(settings: Settings) -> SchemaResolver | None:
     if k.schema_registry_url:
         return HttpSchemaRegistry(k.schema_registry_url)
     if k.avro_schemas_dir:
-        return LocalSchemaDir(settings.resolve_path(k.avro_schemas_dir))
+        path = settings.resolve_path(k.avro_schemas_dir)
+        if not path.is_dir():
+            raise ConfigError(f"kafka.avro_schemas_dir {path} is not a directory")
+        return LocalSchemaDir(path)
     return None
 
 
@@ -235,6 +285,7 @@ class DeadLetterSink:
                 "enable.idempotence": True,
                 "linger.ms": 5,
                 "message.max.bytes": 16 * 1_048_576,
+                "logger": rdkafka_logger(settings, "dead-letters"),
             }
         )
         self._errors: list[str] = []
@@ -881,6 +932,7 @@ class KafkaLoopDriver:
             # roundrobin", range first) assigns per topic, so Debezium's usual single-
             # partition topics all went to one member and a second processor stood idle
             "partition.assignment.strategy": "roundrobin",
+            "logger": rdkafka_logger(settings, "consumer"),
         }
         if self.membership.instance_id:
             conf["group.instance.id"] = self.membership.instance_id
@@ -980,7 +1032,18 @@ class KafkaLoopDriver:
     async def run(self, max_events: int | None = None, idle_exit_s: float | None = None) -> int:
         topics, pattern = _topic_matcher(self.settings)
         self._loop = asyncio.get_running_loop()
-        await self.applier.load_offsets_when_up()
+        # a stop (SIGTERM, Ctrl-C) while Redis is still down at start ends the wait
+        offsets = asyncio.ensure_future(self.applier.load_offsets_when_up())
+        stopped = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait({offsets, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if not offsets.done():
+            offsets.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await offsets
+            log.info("stopped while waiting for the store")
+            return 0
+        offsets.result()
         self.applier.watermarks.connect(self._highwater)
         subs = topics if not pattern else ["^" + pattern.pattern.lstrip("^")]
         self.consumer.subscribe(subs, on_assign=self._on_assign, on_revoke=self._on_revoke)
@@ -990,12 +1053,14 @@ class KafkaLoopDriver:
         last_data = last_stall_check = time.monotonic()
         try:
             while not self._stop.is_set():
-                msgs = await loop.run_in_executor(
-                    None,
-                    self.consumer.consume,
-                    p.batch_max_events,
-                    p.batch_max_wait_ms / 1000 or 0.05,
-                )
+                if p.batch_max_wait_ms:
+                    msgs = await loop.run_in_executor(
+                        None, self.consumer.consume, p.batch_max_events, p.batch_max_wait_ms / 1000
+                    )
+                else:  # 0: no waiting to fill a batch, what has arrived (or the next record)
+                    msgs = await loop.run_in_executor(
+                        None, self.consumer.consume, p.batch_max_events, 0
+                    ) or await loop.run_in_executor(None, self.consumer.consume, 1, 0.05)
                 records = []
                 fatal = None
                 for m in msgs:
@@ -1137,8 +1202,9 @@ def build_faust_app(
     @app.agent(source, concurrency=1)
     async def apply_cdc(stream: Any) -> Any:
         applier = await ensure_applier()
+        # faust reads within=0 as "no timeout": it would hold a batch until it is full
         async for events in stream.take_events(
-            p.batch_max_events, within=p.batch_max_wait_ms / 1000
+            p.batch_max_events, within=max(p.batch_max_wait_ms, 1) / 1000
         ):
             records = []
             for ev in events:
@@ -1265,13 +1331,49 @@ def run_faust_driver(settings: Settings, membership: Membership | None = None) -
 
     membership = membership or claim_membership(settings)
     wait_for_broker(settings)  # Faust's worker exits if it cannot bootstrap at start
-    app = build_faust_app(settings, factory, membership)
-    worker = faust.Worker(app, loglevel="WARNING", quiet=True)
     try:
+        # Faust's worker, once started, does not stop while its agent waits for Redis
+        if not wait_for_store(settings):
+            log.info("stopped while waiting for the store")
+            return 0
+        app = build_faust_app(settings, factory, membership)
+        worker = faust.Worker(app, loglevel="WARNING", quiet=True)
         worker.execute_from_commandline()
     finally:
         membership.release()
     return 0
+
+
+def wait_for_store(settings: Settings) -> bool:
+    """Until Redis at ``redis.url`` answers (backoff up to 5 s, a log line every 30 s);
+    False when SIGTERM or SIGINT came first."""
+
+    async def go() -> bool:
+        store = Store.from_settings(settings)
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        delay, last_log = 0.2, -math.inf
+        try:
+            while not stop.is_set():
+                try:
+                    if await store.ping():
+                        return True
+                except STORE_ERRORS as exc:
+                    if time.monotonic() - last_log >= 30:
+                        last_log = time.monotonic()
+                        log.warning("store unreachable at start (%s); waiting for it", exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                delay = min(delay * 2, 5.0)
+            return False
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            await store.close()
+
+    return asyncio.run(go())
 
 
 def _quiet_admin(settings: Settings) -> Any:
@@ -1354,6 +1456,7 @@ def main(settings: Settings, *, driver: str | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     load_sync_rules(settings)  # fail fast on bad rules, before any consumer starts
     _topic_matcher(settings)
+    make_schema_resolver(settings)  # a missing kafka.avro_schemas_dir, before consuming
     check_session_timeout(settings)
     try:  # never mix two key layouts under one prefix
         check_layout(settings.redis.url, settings.redis.prefix)

@@ -1438,6 +1438,10 @@ class Store:
             total += len(rows)
             start += chunk
 
+    async def has_bucket(self, bucket: str) -> bool:
+        """Whether the store holds a bucket of this name (ever written, not dropped)."""
+        return bool(await self.r.hexists(self.k("states"), bucket))
+
     async def all_buckets(self) -> list[str]:
         out = []
         async for key, _ in self.r.hscan_iter(self.k("states"), count=1000):

@@ -50,3 +50,30 @@ def test_example_config_shows_every_key() -> None:
             if not re.search(rf"(?m)^\s+(?:#\s*)?{key}:", blocks.get(section, "")):
                 missing.append(f"{section}.{key}")
     assert missing == []
+
+
+def test_example_values_are_the_defaults_except_where_marked_demo() -> None:
+    """The example's header says its values are the defaults except where marked "demo": a
+    value that differs from the settings' default must say so on its line."""
+    from bucketsync.config import Settings
+
+    defaults = Settings().model_dump(mode="json", exclude={"config_dir"})
+    lines = (ROOT / "bucketsync.example.yaml").read_text().splitlines()
+    example = yaml.safe_load("\n".join(lines))
+    differ = []
+    section = None
+    for line in lines:
+        m = re.match(r"^(\s*)(\w+):\s*(.*)$", line)
+        if not m:
+            continue
+        indent, key, rest = m.groups()
+        if not indent:
+            section = key
+            value = rest.split("#")[0].strip()  # a top-level key with a value
+            if value and example[key] != defaults[key] and "demo" not in rest:
+                differ.append(key)
+            continue
+        assert section is not None
+        if example[section][key] != defaults[section][key] and "demo" not in rest:
+            differ.append(f"{section}.{key}")
+    assert differ == []

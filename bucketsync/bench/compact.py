@@ -391,6 +391,8 @@ def bench_compact(
 ) -> int:
     if history == "mix":
         return bench_compact_mix(settings, out, events or 30_000)
+    if events is not None:  # --events N: N ops over N/10 rows (default 1M over 100k)
+        ops, rows = events, max(1, events // 10)
     res = asyncio.run(run(settings, ops, rows))
     title = f"bench compact: {res['ops_before']:,} ops over {rows:,} rows"
     table = [

@@ -26,7 +26,7 @@ from typing import Any
 
 from bucketsync.bench import lookups as bl
 from bucketsync.bench.procs import cpu_seconds, private_redis, stop
-from bucketsync.bench.report import report_rows
+from bucketsync.bench.report import bar_plot, report_rows
 from bucketsync.errors import UserError
 from gateway.buckets import BucketResolver
 from pipeline import core
@@ -117,5 +117,12 @@ def main(
     result = {"benchmark": "store-layout", "read": read, "apply": apply}
     rows = [(f"read: {k}", str(v)) for k, v in read.items() if k != "what"]
     rows += [(f"apply: {k}", str(v)) for k, v in apply.items() if k != "what"]
-    report_rows(result, out, "store-layout", "bench store-layout (private redis-server)", rows)
+    cpu = {
+        "one bucket-set resolve (read)": float(read["redis_cpu_ms_per_read"]),
+        f"one batch of 500 upserts over {buckets} buckets": float(apply["redis_cpu_ms_per_batch"]),
+    }
+    plot = bar_plot("bench store-layout: Redis CPU", "Redis CPU ms", cpu)
+    report_rows(
+        result, out, "store-layout", "bench store-layout (private redis-server)", rows, plot
+    )
     return 0
