@@ -434,6 +434,8 @@ class BatchApplier:
         self._waited_out: set[str] = set()
         #: transactions the stager completed, for the next apply to record (P:tx_done)
         self._done_txs: list[str] = []
+        #: (topic, partition) -> highest offset whose dead letter this processor sent
+        self._dl_sent: dict[tuple[str, int], int] = {}
 
     def _observe_lag(self, records: Sequence[KafkaRecord]) -> None:
         last: dict[tuple[str, int], int] = {}
@@ -776,7 +778,15 @@ class BatchApplier:
                 continue  # re-delivered records the batch in flight has just applied
             if merge_tables is not None:
                 self.merge_tables = merge_tables
-            for dl in plan.dead_letters:
+            # a batch refused as stale is planned again with its dead letters: send each
+            # record's once (this processor; the topic is at-least-once across processors)
+            sent = self._dl_sent
+            dead = [
+                dl
+                for dl in plan.dead_letters
+                if dl.record.offset > sent.get((dl.record.topic, dl.record.partition), -1)
+            ]
+            for dl in dead:
                 self.dead_letters.send(dl)
                 DEAD.labels(dl.record.topic, dl.reason).inc()
                 log.warning(
@@ -787,8 +797,11 @@ class BatchApplier:
                     dl.reason,
                     dl.message,
                 )
-            if plan.dead_letters:
+            if dead:
                 await asyncio.get_running_loop().run_in_executor(None, self.dead_letters.flush)
+                for dl in dead:
+                    tp = (dl.record.topic, dl.record.partition)
+                    sent[tp] = max(sent.get(tp, -1), dl.record.offset)
             plan.batch.done_txs, self._done_txs = self._done_txs, []
             self._inflight = (
                 asyncio.ensure_future(self.store.apply(plan.batch)),

@@ -117,3 +117,54 @@ def test_applier_uses_the_injected_dead_letter_sink_and_watermarks(
     assert offsets == {"app.public.todos/0": 0}
     assert seen == [("app.public.todos", 0)]
     assert LAG.labels("app.public.todos/0")._value.get() == 9
+
+
+def test_a_batch_planned_again_sends_its_dead_letters_once(
+    make_settings: Any, tmp_path: Path
+) -> None:
+    """Another processor applied one partition of the batch first: the store refuses the
+    batch as stale and the rest is planned again, dead letters included. They went to the
+    dead-letter topic again every time (the formats QA counted up to 8 copies of a record
+    with 3 processors starting together)."""
+    import asyncio
+
+    from pipeline.cdc import KafkaRecord
+    from pipeline.processor import BatchApplier
+
+    p = tmp_path / "r.yaml"
+    p.write_text("bucket_definitions:\n  g:\n    data: [SELECT * FROM todos]\n")
+    settings = make_settings(sync_rules=str(p))
+    sink, other_sink = _Recorded(), _Recorded()
+    bad = KafkaRecord("app.public.todos", 0, 0, b'{"id": 1}', b"{not json")
+    good = [
+        KafkaRecord(
+            "app.public.todos",
+            1,
+            o,
+            b'{"id": %d}' % (10 + o),
+            b'{"op":"c","after":{"id":%d},"source":{"connector":"postgresql","name":"app",'
+            b'"schema":"public","table":"todos"}}' % (10 + o),
+        )
+        for o in range(3)
+    ]
+
+    async def go() -> dict[str, int]:
+        store = Store.from_settings(settings)
+        probe = lambda _t, _p, _o: asyncio.sleep(0, result=None)  # noqa: E731
+        rules = load_sync_rules(settings)
+        a = BatchApplier(settings, store, rules, dead_letters=sink, probe=probe)
+        b = BatchApplier(settings, store, rules, dead_letters=other_sink, probe=probe)
+        try:
+            await a.load_offsets()  # a knows nothing applied ...
+            await b.load_offsets()
+            await b.handle(good)  # ... and b applies partition 1 meanwhile
+            await a.handle([bad, *good])  # stale for partition 1: planned again
+            return await store.applied_offsets()
+        finally:
+            a.close()
+            b.close()
+            await store.close()
+
+    offsets = asyncio.run(go())
+    assert offsets == {"app.public.todos/0": 0, "app.public.todos/1": 2}
+    assert [(d.record.partition, d.record.offset) for d in sink.sent] == [(0, 0)]
