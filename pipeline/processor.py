@@ -544,7 +544,11 @@ class BatchApplier:
             if self.holds:
                 # a held partition's records come again once it is released (a seek)
                 records = [r for r in records if (r.topic, r.partition) not in self.holds]
-                await self._check_holds()
+                try:
+                    await self._check_holds()
+                except STORE_ERRORS as exc:  # everything is read again once it is back
+                    await self._recover_store(exc)
+                    return 0
             if records:
                 adm = await self.guard.admit(records)
                 await self._resolve(adm)
