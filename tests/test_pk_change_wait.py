@@ -91,7 +91,7 @@ async def test_create_half_waits_for_the_old_rows_delete_half_on_another_partiti
     applier = BatchApplier(s, store, load_sync_rules(s), dead_letters=DeadLetterSink(s))
     driver = KafkaLoopDriver(s, applier, Membership(None))
     try:
-        run = asyncio.ensure_future(driver.run(idle_exit_s=6))
+        run = asyncio.ensure_future(driver.run(idle_exit_s=3))
         for _ in range(200):  # until the processor has read (and held) partition 0
             if applier.holds or run.done():
                 break
@@ -130,7 +130,7 @@ async def test_a_create_half_whose_delete_half_never_comes_waits_only_so_long(
     applier = BatchApplier(s, store, load_sync_rules(s), dead_letters=DeadLetterSink(s))
     driver = KafkaLoopDriver(s, applier, Membership(None))
     try:
-        await asyncio.wait_for(driver.run(idle_exit_s=5), 60)
+        await asyncio.wait_for(driver.run(idle_exit_s=3), 60)
         assert not applier.holds
         assert (await store.applied_offsets())[f"{topic}/0"] == 0
     finally:
