@@ -47,8 +47,8 @@ usage: scripts/qa-formats.py --seed N [--driver kafka|faust] [--procs 1-3] [--ki
 
 --replays P: with chance P per step the PostgreSQL connector "restarts" and sends its last
 5-60 records again (new offsets, same bytes), as Debezium does after a crash.
---pk-toast: primary-key changes may carry the TOAST placeholder; with 2+ processors this
-fails (known gap, docs/debezium.md: the new key's partition can run ahead of the old's).
+--pk-toast: primary-key changes may carry the TOAST placeholder (the new key's partition
+may run ahead of the old key's: the create half waits for its delete half, docs/debezium.md).
 """
 
 from __future__ import annotations
