@@ -69,7 +69,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import requests
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -1444,22 +1443,8 @@ def main() -> int:
     glog = open(work / "gateway.log", "ab")  # noqa: SIM115
     gw = qs.cli(cfgp, "gateway", stdout=glog, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    tokens = {}
-    for u in USERS:
-        tokens[u] = subprocess.run(
-            [sys.executable, "-m", "bucketsync.cli", "--config", str(cfgp), "token", "--sub", u],
-            cwd=REPO,
-            env=dict(os.environ, PYTHONPATH=REPO),
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    for _ in range(200):
-        try:
-            requests.get(url + "/openapi.json", timeout=1)
-            break
-        except Exception:
-            time.sleep(0.1)
+    tokens = qs.mint_tokens(cfgp, dict.fromkeys(USERS))
+    qs.wait_for_gateway(url)
     watchers = [qs.Stream(url, tokens[u], u, False) for u in USERS]
     for w in watchers:
         threading.Thread(target=w.watch, daemon=True).start()
@@ -1571,12 +1556,7 @@ def main() -> int:
     print(json.dumps(res, default=str))
     (work / "result.json").write_text(json.dumps(res, default=str))
     if ok and not bad and not errs and verify.returncode == 0:
-        import redis
-
-        r = redis.Redis.from_url("redis://127.0.0.1:6379/0")
-        keys = list(r.scan_iter(match=f"{tag}:*", count=1000))
-        if keys:
-            r.unlink(*keys)
+        qs.drop_run_keys("redis://127.0.0.1:6379/0", tag)
         return 0
     return 1
 

@@ -47,7 +47,6 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-import requests
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -364,33 +363,10 @@ async def node_check(
         want[t].append({"id": oid, **{c: data.get(c) for c in CLIENT_SCHEMA[t]}})
     for rows in want.values():
         rows.sort(key=lambda r: r["id"])
-    got: dict[str, Any] = {}
     async with PowerSyncNodeClient(url, CLIENT_SCHEMA, db_path=str(db)) as c:
         await c.connect(token)
         await c.wait_synced(timeout=timeout)
-        deadline = time.monotonic() + timeout
-        while True:
-            got = {
-                t: await c.query(f"SELECT {', '.join(['id', *cols])} FROM {t} ORDER BY id")
-                for t, cols in CLIENT_SCHEMA.items()
-            }
-            if got == want or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.5)
-        mism = list(c.checksum_mismatches)
-        await c.disconnect()
-    return {
-        "ok": got == want and not mism,
-        "mismatches": mism[:3],
-        "diff": {
-            t: {
-                "missing": [r["id"] for r in want[t] if r not in got.get(t, [])][:5],
-                "extra": [r["id"] for r in got.get(t, []) if r not in want[t]][:5],
-            }
-            for t in CLIENT_SCHEMA
-            if got.get(t) != want[t]
-        },
-    }
+        return await qs.compare_client_tables(c, CLIENT_SCHEMA, want, timeout)
 
 
 # ---------------------------------------------------------------- driver
@@ -477,23 +453,8 @@ def main() -> int:
             glog = open(work / "gateway.log", "ab")  # noqa: SIM115
             gw = qs.cli(cfgp, "gateway", stdout=glog, stderr=subprocess.STDOUT)
             url = f"http://127.0.0.1:{port}"
-            tokens = {}
-            for u, org in USERS.items():
-                args = ["token", "--sub", u] + (["--claim", f"org={org}"] if org else [])
-                tokens[u] = subprocess.run(
-                    [sys.executable, "-m", "bucketsync.cli", "--config", str(cfgp), *args],
-                    cwd=REPO,
-                    env=dict(os.environ, PYTHONPATH=REPO),
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                ).stdout.strip()
-            for _ in range(300):
-                try:
-                    requests.get(url + "/openapi.json", timeout=1)
-                    break
-                except Exception:
-                    time.sleep(0.1)
+            tokens = qs.mint_tokens(cfgp, USERS)
+            qs.wait_for_gateway(url, 30)
             watchers = [qs.Stream(url, tokens[u], u, a.tx) for u in USERS]
             for w in watchers:
                 threading.Thread(target=w.watch, daemon=True).start()
@@ -601,12 +562,7 @@ def main() -> int:
         and res.get("dead_letters") == 0
     )
     if clean:
-        import redis
-
-        r = redis.Redis.from_url(settings.redis.url)
-        keys = list(r.scan_iter(match=f"{tag}:*", count=1000))
-        if keys:
-            r.unlink(*keys)
+        qs.drop_run_keys(settings.redis.url, tag)
         return 0
     return 1
 

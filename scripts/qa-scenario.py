@@ -488,6 +488,76 @@ def cli(cfg: Path, *args: str, **kw: Any) -> subprocess.Popen:
     )
 
 
+async def compare_client_tables(
+    c: Any, schema: dict[str, dict[str, str]], want: dict[str, list[dict[str, Any]]], timeout: float
+) -> dict[str, Any]:
+    """Poll a connected official client's tables (``schema``, rows by id) until they equal
+    ``want`` or ``timeout`` passes; then disconnect. The verdict, its checksum mismatches
+    and, per differing table, a few missing and extra ids."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while True:
+        got = {
+            t: await c.query(f"SELECT {', '.join(['id', *cols])} FROM {t} ORDER BY id")
+            for t, cols in schema.items()
+        }
+        if got == want or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.5)
+    mism = list(c.checksum_mismatches)
+    await c.disconnect()
+    return {
+        "ok": got == want and not mism,
+        "mismatches": mism[:3],
+        "diff": {
+            t: {
+                "missing": [r["id"] for r in want[t] if r not in got.get(t, [])][:5],
+                "extra": [r["id"] for r in got.get(t, []) if r not in want[t]][:5],
+            }
+            for t in schema
+            if got.get(t) != want[t]
+        },
+    }
+
+
+def mint_tokens(cfg: Path, users: dict[str, str | None]) -> dict[str, str]:
+    """user -> a token from `bucketsync token` (with an `org` claim where one is given)."""
+    tokens = {}
+    for u, org in users.items():
+        args = ["token", "--sub", u] + (["--claim", f"org={org}"] if org else [])
+        tokens[u] = subprocess.run(
+            [sys.executable, "-m", "bucketsync.cli", "--config", str(cfg), *args],
+            cwd=REPO,
+            env=dict(os.environ, PYTHONPATH=REPO),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    return tokens
+
+
+def wait_for_gateway(url: str, timeout_s: float = 20.0) -> None:
+    """Until the gateway at ``url`` answers HTTP (or ``timeout_s`` passed)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            requests.get(url + "/openapi.json", timeout=1)
+            return
+        except Exception:
+            time.sleep(0.1)
+
+
+def drop_run_keys(redis_url: str, tag: str) -> None:
+    """Remove a clean run's Redis keys (prefix ``tag``)."""
+    import redis
+
+    r = redis.Redis.from_url(redis_url)
+    keys = list(r.scan_iter(match=f"{tag}:*", count=1000))
+    if keys:
+        r.unlink(*keys)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seed", type=int, default=1)
@@ -570,23 +640,8 @@ def main() -> int:
     glog = open(work / "gateway.log", "ab")  # noqa: SIM115
     gw = cli(cfgp, "gateway", stdout=glog, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    tokens = {}
-    for u, org in USERS.items():
-        args = ["token", "--sub", u] + (["--claim", f"org={org}"] if org else [])
-        tokens[u] = subprocess.run(
-            [sys.executable, "-m", "bucketsync.cli", "--config", str(cfgp), *args],
-            cwd=REPO,
-            env=dict(os.environ, PYTHONPATH=REPO),
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    for _ in range(200):
-        try:
-            requests.get(url + "/openapi.json", timeout=1)
-            break
-        except Exception:
-            time.sleep(0.1)
+    tokens = mint_tokens(cfgp, USERS)
+    wait_for_gateway(url)
     watchers = [
         Stream(url, tokens[u], u, a.tx or bool(os.environ.get("QA_LEDGER")), a.reconnect)
         for u in USERS
@@ -693,13 +748,7 @@ def main() -> int:
         res["verify_out"] = vout[-800:]
     print(json.dumps(res))
     if ok and not errs and not fresh_diffs and verify.returncode == 0:
-        # clean up redis keys of the run
-        import redis
-
-        r = redis.Redis.from_url("redis://127.0.0.1:6379/0")
-        keys = list(r.scan_iter(match=f"{tag}:*", count=1000))
-        if keys:
-            r.unlink(*keys)
+        drop_run_keys("redis://127.0.0.1:6379/0", tag)
         return 0
     return 1
 

@@ -628,7 +628,6 @@ async def node_check(
         t: sorted((r for (tt, _), r in exp.items() if tt == t), key=lambda r: r["id"])
         for t in schema
     }
-    got: dict[str, Any] = {}
     async with PowerSyncNodeClient(url, schema, db_path=str(work / "node.db")) as c:
         # the same include_defaults as the user's raw streams (u6: false), which `exp` models
         await c.connect(token, **({} if mode == "rules" else {"include_default_streams": defaults}))
@@ -636,29 +635,7 @@ async def node_check(
         if mode == "streams":
             for s in subs:
                 await c.subscribe("list_todos", {"list_id": s}, timeout=timeout)
-        deadline = time.monotonic() + timeout
-        while True:
-            got = {
-                t: await c.query(f"SELECT {', '.join(['id', *cols])} FROM {t} ORDER BY id")
-                for t, cols in schema.items()
-            }
-            if got == want or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.5)
-        mism = list(c.checksum_mismatches)
-        await c.disconnect()
-    return {
-        "ok": got == want and not mism,
-        "mismatches": mism[:3],
-        "diff": {
-            t: {
-                "missing": [r["id"] for r in want[t] if r not in got.get(t, [])][:5],
-                "extra": [r["id"] for r in got.get(t, []) if r not in want[t]][:5],
-            }
-            for t in schema
-            if got.get(t) != want[t]
-        },
-    }
+        return await qa.compare_client_tables(c, schema, want, timeout)
 
 
 # ---------------------------------------------------------------- driver
@@ -795,23 +772,8 @@ def main() -> int:
     else:
         gw = qa.cli(cfgp, "gateway", stdout=glog, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    tokens = {}
-    for u, org in USERS.items():
-        args = ["token", "--sub", u] + (["--claim", f"org={org}"] if org else [])
-        tokens[u] = subprocess.run(
-            [sys.executable, "-m", "bucketsync.cli", "--config", str(cfgp), *args],
-            cwd=REPO,
-            env=dict(os.environ, PYTHONPATH=REPO),
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    for _ in range(200):
-        try:
-            requests.get(url + "/openapi.json", timeout=1)
-            break
-        except Exception:
-            time.sleep(0.1)
+    tokens = qa.mint_tokens(cfgp, USERS)
+    qa.wait_for_gateway(url)
     watchers = [
         Stream(url, tokens[u], u, subs[u], defaults[u], a.mode, a.reconnect, a.seed * 10 + i)
         for i, u in enumerate(USERS)
@@ -1005,12 +967,7 @@ def main() -> int:
             shutil.rmtree(work / "redis-primary", ignore_errors=True)
             shutil.rmtree(work / "redis-replica", ignore_errors=True)
     elif good:
-        import redis
-
-        r = redis.Redis.from_url(redis_url)
-        keys = list(r.scan_iter(match=f"{tag}:*", count=1000))
-        if keys:
-            r.unlink(*keys)
+        qa.drop_run_keys(redis_url, tag)
     return 0 if good else 1
 
 

@@ -73,18 +73,26 @@ def create_half() -> tuple[Any, ...]:
     return (k, v, [("__debezium.oldkey", orjson.dumps(OLD))])
 
 
-@pytest.mark.stack
-async def test_create_half_waits_for_the_old_rows_delete_half_on_another_partition(
-    make_settings: Any, create_topic: Any, ns: Any, tmp_path: Path
-) -> None:
+def two_partitions(
+    make_settings: Any, create_topic: Any, ns: Any, tmp_path: Path, *, wait_s: float
+) -> tuple[str, Any]:
+    """A 2-partition todos topic and settings for it with ``pk_change_wait_s``."""
     topic = create_topic(ns.topic("app.public.todos"), partitions=2)
     s = make_settings(
         kafka={"topics": [topic]},
         sync_rules=write_rules(tmp_path),
         compaction={"interval_s": 0},
-        processor={"metrics_port": 0, "pk_change_wait_s": 60},
+        processor={"metrics_port": 0, "pk_change_wait_s": wait_s},
     )
     create_topic(s.kafka.dead_letter_topic)
+    return topic, s
+
+
+@pytest.mark.stack
+async def test_create_half_waits_for_the_old_rows_delete_half_on_another_partition(
+    make_settings: Any, create_topic: Any, ns: Any, tmp_path: Path
+) -> None:
+    topic, s = two_partitions(make_settings, create_topic, ns, tmp_path, wait_s=60)
     # the create half is all there is at first: it is read before the old row exists
     produce(s.kafka.bootstrap_servers, topic, 0, [create_half()])
     store = Store.from_settings(s)
@@ -115,14 +123,7 @@ async def test_create_half_waits_for_the_old_rows_delete_half_on_another_partiti
 async def test_a_create_half_whose_delete_half_never_comes_waits_only_so_long(
     make_settings: Any, create_topic: Any, ns: Any, tmp_path: Path
 ) -> None:
-    topic = create_topic(ns.topic("app.public.todos"), partitions=2)
-    s = make_settings(
-        kafka={"topics": [topic]},
-        sync_rules=write_rules(tmp_path),
-        compaction={"interval_s": 0},
-        processor={"metrics_port": 0, "pk_change_wait_s": 1},
-    )
-    create_topic(s.kafka.dead_letter_topic)
+    topic, s = two_partitions(make_settings, create_topic, ns, tmp_path, wait_s=1)
     k, v, _ = old_row_events()[0]  # the old row exists, its delete half never comes
     produce(s.kafka.bootstrap_servers, topic, 1, [(k, v, [])])
     produce(s.kafka.bootstrap_servers, topic, 0, [create_half()])
